@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Each bootstraps .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONHASHSEED ?= 0
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[tf-cpu,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) -m fastewc demo $(ARGS)
+
+bench: $(STAMP)
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info

@@ -1,0 +1,16 @@
+"""fastewc: fast, exact Elastic Weight Consolidation for TensorFlow 2 / Keras 3."""
+try:
+    import tensorflow as _tf  # noqa: F401
+    import keras as _keras  # noqa: F401
+except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "fastewc needs TensorFlow 2 with Keras 3, which is not installed. Install one of: "
+        "pip install 'fastewc[tf-cpu]' (CPU only), 'fastewc[tf]' or 'fastewc[cuda]' (GPU). "
+        f"Original error: {_err}") from _err
+
+from fastewc import rules as _rules  # noqa: F401  (registers the built-in rules)
+from fastewc.fisher import fisher_diagonal
+from fastewc.registry import register_rule, unregister_rule
+
+__version__ = "0.1.0"
+__all__ = ["fisher_diagonal", "register_rule", "unregister_rule"]

@@ -1,0 +1,358 @@
+"""Diagonal Fisher information of a Keras model, per example and exact.
+
+    F_i = (1/N) Σ_n E_{y ~ q_n} [ (∂ℓ(y, x_n; θ)/∂θ_i)² ]
+
+the MEAN over the N examples of per-example squared gradients — never the square of a
+mini-batch mean gradient (that "batched" shortcut underestimates F by up to a factor N).
+ℓ is the negative log-likelihood of the loss's model (see :mod:`fastewc.likelihood`) and
+q_n is the true label (``empirical``), ``num_samples`` draws from p(·|x_n) (``sampled``) or
+the full predictive distribution (``exact``).  The model runs with ``training=False``
+(BatchNormalization and Dropout in inference mode): batch-dependent layers would make
+per-example gradients meaningless.
+
+All methods compute the same quantity from the same output cotangents ``(U, W)``; they
+differ in how they get J_nᵀ U_kn squared and summed (P = parameters, N = examples,
+K = cotangents per example):
+
+| method     | how                                                        | cost               |
+|------------|------------------------------------------------------------|--------------------|
+| loop       | eager, one GradientTape per example (baseline and oracle)  | N·K eager passes   |
+| vmap       | ``tf.vectorized_map`` over (example, cotangent) pairs,     | N·K passes, vector-|
+|            | ``fallback_to_while_loop=False``, chunked to ≤ 2²⁶ floats  | ized; chunk·P mem  |
+| jacobian   | ``GradientTape.jacobian`` of N·K linearised losses, chunked| as vmap, slower    |
+| factored   | per-layer rules (:mod:`fastewc.registry`) on the δ from ONE| 1 forward + K      |
+|            | forward pass and K back-propagated cotangents              | backward, no N·P   |
+| auto       | factored when every weighted layer has a rule, else vmap   |                    |
+
+Streaming: examples go through in fixed-size batches (:mod:`fastewc.data`); per-batch
+sums are accumulated in float64, so memory is O(P) whatever N, and no float32 drift
+builds up over many batches.  Each batch runs one compiled function, traced once for a
+given model, loss, kind, method and batch shape, and reused across calls.
+
+Mixed precision: the model may compute in float16 or bfloat16; the Fisher is float32.
+Cotangents are multiplied by 2⁸ before a float16 backward pass and the gradients divided
+by it in float32 before squaring (a static loss scale against underflow).
+"""
+import weakref
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fastewc import capture as capture_lib
+from fastewc import data as data_lib
+from fastewc import likelihood as likelihood_lib
+from fastewc._checks import check_one_of, check_positive_int, check_seed
+
+METHODS = ("auto", "loop", "vmap", "jacobian", "factored")
+VMAP_CHUNK_FLOATS = 2**26          # per-example gradients held at once by vmap/jacobian
+FLOAT16_COTANGENT_SCALE = 2.0**8
+
+_ENGINES = weakref.WeakKeyDictionary()   # model -> {key: compiled batch function}
+_WARNED = set()
+
+
+def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch_size=256,
+                    num_samples=1, seed=None, jit_compile=None, verbose=0):
+    """Diagonal Fisher of ``model`` over ``data``: a list of float32 tensors, one per
+    ``model.trainable_variables`` entry, with the same shapes.
+
+    Args:
+      model: a built Keras 3 model (Sequential, functional or subclassed).
+      data: ``(x, y)`` arrays/tensors, or a ``tf.data.Dataset`` yielding ``(x, y)`` batches.
+      loss: Keras loss name or object: sparse/categorical/binary cross-entropy
+        (``from_logits`` honoured) or ``"mse"`` (unit-variance Gaussian).
+      kind: ``"empirical"`` (true labels), ``"sampled"`` (``num_samples`` labels drawn from
+        the model per example) or ``"exact"`` (full expectation over the outcomes).
+      method: ``"auto"``, ``"factored"``, ``"vmap"``, ``"jacobian"`` or ``"loop"``.
+      batch_size: examples per compiled step (memory, not result: the result is the mean
+        over all examples whatever the batching).
+      num_samples: draws per example for ``kind="sampled"``.
+      seed: int for reproducible sampled labels (same seed and batch_size, same result).
+      jit_compile: XLA on/off; None picks the faster measured default for the device.
+      verbose: 0 silent, 1 a progress bar and the method chosen.
+
+    Returns:
+      list of float32 ``tf.Tensor``: F = (1/N) Σ_n E_y[g_n(y)²] for each variable.
+    """
+    check_one_of("kind", kind, likelihood_lib.KINDS)
+    check_one_of("method", method, METHODS)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("num_samples", num_samples)
+    seed = check_seed(seed)
+    if jit_compile not in (None, True, False):
+        raise ValueError(f"`jit_compile` must be None, True or False. Received: jit_compile={jit_compile!r}")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
+    lik = likelihood_lib.resolve_loss(loss)
+    variables = _trainable_variables(model)
+    if kind != "sampled":
+        num_samples = 1
+    if seed is None:
+        seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+
+    chosen = _choose_method(model, method)
+    if verbose:
+        print(f"fastewc.fisher_diagonal: kind={kind!r}, method={method!r} -> {chosen!r}")
+    jit_arg = jit_compile
+    if jit_compile is None:
+        jit_compile = default_jit_compile(model, chosen)
+
+    out_dim = None
+    n_known = data_lib.num_examples(data)
+    total = None
+    count = 0
+    progbar = None
+    if verbose:
+        steps = None if n_known is None else -(-n_known // min(batch_size, n_known))
+        progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
+
+    def prepare_labels(y):
+        return lik.check_labels(y, out_dim) if out_dim is not None else y
+
+    for batch in data_lib.iterate(data, batch_size, prepare_labels=None):
+        if out_dim is None:
+            out_tail = _output_tail(model, batch.x)
+            out_dim = out_tail[-1]
+        y = tf.convert_to_tensor(prepare_labels(batch.y.numpy()))
+        seed_t = tf.constant([seed, batch.index], tf.int32)
+        # Noise is drawn here, eagerly: XLA's stateless RNG gives other numbers than the
+        # eager one, and every method must see the same draws.
+        noise = (lik.noise(seed_t, num_samples, [int(batch.mask.shape[0])] + out_tail)
+                 if kind == "sampled" else tf.zeros([0]))
+        try:
+            sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, batch.x, y,
+                              batch.mask, noise, batch.count)
+        except capture_lib.SharedLayerError as err:
+            if method != "auto":
+                raise
+            _warn_once(("auto-shared", model.name), f"fastewc: {err} method='auto' uses 'vmap'.")
+            chosen = "vmap"
+            jit_compile = default_jit_compile(model, chosen) if jit_arg is None else jit_arg
+            sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, batch.x, y,
+                              batch.mask, noise, batch.count)
+        sums = [tf.cast(s, tf.float64) for s in sums]
+        total = sums if total is None else [t + s for t, s in zip(total, sums)]
+        count += batch.count
+        if progbar is not None:
+            progbar.add(1)
+    return [tf.cast(t / count, tf.float32) for t in total]
+
+
+# -- choosing -------------------------------------------------------------------------
+def _trainable_variables(model):
+    if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"`model` must be a Keras model. Received: model of type {type(model).__name__}")
+    if not model.built:
+        raise ValueError(
+            f"`model` '{model.name}' is not built: call it on a batch or build it with an "
+            "input shape first. Received: an unbuilt model")
+    variables = model.trainable_variables
+    if not variables:
+        raise ValueError(f"`model` '{model.name}' has no trainable variables, so it has no Fisher. "
+                         "Received: a model with 0 trainable variables")
+    return variables
+
+
+def _warn_once(key, message):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _choose_method(model, method):
+    if method != "auto":
+        return method
+    missing = capture_lib.layers_without_rule(model)
+    if not missing:
+        return "factored"
+    names = ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in missing)
+    _warn_once(("auto-vmap", tuple(type(layer).__name__ for layer in missing)),
+               f"fastewc: no factored Fisher rule for {names}; method='auto' uses 'vmap' "
+               "(per-example vectorized gradients) for this model.")
+    return "vmap"
+
+
+def default_jit_compile(model, method):
+    """The faster measured XLA setting (benchmarks/bench_fisher.py).
+
+    On GPU: XLA.  On CPU: XLA for dense-only models with the factored and vmap methods;
+    no XLA for convolutions (slower on CPU) nor for ``jacobian`` (open XLA bugs).
+    """
+    if method in ("loop", "jacobian"):
+        return False
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    conv = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+            keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
+    return not any(isinstance(layer, conv) for layer in capture_lib.weighted_layers(model))
+
+
+def _output_tail(model, x):
+    """The model output's shape without the batch dimension, as a list of ints."""
+    shape = getattr(model, "output_shape", None)
+    if isinstance(shape, tuple) and shape and all(isinstance(d, int) for d in shape[1:]):
+        return list(shape[1:])
+    spec = model.compute_output_spec(tf.nest.map_structure(lambda t: keras.KerasTensor(t.shape, t.dtype), x))
+    return list(spec.shape[1:])
+
+
+# -- per-batch computation --------------------------------------------------------------
+def _run_batch(model, lik, kind, method, num_samples, jit, x, y, mask, noise, count):
+    if method == "loop":
+        return _loop_batch(model, lik, kind, x, y, noise, count)
+    engines = _ENGINES.setdefault(model, {})
+    key = (lik.key, kind, method, num_samples, jit)
+    fn = engines.get(key)
+    if fn is None:
+        body = {"factored": _factored_body, "vmap": _vmap_body, "jacobian": _jacobian_body}[method]
+        fn = tf.function(body(model, lik, kind, num_samples), jit_compile=jit, reduce_retracing=True)
+        engines[key] = fn
+    return fn(x, y, mask, noise)
+
+
+def tracing_count(model):
+    """Total traces of the compiled Fisher functions cached for ``model`` (for tests)."""
+    return sum(fn.experimental_get_tracing_count() for fn in _ENGINES.get(model, {}).values())
+
+
+def _scale_for(dtype):
+    return FLOAT16_COTANGENT_SCALE if dtype == tf.float16 else 1.0
+
+
+def _weighted_cotangents(lik, kind, out, y, mask, noise):
+    u, w = lik.cotangents(out, y, kind, noise if kind == "sampled" else None)
+    return u, w * mask[None]
+
+
+def _zeros_if_none(grads, variables):
+    return [tf.zeros(v.shape, tf.float32) if g is None else g for g, v in zip(grads, variables)]
+
+
+def _factored_body(model, lik, kind, num_samples):
+    variables = model.trainable_variables
+
+    def batch_sums(x, y, mask, noise):
+        with tf.name_scope("fastewc/fisher"):
+            with capture_lib.capture(model) as recorder:
+                with tf.GradientTape(persistent=True) as tape:
+                    out = model(x, training=False)
+            u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
+            scale = _scale_for(out.dtype)
+            u = tf.cast(u * scale, out.dtype)
+            probes = [probe for _, probe, _ in recorder.records]
+            if u.shape[0] == 1:
+                deltas = tape.gradient(out, probes, output_gradients=u[0])
+                deltas = [None if d is None else d[None] for d in deltas]
+            else:
+                deltas = tf.vectorized_map(
+                    lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
+                    fallback_to_while_loop=False)
+            del tape
+            sums = {}
+            for (layer, probe, sum_sq), delta in zip(recorder.records, deltas):
+                if delta is None:
+                    delta = tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(probe)], 0), tf.float32)
+                delta = tf.cast(delta, tf.float32) / scale
+                for var, value in sum_sq(delta, w):
+                    sums[id(var)] = value
+            missing = [v.path for v in variables if id(v) not in sums]
+            if missing:
+                raise ValueError(f"The factored rules returned no value for variables {missing}.")
+            return [sums[id(v)] for v in variables]
+
+    return batch_sums
+
+
+def _tile_pairs(x, k):
+    return tf.nest.map_structure(
+        lambda t: tf.tile(t, tf.concat([[k], tf.ones([tf.rank(t) - 1], tf.int32)], 0)), x)
+
+
+def _chunks(total, per_item):
+    size = max(1, VMAP_CHUNK_FLOATS // max(1, per_item))
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _vmap_body(model, lik, kind, num_samples):
+    variables = model.trainable_variables
+    num_params = sum(int(np.prod(v.shape)) for v in variables)
+
+    def batch_sums(x, y, mask, noise):
+        with tf.name_scope("fastewc/fisher"):
+            out = model(x, training=False)
+            u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
+            k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
+            scale = _scale_for(out.dtype)
+            x_pairs = _tile_pairs(x, k)
+            u_pairs = tf.reshape(tf.cast(u * scale, out.dtype), tf.concat([[k * b], tf.shape(u)[2:]], 0))
+            w_pairs = tf.reshape(w, [k * b])
+
+            def per_pair(args):
+                xi, ui = args
+                with tf.GradientTape() as tape:
+                    oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
+                grads = tape.gradient(oi, variables, output_gradients=ui[None])
+                return [tf.square(tf.cast(g, tf.float32) / scale) for g in _zeros_if_none(grads, variables)]
+
+            sums = [tf.zeros(v.shape, tf.float32) for v in variables]
+            for start, stop in _chunks(k * b, num_params):
+                xs = tf.nest.map_structure(lambda t: t[start:stop], x_pairs)
+                sq = tf.vectorized_map(per_pair, (xs, u_pairs[start:stop]), fallback_to_while_loop=False)
+                ws = w_pairs[start:stop]
+                sums = [s + tf.tensordot(ws, q, 1) for s, q in zip(sums, sq)]
+            return sums
+
+    return batch_sums
+
+
+def _jacobian_body(model, lik, kind, num_samples):
+    variables = model.trainable_variables
+    num_params = sum(int(np.prod(v.shape)) for v in variables)
+
+    def batch_sums(x, y, mask, noise):
+        with tf.name_scope("fastewc/fisher"):
+            out = model(x, training=False)
+            u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
+            k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
+            scale = _scale_for(out.dtype)
+            x_pairs = _tile_pairs(x, k)
+            u_pairs = tf.reshape(tf.cast(u * scale, tf.float32), tf.concat([[k * b], tf.shape(u)[2:]], 0))
+            w_pairs = tf.reshape(w, [k * b])
+            sums = [tf.zeros(v.shape, tf.float32) for v in variables]
+            for start, stop in _chunks(k * b, num_params):
+                xs = tf.nest.map_structure(lambda t: t[start:stop], x_pairs)
+                with tf.GradientTape() as tape:
+                    o = tf.cast(model(xs, training=False), tf.float32)
+                    # s_m = <o_m, U_m>: its gradient is example m's J_mᵀ U_m.
+                    s = tf.reduce_sum(tf.reshape(o * u_pairs[start:stop], [stop - start, -1]), axis=1)
+                jac = tape.jacobian(s, variables, experimental_use_pfor=True)
+                ws = w_pairs[start:stop]
+                sums = [acc + tf.tensordot(ws, tf.square(tf.cast(j, tf.float32) / scale), 1)
+                        for acc, j in zip(sums, _zeros_if_none_batched(jac, variables, stop - start))]
+            return sums
+
+    return batch_sums
+
+
+def _zeros_if_none_batched(jac, variables, m):
+    return [tf.zeros([m] + list(v.shape), tf.float32) if j is None else j for j, v in zip(jac, variables)]
+
+
+def _loop_batch(model, lik, kind, x, y, noise, count):
+    """The eager per-example loop people write: one GradientTape per example."""
+    variables = model.trainable_variables
+    sums = [np.zeros(v.shape, np.float32) for v in variables]
+    for n in range(count):
+        xn = tf.nest.map_structure(lambda t: t[n:n + 1], x)
+        with tf.GradientTape(persistent=True) as tape:
+            out = model(xn, training=False)
+        u, w = lik.cotangents(out, y[n:n + 1], kind, noise[:, n:n + 1] if kind == "sampled" else None)
+        scale = _scale_for(out.dtype)
+        for k in range(u.shape[0]):
+            grads = tape.gradient(out, variables, output_gradients=tf.cast(u[k] * scale, out.dtype))
+            for i, g in enumerate(_zeros_if_none(grads, variables)):
+                sums[i] += float(w[k, 0]) * np.square(tf.cast(g, tf.float32).numpy() / scale)
+        del tape
+    return [tf.constant(s) for s in sums]

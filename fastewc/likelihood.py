@@ -1,0 +1,244 @@
+"""From a Keras loss to the probabilistic model the Fisher is defined by.
+
+The diagonal Fisher is built from per-example gradients of the negative log-likelihood
+ℓ_n = −log p(y | x_n, θ).  All of them factor through the model output o_n:
+
+    g_n(y) = J_nᵀ u_n(y),    u_n(y) = ∂ℓ(y, o_n)/∂o_n,    J_n = ∂o_n/∂θ.
+
+So every kind of Fisher is described by a set of K output cotangents per example and
+their weights, ``(U, W)`` with ``U`` of shape (K, N, *output) and ``W`` of shape (K, N):
+
+    F = (1/N) Σ_n Σ_k W_kn (J_nᵀ U_kn)²
+
+| kind        | K                    | U_kn                          | W_kn           |
+|-------------|----------------------|-------------------------------|----------------|
+| empirical   | 1                    | u_n(y_n), y_n the true label  | 1              |
+| sampled     | num_samples          | u_n(ŷ_k), ŷ_k ~ p(·|x_n)      | 1/num_samples  |
+| exact       | C (classes) / 2D / D | u_n(c) for every outcome c    | p(c|x_n) / 1   |
+
+Families (ℓ always as the log-likelihood of the model, which is what the Fisher needs):
+
+* categorical (sparse or one-hot cross-entropy): ℓ is Keras' cross-entropy itself,
+  ``from_logits`` honoured.  Exact: K = C outcomes weighted by p_c.
+* binary (binary cross-entropy, D independent Bernoulli outputs): ℓ = Σ_j BCE_j, the SUM
+  over output units (Keras averages them; the likelihood of D independent units sums).
+  Exact: for each unit j and outcome b ∈ {0, 1}, K = 2D, weighted by p_j(b).  The
+  cross terms between units vanish in expectation, so this is the full expectation.
+* gaussian (``"mse"``): a unit-variance Gaussian, ℓ = ½‖y − o‖² (Keras' MSE is the mean of
+  the squares; the log-likelihood is half their sum).  Exact: K = D unit cotangents e_j,
+  which gives diag(JᵀJ).  Sampled: ŷ = o + ε, ε ~ N(0, I).
+
+Sampling is reproducible: the noise of batch b is drawn with
+``tf.random.stateless_uniform`` / ``stateless_normal`` (alg="philox", identical with and without XLA) at seed ``[seed, b]`` and shape
+(num_samples, batch, ...); categorical labels come from the inverse CDF of p, Bernoulli
+outcomes from ``u < p``.
+"""
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+KINDS = ("empirical", "sampled", "exact")
+
+_CATEGORICAL_NAMES = {
+    "sparse_categorical_crossentropy": True,
+    "categorical_crossentropy": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Likelihood:
+    """The probabilistic model behind a Keras loss.
+
+    ``family`` is "categorical", "binary" or "gaussian"; ``sparse`` says whether
+    categorical labels are integer ids (True) or one-hot rows (False).
+    """
+
+    family: str
+    from_logits: bool = False
+    sparse: bool = True
+
+    @property
+    def key(self):
+        return (self.family, self.from_logits, self.sparse)
+
+    # -- per-example negative log-likelihood -------------------------------------------
+    def nll(self, y, out):
+        """ℓ(y, o) for each leading index of ``out``; ``out`` is float32 (..., D)."""
+        if self.family == "categorical":
+            if self.sparse:
+                return keras.ops.sparse_categorical_crossentropy(
+                    y, out, from_logits=self.from_logits)
+            return keras.ops.categorical_crossentropy(y, out, from_logits=self.from_logits)
+        if self.family == "binary":
+            per_unit = keras.ops.binary_crossentropy(y, out, from_logits=self.from_logits)
+            return tf.reduce_sum(per_unit, axis=-1)
+        diff = tf.cast(y, out.dtype) - out
+        return 0.5 * tf.reduce_sum(tf.reshape(diff * diff, tf.concat([tf.shape(diff)[:-1], [-1]], 0)), axis=-1)
+
+    def probs(self, out):
+        """Predictive probabilities p(·|x) from the output (categorical / binary)."""
+        if self.family == "categorical":
+            if self.from_logits:
+                return tf.nn.softmax(out, axis=-1)
+            return out / tf.reduce_sum(out, axis=-1, keepdims=True)
+        if self.from_logits:
+            return tf.sigmoid(out)
+        return out
+
+    def _grad_wrt_out(self, labels, out_k):
+        """∂ℓ(labels_k, o)/∂o for K label sets at once; ``out_k`` is (K, N, D)."""
+        with tf.GradientTape() as tape:
+            tape.watch(out_k)
+            total = tf.reduce_sum(self.nll(labels, out_k))
+        return tape.gradient(total, out_k)
+
+    def _as_labels(self, class_ids, num_classes):
+        if self.sparse:
+            return class_ids
+        return tf.one_hot(class_ids, num_classes, dtype=tf.float32)
+
+    # -- cotangents --------------------------------------------------------------------
+    def noise(self, seed, num_samples, out_shape):
+        """Noise for the sampled kind; ``seed`` is an int32 tensor [seed, batch_index]."""
+        n = out_shape[0]
+        if self.family == "categorical":
+            return tf.random.stateless_uniform([num_samples, n], seed=seed, alg="philox")
+        if self.family == "binary":
+            return tf.random.stateless_uniform(tf.concat([[num_samples], out_shape], 0), seed=seed, alg="philox")
+        return tf.random.stateless_normal(tf.concat([[num_samples], out_shape], 0), seed=seed, alg="philox")
+
+    def cotangents(self, out, y, kind, noise=None):
+        """Output cotangents ``U`` (K, N, *out) and weights ``W`` (K, N), float32."""
+        out = tf.cast(out, tf.float32)
+        n = tf.shape(out)[0]
+        if kind == "empirical":
+            y = y if (self.family == "categorical" and self.sparse) else tf.cast(y, tf.float32)
+            u = self._grad_wrt_out(y[None], out[None])
+            return u, tf.ones([1, n], tf.float32)
+        if kind == "sampled":
+            k = tf.shape(noise)[0]
+            out_k = tf.broadcast_to(out[None], tf.concat([[k], tf.shape(out)], 0))
+            if self.family == "categorical":
+                p = self.probs(out)
+                cdf = tf.cumsum(p, axis=-1)
+                ids = tf.reduce_sum(tf.cast(cdf[None] < noise[..., None], tf.int32), axis=-1)
+                ids = tf.minimum(ids, tf.shape(p)[-1] - 1)
+                labels = self._as_labels(ids, tf.shape(p)[-1])
+            elif self.family == "binary":
+                labels = tf.cast(noise < self.probs(out)[None], tf.float32)
+            else:
+                labels = out_k + noise
+            u = self._grad_wrt_out(labels, out_k)
+            return u, tf.fill([k, n], 1.0 / tf.cast(k, tf.float32))
+        # exact
+        if self.family == "categorical":
+            p = self.probs(out)
+            c = out.shape[-1]
+            ids = tf.broadcast_to(tf.range(c)[:, None], [c, n])
+            out_k = tf.broadcast_to(out[None], tf.concat([[c], tf.shape(out)], 0))
+            u = self._grad_wrt_out(self._as_labels(ids, c), out_k)
+            return u, tf.transpose(p)
+        if self.family == "binary":
+            p = self.probs(out)                                   # (N, D)
+            d = out.shape[-1]
+            units = tf.eye(d, dtype=tf.float32)                   # (D, D)
+            us, ws = [], []
+            for outcome in (0.0, 1.0):
+                target = tf.fill(tf.shape(out), outcome)
+                with tf.GradientTape() as tape:
+                    tape.watch(out)
+                    per_unit = keras.ops.binary_crossentropy(target, out, from_logits=self.from_logits)
+                    total = tf.reduce_sum(per_unit)
+                g = tape.gradient(total, out)                     # (N, D): ∂ℓ_j(b)/∂o_j
+                us.append(units[:, None, :] * g[None])            # (D, N, D)
+                ws.append(tf.transpose(p if outcome else 1.0 - p))
+            return tf.concat(us, 0), tf.concat(ws, 0)
+        flat = tf.reshape(out, [n, -1])
+        d = flat.shape[-1]
+        u = tf.broadcast_to(tf.eye(d, dtype=tf.float32)[:, None, :], [d, n, d])
+        u = tf.reshape(u, tf.concat([[d], tf.shape(out)], 0))
+        return u, tf.ones([d, n], tf.float32)
+
+    # -- label checks (host side, before any compute) ----------------------------------
+    def check_labels(self, y, out_dim):
+        """Raise a clear ValueError if labels ``y`` (NumPy) do not fit this loss."""
+        import numpy as np
+
+        y = np.asarray(y)
+        if self.family == "categorical" and self.sparse:
+            if y.ndim == 2 and y.shape[-1] == 1:
+                y = y[:, 0]
+            if y.ndim != 1:
+                raise ValueError(
+                    "Sparse categorical labels must be integer class ids of shape (batch,). "
+                    f"Received: labels of shape {y.shape}; for one-hot labels use "
+                    "loss='categorical_crossentropy'.")
+            if not np.issubdtype(y.dtype, np.integer):
+                if not np.all(np.equal(np.mod(y, 1), 0)):
+                    raise ValueError(
+                        f"Sparse categorical labels must be integers. Received: dtype {y.dtype} "
+                        "with non-integer values.")
+            if y.size and (y.min() < 0 or y.max() >= out_dim):
+                raise ValueError(
+                    f"Labels must be class ids in [0, {out_dim}) for a model with {out_dim} "
+                    f"outputs. Received: labels in [{y.min()}, {y.max()}].")
+            return y.astype(np.int32)
+        if self.family == "categorical":
+            if y.ndim != 2 or y.shape[-1] != out_dim:
+                raise ValueError(
+                    f"Categorical labels must be one-hot rows of shape (batch, {out_dim}). "
+                    f"Received: labels of shape {y.shape}; for integer ids use "
+                    "loss='sparse_categorical_crossentropy'.")
+            return y.astype(np.float32)
+        if self.family == "binary" and y.size and (y.min() < 0 or y.max() > 1):
+            raise ValueError(
+                f"Binary cross-entropy labels must lie in [0, 1]. Received: labels in [{y.min()}, {y.max()}].")
+        return y.astype(np.float32)
+
+
+def resolve_loss(loss):
+    """Map a Keras loss name, class instance or function to its :class:`Likelihood`."""
+    if isinstance(loss, str):
+        name = loss.lower()
+        aliases = {"mean_squared_error": "mse", "mse": "mse", "binary_crossentropy": "binary_crossentropy"}
+        name = aliases.get(name, name)
+        if name in _CATEGORICAL_NAMES:
+            return Likelihood("categorical", from_logits=False, sparse=_CATEGORICAL_NAMES[name])
+        if name == "binary_crossentropy":
+            return Likelihood("binary", from_logits=False)
+        if name == "mse":
+            return Likelihood("gaussian")
+    elif isinstance(loss, keras.losses.Loss):
+        config = loss.get_config()
+        from_logits = bool(config.get("from_logits", False))
+        if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+            _reject_option(loss, config, "ignore_class", None)
+            return Likelihood("categorical", from_logits=from_logits, sparse=True)
+        if isinstance(loss, keras.losses.CategoricalCrossentropy):
+            _reject_option(loss, config, "label_smoothing", 0.0)
+            return Likelihood("categorical", from_logits=from_logits, sparse=False)
+        if isinstance(loss, keras.losses.BinaryCrossentropy):
+            _reject_option(loss, config, "label_smoothing", 0.0)
+            return Likelihood("binary", from_logits=from_logits)
+        if isinstance(loss, keras.losses.MeanSquaredError):
+            return Likelihood("gaussian")
+    elif callable(loss):
+        fn = getattr(keras.losses, "get", None)
+        for name in ("sparse_categorical_crossentropy", "categorical_crossentropy",
+                     "binary_crossentropy", "mean_squared_error"):
+            if loss is getattr(keras.losses, name, None):
+                return resolve_loss(name)
+        del fn
+    raise ValueError(
+        "`loss` must be one of 'sparse_categorical_crossentropy', 'categorical_crossentropy', "
+        "'binary_crossentropy', 'mse' (a name, a keras.losses class instance or function): "
+        f"the Fisher needs the loss's likelihood. Received: loss={loss!r}")
+
+
+def _reject_option(loss, config, option, neutral):
+    if config.get(option, neutral) not in (neutral,):
+        raise ValueError(
+            f"`loss` {type(loss).__name__} with {option}={config[option]!r} is not a "
+            "log-likelihood, so it has no Fisher. Use the loss without it. "
+            f"Received: loss={loss!r}")

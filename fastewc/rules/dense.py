@@ -1,0 +1,54 @@
+"""Factored rule for ``keras.layers.Dense``.
+
+For z_n = a_n W + b the per-example gradients are g_n(W) = a_n ⊗ δ_n and g_n(b) = δ_n with
+δ_n = ∂ℓ_n/∂z_n (Kirkpatrick et al. 2017 need only their squares).  With K cotangents
+per example weighted by w_kn:
+
+    Σ_kn w_kn g_kn(W)² = (A ⊙ A)ᵀ D,     Σ_kn w_kn g_kn(b)² = Σ_n D_n,
+    D_n = Σ_k w_kn δ_kn ⊙ δ_kn
+
+one (d × N)(N × units) matmul: no per-example tensor.  Inputs of rank > 2 (a Dense over a
+sequence, (N, T, d)) sum over positions before squaring, g_kn(W) = Σ_t a_nt ⊗ δ_knt, so
+that case forms the per-example gradients (K·N·d·units floats) explicitly.
+"""
+import keras
+import tensorflow as tf
+
+from fastewc.registry import register_rule
+
+
+def _check_plain(layer):
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        raise ValueError(
+            f"Layer '{layer.name}' (Dense) uses LoRA or quantization, which the factored rule "
+            "does not cover. Use method='vmap'.")
+
+
+def dense_rule(layer, inputs, training=None):
+    _check_plain(layer)
+    z = tf.matmul(inputs, layer.kernel) if inputs.shape.rank == 2 else tf.tensordot(inputs, layer.kernel, 1)
+    if layer.bias is not None:
+        z = z + layer.bias
+    outputs = layer.activation(z) if layer.activation is not None else z
+    a = tf.cast(inputs, tf.float32)
+
+    def sum_sq(delta, weight):
+        if a.shape.rank == 2:
+            d = tf.einsum("kn,knu->nu", weight, tf.square(delta))
+            sq_kernel = tf.matmul(tf.square(a), d, transpose_a=True)
+            sq_bias = tf.reduce_sum(d, axis=0)
+        else:
+            a3 = tf.reshape(a, [tf.shape(a)[0], -1, a.shape[-1]])
+            d3 = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], -1, delta.shape[-1]])
+            g_kernel = tf.einsum("ntd,kntu->kndu", a3, d3)
+            sq_kernel = tf.einsum("kn,kndu->du", weight, tf.square(g_kernel))
+            sq_bias = tf.einsum("kn,knu->u", weight, tf.square(tf.reduce_sum(d3, axis=2)))
+        pairs = [(layer.kernel, sq_kernel)]
+        if layer.bias is not None:
+            pairs.append((layer.bias, sq_bias))
+        return pairs
+
+    return outputs, z, sum_sq
+
+
+register_rule(keras.layers.Dense, dense_rule)

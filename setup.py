@@ -1,0 +1,34 @@
+"""fastewc: fast, exact Elastic Weight Consolidation kernels for TensorFlow 2 / Keras 3.
+
+TensorFlow is an extra, not a hard requirement (as in tensorflow-probability): pick
+``fastewc[tf-cpu]`` on a CPU-only machine, ``fastewc[tf]`` for the standard build, or
+``fastewc[cuda]`` for the CUDA wheels.  Bounds are the versions we have tested.
+"""
+from setuptools import find_packages, setup
+
+TF_BOUNDS = ">=2.21,<2.22"
+
+setup(
+    name="fastewc",
+    version="0.1.0",
+    description="Fast, exact Elastic Weight Consolidation for TensorFlow 2 / Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fastewc", "fastewc.*"]),
+    install_requires=["numpy>=1.26,<3"],
+    extras_require={
+        "tf": [f"tensorflow{TF_BOUNDS}", "keras>=3.15,<3.16"],
+        "tf-cpu": [f"tensorflow-cpu{TF_BOUNDS}", "keras>=3.15,<3.16"],
+        "cuda": [f"tensorflow[and-cuda]{TF_BOUNDS}", "keras>=3.15,<3.16"],
+        "dev": [
+            "pytest>=9.0,<10",
+            "pytest-benchmark>=5.3,<6",
+            "tensorboard-plugin-profile>=2.24,<2.25",
+            "scikit-learn>=1.9,<1.10",
+            "hypothesis>=6.170,<7",
+            "matplotlib>=3.11,<3.12",
+        ],
+    },
+    entry_points={"console_scripts": ["fastewc=fastewc.__main__:main"]},
+)
