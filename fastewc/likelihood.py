@@ -110,7 +110,9 @@ class Likelihood:
 
     def cotangents(self, out, y, kind, noise=None):
         """Output cotangents ``U`` (K, N, *out) and weights ``W`` (K, N), float32."""
-        out = tf.cast(out, tf.float32)
+        # tf.identity drops the `_keras_logits` that Keras attaches to softmax/sigmoid outputs:
+        # its losses would otherwise read those logits and bypass the tensor we differentiate.
+        out = tf.identity(tf.cast(out, tf.float32))
         n = tf.shape(out)[0]
         if kind == "empirical":
             y = y if (self.family == "categorical" and self.sparse) else tf.cast(y, tf.float32)

@@ -1,0 +1,161 @@
+"""Slow, obviously-correct references for tests and benchmarks.
+
+Nothing here shares code with the fast paths: the likelihoods are written out in closed
+form (log-softmax, log-sigmoid, Gaussian), each example gets its own GradientTape per
+outcome, everything runs eagerly in float64 and sums in NumPy float64.
+
+    F_i = (1/N) Σ_n E_{y~q_n}[(∂ℓ_n(y)/∂θ_i)²]
+
+``reference_fisher`` needs a float64 twin of the model: :func:`float64_twin` builds one for
+Sequential and functional models; for subclassed models build it yourself with
+``dtype="float64"`` and copy the weights.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def float64_twin(model):
+    """A float64 copy of a Sequential/functional ``model`` with the same weights."""
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float64"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+    return twin
+
+
+def _family(loss):
+    """(family, from_logits, sparse) for the losses fastewc supports, written out here."""
+    if isinstance(loss, str):
+        return {
+            "sparse_categorical_crossentropy": ("categorical", False, True),
+            "categorical_crossentropy": ("categorical", False, False),
+            "binary_crossentropy": ("binary", False, None),
+            "mse": ("gaussian", None, None),
+            "mean_squared_error": ("gaussian", None, None),
+        }[loss]
+    from_logits = bool(loss.get_config().get("from_logits", False))
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return "categorical", from_logits, True
+    if isinstance(loss, keras.losses.CategoricalCrossentropy):
+        return "categorical", from_logits, False
+    if isinstance(loss, keras.losses.BinaryCrossentropy):
+        return "binary", from_logits, None
+    return "gaussian", None, None
+
+
+def _log_probs(family, from_logits, o):
+    """Categorical: log p over classes.  Binary: (log p(1), log p(0)) per unit."""
+    if family == "categorical":
+        if from_logits:
+            return tf.nn.log_softmax(o, axis=-1)
+        return tf.math.log(o / tf.reduce_sum(o, axis=-1, keepdims=True))
+    if from_logits:
+        return tf.math.log_sigmoid(o), tf.math.log_sigmoid(-o)
+    return tf.math.log(o), tf.math.log(1.0 - o)
+
+
+def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=None):
+    """Float64 per-example reference: one tape per example and outcome.
+
+    ``sampled_labels`` (num_samples, N) class ids are required for ``kind="sampled"``
+    (categorical losses): the reference then averages the squared gradients over them.
+    Returns a list of float64 NumPy arrays aligned with ``model64.trainable_variables``.
+    """
+    family, from_logits, sparse = _family(loss)
+    variables = model64.trainable_variables
+    sums = [np.zeros(v.shape, np.float64) for v in variables]
+    x = np.asarray(x)
+    y = np.asarray(y)
+    n_total = x.shape[0]
+
+    def accumulate(weight, tape, target):
+        grads = tape.gradient(target, variables)
+        for i, g in enumerate(grads):
+            if g is not None:
+                sums[i] += weight * np.square(g.numpy().astype(np.float64))
+
+    for n in range(n_total):
+        xn = tf.constant(x[n:n + 1].astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x[n:n + 1])
+        with tf.GradientTape(persistent=True) as tape:
+            o = tf.cast(model64(xn, training=False), tf.float64)[0]
+            if family == "categorical":
+                logp = _log_probs(family, from_logits, o)
+            elif family == "binary":
+                log1, log0 = _log_probs(family, from_logits, o)
+        if family == "categorical":
+            p = np.exp(logp.numpy())
+            if kind == "empirical":
+                label = int(y[n]) if sparse else int(np.argmax(y[n]))
+                with tape:
+                    target = -logp[label]
+                accumulate(1.0, tape, target)
+            elif kind == "exact":
+                for c in range(p.shape[-1]):
+                    with tape:
+                        target = -logp[c]
+                    accumulate(p[c], tape, target)
+            else:
+                draws = sampled_labels[:, n]
+                for label in draws:
+                    with tape:
+                        target = -logp[int(label)]
+                    accumulate(1.0 / len(draws), tape, target)
+        elif family == "binary":
+            units = o.shape[-1]
+            if kind == "empirical":
+                with tape:
+                    target = -tf.reduce_sum(y[n] * log1 + (1.0 - y[n]) * log0)
+                accumulate(1.0, tape, target)
+            elif kind == "exact":
+                p1 = np.exp(log1.numpy())
+                for j in range(units):
+                    for outcome, logq, weight in ((1, log1, p1[j]), (0, log0, 1.0 - p1[j])):
+                        with tape:
+                            target = -logq[j]
+                        accumulate(weight, tape, target)
+            else:
+                raise ValueError("reference_fisher: sampled is only written out for categorical losses")
+        else:
+            if kind == "empirical":
+                with tape:
+                    residual = tf.reshape(y[n].astype(np.float64), [-1]) - tf.reshape(o, [-1])
+                    target = 0.5 * tf.reduce_sum(tf.square(residual))
+                accumulate(1.0, tape, target)
+            elif kind == "exact":
+                for j in range(int(np.prod(o.shape))):
+                    with tape:
+                        target = tf.reshape(o, [-1])[j]
+                    accumulate(1.0, tape, target)
+            else:
+                raise ValueError("reference_fisher: sampled is only written out for categorical losses")
+        del tape
+    return [s / n_total for s in sums]
+
+
+def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size):
+    """Class ids drawn as fastewc documents it, re-derived in float64 NumPy.
+
+    Batch b (of ``batch_size`` rows, the last one padded) uses
+    ``tf.random.stateless_uniform([num_samples, B], seed=[seed, b], alg="philox")`` and the
+    inverse CDF of p(·|x_n): label = #{c : cdf_c < u}.
+    """
+    family, from_logits, _ = _family(loss)
+    assert family == "categorical"
+    x = np.asarray(x)
+    n_total = x.shape[0]
+    b = min(batch_size, n_total)
+    labels = np.zeros((num_samples, n_total), np.int64)
+    for index, start in enumerate(range(0, n_total, b)):
+        stop = min(start + b, n_total)
+        u = tf.random.stateless_uniform([num_samples, b], seed=[seed, index], alg="philox").numpy()
+        o = tf.cast(model64(tf.constant(x[start:stop]), training=False), tf.float64)
+        p = np.exp(_log_probs(family, from_logits, o).numpy())
+        cdf = np.cumsum(p, axis=-1)
+        ids = (cdf[None] < u[:, :stop - start, None]).sum(-1)
+        labels[:, start:stop] = np.minimum(ids, p.shape[-1] - 1)
+    return labels
+

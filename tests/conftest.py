@@ -1,0 +1,41 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    yield
+
+
+def mlp(d_in=6, hidden=8, classes=5, dtype=None, activation="tanh", out_activation=None):
+    return keras.Sequential([
+        keras.Input((d_in,)),
+        keras.layers.Dense(hidden, activation=activation, dtype=dtype),
+        keras.layers.Dense(hidden, activation="relu", use_bias=False, dtype=dtype),
+        keras.layers.Dense(classes, activation=out_activation, dtype=dtype),
+    ])
+
+
+def branched(d_in=6, classes=5, dtype=None):
+    """Functional model: Dropout and two Dense branches merged."""
+    inp = keras.Input((d_in,))
+    h = keras.layers.Dense(7, activation="tanh", dtype=dtype)(inp)
+    h = keras.layers.Dropout(0.5, dtype=dtype)(h)
+    a = keras.layers.Dense(4, activation="sigmoid", dtype=dtype)(h)
+    b = keras.layers.Dense(3, activation="relu", dtype=dtype)(h)
+    merged = keras.layers.Concatenate(dtype=dtype)([a, b])
+    out = keras.layers.Dense(classes, dtype=dtype)(merged)
+    return keras.Model(inp, out)
+
+
+def data(n=13, d_in=6, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    y = rng.integers(0, classes, size=n)
+    return x, y
