@@ -275,9 +275,22 @@ def _chunks(total, per_item):
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
+VMAP_UNROLL_COTANGENTS = 16        # up to this K, vmap does 1 forward + K backward per example
+
+
 def _vmap_body(model, lik, kind, num_samples):
+    """Per-example gradients with ``tf.vectorized_map`` (no while_loop fallback).
+
+    K ≤ 16 cotangents: one vectorized function per example runs one forward pass and K
+    backward passes and returns Σ_k w_k g_k² (P floats per example).  Larger K (many
+    classes): (example, cotangent) pairs are vectorized, each with its own forward pass.
+    Examples are processed in chunks of at most 2²⁶ floats of per-example gradients.
+    """
     variables = model.trainable_variables
     num_params = sum(int(np.prod(v.shape)) for v in variables)
+
+    def squared(grads, scale):
+        return [tf.square(tf.cast(g, tf.float32) / scale) for g in _zeros_if_none(grads, variables)]
 
     def batch_sums(x, y, mask, noise):
         with tf.name_scope("fastewc/fisher"):
@@ -285,23 +298,37 @@ def _vmap_body(model, lik, kind, num_samples):
             u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
             k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
             scale = _scale_for(out.dtype)
-            x_pairs = _tile_pairs(x, k)
-            u_pairs = tf.reshape(tf.cast(u * scale, out.dtype), tf.concat([[k * b], tf.shape(u)[2:]], 0))
-            w_pairs = tf.reshape(w, [k * b])
+            u = tf.cast(u * scale, out.dtype)
 
-            def per_pair(args):
-                xi, ui = args
-                with tf.GradientTape() as tape:
-                    oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
-                grads = tape.gradient(oi, variables, output_gradients=ui[None])
-                return [tf.square(tf.cast(g, tf.float32) / scale) for g in _zeros_if_none(grads, variables)]
+            if k <= VMAP_UNROLL_COTANGENTS:
+                items = (x, tf.einsum("kn...->nk...", u), tf.transpose(w))      # per example
+                count = b
+
+                def per_item(args):
+                    xi, ui, wi = args
+                    with tf.GradientTape(persistent=k > 1) as tape:
+                        oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
+                    acc = None
+                    for j in range(k):
+                        sq = squared(tape.gradient(oi, variables, output_gradients=ui[j][None]), scale)
+                        acc = [wi[j] * q for q in sq] if acc is None else [a + wi[j] * q for a, q in zip(acc, sq)]
+                    return acc
+            else:
+                items = (_tile_pairs(x, k), tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0)),
+                         tf.reshape(w, [k * b]))
+                count = k * b
+
+                def per_item(args):
+                    xi, ui, wi = args
+                    with tf.GradientTape() as tape:
+                        oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
+                    return [wi * q for q in squared(tape.gradient(oi, variables, output_gradients=ui[None]), scale)]
 
             sums = [tf.zeros(v.shape, tf.float32) for v in variables]
-            for start, stop in _chunks(k * b, num_params):
-                xs = tf.nest.map_structure(lambda t: t[start:stop], x_pairs)
-                sq = tf.vectorized_map(per_pair, (xs, u_pairs[start:stop]), fallback_to_while_loop=False)
-                ws = w_pairs[start:stop]
-                sums = [s + tf.tensordot(ws, q, 1) for s, q in zip(sums, sq)]
+            for start, stop in _chunks(count, num_params):
+                chunk = tf.nest.map_structure(lambda t: t[start:stop], items)
+                sq = tf.vectorized_map(per_item, chunk, fallback_to_while_loop=False)
+                sums = [s + tf.reduce_sum(q, axis=0) for s, q in zip(sums, sq)]
             return sums
 
     return batch_sums

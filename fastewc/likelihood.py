@@ -119,7 +119,7 @@ class Likelihood:
             u = self._grad_wrt_out(y[None], out[None])
             return u, tf.ones([1, n], tf.float32)
         if kind == "sampled":
-            k = tf.shape(noise)[0]
+            k = noise.shape[0]          # static: K = num_samples
             out_k = tf.broadcast_to(out[None], tf.concat([[k], tf.shape(out)], 0))
             if self.family == "categorical":
                 p = self.probs(out)

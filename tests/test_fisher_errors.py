@@ -1,0 +1,141 @@
+"""Bad input to fisher_diagonal: clear errors naming the argument, expected and received."""
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from fastewc.registry import get_rule
+
+from conftest import data, mlp
+
+LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mlp()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="fisher"), r"`kind` must be one of 'empirical', 'sampled', 'exact'. Received: kind='fisher'"),
+    (dict(method="fast"), r"`method` must be one of .*Received: method='fast'"),
+    (dict(batch_size=0), r"`batch_size` must be a positive integer. Received: batch_size=0"),
+    (dict(num_samples=-2), r"`num_samples` must be a positive integer. Received: num_samples=-2"),
+    (dict(seed=-1), r"`seed` must be None or an integer .* Received: seed=-1"),
+    (dict(jit_compile="yes"), r"`jit_compile` must be None, True or False"),
+    (dict(loss="hinge"), r"`loss` must be one of .*Received: loss='hinge'"),
+    (dict(loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1)), r"label_smoothing=0.1 is not a log-likelihood"),
+])
+def test_bad_arguments(model, kwargs, match):
+    x, y = data()
+    kwargs = {"loss": LOGITS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fastewc.fisher_diagonal(model, (x, y), **kwargs)
+
+
+def test_labels_out_of_range(model):
+    x, y = data()
+    y[3] = 5
+    with pytest.raises(ValueError, match=r"Labels must be class ids in \[0, 5\).*Received: labels in \[\d+, 5\]"):
+        fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)
+
+
+def test_one_hot_labels_for_a_sparse_loss(model):
+    x, y = data()
+    with pytest.raises(ValueError, match=r"integer class ids of shape \(batch,\).*categorical_crossentropy"):
+        fastewc.fisher_diagonal(model, (x, np.eye(5)[y]), loss=LOGITS)
+
+
+def test_sparse_labels_for_a_one_hot_loss(model):
+    x, y = data()
+    with pytest.raises(ValueError, match=r"one-hot rows of shape \(batch, 5\).*sparse_categorical_crossentropy"):
+        fastewc.fisher_diagonal(model, (x, y), loss="categorical_crossentropy")
+
+
+def test_empty_data(model):
+    x, y = data()
+    with pytest.raises(ValueError, match=r"`data` is empty.*Received: 0 examples"):
+        fastewc.fisher_diagonal(model, (x[:0], y[:0]), loss=LOGITS)
+    empty = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).take(0)
+    with pytest.raises(ValueError, match=r"`data` is empty"):
+        fastewc.fisher_diagonal(model, empty, loss=LOGITS)
+
+
+def test_x_and_y_of_different_lengths(model):
+    x, y = data()
+    with pytest.raises(ValueError, match=r"same number of examples. Received: x with \[13\] rows and y with 12 rows"):
+        fastewc.fisher_diagonal(model, (x, y[:-1]), loss=LOGITS)
+
+
+def test_data_not_a_pair(model):
+    x, _ = data()
+    with pytest.raises(ValueError, match=r"`data` must be a tuple \(x, y\).*Received: data of type ndarray"):
+        fastewc.fisher_diagonal(model, x, loss=LOGITS)
+
+
+def test_unbuilt_model_and_no_variables():
+    with pytest.raises(ValueError, match=r"is not built"):
+        fastewc.fisher_diagonal(keras.Sequential([keras.layers.Dense(3)]), data(), loss=LOGITS)
+    frozen = mlp()
+    frozen.trainable = False
+    with pytest.raises(ValueError, match=r"has no trainable variables"):
+        fastewc.fisher_diagonal(frozen, data(), loss=LOGITS)
+
+
+class Scale(keras.layers.Layer):
+    """A layer with a weight and no factored rule."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def ruleless_model():
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), Scale(), keras.layers.Dense(5)])
+
+
+def test_factored_without_a_rule_names_the_layer_and_the_fix():
+    assert get_rule(Scale()) is None
+    with pytest.raises(ValueError, match=r"of class Scale has trainable weights but no factored Fisher rule.*"
+                                         r"fastewc.register_rule\(Scale, rule\)"):
+        fastewc.fisher_diagonal(ruleless_model(), data(), loss=LOGITS, method="factored")
+
+
+def test_auto_without_a_rule_warns_once_naming_the_layer_and_uses_vmap():
+    from fastewc import fisher as fisher_lib
+    fisher_lib._WARNED.clear()
+    model = ruleless_model()
+    x, y = data()
+    with pytest.warns(UserWarning, match=r"no factored Fisher rule for 'scale.*' \(Scale\); method='auto' uses 'vmap'"):
+        auto = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)       # second time: silent
+    loop = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, method="loop")
+    for a, b in zip(auto, loop):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+
+
+def test_bad_input_leaves_the_model_untouched(model):
+    before = [w.copy() for w in model.get_weights()]
+    x, y = data()
+    y[0] = 99
+    with pytest.raises(ValueError):
+        fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, method="factored")
+    assert "call" not in model.layers[0].__dict__          # no layer left patched
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_import_without_tensorflow_names_the_extras():
+    code = "import sys; sys.modules['tensorflow'] = None; import fastewc"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "fastewc[tf-cpu]" in proc.stderr and "fastewc[cuda]" in proc.stderr
