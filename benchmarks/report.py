@@ -1,0 +1,98 @@
+"""Turn a pytest-benchmark JSON file into a markdown table of ratios.
+
+    python -m benchmarks.report benchmarks/results/latest.json [--png chart.png]
+
+Within each group (one workload) every benchmark is quoted by its median time, as a
+ratio to the floor (the fastest benchmark whose extra_info role is "floor") and, where a
+baseline exists, as the speed-up over the eager loop of the same kind (role "loop").
+"""
+import argparse
+import json
+import platform
+import sys
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def rows_by_group(doc):
+    groups = {}
+    for bench in doc["benchmarks"]:
+        groups.setdefault(bench.get("group") or "ungrouped", []).append(bench)
+    return groups
+
+
+def ratio_table(benches):
+    floors = [b for b in benches if b["extra_info"].get("role") == "floor"]
+    floor = min(floors, key=lambda b: b["stats"]["median"]) if floors else None
+    loops = {b["extra_info"].get("kind"): b for b in benches if b["extra_info"].get("role") == "loop"}
+    lines = ["| benchmark | median | × floor | speed-up vs eager loop |", "|---|---:|---:|---:|"]
+    for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+        median = b["stats"]["median"]
+        vs_floor = f"{median / floor['stats']['median']:.2f}×" if floor else "–"
+        loop = loops.get(b["extra_info"].get("kind"))
+        vs_loop = f"{loop['stats']['median'] / median:.0f}×" if loop and loop is not b else "–"
+        lines.append(f"| {b['name'].split('[', 1)[-1].rstrip(']')} | {_fmt(median)} | {vs_floor} | {vs_loop} |")
+    if floor:
+        lines.append(f"\nFloor: `{floor['name']}` ({_fmt(floor['stats']['median'])}).")
+    return "\n".join(lines)
+
+
+def _fmt(seconds):
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def render(doc):
+    info = doc.get("machine_info", {})
+    commit = doc.get("commit_info", {}).get("id", "")[:10]
+    header = (f"Measured {doc.get('datetime', '')[:10]} on {_cpu_model()} "
+              f"({info.get('cpu', {}).get('count', '?')} cores), Python {info.get('python_version', '?')}"
+              + (f", commit {commit}" if commit else "") + ".")
+    parts = [header]
+    for group, benches in sorted(rows_by_group(doc).items()):
+        parts.append(f"\n### {group}\n\n{ratio_table(benches)}")
+    return "\n".join(parts)
+
+
+def bar_chart(doc, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = rows_by_group(doc)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 + 0.28 * max(len(b) for b in groups.values()) * len(groups)))
+    axes = [axes] if len(groups) == 1 else axes
+    for ax, (group, benches) in zip(axes, sorted(groups.items())):
+        benches = sorted(benches, key=lambda b: b["stats"]["median"])
+        ax.barh([b["name"].split("[", 1)[-1].rstrip("]") for b in benches],
+                [b["stats"]["median"] for b in benches])
+        ax.set_xscale("log")
+        ax.set_xlabel("median seconds (log scale)")
+        ax.set_title(group)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_file")
+    parser.add_argument("--png", help="also write a log-scale bar chart here")
+    args = parser.parse_args(argv)
+    with open(args.json_file) as fh:
+        doc = json.load(fh)
+    print(render(doc))
+    if args.png:
+        bar_chart(doc, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
