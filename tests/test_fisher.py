@@ -192,7 +192,7 @@ def test_auto_reports_its_choice(capsys):
     assert "method='auto' -> 'factored'" in printed
 
 
-@pytest.mark.parametrize("policy,rtol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 1e-1)])
+@pytest.mark.parametrize("policy,rtol", [("mixed_float16", 1e-2), ("mixed_bfloat16", 3e-2)])
 def test_mixed_precision_gives_float32_fisher_close_to_float32(policy, rtol):
     x, y = data(n=32)
     keras.utils.set_random_seed(5)
@@ -208,8 +208,8 @@ def test_mixed_precision_gives_float32_fisher_close_to_float32(policy, rtol):
             for g, w in zip(got, want):
                 assert g.dtype == tf.float32
                 assert bool(tf.reduce_all(tf.math.is_finite(g)))
-                # compare the total per variable: elementwise, tiny entries carry half-precision noise
-                total_g, total_w = float(tf.reduce_sum(g)), float(tf.reduce_sum(w))
-                assert abs(total_g - total_w) <= rtol * total_w
+                # relative L2 error per variable: half-precision activations move single entries
+                err = np.linalg.norm(g.numpy() - w.numpy()) / np.linalg.norm(w.numpy())
+                assert err <= rtol
     finally:
         keras.mixed_precision.set_global_policy("float32")
