@@ -64,24 +64,21 @@ def num_examples(data):
     return _check_pair(data)
 
 
-def iterate(data, batch_size, *, prepare_labels=None):
-    """Yield :class:`Batch` objects of a fixed size; raise on empty data.
+def check_dataset(data):
+    spec = data.element_spec
+    if not isinstance(spec, tuple) or len(spec) != 2:
+        raise ValueError(
+            "`data` as a tf.data.Dataset must yield (x, y) batches. "
+            f"Received: a dataset with element_spec={spec}")
 
-    ``prepare_labels(y_numpy) -> y_numpy`` checks and converts labels on the host before
-    they reach a compiled function (bad labels raise before any state changes).
-    """
+
+def iterate(data, batch_size):
+    """Yield :class:`Batch` objects of a fixed size; raise on empty data."""
     def finish(x, y):
-        y = np.asarray(y)
-        if prepare_labels is not None:
-            y = prepare_labels(y)
         return x, tf.convert_to_tensor(y)
 
     if isinstance(data, tf.data.Dataset):
-        spec = data.element_spec
-        if not isinstance(spec, tuple) or len(spec) != 2:
-            raise ValueError(
-                "`data` as a tf.data.Dataset must yield (x, y) batches. "
-                f"Received: a dataset with element_spec={spec}")
+        check_dataset(data)
         stream = data.unbatch().batch(batch_size)
         b = None
         index = -1

@@ -99,8 +99,13 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
     if jit_compile is None:
         jit_compile = default_jit_compile(model, chosen)
 
-    out_dim = None
+    out_tail = _output_tail(model, _first_x(data))
+    out_dim = out_tail[-1]
+    batch_size = rows_per_call(chosen, variables, lik.num_cotangents(kind, num_samples, out_tail), batch_size)
     n_known = data_lib.num_examples(data)
+    if n_known is not None:            # balanced batches: padding wastes < 1 row per batch
+        calls = -(-n_known // batch_size)
+        batch_size = -(-n_known // calls)
     total = None
     count = 0
     progbar = None
@@ -108,14 +113,8 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
         steps = None if n_known is None else -(-n_known // min(batch_size, n_known))
         progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
 
-    def prepare_labels(y):
-        return lik.check_labels(y, out_dim) if out_dim is not None else y
-
-    for batch in data_lib.iterate(data, batch_size, prepare_labels=None):
-        if out_dim is None:
-            out_tail = _output_tail(model, batch.x)
-            out_dim = out_tail[-1]
-        y = tf.convert_to_tensor(prepare_labels(batch.y.numpy()))
+    for batch in data_lib.iterate(data, batch_size):
+        y = tf.convert_to_tensor(lik.check_labels(batch.y.numpy(), out_dim))
         seed_t = tf.constant([seed, batch.index], tf.int32)
         # Noise is drawn here, eagerly: XLA's stateless RNG gives other numbers than the
         # eager one, and every method must see the same draws.
@@ -189,6 +188,17 @@ def default_jit_compile(model, method):
     return not any(isinstance(layer, conv) for layer in capture_lib.weighted_layers(model))
 
 
+def _first_x(data):
+    """A one-example slice of ``data``'s inputs, for the output shape (validates ``data``)."""
+    if isinstance(data, tf.data.Dataset):
+        data_lib.check_dataset(data)
+        for x, _ in data.take(1):
+            return tf.nest.map_structure(lambda t: t[:1], x)
+        raise ValueError("`data` is empty: expected at least one example. Received: a dataset with 0 examples")
+    data_lib.num_examples(data)
+    return tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[:1]), data[0])
+
+
 def _output_tail(model, x):
     """The model output's shape without the batch dimension, as a list of ints."""
     shape = getattr(model, "output_shape", None)
@@ -209,6 +219,9 @@ def _run_batch(model, lik, kind, method, num_samples, jit, x, y, mask, noise, co
         body = {"factored": _factored_body, "vmap": _vmap_body, "jacobian": _jacobian_body}[method]
         fn = tf.function(body(model, lik, kind, num_samples), jit_compile=jit, reduce_retracing=True)
         engines[key] = fn
+    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        from fastewc import distribute  # rows split over replicas, sums all-reduced
+        return distribute.run_fisher_batch(fn, x, y, mask, noise)
     return fn(x, y, mask, noise)
 
 
@@ -270,9 +283,16 @@ def _tile_pairs(x, k):
         lambda t: tf.tile(t, tf.concat([[k], tf.ones([tf.rank(t) - 1], tf.int32)], 0)), x)
 
 
-def _chunks(total, per_item):
-    size = max(1, VMAP_CHUNK_FLOATS // max(1, per_item))
-    return [(start, min(start + size, total)) for start in range(0, total, size)]
+def rows_per_call(method, variables, num_cotangents, batch_size):
+    """Examples per compiled call: ``batch_size``, capped for the per-example methods so
+    that their per-example gradients stay under ``VMAP_CHUNK_FLOATS`` floats (the streaming
+    loop then does the chunking: one vectorized_map or jacobian per call, no unrolling)."""
+    if method not in ("vmap", "jacobian"):
+        return batch_size
+    num_params = sum(int(np.prod(v.shape)) for v in variables)
+    pairs = method == "jacobian" or num_cotangents > VMAP_UNROLL_COTANGENTS
+    per_example = num_params * (num_cotangents if pairs else 1)
+    return max(1, min(batch_size, VMAP_CHUNK_FLOATS // per_example))
 
 
 VMAP_UNROLL_COTANGENTS = 16        # up to this K, vmap does 1 forward + K backward per example
@@ -284,10 +304,10 @@ def _vmap_body(model, lik, kind, num_samples):
     K ≤ 16 cotangents: one vectorized function per example runs one forward pass and K
     backward passes and returns Σ_k w_k g_k² (P floats per example).  Larger K (many
     classes): (example, cotangent) pairs are vectorized, each with its own forward pass.
-    Examples are processed in chunks of at most 2²⁶ floats of per-example gradients.
+    The streaming loop keeps each call under 2²⁶ floats of per-example gradients
+    (:func:`rows_per_call`).
     """
     variables = model.trainable_variables
-    num_params = sum(int(np.prod(v.shape)) for v in variables)
 
     def squared(grads, scale):
         return [tf.square(tf.cast(g, tf.float32) / scale) for g in _zeros_if_none(grads, variables)]
@@ -302,7 +322,6 @@ def _vmap_body(model, lik, kind, num_samples):
 
             if k <= VMAP_UNROLL_COTANGENTS:
                 items = (x, tf.einsum("kn...->nk...", u), tf.transpose(w))      # per example
-                count = b
 
                 def per_item(args):
                     xi, ui, wi = args
@@ -316,7 +335,6 @@ def _vmap_body(model, lik, kind, num_samples):
             else:
                 items = (_tile_pairs(x, k), tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0)),
                          tf.reshape(w, [k * b]))
-                count = k * b
 
                 def per_item(args):
                     xi, ui, wi = args
@@ -324,19 +342,16 @@ def _vmap_body(model, lik, kind, num_samples):
                         oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
                     return [wi * q for q in squared(tape.gradient(oi, variables, output_gradients=ui[None]), scale)]
 
-            sums = [tf.zeros(v.shape, tf.float32) for v in variables]
-            for start, stop in _chunks(count, num_params):
-                chunk = tf.nest.map_structure(lambda t: t[start:stop], items)
-                sq = tf.vectorized_map(per_item, chunk, fallback_to_while_loop=False)
-                sums = [s + tf.reduce_sum(q, axis=0) for s, q in zip(sums, sq)]
-            return sums
+            sq = tf.vectorized_map(per_item, items, fallback_to_while_loop=False)
+            return [tf.reduce_sum(q, axis=0) for q in sq]
 
     return batch_sums
 
 
 def _jacobian_body(model, lik, kind, num_samples):
+    """``GradientTape.jacobian`` of the N·K linearised losses s_m = <o_m, U_m>: row m of the
+    Jacobian is J_mᵀ U_m, the per-(example, cotangent) gradient."""
     variables = model.trainable_variables
-    num_params = sum(int(np.prod(v.shape)) for v in variables)
 
     def batch_sums(x, y, mask, noise):
         with tf.name_scope("fastewc/fisher"):
@@ -344,21 +359,14 @@ def _jacobian_body(model, lik, kind, num_samples):
             u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
             k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
             scale = _scale_for(out.dtype)
-            x_pairs = _tile_pairs(x, k)
-            u_pairs = tf.reshape(tf.cast(u * scale, tf.float32), tf.concat([[k * b], tf.shape(u)[2:]], 0))
+            u_pairs = tf.reshape(u * scale, tf.concat([[k * b], tf.shape(u)[2:]], 0))
+            with tf.GradientTape() as tape:
+                o = tf.cast(model(_tile_pairs(x, k), training=False), tf.float32)
+                s = tf.reduce_sum(tf.reshape(o * u_pairs, [k * b, -1]), axis=1)
+            jac = tape.jacobian(s, variables, experimental_use_pfor=True)
             w_pairs = tf.reshape(w, [k * b])
-            sums = [tf.zeros(v.shape, tf.float32) for v in variables]
-            for start, stop in _chunks(k * b, num_params):
-                xs = tf.nest.map_structure(lambda t: t[start:stop], x_pairs)
-                with tf.GradientTape() as tape:
-                    o = tf.cast(model(xs, training=False), tf.float32)
-                    # s_m = <o_m, U_m>: its gradient is example m's J_mᵀ U_m.
-                    s = tf.reduce_sum(tf.reshape(o * u_pairs[start:stop], [stop - start, -1]), axis=1)
-                jac = tape.jacobian(s, variables, experimental_use_pfor=True)
-                ws = w_pairs[start:stop]
-                sums = [acc + tf.tensordot(ws, tf.square(tf.cast(j, tf.float32) / scale), 1)
-                        for acc, j in zip(sums, _zeros_if_none_batched(jac, variables, stop - start))]
-            return sums
+            return [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1)
+                    for j in _zeros_if_none_batched(jac, variables, k * b)]
 
     return batch_sums
 

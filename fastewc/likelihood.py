@@ -36,6 +36,7 @@ outcomes from ``u < p``.
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 KINDS = ("empirical", "sampled", "exact")
@@ -99,6 +100,15 @@ class Likelihood:
         return tf.one_hot(class_ids, num_classes, dtype=tf.float32)
 
     # -- cotangents --------------------------------------------------------------------
+    def num_cotangents(self, kind, num_samples, out_tail):
+        """K, the number of output cotangents per example (see the module table)."""
+        if kind == "empirical":
+            return 1
+        if kind == "sampled":
+            return num_samples
+        size = int(np.prod(out_tail))
+        return {"categorical": out_tail[-1], "binary": 2 * size, "gaussian": size}[self.family]
+
     def noise(self, seed, num_samples, out_shape):
         """Noise for the sampled kind; ``seed`` is an int32 tensor [seed, batch_index]."""
         n = out_shape[0]
@@ -165,8 +175,6 @@ class Likelihood:
     # -- label checks (host side, before any compute) ----------------------------------
     def check_labels(self, y, out_dim):
         """Raise a clear ValueError if labels ``y`` (NumPy) do not fit this loss."""
-        import numpy as np
-
         y = np.asarray(y)
         if self.family == "categorical" and self.sparse:
             if y.ndim == 2 and y.shape[-1] == 1:

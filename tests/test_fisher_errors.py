@@ -139,3 +139,32 @@ def test_import_without_tensorflow_names_the_extras():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "fastewc[tf-cpu]" in proc.stderr and "fastewc[cuda]" in proc.stderr
+
+
+def scale_rule(layer, inputs):
+    """The README's custom-rule example, verbatim."""
+    z = inputs * layer.w                      # what layer.call computes
+    a = keras.ops.cast(inputs, "float32")
+
+    def sum_sq(delta, weight):                # delta: (K, N, d), weight: (K, N)
+        return [(layer.w, keras.ops.einsum("kn,knd->d", weight, (delta * a) ** 2))]
+    return z, z, sum_sq                       # outputs, probe (whose δ we need), sum_sq
+
+
+def test_readme_custom_rule_matches_the_float64_reference():
+    from fastewc.testing import reference_fisher
+    fastewc.register_rule(Scale, scale_rule)
+    try:
+        with pytest.raises(ValueError, match=r"already registered for Scale. Pass overwrite=True"):
+            fastewc.register_rule(Scale, scale_rule)
+        model = ruleless_model()
+        twin = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, dtype="float64"),
+                                 Scale(dtype="float64"), keras.layers.Dense(5, dtype="float64")])
+        twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+        x, y = data()
+        want = reference_fisher(twin, x, y, loss=LOGITS, kind="exact")
+        got = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", method="factored")
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-9)
+    finally:
+        fastewc.unregister_rule(Scale)
