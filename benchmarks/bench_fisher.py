@@ -21,8 +21,9 @@ CASES = [(p, m, k) for p, methods in METHODS.items() for m in methods for k in K
 _CACHE = {}
 
 
-def problem(name, smoke):
-    key = (name, smoke)
+def problem(name, smoke, device):
+    """Built once per device (under the device scope the conftest opens)."""
+    key = (name, smoke, device)
     if key not in _CACHE:
         _CACHE[key] = problems.make(name, small=smoke)
     return _CACHE[key]
@@ -30,9 +31,9 @@ def problem(name, smoke):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["noxla", "xla"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_floor(benchmark, smoke, name, jit):
-    model, x, y = problem(name, smoke)
-    benchmark.group = f"{name}-fisher"
+def test_floor(benchmark, smoke, device, name, jit):
+    model, x, y = problem(name, smoke, device)
+    benchmark.group = f"{name}-fisher[{device}]"
     benchmark.extra_info.update(role="floor", problem=name)
 
     @tf.function(jit_compile=jit)
@@ -45,9 +46,9 @@ def test_floor(benchmark, smoke, name, jit):
 
 
 @pytest.mark.parametrize("name,method,kind", CASES, ids=[f"{p}-fisher-{m}-{k}" for p, m, k in CASES])
-def test_fisher(benchmark, smoke, name, method, kind):
-    model, x, y = problem(name, smoke)
-    benchmark.group = f"{name}-fisher"
+def test_fisher(benchmark, smoke, device, name, method, kind):
+    model, x, y = problem(name, smoke, device)
+    benchmark.group = f"{name}-fisher[{device}]"
     benchmark.extra_info.update(role="loop" if method == "loop" else "method", problem=name,
                                 method=method, kind=kind)
 

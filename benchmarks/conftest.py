@@ -1,3 +1,13 @@
+"""Shared benchmark machinery: device parametrization, smoke mode, warm-up and timing.
+
+Every benchmark runs once per visible device: ``CPU:0`` always, plus each GPU that
+``tf.config.list_logical_devices("GPU")`` finds, with ids ending in the device name, e.g.
+``test_fisher[mlp-fisher-factored-exact-CPU:0]``.  The whole test (model building
+included) runs under ``tf.device(...)`` so variables live on the device being measured.
+
+``FASTEWC_BENCH_LOGICAL_CPUS=N`` splits the CPU into N logical devices and benchmarks each
+(how the tests prove the parametrization on a machine without GPUs).
+"""
 import os
 import sys
 
@@ -5,6 +15,39 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_LOGICAL_CPUS = int(os.environ.get("FASTEWC_BENCH_LOGICAL_CPUS", "0") or 0)
+if _LOGICAL_CPUS > 1:
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration() for _ in range(_LOGICAL_CPUS)])
+
+
+def bench_devices():
+    """Device names to benchmark on: CPU:0 (or every logical CPU if split), then GPUs."""
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    cpus = cpus if _LOGICAL_CPUS > 1 else cpus[:1]
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return [name.split("device:", 1)[-1] for name in cpus + gpus]
+
+
+def pytest_generate_tests(metafunc):
+    if "benchmark" in metafunc.fixturenames and "device" in metafunc.fixturenames:
+        devices = bench_devices()
+        metafunc.parametrize("device", devices, ids=devices)
+
+
+@pytest.fixture(autouse=True)
+def device():
+    """Overridden by the parametrization above for benchmark tests."""
+    return "CPU:0"
+
+
+@pytest.fixture(autouse=True)
+def _on_device(device):
+    with tf.device(device):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,243 @@
+"""The pure penalty core against float64 NumPy / autodiff references of the naive form."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastewc
+from fastewc import penalty as penalty_lib
+
+SHAPES = [(4, 3), (3,), (2, 2, 3), ()]
+LAM = 2.5
+
+
+# -- float64 references, written out independently ---------------------------------------
+def naive_value(thetas, tasks, lam):
+    """Σ_t λ/2 Σ_i F_t,i (θ_i − θ_t,i)² in float64 NumPy."""
+    return sum(0.5 * lam * np.sum(np.asarray(f, np.float64) * (np.asarray(th, np.float64) - np.asarray(a, np.float64)) ** 2)
+               for fs, anchors in tasks for th, f, a in zip(thetas, fs, anchors))
+
+
+def naive_grads(thetas, tasks, lam):
+    """Autodiff (GradientTape, float64) of the naive per-task sum."""
+    th64 = [tf.constant(np.asarray(t, np.float64)) for t in thetas]
+    with tf.GradientTape() as tape:
+        tape.watch(th64)
+        total = tf.add_n([0.5 * lam * tf.reduce_sum(tf.constant(f, tf.float64) * tf.square(t - tf.constant(a, tf.float64)))
+                          for fs, anchors in tasks for t, f, a in zip(th64, fs, anchors)])
+    return [g.numpy() for g in tape.gradient(total, th64)]
+
+
+def random_tasks(rng, num_tasks, shapes=SHAPES, zero_frac=0.3):
+    """T tasks (F_t, θ_t); some Fisher entries are exactly 0 in every task."""
+    dead = [rng.random(s) < zero_frac for s in shapes]
+    tasks = []
+    for _ in range(num_tasks):
+        fs = [np.where(d, 0.0, rng.gamma(0.5, 1.0, s)).astype(np.float32) for s, d in zip(shapes, dead)]
+        anchors = [rng.normal(size=s).astype(np.float32) for s in shapes]
+        tasks.append((fs, anchors))
+    return tasks
+
+
+def merged_state(tasks):
+    """Fold the tasks with merge_separate: (A, μ) as float32 lists and c as a float."""
+    a = [np.zeros(np.shape(f), np.float32) for f in tasks[0][0]]
+    mu = [np.zeros(np.shape(f), np.float32) for f in tasks[0][0]]
+    c = 0.0
+    for fs, anchors in tasks:
+        out = [fastewc.merge_separate(ai, mi, f, t) for ai, mi, f, t in zip(a, mu, fs, anchors)]
+        a = [o[0].numpy().astype(np.float32) for o in out]
+        mu = [o[1].numpy().astype(np.float32) for o in out]
+        c += sum(float(o[2]) for o in out)
+    return a, mu, c
+
+
+def variables_at(rng, shapes=SHAPES):
+    return [tf.Variable(rng.normal(size=s).astype(np.float32)) for s in shapes]
+
+
+def value_and_tape_grads(variables, a, mu, c, lam=LAM, fn=None):
+    with tf.GradientTape() as tape:
+        value = (fn or fastewc.ewc_penalty)(variables, a, mu, lam, const=c)
+    return value, tape.gradient(value, variables)
+
+
+# -- separate mode: one quadratic equals the per-task sum ---------------------------------
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 4, 5])
+def test_separate_equals_naive_sum_and_its_autodiff(num_tasks):
+    rng = np.random.default_rng(num_tasks)
+    tasks = random_tasks(rng, num_tasks)
+    a, mu, c = merged_state(tasks)
+    variables = variables_at(rng)
+    value, grads = value_and_tape_grads(variables, a, mu, c)
+    thetas = [v.numpy() for v in variables]
+    assert value.shape == () and value.dtype == tf.float32
+    np.testing.assert_allclose(value.numpy(), naive_value(thetas, tasks, LAM), rtol=1e-5)
+    for g, want, v in zip(grads, naive_grads(thetas, tasks, LAM), variables):
+        assert g.shape == v.shape and g.dtype == tf.float32
+        np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert all(np.all(np.isfinite(m)) for m in mu)
+
+
+def test_merge_keeps_mean_finite_where_fisher_is_zero():
+    a0, mu0 = np.array([0.0, 0.0, 2.0]), np.array([5.0, 5.0, 1.0])
+    f, theta = np.array([0.0, 3.0, 0.0]), np.array([7.0, 7.0, 7.0])
+    a1, mu1, dc = fastewc.merge_separate(a0, mu0, f, theta)
+    assert a1.dtype == tf.float64
+    np.testing.assert_array_equal(a1.numpy(), [0.0, 3.0, 2.0])
+    np.testing.assert_array_equal(mu1.numpy(), [7.0, 7.0, 1.0])   # latest anchor, anchor, unchanged
+    assert float(dc) == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(-5, 5), st.floats(0, 10), st.floats(-5, 5),
+                          st.floats(-5, 5)), min_size=1, max_size=6))
+def test_merge_separate_is_an_identity_of_parabolas(rows):
+    a, mu, f, theta, x = (np.array(col, np.float64) for col in zip(*rows))
+    a1, mu1, dc = fastewc.merge_separate(a, mu, f, theta)
+    lhs = np.sum(a * (x - mu) ** 2 + f * (x - theta) ** 2)
+    rhs = np.sum(a1.numpy() * (x - mu1.numpy()) ** 2) + float(dc)
+    np.testing.assert_allclose(rhs, lhs, rtol=1e-9, atol=1e-9)
+    assert float(dc) >= 0.0
+
+
+# -- online mode --------------------------------------------------------------------------
+def test_online_matches_its_formula():
+    rng = np.random.default_rng(0)
+    tasks = random_tasks(rng, 3)
+    gamma = 0.7
+    f = [np.zeros(s, np.float32) for s in SHAPES]
+    anchor = [np.zeros(s, np.float32) for s in SHAPES]
+    for fs, anchors in tasks:
+        out = [fastewc.merge_online(fi, ai, fn, tn, gamma) for fi, ai, fn, tn in zip(f, anchor, fs, anchors)]
+        f = [o[0].numpy().astype(np.float32) for o in out]
+        anchor = [o[1].numpy().astype(np.float32) for o in out]
+    (f1, _), (f2, _), (f3, th3) = tasks
+    want_f = [gamma ** 2 * np.float64(x) + gamma * np.float64(y) + np.float64(z) for x, y, z in zip(f1, f2, f3)]
+    for got, want in zip(f, want_f):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for got, want in zip(anchor, th3):
+        np.testing.assert_array_equal(got, want)
+    variables = variables_at(rng)
+    value, grads = value_and_tape_grads(variables, f, anchor, 0.0)
+    thetas = [v.numpy() for v in variables]
+    np.testing.assert_allclose(value.numpy(), naive_value(thetas, [(want_f, th3)], LAM), rtol=1e-5)
+    for g, want in zip(grads, naive_grads(thetas, [(want_f, th3)], LAM)):
+        np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+# -- the fused function -------------------------------------------------------------------
+def test_zero_at_a_single_tasks_anchor():
+    rng = np.random.default_rng(1)
+    tasks = random_tasks(rng, 1)
+    a, mu, c = merged_state(tasks)
+    assert c == 0.0
+    variables = [tf.Variable(t) for t in tasks[0][1]]
+    value, grads = value_and_tape_grads(variables, a, mu, c)
+    assert value.numpy() == 0.0
+    assert all(np.all(g.numpy() == 0.0) for g in grads)
+
+
+def test_gradient_functions_agree_with_the_custom_gradient():
+    rng = np.random.default_rng(2)
+    a, mu, c = merged_state(random_tasks(rng, 3))
+    variables = variables_at(rng)
+    value, tape_grads = value_and_tape_grads(variables, a, mu, c)
+    direct = fastewc.ewc_penalty_gradients(variables, a, mu, LAM)
+    value2, fused = fastewc.ewc_penalty_and_gradients(variables, a, mu, LAM, const=c)
+    assert value2.numpy() == value.numpy()
+    for t, d, f in zip(tape_grads, direct, fused):
+        np.testing.assert_allclose(d.numpy(), t.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(f.numpy(), t.numpy())
+
+
+def test_upstream_gradient_scales_and_constants_get_no_gradient():
+    rng = np.random.default_rng(3)
+    a, mu, c = merged_state(random_tasks(rng, 2))
+    variables = variables_at(rng)
+    a_t = [tf.constant(x) for x in a]
+    mu_t = [tf.constant(x) for x in mu]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(a_t + mu_t)
+        value = 3.0 * fastewc.ewc_penalty(variables, a_t, mu_t, LAM, const=c)
+    grads = tape.gradient(value, variables)
+    for g, d in zip(grads, fastewc.ewc_penalty_gradients(variables, a, mu, LAM)):
+        np.testing.assert_allclose(g.numpy(), 3.0 * d.numpy(), rtol=1e-6, atol=1e-7)
+    assert all(g is None for g in tape.gradient(value, a_t + mu_t))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_compiled_matches_eager_and_does_not_retrace(jit_compile):
+    rng = np.random.default_rng(4)
+    variables = variables_at(rng)
+    a_vars = [tf.Variable(np.zeros(s, np.float32)) for s in SHAPES]
+    mu_vars = [tf.Variable(np.zeros(s, np.float32)) for s in SHAPES]
+    c_var = tf.Variable(0.0)
+
+    @tf.function(jit_compile=jit_compile)
+    def step():
+        with tf.GradientTape() as tape:
+            value = fastewc.ewc_penalty(variables, a_vars, mu_vars, LAM, const=c_var)
+        return value, tape.gradient(value, variables)
+
+    inner = penalty_lib.compiled("value_and_grads")
+    step()
+    inner_traces = inner.experimental_get_tracing_count()
+    for num_tasks in (1, 2, 3):   # new state values, same shapes: no retrace
+        tasks = random_tasks(rng, num_tasks)
+        a, mu, c = merged_state(tasks)
+        for var, x in zip(a_vars + mu_vars, a + mu):
+            var.assign(x)
+        c_var.assign(c)
+        value, grads = step()
+        thetas = [v.numpy() for v in variables]
+        np.testing.assert_allclose(value.numpy(), naive_value(thetas, tasks, LAM), rtol=1e-5)
+        for g, want in zip(grads, naive_grads(thetas, tasks, LAM)):
+            np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert step.experimental_get_tracing_count() == 1
+    assert inner.experimental_get_tracing_count() == inner_traces
+
+
+def test_float32_under_mixed_precision_autocast():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = keras.layers.Dense(3)
+        layer.build((None, 5))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    variables = layer.trainable_variables
+    assert all(v.dtype == "float32" for v in variables)
+    rng = np.random.default_rng(5)
+    shapes = [tuple(v.shape) for v in variables]
+    tasks = random_tasks(rng, 2, shapes)
+    a, mu, c = merged_state(tasks)
+    for v in variables:   # values that float16 would round
+        v.assign(rng.normal(size=v.shape).astype(np.float32) * (1 + 1e-4))
+    from keras.src.backend.common.variables import AutocastScope
+    with tf.GradientTape() as tape:
+        with AutocastScope("float16"):   # as inside a mixed_float16 layer call
+            assert variables[0].value.dtype == "float16"
+            value = fastewc.ewc_penalty(variables, a, mu, LAM, const=c)
+    grads = tape.gradient(value, variables)
+    assert value.dtype == tf.float32 and all(g.dtype == tf.float32 for g in grads)
+    thetas = [v.numpy() for v in variables]
+    np.testing.assert_allclose(value.numpy(), naive_value(thetas, tasks, LAM), rtol=1e-5)
+    for g, want in zip(grads, naive_grads(thetas, tasks, LAM)):
+        np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_variables_gives_the_constant():
+    value, grads = fastewc.ewc_penalty_and_gradients([], [], [], 2.0, const=3.0)
+    assert value.numpy() == 3.0 and grads == []
+
+
+def test_misaligned_inputs_raise():
+    v = [tf.Variable(tf.zeros((2, 3)))]
+    with pytest.raises(ValueError, match="same length"):
+        fastewc.ewc_penalty(v, [tf.zeros((2, 3))] * 2, [tf.zeros((2, 3))], 1.0)
+    with pytest.raises(ValueError, match=r"`anchors\[0\]` must have the shape .*\(2, 3\). Received: shape \(3, 2\)"):
+        fastewc.ewc_penalty(v, [tf.zeros((2, 3))], [tf.zeros((3, 2))], 1.0)
+    with pytest.raises(ValueError, match="`jit_compile` must be None, True or False"):
+        fastewc.ewc_penalty_gradients(v, [tf.zeros((2, 3))], [tf.zeros((2, 3))], 1.0, jit_compile="yes")
