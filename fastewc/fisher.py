@@ -106,7 +106,7 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
     if n_known is not None:            # balanced batches: padding wastes < 1 row per batch
         calls = -(-n_known // batch_size)
         batch_size = -(-n_known // calls)
-    total = None
+    total = out_range = None
     count = 0
     progbar = None
     if verbose:
@@ -131,11 +131,15 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
             jit_compile = default_jit_compile(model, chosen) if jit_arg is None else jit_arg
             sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, batch.x, y,
                               batch.mask, noise, batch.count)
+        *sums, batch_range = sums
         sums = [tf.cast(s, tf.float64) for s in sums]
         total = sums if total is None else [t + s for t, s in zip(total, sums)]
+        out_range = batch_range if out_range is None else tf.stack(
+            [tf.minimum(out_range[0], batch_range[0]), tf.maximum(out_range[1], batch_range[1])])
         count += batch.count
         if progbar is not None:
             progbar.add(1)
+    lik.check_output_range(*out_range.numpy().tolist())
     return [tf.cast(t / count, tf.float32) for t in total]
 
 
@@ -213,7 +217,9 @@ def _run_batch(model, lik, kind, method, num_samples, jit, x, y, mask, noise, co
     if method == "loop":
         return _loop_batch(model, lik, kind, x, y, noise, count)
     engines = _ENGINES.setdefault(model, {})
-    key = (lik.key, kind, method, num_samples, jit)
+    # The variable identities are part of the key: a model that gained a head since the
+    # last call needs a new function (the traced one returns the old variable list).
+    key = (lik.key, kind, method, num_samples, jit, tuple(id(v) for v in model.trainable_variables))
     fn = engines.get(key)
     if fn is None:
         body = {"factored": _factored_body, "vmap": _vmap_body, "jacobian": _jacobian_body}[method]
@@ -237,6 +243,12 @@ def _scale_for(dtype):
 def _weighted_cotangents(lik, kind, out, y, mask, noise):
     u, w = lik.cotangents(out, y, kind, noise if kind == "sampled" else None)
     return u, w * mask[None]
+
+
+def _output_range(out):
+    """(min, max) of the model output, checked once at the end (no per-batch sync)."""
+    out = tf.cast(out, tf.float32)
+    return tf.stack([tf.reduce_min(out), tf.reduce_max(out)])
 
 
 def _zeros_if_none(grads, variables):
@@ -273,7 +285,7 @@ def _factored_body(model, lik, kind, num_samples):
             missing = [v.path for v in variables if id(v) not in sums]
             if missing:
                 raise ValueError(f"The factored rules returned no value for variables {missing}.")
-            return [sums[id(v)] for v in variables]
+            return [sums[id(v)] for v in variables] + [_output_range(out)]
 
     return batch_sums
 
@@ -343,7 +355,7 @@ def _vmap_body(model, lik, kind, num_samples):
                     return [wi * q for q in squared(tape.gradient(oi, variables, output_gradients=ui[None]), scale)]
 
             sq = tf.vectorized_map(per_item, items, fallback_to_while_loop=False)
-            return [tf.reduce_sum(q, axis=0) for q in sq]
+            return [tf.reduce_sum(q, axis=0) for q in sq] + [_output_range(out)]
 
     return batch_sums
 
@@ -366,7 +378,7 @@ def _jacobian_body(model, lik, kind, num_samples):
             jac = tape.jacobian(s, variables, experimental_use_pfor=True)
             w_pairs = tf.reshape(w, [k * b])
             return [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1)
-                    for j in _zeros_if_none_batched(jac, variables, k * b)]
+                    for j in _zeros_if_none_batched(jac, variables, k * b)] + [_output_range(out)]
 
     return batch_sums
 
@@ -379,10 +391,12 @@ def _loop_batch(model, lik, kind, x, y, noise, count):
     """The eager per-example loop people write: one GradientTape per example."""
     variables = model.trainable_variables
     sums = [np.zeros(v.shape, np.float32) for v in variables]
+    low, high = np.inf, -np.inf
     for n in range(count):
         xn = tf.nest.map_structure(lambda t: t[n:n + 1], x)
         with tf.GradientTape(persistent=True) as tape:
             out = model(xn, training=False)
+        low, high = min(low, float(tf.reduce_min(out))), max(high, float(tf.reduce_max(out)))
         u, w = lik.cotangents(out, y[n:n + 1], kind, noise[:, n:n + 1] if kind == "sampled" else None)
         scale = _scale_for(out.dtype)
         for k in range(u.shape[0]):
@@ -390,4 +404,4 @@ def _loop_batch(model, lik, kind, x, y, noise, count):
             for i, g in enumerate(_zeros_if_none(grads, variables)):
                 sums[i] += float(w[k, 0]) * np.square(tf.cast(g, tf.float32).numpy() / scale)
         del tape
-    return [tf.constant(s) for s in sums]
+    return [tf.constant(s) for s in sums] + [tf.constant([low, high], tf.float32)]

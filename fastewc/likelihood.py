@@ -172,6 +172,17 @@ class Likelihood:
         u = tf.reshape(u, tf.concat([[d], tf.shape(out)], 0))
         return u, tf.ones([d, n], tf.float32)
 
+    def check_output_range(self, low, high):
+        """Probabilities (``from_logits=False``) must lie in [0, 1]; logits passed as
+        probabilities would give a meaningless, even negative, "Fisher"."""
+        if self.family == "gaussian" or self.from_logits:
+            return
+        if low < 0.0 or (self.family == "binary" and high > 1.0):
+            raise ValueError(
+                "`loss` has from_logits=False, so the model must output probabilities in [0, 1]. "
+                f"Received: model outputs in [{low:.4g}, {high:.4g}]. If the model outputs logits, "
+                "pass a loss object with from_logits=True.")
+
     # -- label checks (host side, before any compute) ----------------------------------
     def check_labels(self, y, out_dim):
         """Raise a clear ValueError if labels ``y`` (NumPy) do not fit this loss."""

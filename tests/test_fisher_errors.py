@@ -168,3 +168,20 @@ def test_readme_custom_rule_matches_the_float64_reference():
             np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-9)
     finally:
         fastewc.unregister_rule(Scale)
+
+
+def test_logits_passed_as_probabilities(model):
+    x, y = data()
+    with pytest.raises(ValueError, match=r"from_logits=False, so the model must output probabilities.*"
+                                         r"Received: model outputs in \[-"):
+        fastewc.fisher_diagonal(model, (x, y), loss="sparse_categorical_crossentropy")
+
+
+def test_a_model_that_gained_a_head_gets_a_fisher_for_every_variable():
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh")])
+    x, y = data(classes=8)
+    assert len(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)) == 2
+    model.add(keras.layers.Dense(5))
+    x, y = data(classes=5)
+    fisher = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)
+    assert [tuple(f.shape) for f in fisher] == [tuple(v.shape) for v in model.trainable_variables]
