@@ -46,6 +46,26 @@ def ratio_table(benches):
     return "\n".join(lines)
 
 
+def scaling_table(benches):
+    """Rows: method; columns: size; cells: median time and peak memory."""
+    sizes = sorted({b["extra_info"]["size"] for b in benches})
+    methods = sorted({b["extra_info"]["method"] for b in benches})
+    cell = {(b["extra_info"]["method"], b["extra_info"]["size"]): b for b in benches}
+    axis = benches[0]["extra_info"]["axis"]
+    lines = [f"| method \\ {axis} | " + " | ".join(str(s) for s in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for m in methods:
+        row = []
+        for s in sizes:
+            b = cell.get((m, s))
+            row.append("–" if b is None else
+                       f"{_fmt(b['stats']['median'])}, {b['extra_info']['peak_bytes'] / 2**20:.0f} MiB")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    how = benches[0]["extra_info"].get("peak_measure", "")
+    lines.append(f"\nCells: median time, peak memory ({how}).")
+    return "\n".join(lines)
+
+
 def _fmt(seconds):
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -58,8 +78,41 @@ def render(doc):
               + (f", commit {commit}" if commit else "") + ".")
     parts = [header]
     for group, benches in sorted(rows_by_group(doc).items()):
-        parts.append(f"\n### {group}\n\n{ratio_table(benches)}")
+        table = scaling_table(benches) if _is_scaling(benches) else ratio_table(benches)
+        parts.append(f"\n### {group}\n\n{table}")
     return "\n".join(parts)
+
+
+def _is_scaling(benches):
+    return all(b["extra_info"].get("role") == "scaling" for b in benches)
+
+
+def scaling_curves(doc, path):
+    """Log-log curves of time and peak memory against size, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(g, b) for g, b in sorted(rows_by_group(doc).items()) if _is_scaling(b)]
+    if not groups:
+        return False
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
+    for row, (group, benches) in zip(axes, groups):
+        for method in sorted({b["extra_info"]["method"] for b in benches}):
+            pts = sorted((b["extra_info"]["size"], b["stats"]["median"], b["extra_info"]["peak_bytes"])
+                         for b in benches if b["extra_info"]["method"] == method)
+            row[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            row[1].plot([p[0] for p in pts], [max(p[2], 1) / 2**20 for p in pts], marker="o", label=method)
+        for ax, label in zip(row, ("median seconds", "peak MiB")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(benches[0]["extra_info"]["axis"])
+            ax.set_ylabel(label)
+            ax.set_title(group)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def bar_chart(doc, path):
@@ -67,7 +120,7 @@ def bar_chart(doc, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = rows_by_group(doc)
+    groups = {g: b for g, b in rows_by_group(doc).items() if not _is_scaling(b)}
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 + 0.28 * max(len(b) for b in groups.values()) * len(groups)))
     axes = [axes] if len(groups) == 1 else axes
     for ax, (group, benches) in zip(axes, sorted(groups.items())):
@@ -85,12 +138,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_file")
     parser.add_argument("--png", help="also write a log-scale bar chart here")
+    parser.add_argument("--scaling-png", help="also write the scaling curves here")
     args = parser.parse_args(argv)
     with open(args.json_file) as fh:
         doc = json.load(fh)
     print(render(doc))
     if args.png:
         bar_chart(doc, args.png)
+    if args.scaling_png:
+        scaling_curves(doc, args.scaling_png)
     return 0
 
 
