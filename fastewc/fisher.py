@@ -99,7 +99,9 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
     if jit_compile is None:
         jit_compile = default_jit_compile(model, chosen)
 
-    out_tail = _output_tail(model, _first_x(data))
+    first_x = _first_x(data)
+    cast_inputs = _input_caster(model, first_x, isinstance(data, tf.data.Dataset))
+    out_tail = _output_tail(model, cast_inputs(first_x))
     out_dim = out_tail[-1]
     batch_size = rows_per_call(chosen, variables, lik.num_cotangents(kind, num_samples, out_tail), batch_size)
     n_known = data_lib.num_examples(data)
@@ -113,15 +115,20 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
         steps = None if n_known is None else -(-n_known // min(batch_size, n_known))
         progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
 
+    finite_x = tf.constant(True)       # all float inputs finite; read only if F is not
     for batch in data_lib.iterate(data, batch_size):
-        y = tf.convert_to_tensor(lik.check_labels(batch.y.numpy(), out_dim))
+        y = tf.convert_to_tensor(lik.check_labels(batch.y.numpy(), out_dim, out_tail=out_tail))
+        x = cast_inputs(batch.x)
+        for t in tf.nest.flatten(x):
+            if t.dtype.is_floating:
+                finite_x = tf.logical_and(finite_x, tf.reduce_all(tf.math.is_finite(t)))
         seed_t = tf.constant([seed, batch.index], tf.int32)
         # Noise is drawn here, eagerly: XLA's stateless RNG gives other numbers than the
         # eager one, and every method must see the same draws.
         noise = (lik.noise(seed_t, num_samples, [int(batch.mask.shape[0])] + out_tail)
                  if kind == "sampled" else tf.zeros([0]))
         try:
-            sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, batch.x, y,
+            sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, x, y,
                               batch.mask, noise, batch.count)
         except capture_lib.SharedLayerError as err:
             if method != "auto":
@@ -129,8 +136,16 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
             _warn_once(("auto-shared", model.name), f"fastewc: {err} method='auto' uses 'vmap'.")
             chosen = "vmap"
             jit_compile = default_jit_compile(model, chosen) if jit_arg is None else jit_arg
-            sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, batch.x, y,
+            sums = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, x, y,
                               batch.mask, noise, batch.count)
+        except TypeError as err:
+            dtypes = [t.dtype.name for t in tf.nest.flatten(x)]
+            if all(tf.as_dtype(d).is_floating for d in dtypes):
+                raise
+            raise TypeError(
+                f"`data` inputs of dtype {dtypes} could not go through model '{model.name}' "
+                f"with method={chosen!r}: {err}. A model without a declared Input gets integer "
+                "and bool inputs unchanged; cast x to float if its first layer expects floats.") from err
         *sums, batch_range = sums
         sums = [tf.cast(s, tf.float64) for s in sums]
         total = sums if total is None else [t + s for t, s in zip(total, sums)]
@@ -140,7 +155,9 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
         if progbar is not None:
             progbar.add(1)
     lik.check_output_range(*out_range.numpy().tolist())
-    return [tf.cast(t / count, tf.float32) for t in total]
+    fisher = [tf.cast(t / count, tf.float32) for t in total]
+    _check_finite(model, variables, fisher, finite_x)
+    return fisher
 
 
 # -- choosing -------------------------------------------------------------------------
@@ -208,8 +225,75 @@ def _output_tail(model, x):
     shape = getattr(model, "output_shape", None)
     if isinstance(shape, tuple) and shape and all(isinstance(d, int) for d in shape[1:]):
         return list(shape[1:])
-    spec = model.compute_output_spec(tf.nest.map_structure(lambda t: keras.KerasTensor(t.shape, t.dtype), x))
+    try:
+        spec = model.compute_output_spec(tf.nest.map_structure(lambda t: keras.KerasTensor(t.shape, t.dtype), x))
+    except (ValueError, TypeError) as err:
+        shapes = [tuple(t.shape[1:]) for t in tf.nest.flatten(x)]
+        raise ValueError(f"`data` inputs do not fit model '{model.name}'. Received: x with per-example "
+                         f"shapes {shapes}. The model said: {err}") from err
     return list(spec.shape[1:])
+
+
+def _input_caster(model, x, from_dataset):
+    """Check the inputs ``x`` (a one-example slice) against ``model`` and return the cast
+    applied to every batch, as Keras' ``fit``/``predict`` do: to the dtype of the model's
+    declared ``Input`` (functional and Sequential models), else floating inputs of another
+    precision (float64, float16) to ``keras.config.floatx()``; integers and bools pass
+    unchanged.  Strings and complex numbers raise a TypeError; an input whose per-example
+    shape does not match the declared one raises a ValueError, both naming ``data``."""
+    leaves = tf.nest.flatten(x)
+    for t in leaves:
+        if not (t.dtype.is_floating or t.dtype.is_integer or t.dtype.is_bool):
+            raise TypeError("`data` inputs must be real numbers (floating point, integer or bool). "
+                            f"Received: x of dtype {t.dtype.name}")
+    declared = list(getattr(model, "inputs", None) or []) if isinstance(model, keras.Model) else []
+    if declared and len(declared) == len(leaves) and not isinstance(x, dict):
+        targets = []
+        for t, ref in zip(leaves, declared):
+            shape, want = tuple(t.shape[1:]), tuple(ref.shape[1:])
+            if len(shape) == len(want) + 1 and shape and shape[-1] == 1:
+                shape = shape[:-1]                 # Keras squeezes a trailing 1 ...
+            elif len(shape) == len(want) - 1 and want and want[-1] == 1:
+                shape = shape + (1,)               # ... or adds one
+            if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+                hint = (" A tf.data.Dataset must yield batches: call .batch(n) on a dataset of single "
+                        "examples." if from_dataset and len(t.shape) < len(ref.shape) else "")
+                raise ValueError(
+                    f"`data` inputs do not fit model '{model.name}': expected x with per-example "
+                    f"shape {want} (model input shape {tuple(ref.shape)}). Received: x with "
+                    f"per-example shape {tuple(t.shape[1:])}.{hint}")
+            targets.append(tf.as_dtype(ref.dtype))
+    else:
+        floatx = tf.as_dtype(keras.config.floatx())
+        targets = [floatx if t.dtype.is_floating else None for t in leaves]
+
+    def cast(x):
+        flat = [t if d is None or t.dtype == d else tf.cast(t, d)
+                for t, d in zip(tf.nest.flatten(x), targets)]
+        return tf.nest.pack_sequence_as(x, flat)
+
+    return cast
+
+
+def _check_finite(model, variables, fisher, finite_x):
+    """A non-finite Fisher raises, naming the variable and the likely cause."""
+    finite = [bool(tf.reduce_all(tf.math.is_finite(f))) for f in fisher]
+    if all(finite):
+        return
+    i = finite.index(False)
+    bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(fisher[i])), tf.int32)))
+    weights = [getattr(v, "path", v.name) for v in model.variables
+               if v.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))] \
+        if hasattr(model, "variables") else []
+    if weights:
+        cause = f"the `model` weights {weights} contain NaN or Inf"
+    elif not bool(finite_x):
+        cause = "the `data` inputs (x) contain NaN or Inf"
+    else:
+        cause = "the per-example gradients overflowed float32: check the scale of `data` and of the `model` weights"
+    raise ValueError(
+        f"The Fisher of variable '{getattr(variables[i], 'path', variables[i].name)}' is not finite "
+        f"({bad} of {int(np.prod(fisher[i].shape))} entries are NaN or Inf): {cause}.")
 
 
 # -- per-batch computation --------------------------------------------------------------
@@ -219,7 +303,10 @@ def _run_batch(model, lik, kind, method, num_samples, jit, x, y, mask, noise, co
     engines = _ENGINES.setdefault(model, {})
     # The variable identities are part of the key: a model that gained a head since the
     # last call needs a new function (the traced one returns the old variable list).
-    key = (lik.key, kind, method, num_samples, jit, tuple(id(v) for v in model.trainable_variables))
+    # Input ranks and dtypes too: one function per input signature, so that
+    # reduce_retracing never relaxes x to an unknown rank (which Keras models reject).
+    key = (lik.key, kind, method, num_samples, jit, tuple(id(v) for v in model.trainable_variables),
+           tuple((t.shape.rank, t.dtype.name) for t in tf.nest.flatten(x)))
     fn = engines.get(key)
     if fn is None:
         body = {"factored": _factored_body, "vmap": _vmap_body, "jacobian": _jacobian_body}[method]
@@ -249,6 +336,15 @@ def _output_range(out):
     """(min, max) of the model output, checked once at the end (no per-batch sync)."""
     out = tf.cast(out, tf.float32)
     return tf.stack([tf.reduce_min(out), tf.reduce_max(out)])
+
+
+def _forward_and_cotangents(model, lik, kind, x, y, mask, noise):
+    """One batched forward pass, then the weighted cotangents with the float16 scale
+    applied: (out, scale·U, W, scale)."""
+    out = model(x, training=False)
+    u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
+    scale = _scale_for(out.dtype)
+    return out, u * scale, w, scale
 
 
 def _zeros_if_none(grads, variables):
@@ -326,11 +422,9 @@ def _vmap_body(model, lik, kind, num_samples):
 
     def batch_sums(x, y, mask, noise):
         with tf.name_scope("fastewc/fisher"):
-            out = model(x, training=False)
-            u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
+            out, u, w, scale = _forward_and_cotangents(model, lik, kind, x, y, mask, noise)
             k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
-            scale = _scale_for(out.dtype)
-            u = tf.cast(u * scale, out.dtype)
+            u = tf.cast(u, out.dtype)
 
             if k <= VMAP_UNROLL_COTANGENTS:
                 items = (x, tf.einsum("kn...->nk...", u), tf.transpose(w))      # per example
@@ -367,11 +461,9 @@ def _jacobian_body(model, lik, kind, num_samples):
 
     def batch_sums(x, y, mask, noise):
         with tf.name_scope("fastewc/fisher"):
-            out = model(x, training=False)
-            u, w = _weighted_cotangents(lik, kind, out, y, mask, noise)
+            out, u, w, scale = _forward_and_cotangents(model, lik, kind, x, y, mask, noise)
             k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
-            scale = _scale_for(out.dtype)
-            u_pairs = tf.reshape(u * scale, tf.concat([[k * b], tf.shape(u)[2:]], 0))
+            u_pairs = tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0))
             with tf.GradientTape() as tape:
                 o = tf.cast(model(_tile_pairs(x, k), training=False), tf.float32)
                 s = tf.reduce_sum(tf.reshape(o * u_pairs, [k * b, -1]), axis=1)
