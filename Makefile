@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench profile clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(ARGS)
+
+profile: $(STAMP)
+	$(PY) -m profiles.capture $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
