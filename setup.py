@@ -24,6 +24,7 @@ setup(
         "dev": [
             "pytest>=9.0,<10",
             "pytest-benchmark>=5.3,<6",
+            "tensorboard>=2.21,<2.22",
             "tensorboard-plugin-profile>=2.24,<2.25",
             "scikit-learn>=1.9,<1.10",
             "hypothesis>=6.170,<7",

@@ -4,8 +4,11 @@ Every batch handed to a compiled function has exactly ``B`` rows, so a final par
 never retraces nor recompiles: it is padded by repeating its own rows (finite values, valid
 labels) and carries a 0/1 ``mask`` that removes the padding from every sum.
 
-``B`` is ``batch_size``, or the number of examples when that is smaller (known up front for
-arrays; for a ``tf.data.Dataset`` it is the size of the first re-batched batch).
+``B`` (:func:`rows_per_batch`) is ``batch_size`` when there are at least that many
+examples; fewer examples n use the next power of two ≥ n.  So consolidating task after
+task with data sets of different sizes reuses one compiled function (and one XLA
+compilation) per bucket, at most log₂(batch_size) + 1 of them, instead of one per size.
+For a ``tf.data.Dataset`` n is the size of its first re-batched batch.
 """
 import dataclasses
 
@@ -22,6 +25,13 @@ class Batch:
     index: int          # batch number, used to seed the sampled kind
 
 
+def rows_per_batch(batch_size, n):
+    """Rows of every compiled batch for n examples (see the module docstring)."""
+    if n >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << max(0, (n - 1).bit_length()))
+
+
 def _num_rows(x):
     return int(tf.nest.flatten(x)[0].shape[0])
 
@@ -33,7 +43,9 @@ def _check_pair(data):
         raise ValueError(
             "`data` must be a tuple (x, y) of arrays or tensors, or a tf.data.Dataset yielding "
             f"(x, y) batches. Received: data of type {type(data).__name__}"
-            + (f" with {len(data)} elements" if isinstance(data, (tuple, list)) else ""))
+            + (f" with {len(data)} elements" if isinstance(data, (tuple, list)) else "")
+            + ("; wrap a Python generator or iterator in tf.data.Dataset.from_generator"
+               if hasattr(data, "__next__") else ""))
     x, y = data
     nx = {int(np.shape(t)[0]) if np.ndim(t) else -1 for t in tf.nest.flatten(x)}
     ny = int(np.shape(y)[0]) if np.ndim(y) else -1
@@ -70,6 +82,16 @@ def check_dataset(data):
         raise ValueError(
             "`data` as a tf.data.Dataset must yield (x, y) batches. "
             f"Received: a dataset with element_spec={spec}")
+    ranks = [s.shape.rank for s in tf.nest.flatten(spec) if hasattr(s, "shape")]
+    if any(r is None or r == 0 for r in ranks):
+        raise ValueError(
+            "`data` as a tf.data.Dataset must yield (x, y) batches with a leading batch "
+            "dimension (call .batch(n) on a dataset of single examples, and give "
+            f"from_generator a shaped output_signature). Received: element_spec={spec}")
+    if int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise ValueError(
+            "`data` is an infinite tf.data.Dataset (e.g. after .repeat()): the Fisher is a mean "
+            "over a finite set of examples. Use .take(n) first. Received: cardinality=INFINITE")
 
 
 def iterate(data, batch_size):
@@ -85,7 +107,7 @@ def iterate(data, batch_size):
         for index, (x, y) in enumerate(stream):
             n = _num_rows(x)
             if b is None:
-                b = n
+                b = rows_per_batch(batch_size, n)
             x, y = finish(x, y)
             yield _make(x, y, n, b, index)
         if index < 0:
@@ -94,7 +116,7 @@ def iterate(data, batch_size):
 
     n_total = _check_pair(data)
     x_all, y_all = data
-    b = min(batch_size, n_total)
+    b = rows_per_batch(batch_size, n_total)
     for index, start in enumerate(range(0, n_total, b)):
         stop = min(start + b, n_total)
         x = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[start:stop]), x_all)

@@ -105,14 +105,11 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
     out_dim = out_tail[-1]
     batch_size = rows_per_call(chosen, variables, lik.num_cotangents(kind, num_samples, out_tail), batch_size)
     n_known = data_lib.num_examples(data)
-    if n_known is not None:            # balanced batches: padding wastes < 1 row per batch
-        calls = -(-n_known // batch_size)
-        batch_size = -(-n_known // calls)
     total = out_range = None
     count = 0
     progbar = None
     if verbose:
-        steps = None if n_known is None else -(-n_known // min(batch_size, n_known))
+        steps = None if n_known is None else -(-n_known // data_lib.rows_per_batch(batch_size, n_known))
         progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
 
     finite_x = tf.constant(True)       # all float inputs finite; read only if F is not
@@ -144,18 +141,17 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
                 raise
             raise TypeError(
                 f"`data` inputs of dtype {dtypes} could not go through model '{model.name}' "
-                f"with method={chosen!r}: {err}. A model without a declared Input gets integer "
-                "and bool inputs unchanged; cast x to float if its first layer expects floats.") from err
-        *sums, batch_range = sums
-        sums = [tf.cast(s, tf.float64) for s in sums]
-        total = sums if total is None else [t + s for t, s in zip(total, sums)]
-        out_range = batch_range if out_range is None else tf.stack(
-            [tf.minimum(out_range[0], batch_range[0]), tf.maximum(out_range[1], batch_range[1])])
+                f"with method={chosen!r}. A model without a declared Input gets integer and bool "
+                f"inputs unchanged: cast x to float if its first layer expects floats. Error: {err}") from err
+        if total is None:
+            total = [tf.zeros(v.shape, tf.float64) for v in variables]
+            out_range = tf.constant([np.inf, -np.inf], tf.float32)
+        total, out_range = _accumulate(total, out_range, sums)
         count += batch.count
         if progbar is not None:
             progbar.add(1)
     lik.check_output_range(*out_range.numpy().tolist())
-    fisher = [tf.cast(t / count, tf.float32) for t in total]
+    fisher = _mean(total, tf.constant(count, tf.float64))
     _check_finite(model, variables, fisher, finite_x)
     return fisher
 
@@ -283,7 +279,7 @@ def _check_finite(model, variables, fisher, finite_x):
     i = finite.index(False)
     bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(fisher[i])), tf.int32)))
     weights = [getattr(v, "path", v.name) for v in model.variables
-               if v.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))] \
+               if tf.as_dtype(v.dtype).is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))] \
         if hasattr(model, "variables") else []
     if weights:
         cause = f"the `model` weights {weights} contain NaN or Inf"
@@ -310,7 +306,8 @@ def _run_batch(model, lik, kind, method, num_samples, jit, x, y, mask, noise, co
     fn = engines.get(key)
     if fn is None:
         body = {"factored": _factored_body, "vmap": _vmap_body, "jacobian": _jacobian_body}[method]
-        fn = tf.function(body(model, lik, kind, num_samples), jit_compile=jit, reduce_retracing=True)
+        fn = tf.function(body(model, lik, kind, num_samples), jit_compile=jit, reduce_retracing=True,
+                         autograph=False)
         engines[key] = fn
     if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
         from fastewc import distribute  # rows split over replicas, sums all-reduced
@@ -336,6 +333,21 @@ def _output_range(out):
     """(min, max) of the model output, checked once at the end (no per-batch sync)."""
     out = tf.cast(out, tf.float32)
     return tf.stack([tf.reduce_min(out), tf.reduce_max(out)])
+
+
+@tf.function(autograph=False, reduce_retracing=True)
+def _accumulate(total, out_range, batch):
+    """Add a batch's float32 sums into the float64 totals (one dispatch, not 3 eager ops
+    per variable); ``batch`` ends with the batch's output (min, max)."""
+    *sums, batch_range = batch
+    total = [t + tf.cast(s, tf.float64) for t, s in zip(total, sums)]
+    out_range = tf.stack([tf.minimum(out_range[0], batch_range[0]), tf.maximum(out_range[1], batch_range[1])])
+    return total, out_range
+
+
+@tf.function(autograph=False, reduce_retracing=True)
+def _mean(total, count):
+    return [tf.cast(t / count, tf.float32) for t in total]
 
 
 def _forward_and_cotangents(model, lik, kind, x, y, mask, noise):
@@ -400,7 +412,8 @@ def rows_per_call(method, variables, num_cotangents, batch_size):
     num_params = sum(int(np.prod(v.shape)) for v in variables)
     pairs = method == "jacobian" or num_cotangents > VMAP_UNROLL_COTANGENTS
     per_example = num_params * (num_cotangents if pairs else 1)
-    return max(1, min(batch_size, VMAP_CHUNK_FLOATS // per_example))
+    cap = max(1, VMAP_CHUNK_FLOATS // per_example)
+    return min(batch_size, 1 << (cap.bit_length() - 1))      # a power of two: 2^k examples split evenly
 
 
 VMAP_UNROLL_COTANGENTS = 16        # up to this K, vmap does 1 forward + K backward per example

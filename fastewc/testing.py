@@ -139,23 +139,24 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
 def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size):
     """Class ids drawn as fastewc documents it, re-derived in float64 NumPy.
 
-    Batch b (of ``batch_size`` rows, the last one padded) uses
-    ``tf.random.stateless_uniform([num_samples, B], seed=[seed, b], alg="philox")`` and the
-    inverse CDF of p(·|x_n): label = #{c : cdf_c < u}.
+    Batch b uses ``tf.random.stateless_uniform([num_samples, B], seed=[seed, b],
+    alg="philox")`` and the inverse CDF of p(·|x_n): label = #{c : cdf_c < u}.  B is
+    ``batch_size``, or the next power of two ≥ N when N < batch_size (the last batch padded).
     """
     family, from_logits, _ = _family(loss)
     assert family == "categorical"
     x = np.asarray(x)
     n_total = x.shape[0]
-    b = min(batch_size, n_total)
+    b = batch_size if n_total >= batch_size else min(batch_size, 2 ** int(np.ceil(np.log2(n_total))))
     labels = np.zeros((num_samples, n_total), np.int64)
     for index, start in enumerate(range(0, n_total, b)):
         stop = min(start + b, n_total)
         u = tf.random.stateless_uniform([num_samples, b], seed=[seed, index], alg="philox").numpy()
+        u = u[:, :stop - start]
         o = tf.cast(model64(tf.constant(x[start:stop]), training=False), tf.float64)
         p = np.exp(_log_probs(family, from_logits, o).numpy())
         cdf = np.cumsum(p, axis=-1)
-        ids = (cdf[None] < u[:, :stop - start, None]).sum(-1)
+        ids = (cdf[None] < u[..., None]).sum(-1)
         labels[:, start:stop] = np.minimum(ids, p.shape[-1] - 1)
     return labels
 

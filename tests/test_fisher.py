@@ -213,3 +213,13 @@ def test_mixed_precision_gives_float32_fisher_close_to_float32(policy, rtol):
                 assert err <= rtol
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_data_sets_of_different_small_sizes_share_one_compiled_function():
+    """Task after task: 5, 7 and 8 examples all run as one padded batch of 8 rows."""
+    model = mlp()
+    for n in (5, 7, 8):
+        x, y = data(n=n)
+        got = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", method="factored")
+        assert_matches(got, reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind="exact"))
+    assert fisher_lib.tracing_count(model) == 1
