@@ -11,6 +11,14 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
 from fastewc import rules as _rules  # noqa: F401  (registers the built-in rules)
 from fastewc.fisher import fisher_diagonal
 from fastewc.registry import register_rule, unregister_rule
+from fastewc.ewc import EWC
+from fastewc.penalty import (ewc_penalty, ewc_penalty_and_gradients, ewc_penalty_gradients,
+                             merge_online, merge_separate)
+from fastewc.train import TrainStep, make_train_step
+from fastewc.keras_fit import EWCModel
 
 __version__ = "0.1.0"
-__all__ = ["fisher_diagonal", "register_rule", "unregister_rule"]
+__all__ = ["fisher_diagonal", "register_rule", "unregister_rule",
+           "EWC", "ewc_penalty", "ewc_penalty_gradients", "ewc_penalty_and_gradients",
+           "merge_separate", "merge_online",
+           "make_train_step", "TrainStep", "EWCModel"]

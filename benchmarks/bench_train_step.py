@@ -1,0 +1,193 @@
+"""Train steps with and without EWC: the eager tape loop against fastewc.make_train_step.
+
+Workloads (shared/DESIGN.md §7): the reference MLP 784-256-256-10 at batch 32 and 256 and
+the reference CNN at batch 32; Adam(1e-3); an EWC holding T = 2 tasks.
+
+    eager     the usual loop: eager GradientTape over loss + Σ_t λ/2 Σ_i F_t,i (θ_i − θ_t,i)²
+              (the penalty taped, one term per task), then optimizer.apply
+    tffunc    make_train_step(jit_compile=False)    one tf.function call per step
+    xla       make_train_step(jit_compile=True)     one XLA call per step
+    xla-k10   make_train_step(jit_compile=True, steps_per_call=10): 10 steps per call
+
+each ``-ewc`` (penalty on) and ``-noewc``.  Every timed round runs 10 optimizer steps on the
+same 10 pre-made batches and ends with ``.numpy()``, so the times of all variants compare
+directly: time per optimizer step = round time / 10.  Warm-up (trace, XLA compile) is
+outside the timed rounds.  Ids read ``mlp-b32-xla-k10-ewc``.
+
+    .venv/bin/python -m pytest benchmarks/bench_train_step.py --benchmark-only -q \\
+        --benchmark-json=benchmarks/results/train_step.json
+    .venv/bin/python -m benchmarks.bench_train_step benchmarks/results/train_step.json
+    .venv/bin/python -m pytest benchmarks/bench_train_step.py --benchmark-disable -q   # smoke
+
+The second command prints per-step times and the issue's acceptance ratios (MLP b32: best
+compiled EWC step ≥ 20× faster than the eager EWC step; EWC adds ≤ 10% to the same
+compiled step without it, MLP b32 and b256).  ``cnn-b32-xla-k10`` is pathological on
+CPU (XLA's convolutions inside the step loop: ~1.6 s per step) and gets 3 rounds; it is
+why ``jit_compile=None`` turns XLA off for convolutional models on CPU.  Smoke mode builds
+narrow versions of the
+models (same layer types) on batch 4 with 2 steps per round, to stay fast.
+"""
+import json
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from benchmarks import problems
+from benchmarks.conftest import run
+
+STEPS = 10            # optimizer steps per timed round (and steps_per_call of the k10 variant)
+ROUNDS = 25           # timed rounds of the compiled variants (the eager loop gets 5)
+TASKS = 2
+LAM = 100.0
+WORKLOADS = [("mlp", 32), ("mlp", 256), ("cnn", 32)]
+VARIANTS = ["eager", "tffunc", "xla", "xla-k10"]
+CASES = [(name, batch, variant, ewc) for name, batch in WORKLOADS for variant in VARIANTS
+         for ewc in (True, False)]
+
+
+def case_id(name, batch, variant, ewc):
+    return f"{name}-b{batch}-{variant}-{'ewc' if ewc else 'noewc'}"
+
+
+def _smoke_model(name):
+    if name == "mlp":
+        return keras.Sequential([keras.Input((784,)), keras.layers.Dense(16, activation="relu"),
+                                 keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+    return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
+                             keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.MaxPooling2D(2),
+                             keras.layers.Flatten(), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(10)])
+
+
+class Workload:
+    """A fresh model, optimizer, EWC (T tasks) and STEPS pre-made batches."""
+
+    def __init__(self, name, batch, smoke, steps):
+        keras.utils.set_random_seed(0)
+        self.model = _smoke_model(name) if smoke else getattr(problems, name)()
+        self.variables = self.model.trainable_variables
+        self.optimizer = keras.optimizers.Adam(1e-3)
+        self.optimizer.build(self.variables)
+        rng = np.random.default_rng(0)
+        shape = (784,) if name == "mlp" else (28, 28, 1)
+        self.xs = tf.constant(rng.normal(size=(steps, batch) + shape).astype(np.float32))
+        self.ys = tf.constant(rng.integers(0, problems.CLASSES, size=(steps, batch)).astype(np.int32))
+        self.x_list = [self.xs[i] for i in range(steps)]
+        self.y_list = [self.ys[i] for i in range(steps)]
+        # T tasks: Fisher-like F_t >= 0 and anchors θ_t near the weights
+        self.tasks = [([tf.random.stateless_uniform(v.shape, seed=[t, i]) for i, v in enumerate(self.variables)],
+                       [v + 0.01 * tf.random.stateless_normal(v.shape, seed=[t + 100, i])
+                        for i, v in enumerate(self.variables)]) for t in range(TASKS)]
+        self.ewc = fastewc.EWC(self.model, lam=LAM)
+        for fisher, anchors in self.tasks:
+            self.ewc.add_task(fisher, anchors)
+
+    def eager_rounds(self, with_ewc):
+        """The usual eager loop, penalty taped as a per-task sum."""
+        model, variables, optimizer = self.model, self.variables, self.optimizer
+
+        def rounds():
+            for x, y in zip(self.x_list, self.y_list):
+                with tf.GradientTape() as tape:
+                    loss = problems.LOSS(y, model(x, training=True))
+                    if with_ewc:
+                        for fisher, anchors in self.tasks:
+                            loss += LAM / 2 * tf.add_n([tf.reduce_sum(f * tf.square(v - a))
+                                                        for f, v, a in zip(fisher, variables, anchors)])
+                grads = tape.gradient(loss, variables)
+                optimizer.apply(grads, variables)
+            return loss.numpy()
+
+        return rounds
+
+    def compiled_rounds(self, with_ewc, jit, k):
+        step = fastewc.make_train_step(self.model, self.optimizer, problems.LOSS,
+                                       ewc=self.ewc if with_ewc else None, jit_compile=jit,
+                                       steps_per_call=k)
+        if k > 1:
+            calls = [(self.xs[i:i + k], self.ys[i:i + k]) for i in range(0, len(self.x_list), k)]
+        else:
+            calls = list(zip(self.x_list, self.y_list))
+
+        def rounds():
+            for x, y in calls:
+                value = step(x, y)
+            return value.numpy()
+
+        return rounds
+
+
+@pytest.mark.parametrize("name,batch,variant,with_ewc", CASES, ids=[case_id(*c) for c in CASES])
+def test_train_step(benchmark, smoke, device, name, batch, variant, with_ewc):
+    steps = 2 if smoke else STEPS
+    work = Workload(name, 4 if smoke else batch, smoke, steps)
+    benchmark.group = f"{name}-b{batch}-train[{device}]"
+    benchmark.extra_info.update(
+        problem=name, batch=batch, variant=variant, ewc=with_ewc, steps_per_round=steps,
+        kind="ewc" if with_ewc else "noewc",
+        role="loop" if variant == "eager" else ("floor" if not with_ewc else "method"))
+    if variant == "eager":
+        fn = work.eager_rounds(with_ewc)
+    else:
+        k = steps if variant.endswith("k10") else 1
+        fn = work.compiled_rounds(with_ewc, jit=variant != "tffunc", k=k)
+    if benchmark.disabled:
+        run(benchmark, fn)
+        return
+    fn()   # warm-up: trace and compile outside the timed rounds
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    # many short rounds (a shared 2-core machine needs them for a stable min and median),
+    # at most ~4 s of rounds per case, at least 3
+    rounds = max(3, min(5 if variant == "eager" else ROUNDS, int(4.0 / max(seconds, 1e-6))))
+    benchmark.pedantic(fn, rounds=rounds, iterations=1)
+
+
+# -- summary ------------------------------------------------------------------------------
+def summary(doc):
+    """Per-step times (median / steps_per_round) and the acceptance ratios, as markdown."""
+    per_step = {}
+    for b in doc["benchmarks"]:
+        info = b["extra_info"]
+        if "variant" not in info:
+            continue
+        key = case_id(info["problem"], info["batch"], info["variant"], info["ewc"])
+        per_step[key] = (b["stats"]["median"] / info["steps_per_round"],
+                         b["stats"]["min"] / info["steps_per_round"])
+    lines = ["| workload | variant | EWC step (median / min) | no-EWC step (median / min) | EWC overhead (median) |",
+             "|---|---|---:|---:|---:|"]
+    for name, batch in WORKLOADS:
+        for variant in VARIANTS:
+            on = per_step.get(case_id(name, batch, variant, True))
+            off = per_step.get(case_id(name, batch, variant, False))
+            if not on or not off:
+                continue
+            lines.append(f"| {name} b{batch} | {variant} | {on[0] * 1e3:.2f} / {on[1] * 1e3:.2f} ms | "
+                         f"{off[0] * 1e3:.2f} / {off[1] * 1e3:.2f} ms | {100 * (on[0] / off[0] - 1):+.1f}% |")
+    checks = []
+    eager = per_step.get("mlp-b32-eager-ewc")
+    compiled = [per_step[k] for k in per_step if k.startswith("mlp-b32-") and k.endswith("-ewc")
+                and "eager" not in k]
+    if eager and compiled:
+        best = min(c[0] for c in compiled)
+        checks.append(f"MLP b32: best compiled EWC step {eager[0] / best:.1f}× faster than the eager "
+                      f"EWC step (need ≥ 20×)")
+    for batch in (32, 256):
+        for variant in VARIANTS[1:]:
+            on = per_step.get(f"mlp-b{batch}-{variant}-ewc")
+            off = per_step.get(f"mlp-b{batch}-{variant}-noewc")
+            if on and off:
+                checks.append(f"MLP b{batch} {variant}: EWC adds {100 * (on[0] / off[0] - 1):+.1f}% "
+                              f"(median), {100 * (on[1] / off[1] - 1):+.1f}% (min) (need ≤ 10%)")
+    return "\n".join(lines + [""] + ["- " + c for c in checks])
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as fh:
+        print(summary(json.load(fh)))

@@ -1,0 +1,317 @@
+"""make_train_step: the analytic EWC gradient, steps_per_call, no retracing, mixed precision."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from fastewc import train as train_lib
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _mlp(seed=0, dtype=None, din=6, hidden=8, classes=3, regularizer=None):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((din,)),
+        keras.layers.Dense(hidden, activation="tanh", dtype=dtype, kernel_regularizer=regularizer),
+        keras.layers.Dense(classes, dtype=dtype),
+    ])
+
+
+def _data(n=24, din=6, classes=3, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, din)).astype("float32"), rng.integers(0, classes, n).astype("int32")
+
+
+def _ewc(model, lam=4.0, seed=2):
+    """An EWC with a known random state (F, θ*) and the weights moved away from θ*."""
+    rng = np.random.default_rng(seed)
+    ewc = fastewc.EWC(model, lam=lam)
+    fisher = [rng.uniform(0, 1, v.shape).astype("float32") for v in model.trainable_variables]
+    anchors = [v.numpy() + rng.normal(0, 0.3, v.shape).astype("float32") for v in model.trainable_variables]
+    ewc.add_task(fisher, anchors)
+    return ewc
+
+
+def _weights(model):
+    return [v.numpy().astype("float64") for v in model.trainable_variables]
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def _eager_reference_step(model, optimizer, x, y, ewc=None):
+    """The usual eager step: one tape over data loss + the penalty (autodiff through it)."""
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+        if model.losses:
+            loss = loss + tf.add_n(model.losses)
+        if ewc is not None:
+            loss = loss + ewc.penalty()
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply(grads, model.trainable_variables)
+    return float(loss)
+
+
+# -- values ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("with_ewc", [False, True])
+def test_step_matches_eager_tape_reference(jit, with_ewc):
+    x, y = _data()
+    ref_model = _mlp(regularizer=keras.regularizers.L2(1e-2))
+    ref_ewc = _ewc(ref_model) if with_ewc else None
+    ref_opt = keras.optimizers.Adam(0.05)
+    model = _mlp(regularizer=keras.regularizers.L2(1e-2))
+    ewc = _ewc(model) if with_ewc else None
+    step = fastewc.make_train_step(model, keras.optimizers.Adam(0.05), LOSS, ewc=ewc, jit_compile=jit)
+    for start in (0, 8, 16):
+        expected = _eager_reference_step(ref_model, ref_opt, x[start:start + 8], y[start:start + 8], ref_ewc)
+        got = step(x[start:start + 8], y[start:start + 8])
+        assert got.shape == () and got.dtype == tf.float32
+        # returned value = data loss + model.losses + penalty, before the update
+        np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    assert _max_diff(_weights(model), _weights(ref_model)) < 1e-5
+
+
+def test_penalty_gradient_is_added_not_taped():
+    """With lam large and SGD(lr=1), the update is exactly data grad + λA(θ−μ)."""
+    x, y = _data(8)
+    model = _mlp()
+    ewc = _ewc(model, lam=50.0)
+    before = _weights(model)
+    with tf.GradientTape() as tape:
+        data = LOSS(y, model(x, training=True))
+    data_grads = tape.gradient(data, model.trainable_variables)
+    pen_grads = ewc.penalty_gradients()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(1.0), LOSS, ewc=ewc, jit_compile=False)
+    step(x, y)
+    for b, a, g, p in zip(before, _weights(model), data_grads, pen_grads):
+        np.testing.assert_allclose(b - a, g.numpy() + p.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_steps_per_call_equals_k_single_steps(jit):
+    x, y = _data(24)
+    k = 3
+    single = _mlp()
+    ewc1 = _ewc(single)
+    step1 = fastewc.make_train_step(single, keras.optimizers.Adam(0.05), LOSS, ewc=ewc1, jit_compile=jit)
+    expected = [float(step1(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])) for i in range(k)]
+    multi = _mlp()
+    ewc3 = _ewc(multi)
+    step3 = fastewc.make_train_step(multi, keras.optimizers.Adam(0.05), LOSS, ewc=ewc3,
+                                    jit_compile=jit, steps_per_call=k)
+    losses = step3(x.reshape(k, 8, -1), y.reshape(k, 8))
+    assert losses.shape == (k,)
+    np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-5)
+    assert _max_diff(_weights(single), _weights(multi)) < 1e-5
+
+
+def test_sample_weight_and_string_loss():
+    x, y = _data(8)
+    sw = np.linspace(0.0, 2.0, 8).astype("float32")
+    ref = _mlp()
+    ref_opt = keras.optimizers.SGD(0.1)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, ref(x), sample_weight=sw)
+    ref_opt.apply(tape.gradient(loss, ref.trainable_variables), ref.trainable_variables)
+    model = _mlp()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.1), LOSS, jit_compile=True)
+    np.testing.assert_allclose(float(step(x, y, sample_weight=sw)), float(loss), rtol=1e-5)
+    assert _max_diff(_weights(ref), _weights(model)) < 1e-6
+    # a loss name: the Keras function with the default mean reduction
+    model2 = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    step2 = fastewc.make_train_step(model2, "sgd", "sparse_categorical_crossentropy")
+    expected = float(keras.losses.sparse_categorical_crossentropy(y, model2(x)).numpy().mean())
+    np.testing.assert_allclose(float(step2(x, y)), expected, rtol=1e-5)
+
+
+# -- tracing ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_no_retrace_on_partial_batch_or_new_batch_size(jit, k):
+    model = _mlp()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.01), LOSS, ewc=_ewc(model),
+                                   jit_compile=jit, steps_per_call=k)
+    x, y = _data(64)
+    shape = (lambda t, b: t[:b]) if k == 1 else (lambda t, b: np.stack([t[:b], t[b:2 * b]]))
+    for b in (16, 16, 16, 5, 16, 32, 7, 32, 1):
+        step(shape(x, b), shape(y, b))
+    assert step.tracing_count() == 1
+
+
+def test_name_scope_in_graph():
+    model = _mlp()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.01), LOSS, ewc=_ewc(model), jit_compile=False)
+    x, y = _data(4)
+    step(x, y)
+    graph = step._function.get_concrete_function(
+        tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([None], tf.int32), None).graph
+    names = [op.name for op in graph.get_operations()]
+    assert any(name.startswith("fastewc/train_step/") for name in names)
+
+
+def test_default_jit_compile_by_model():
+    dense = _mlp()
+    conv = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                             keras.layers.Dense(2)])
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert train_lib.default_jit_compile(dense) is True
+    assert train_lib.default_jit_compile(conv) is gpu
+    assert fastewc.make_train_step(conv, "sgd", LOSS).jit_compile is gpu
+    if not gpu:
+        with pytest.warns(UserWarning, match=r"XLA's CPU convolutions inside the step loop"):
+            fastewc.make_train_step(conv, "sgd", LOSS, jit_compile=True, steps_per_call=2)
+
+
+# -- argument errors -------------------------------------------------------------------------
+def test_bad_arguments_raise_keras_style_errors():
+    model = _mlp()
+    opt = keras.optimizers.SGD(0.1)
+    with pytest.raises(ValueError, match=r"`steps_per_call` must be a positive integer. Received: steps_per_call=0"):
+        fastewc.make_train_step(model, opt, LOSS, steps_per_call=0)
+    with pytest.raises(ValueError, match=r"steps_per_call=2.5"):
+        fastewc.make_train_step(model, opt, LOSS, steps_per_call=2.5)
+    with pytest.raises(ValueError, match=r"`jit_compile` must be None, True or False. Received: jit_compile='yes'"):
+        fastewc.make_train_step(model, opt, LOSS, jit_compile="yes")
+    with pytest.raises(TypeError, match=r"`model` must be a Keras model"):
+        fastewc.make_train_step(object(), opt, LOSS)
+    with pytest.raises(ValueError, match=r"is not built"):
+        fastewc.make_train_step(keras.Sequential([keras.layers.Dense(2)]), opt, LOSS)
+    with pytest.raises(TypeError, match=r"`optimizer` must be a Keras 3 optimizer"):
+        fastewc.make_train_step(model, object(), LOSS)
+    with pytest.raises(ValueError, match=r"`loss` must be a Keras loss name"):
+        fastewc.make_train_step(model, opt, "no_such_loss")
+    with pytest.raises(ValueError, match=r"`loss` must reduce to a scalar"):
+        fastewc.make_train_step(model, opt, keras.losses.MeanSquaredError(reduction="none"))
+    with pytest.raises(TypeError, match=r"`ewc` must be None or a fastewc.EWC"):
+        fastewc.make_train_step(model, opt, LOSS, ewc="ewc")
+    other = _mlp(seed=3)
+    with pytest.raises(ValueError, match=r"`ewc` was built on model"):
+        fastewc.make_train_step(model, opt, LOSS, ewc=fastewc.EWC(other, lam=1.0))
+
+    x, y = _data(8)
+    step3 = fastewc.make_train_step(model, opt, LOSS, steps_per_call=3)
+    with pytest.raises(ValueError, match=r"must stack steps_per_call=3 batches.*leading dimension 2"):
+        step3(np.stack([x, x]), np.stack([y, y]))
+    with pytest.raises(ValueError, match=r"must have shape \(steps_per_call=3, batch, \.\.\.\)"):
+        step3(x[0], y)
+    step1 = fastewc.make_train_step(model, opt, LOSS)
+    with pytest.raises(ValueError, match=r"same batch size. Received batch sizes x: 8, y: 5"):
+        step1(x, y[:5])
+    with pytest.raises(ValueError, match=r"The batch is empty"):
+        step1(x[:0], y[:0])
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+def test_mixed_float16_wraps_optimizer_and_bfloat16_does_not():
+    step = fastewc.make_train_step(_mlp(dtype="mixed_float16"), keras.optimizers.SGD(0.1), LOSS)
+    assert isinstance(step.optimizer, keras.optimizers.LossScaleOptimizer)
+    lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    assert fastewc.make_train_step(_mlp(dtype="mixed_float16"), lso, LOSS).optimizer is lso
+    step = fastewc.make_train_step(_mlp(dtype="mixed_bfloat16"), keras.optimizers.SGD(0.1), LOSS)
+    assert not isinstance(step.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = _data(8)
+    assert np.isfinite(float(step(x, y)))
+
+
+def _tiny_gradient_problem(dtype):
+    """A linear model whose true kernel gradient (2e-8) underflows in float16."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, use_bias=False, dtype=dtype,
+                                                                     kernel_initializer="ones")])
+    x = np.full((8, 4), 1e-4, np.float32)
+    y = np.full((8, 1), 4e-4 + 1e-4, np.float32)   # residual -1e-4 per example
+    return model, x, y
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_float16_small_gradients_are_not_flushed(jit):
+    ref, x, y = _tiny_gradient_problem("float32")
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, ref(x))
+    true_grad = tape.gradient(loss, ref.trainable_variables)[0].numpy()
+    # below half of float16's smallest subnormal (6e-8): rounds to 0 in float16
+    assert 1e-8 < np.abs(true_grad).min() and np.abs(true_grad).max() < 3e-8
+    # without loss scaling the float16 backward pass flushes it to zero ...
+    unscaled, _, _ = _tiny_gradient_problem("mixed_float16")
+    with tf.GradientTape() as tape:
+        loss16 = keras.losses.MeanSquaredError()(y, unscaled(x))
+    assert np.all(tape.gradient(loss16, unscaled.trainable_variables)[0].numpy() == 0)
+    # ... with the step's dynamic loss scaling it survives (SGD: update = -lr·grad; lr=1e4
+    # makes the update representable next to a weight of 1 in float32)
+    model, _, _ = _tiny_gradient_problem("mixed_float16")
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(1e4), "mse", jit_compile=jit)
+    step(x, y)
+    update = (1.0 - model.trainable_variables[0].numpy()) / 1e4
+    np.testing.assert_allclose(update, true_grad, rtol=1e-2)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_float16_overflow_step_is_skipped_and_scale_drops(jit):
+    model = _mlp(dtype="mixed_float16")
+    ewc = _ewc(model)
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.1), LOSS, ewc=ewc, jit_compile=jit)
+    scale0 = float(step.optimizer.dynamic_scale.numpy())
+    before = _weights(model)
+    x, y = _data(8)
+    value = step(x * 1e5, y)       # float16 activations overflow: non-finite gradients
+    assert not np.isfinite(float(value))
+    assert _max_diff(before, _weights(model)) == 0.0
+    assert float(step.optimizer.dynamic_scale.numpy()) == scale0 / 2
+    assert int(step.optimizer.iterations.numpy()) == 0
+    step(x, y)                      # a finite step then goes through
+    assert _max_diff(before, _weights(model)) > 0
+    assert int(step.optimizer.iterations.numpy()) == 1
+
+
+def test_float16_penalty_gradient_added_unscaled():
+    """λ large: the update is dominated by λA(θ−μ); a penalty gradient not multiplied by the
+    loss scale (or divided twice) would be off by 2^15."""
+    x, y = _data(8)
+    m32, m16 = _mlp(), _mlp(dtype="mixed_float16")
+    e32, e16 = _ewc(m32, lam=100.0), _ewc(m16, lam=100.0)
+    s32 = fastewc.make_train_step(m32, keras.optimizers.SGD(1e-3), LOSS, ewc=e32, jit_compile=True)
+    s16 = fastewc.make_train_step(m16, keras.optimizers.SGD(1e-3), LOSS, ewc=e16, jit_compile=True)
+    before = _weights(m32)
+    l32, l16 = float(s32(x, y)), float(s16(x, y))
+    np.testing.assert_allclose(l16, l32, rtol=1e-4)
+    d32 = [b - a for b, a in zip(before, _weights(m32))]
+    d16 = [b - a for b, a in zip(before, _weights(m16))]
+    for a, b in zip(d16, d32):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6)   # measured: rtol 2e-4
+
+
+def test_float16_training_close_to_float32():
+    """5 Adam steps (lr 1e-2) with EWC: mixed_float16 weights within 2e-4 of float32 and
+    losses within rtol 1e-4 (measured: 2.5e-5 and 1.4e-5)."""
+    x, y = _data(40)
+    m32, m16 = _mlp(hidden=16), _mlp(hidden=16, dtype="mixed_float16")
+    s32 = fastewc.make_train_step(m32, keras.optimizers.Adam(1e-2), LOSS, ewc=_ewc(m32))
+    s16 = fastewc.make_train_step(m16, keras.optimizers.Adam(1e-2), LOSS, ewc=_ewc(m16))
+    for i in range(5):
+        l32 = float(s32(x[8 * i:8 * (i + 1)], y[8 * i:8 * (i + 1)]))
+        l16 = float(s16(x[8 * i:8 * (i + 1)], y[8 * i:8 * (i + 1)]))
+        np.testing.assert_allclose(l16, l32, rtol=1e-4)
+    assert _max_diff(_weights(m32), _weights(m16)) < 2e-4
+
+
+def test_ewc_made_before_the_model_was_built_is_picked_up_after_consolidation():
+    """The EWC starts tracking the variables at its first consolidation: the step retraces
+    once and then includes the penalty."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
+    ewc = fastewc.EWC(model, lam=10.0)
+    x, y = _data(16)
+    model(x[:1])
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.1), LOSS, ewc=ewc)
+    expected = float(LOSS(y[:8], model(x[:8])))
+    np.testing.assert_allclose(float(step(x[:8], y[:8])), expected, rtol=1e-5)   # no penalty yet
+    ewc.consolidate((x, y), loss=LOSS)
+    for v in model.trainable_variables:
+        v.assign(v + 0.3)
+    expected = float(LOSS(y[8:], model(x[8:]))) + float(ewc.penalty())
+    assert float(ewc.penalty()) > 0
+    np.testing.assert_allclose(float(step(x[8:], y[8:])), expected, rtol=1e-5)
+    assert step.tracing_count() == 2
