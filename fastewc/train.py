@@ -42,6 +42,7 @@ batch dimension left unknown: a final partial batch or a new batch size does not
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.losses.losses import LossFunctionWrapper
 
@@ -56,7 +57,8 @@ _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
          keras.layers.Conv3DTranspose)
 
 
-def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1):
+def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1,
+                    stop_on_nonfinite=False):
     """A compiled ``step(x, y, sample_weight=None) -> loss`` that trains ``model``.
 
     Args:
@@ -72,6 +74,11 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
         (:func:`default_jit_compile`).
       steps_per_call: k optimizer steps per call; then ``step(xs, ys)`` takes k stacked
         batches, ``xs`` of shape ``(k, batch, ...)``, and returns the k losses.
+      stop_on_nonfinite: like Keras ``TerminateOnNaN``, but safer: a step whose loss is
+        NaN or Inf is NOT applied (nor any later step of the same call), and ``step()``
+        raises ``FloatingPointError`` naming it; weights, optimizer state and so any EWC
+        consolidated afterwards stay as they were before that step.  Costs one
+        device-to-host read of the loss per call.  Not supported under ``tf.distribute``.
 
     Returns:
       a :class:`TrainStep`; ``step(x, y)`` returns L_data + Σ model.losses + P, float32
@@ -85,6 +92,13 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
     loss_obj = _resolve_loss(loss)
     _check_ewc(ewc, model, variables)
     strategy = _model_strategy(model)
+    if stop_on_nonfinite not in (True, False):
+        raise ValueError("`stop_on_nonfinite` must be True or False. "
+                         f"Received: stop_on_nonfinite={stop_on_nonfinite!r}")
+    if stop_on_nonfinite and strategy is not None:
+        raise ValueError("`stop_on_nonfinite=True` is not supported under tf.distribute (replicas "
+                         "would have to agree to skip a step). Received: a model built in "
+                         f"{type(strategy).__name__}.scope()")
     optimizer = _resolve_optimizer(optimizer, model, strategy)
     if jit_compile is None:
         jit_compile = default_jit_compile(model)
@@ -95,7 +109,8 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
             "the step loop were ~30x slower than without XLA in our benchmarks (reference CNN). "
             "jit_compile=None picks the faster setting.", stacklevel=2)
     return TrainStep(model, optimizer, loss_obj, ewc=ewc, jit_compile=jit_compile,
-                     steps_per_call=steps_per_call, strategy=strategy)
+                     steps_per_call=steps_per_call, strategy=strategy,
+                     stop_on_nonfinite=stop_on_nonfinite)
 
 
 def default_jit_compile(model):
@@ -122,7 +137,9 @@ class TrainStep:
     ``steps_per_call``, ``strategy`` (None on one device).
     """
 
-    def __init__(self, model, optimizer, loss, *, ewc, jit_compile, steps_per_call, strategy):
+    def __init__(self, model, optimizer, loss, *, ewc, jit_compile, steps_per_call, strategy,
+                 stop_on_nonfinite=False):
+        self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.loss = loss
@@ -153,7 +170,10 @@ class TrainStep:
             sample_weight = tf.nest.map_structure(_to_tensor, sample_weight)
         self._check_inputs(x, y, sample_weight)
         self._ensure_traced(x, y, sample_weight)
-        return self._function(x, y, sample_weight)
+        result = self._function(x, y, sample_weight)
+        if self.stop_on_nonfinite:
+            _raise_if_nonfinite(result)
+        return result
 
     def tracing_count(self):
         """Number of traces of the compiled step (a no-retrace check for tests)."""
@@ -236,7 +256,8 @@ class TrainStep:
             one_step = lambda x, y, sw: self._distributed_step(replica_step, x, y, sw)  # noqa: E731
             jit = False
         else:
-            one_step = lambda x, y, sw: self._replica_step(x, y, sw, self._loss_and_grads)  # noqa: E731
+            one_step = lambda x, y, sw, ok=None: self._replica_step(  # noqa: E731
+                x, y, sw, self._loss_and_grads, allowed=ok)
             jit = self.jit_compile
         k = self.steps_per_call
 
@@ -245,16 +266,23 @@ class TrainStep:
                 return one_step(x, y, sample_weight)
         else:
             def function(xs, ys, sample_weights):
-                def body(i, losses):
+                guard = self.stop_on_nonfinite
+
+                def body(i, losses, ok):
                     pick = lambda t: t[i]  # noqa: E731
                     sw = None if sample_weights is None else tf.nest.map_structure(pick, sample_weights)
-                    value = one_step(tf.nest.map_structure(pick, xs),
-                                     tf.nest.map_structure(pick, ys), sw)
-                    return i + 1, losses.write(i, value)
+                    args = (tf.nest.map_structure(pick, xs), tf.nest.map_structure(pick, ys), sw)
+                    if guard:   # once a step is non-finite, no later step of this call applies
+                        value = one_step(*args, ok=ok)
+                        ok = tf.logical_and(ok, tf.math.is_finite(value))
+                    else:
+                        value = one_step(*args)
+                    return i + 1, losses.write(i, value), ok
 
                 losses = tf.TensorArray(tf.float32, size=k, element_shape=[])
-                _, losses = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), losses),
-                                          maximum_iterations=k)
+                _, losses, _ = tf.while_loop(lambda i, *_: i < k, body,
+                                             (tf.constant(0), losses, tf.constant(True)),
+                                             maximum_iterations=k)
                 return losses.stack()
 
         return tf.function(function, jit_compile=jit, autograph=False, reduce_retracing=True)
@@ -273,7 +301,7 @@ class TrainStep:
         grads = tape.gradient(scaled, self._variables)
         return objective, grads
 
-    def _replica_step(self, x, y, sample_weight, grads_fn):
+    def _replica_step(self, x, y, sample_weight, grads_fn, allowed=None):
         """One optimizer step in a replica (or on the one device)."""
         with tf.name_scope("fastewc/train_step"):
             data_weight, replica_scale = _replica_weights(self.loss, x)
@@ -287,7 +315,17 @@ class TrainStep:
                     scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32) * replica_scale
                     grads = _add_scaled(grads, penalty_grads, scale, self._variables)
                 objective = objective + penalty * replica_scale
-            self.optimizer.apply(grads, self._variables)
+            if not self.stop_on_nonfinite:
+                self.optimizer.apply(grads, self._variables)
+                return objective
+            ok = tf.math.is_finite(objective)
+            ok = ok if allowed is None else tf.logical_and(ok, allowed)
+
+            def apply():
+                self.optimizer.apply(grads, self._variables)
+                return tf.constant(True)
+
+            tf.cond(ok, apply, lambda: tf.constant(False))
             return objective
 
     def _distributed_step(self, replica_step, x, y, sample_weight):
@@ -315,6 +353,18 @@ class TrainStep:
 
 
 # -- helpers ----------------------------------------------------------------------------
+def _raise_if_nonfinite(losses):
+    values = np.atleast_1d(np.asarray(losses))
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        where = f"step {i} of this call ({values.size} steps)" if values.size > 1 else "this step"
+        raise FloatingPointError(
+            f"fastewc: the training loss became non-finite ({values[i]}) at {where}. That update "
+            "and any after it in the call were not applied: the weights and the optimizer state are "
+            "those before it. Check the learning rate, the inputs and the EWC lam.")
+
+
 def _to_tensor(t):
     return t if isinstance(t, tf.Tensor) else tf.convert_to_tensor(t)
 

@@ -315,3 +315,46 @@ def test_ewc_made_before_the_model_was_built_is_picked_up_after_consolidation():
     assert float(ewc.penalty()) > 0
     np.testing.assert_allclose(float(step(x[8:], y[8:])), expected, rtol=1e-5)
     assert step.tracing_count() == 2
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_stop_on_nonfinite_skips_the_bad_step_and_raises(jit):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    optimizer = keras.optimizers.Adam(0.1)
+    step = fastewc.make_train_step(model, optimizer, "mse", jit_compile=jit, stop_on_nonfinite=True)
+    x = np.ones((2, 4), np.float32)
+    y = np.zeros((2, 3), np.float32)
+    step(x, y)
+    before = [w.copy() for w in model.get_weights()]
+    iterations = int(optimizer.iterations.numpy())
+    with pytest.raises(FloatingPointError, match=r"non-finite \(nan\) at this step.*not applied"):
+        step(np.full((2, 4), np.nan, np.float32), y)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(optimizer.iterations.numpy()) == iterations
+
+
+def test_stop_on_nonfinite_in_a_multi_step_call_keeps_the_steps_before():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.1), "mse", steps_per_call=3,
+                                   stop_on_nonfinite=True)
+    xs = np.ones((3, 2, 4), np.float32)
+    xs[1] = np.nan
+    ys = np.zeros((3, 2, 3), np.float32)
+    with pytest.raises(FloatingPointError, match=r"at step 1 of this call \(3 steps\)"):
+        step(xs, ys)
+    # Only step 0 was applied: one plain SGD step from the same start.
+    one = fastewc.make_train_step(reference, keras.optimizers.SGD(0.1), "mse")
+    one(xs[0], ys[0])
+    for a, b in zip(reference.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_stop_on_nonfinite_must_be_a_bool():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match=r"`stop_on_nonfinite` must be True or False. Received: stop_on_nonfinite='yes'"):
+        fastewc.make_train_step(model, "sgd", "mse", stop_on_nonfinite="yes")
