@@ -41,20 +41,30 @@ class SharedLayerError(ValueError):
 class Recorder:
     def __init__(self):
         self.records = []       # (layer, probe, sum_sq)
+        self.shared = []        # layers called more than once
         self._called = set()
 
     def wrap(self, layer, rule):
         def call(inputs, *args, **kwargs):
-            if id(layer) in self._called:
-                raise SharedLayerError(
-                    f"Layer '{layer.name}' ({type(layer).__name__}) is called more than once in "
-                    "one forward pass (a shared layer). The factored rules do not support shared "
-                    "layers yet: use method='vmap' for this model.")
-            self._called.add(id(layer))
             outputs, probe, sum_sq = rule(layer, inputs, *args, **kwargs)
-            self.records.append((layer, probe, sum_sq))
+            if id(layer) in self._called:
+                # Raised by capture() once the forward pass is over, so that Keras does not
+                # wrap the message in its call-context decoration.
+                if all(seen is not layer for seen in self.shared):
+                    self.shared.append(layer)
+            else:
+                self._called.add(id(layer))
+                self.records.append((layer, probe, sum_sq))
             return outputs
         return call
+
+    def check_not_shared(self):
+        if self.shared:
+            names = ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in self.shared)
+            raise SharedLayerError(
+                f"Layer {names} is called more than once in one forward pass (a shared layer). "
+                "The factored rules do not support shared layers yet: use method='vmap' for "
+                "this model.")
 
 
 @contextlib.contextmanager
@@ -79,3 +89,4 @@ def capture(model):
     finally:
         for layer in patched:
             layer.__dict__.pop("call", None)
+    recorder.check_not_shared()

@@ -383,7 +383,8 @@ class EWC(tf.Module):
         self._check_tracked_present(by_key)
         trainable = list(model.trainable_variables)
         for label, values in (("fisher", fisher), ("anchors", anchors)):
-            if values is not None and (isinstance(values, (str, bytes)) or not hasattr(values, "__iter__")):
+            if (label == "fisher" or values is not None) and (
+                    isinstance(values, (str, bytes)) or not hasattr(values, "__iter__")):
                 raise TypeError(f"`{label}` must be a list of arrays or tensors, one per trainable "
                                 f"variable. Received: {label} of type {type(values).__name__}")
         fisher = list(fisher)
@@ -440,7 +441,7 @@ class EWC(tf.Module):
             if flag:
                 f = new_fisher[key]
                 raise ValueError(
-                    f"The Fisher of variable '{by_key[key].path}' must be finite and >= 0. "
+                    f"`fisher`: the Fisher of variable '{by_key[key].path}' must be finite and >= 0. "
                     f"Received: values in [{float(tf.reduce_min(f))}, {float(tf.reduce_max(f))}]. "
                     "(Negative values come from a probability loss with from_logits=False on a "
                     "model whose output is not a softmax/sigmoid: pass from_logits=True for logits.)")
@@ -459,9 +460,10 @@ class EWC(tf.Module):
             self._num_tasks.assign_add(1)
         except BaseException:
             for key, (a, mu) in zip(keys, olds):
-                if key in fresh:
-                    self._fisher.pop(key, None)
-                    self._anchor.pop(key, None)
+                if key in fresh:                  # `del`, not pop(): keeps them checkpointable
+                    for table in (self._fisher, self._anchor):
+                        if key in table:
+                            del table[key]
                 else:
                     self._fisher[key].assign(a)
                     self._anchor[key].assign(mu)

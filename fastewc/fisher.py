@@ -47,6 +47,7 @@ from fastewc._checks import check_one_of, check_positive_int, check_seed
 
 METHODS = ("auto", "loop", "vmap", "jacobian", "factored")
 VMAP_CHUNK_FLOATS = 2**26          # per-example gradients held at once by vmap/jacobian
+FACTORED_MAX_ROWS = 4096           # float32 sums over one call drift like rows·2⁻²⁴: ≤ 5e-7 here
 FLOAT16_COTANGENT_SCALE = 2.0**8
 
 _ENGINES = weakref.WeakKeyDictionary()   # model -> {key: compiled batch function}
@@ -137,8 +138,8 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
                               batch.mask, noise, batch.count)
         except TypeError as err:
             dtypes = [t.dtype.name for t in tf.nest.flatten(x)]
-            if all(tf.as_dtype(d).is_floating for d in dtypes):
-                raise
+            if all(tf.as_dtype(d).is_floating for d in dtypes) or getattr(model, "inputs", None):
+                raise                       # not an undeclared integer input: not about `data`
             raise TypeError(
                 f"`data` inputs of dtype {dtypes} could not go through model '{model.name}' "
                 f"with method={chosen!r}. A model without a declared Input gets integer and bool "
@@ -360,7 +361,9 @@ def _forward_and_cotangents(model, lik, kind, x, y, mask, noise):
 
 
 def _zeros_if_none(grads, variables):
-    return [tf.zeros(v.shape, tf.float32) if g is None else g for g, v in zip(grads, variables)]
+    # Embedding gradients are IndexedSlices: densify them (one row per id) before squaring.
+    return [tf.zeros(v.shape, tf.float32) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(grads, variables)]
 
 
 def _factored_body(model, lik, kind, num_samples):
@@ -406,7 +409,12 @@ def _tile_pairs(x, k):
 def rows_per_call(method, variables, num_cotangents, batch_size):
     """Examples per compiled call: ``batch_size``, capped for the per-example methods so
     that their per-example gradients stay under ``VMAP_CHUNK_FLOATS`` floats (the streaming
-    loop then does the chunking: one vectorized_map or jacobian per call, no unrolling)."""
+    loop then does the chunking: one vectorized_map or jacobian per call, no unrolling),
+    and for the factored method at ``FACTORED_MAX_ROWS``, since a rule's float32
+    contraction over the rows of one call is where the rounding error grows (the float64
+    accumulation takes over between calls)."""
+    if method == "factored":
+        return min(batch_size, FACTORED_MAX_ROWS)
     if method not in ("vmap", "jacobian"):
         return batch_size
     num_params = sum(int(np.prod(v.shape)) for v in variables)

@@ -166,8 +166,7 @@ class Likelihood:
                 us.append(units[:, None, :] * g[None])            # (D, N, D)
                 ws.append(tf.transpose(p if outcome else 1.0 - p))
             return tf.concat(us, 0), tf.concat(ws, 0)
-        flat = tf.reshape(out, [n, -1])
-        d = flat.shape[-1]
+        d = int(np.prod(out.shape[1:]))   # static even when the batch dimension is not
         u = tf.broadcast_to(tf.eye(d, dtype=tf.float32)[:, None, :], [d, n, d])
         u = tf.reshape(u, tf.concat([[d], tf.shape(out)], 0))
         return u, tf.ones([d, n], tf.float32)
@@ -184,9 +183,33 @@ class Likelihood:
                 "pass a loss object with from_logits=True.")
 
     # -- label checks (host side, before any compute) ----------------------------------
-    def check_labels(self, y, out_dim):
-        """Raise a clear ValueError if labels ``y`` (NumPy) do not fit this loss."""
+    def check_labels(self, y, out_dim, out_tail=None):
+        """Raise a clear ValueError if labels ``y`` (NumPy) do not fit this loss.
+
+        Labels must be real numbers (TypeError otherwise) and finite.  Binary and Gaussian
+        labels must have the output's shape ``(batch, *out_tail)``; labels of shape
+        (batch,) for an output of shape (batch, 1) get the trailing 1, as Keras losses do.
+        """
         y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise TypeError("`data` labels (y) must be real numbers (integer, floating point or "
+                            f"bool). Received: labels of dtype {y.dtype}")
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise ValueError("`data` labels (y) must be finite. Received: labels with "
+                             f"{int(np.sum(~np.isfinite(y)))} NaN or Inf values")
+        if self.family == "categorical" and out_tail is not None and len(out_tail) != 1:
+            raise ValueError(
+                "`loss` is a categorical cross-entropy, which needs a `model` output of shape "
+                f"(batch, classes). Received: model output of shape {_batch_shape(tuple(out_tail))}; "
+                "per-position classes (sequences, images) are not supported: reshape the output.")
+        if self.family != "categorical" and out_tail is not None:
+            want = tuple(int(d) for d in out_tail)
+            if y.shape[1:] != want and y.shape[1:] + (1,) == want:
+                y = y[..., None]
+            if y.shape[1:] != want:
+                raise ValueError(
+                    f"`data` labels (y) for this loss must have the model output's shape "
+                    f"{_batch_shape(want)}. Received: labels of shape {_batch_shape(y.shape[1:])}")
         if self.family == "categorical" and self.sparse:
             if y.ndim == 2 and y.shape[-1] == 1:
                 y = y[:, 0]
@@ -216,6 +239,11 @@ class Likelihood:
             raise ValueError(
                 f"Binary cross-entropy labels must lie in [0, 1]. Received: labels in [{y.min()}, {y.max()}].")
         return y.astype(np.float32)
+
+
+def _batch_shape(tail):
+    """'(batch, 3)' / '(batch,)': a shape with its batch dimension named."""
+    return "(batch," + "".join(f" {d}," for d in tail)[:-1] + ")" if tail else "(batch,)"
 
 
 def resolve_loss(loss):

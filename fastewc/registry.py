@@ -19,7 +19,9 @@ Rule signature::
   float32 (cast ``inputs`` first: float16 squares underflow).
 
 Subclasses: a layer class without its own rule uses the rule of its nearest registered
-base class in the MRO, unless that rule was registered with ``subclasses=False``.
+base class in the MRO, unless that rule was registered with ``subclasses=False`` or the
+subclass overrides ``call`` (the rule would replace a forward pass it does not know, so
+such a subclass has no rule: ``method="auto"`` uses vmap for it, ``"factored"`` raises).
 Override a subclass's behaviour by registering a rule for the subclass itself.
 """
 import inspect
@@ -56,9 +58,11 @@ def get_rule(layer):
         entry = _RULES.get(base)
         if entry is not None:
             rule, subclasses = entry
-            if base is cls or subclasses:
+            if base is cls:
                 return rule
-            return None
+            if not subclasses or getattr(cls, "call", None) is not getattr(base, "call", None):
+                return None
+            return rule
     return None
 
 

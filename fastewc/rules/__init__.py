@@ -1,2 +1,5 @@
-"""Built-in factored Fisher rules; importing this package registers them."""
-from fastewc.rules import dense  # noqa: F401
+"""Built-in factored Fisher rules; importing this package registers them.
+
+One module per layer family: dense, conv, embedding, einsum_dense, norm.
+"""
+from fastewc.rules import conv, dense, einsum_dense, embedding, norm  # noqa: F401

@@ -1,0 +1,472 @@
+"""Factored rules for convolutions (channels_last): Conv1D/2D/3D (any ``groups``),
+DepthwiseConv1D/2D, SeparableConv1D/2D and Conv1D/2D/3DTranspose.
+
+A convolution is a Dense layer applied at every output position l to the input patch
+a_nl (the kernel-size window of the padded input, strided and dilated), so example n's
+kernel gradient SUMS over positions BEFORE it is squared:
+
+    g_kn(W) = Σ_l a_nl ⊗ δ_knl,        g_kn(b) = Σ_l δ_knl,
+    Σ_k Σ_n w_kn g_kn(W)²              (not Σ_l of squares: that is a different quantity)
+
+with δ_knl = ∂ℓ/∂z_nl for cotangent k (Grosse & Martens 2016, "A Kronecker-factored
+approximate Fisher matrix for convolution layers", §2; here exact, not Kronecker-factored).
+
+The patches A (N, L, kernel_size·C_in) are extracted ONCE per layer by strided slices of
+the explicitly padded input (the same padding TensorFlow uses for "same"/"valid"/"causal")
+and contracted with δ for all K cotangents in one batched matmul, so ``exact`` (K = C)
+costs one patch extraction and a K-times-wider matmul.  Memory: N·L·kernel_size·C_in
+floats for the patches plus K·N·|W| for the per-example gradients.
+
+* groups: the input channels split into G groups; g_kn(W)[a, c, g·F_g + o] =
+  Σ_l A_nl[a, g, c] δ_knl[g, o].
+* depthwise: g_kn(W)[a, c, m] = Σ_l A_nl[a, c] δ_knl[c·M + m].
+* separable: z = pointwise(depthwise(x)); δ at the depthwise output is δ·Pᵀ (linear), the
+  pointwise kernel is a 1×1 convolution of the depthwise output d_nl: Σ_l d_nl ⊗ δ_knl.
+* transpose: z = Cᵀx for the convolution C (z-space → x-space) with the same kernel, so
+  ⟨δ, Cᵀ_W x⟩ = ⟨C_W δ, x⟩ and g_kn(W)[a, f, c] = Σ_l patch(δ_kn)_l[a, f] x_nl[c]: the
+  patches are taken from δ (K·N of them) over the x positions.
+
+Unsupported (a clear ValueError naming the layer): data_format="channels_first", LoRA or
+quantized kernels, and subclasses that override ``call`` (see :mod:`fastewc.registry`).
+"""
+import itertools
+import math
+
+import keras
+import tensorflow as tf
+
+from fastewc.registry import register_rule
+from fastewc.rules._common import (check_channels_last, check_plain, leading_dims,
+                                   static_or_dynamic_shape, weighted_square_sum)
+
+
+# -- geometry ---------------------------------------------------------------------------
+def _max0(v):
+    return max(v, 0) if isinstance(v, int) else tf.maximum(v, 0)
+
+
+def _pads(in_sizes, out_sizes, kernel_size, strides, dilation, padding):
+    """(before, after) zero padding per spatial dim, as TensorFlow pads for ``padding``."""
+    pads = []
+    for n_in, n_out, k, s, d in zip(in_sizes, out_sizes, kernel_size, strides, dilation):
+        if padding == "valid":
+            pads.append((0, 0))
+        elif padding == "causal":
+            pads.append(((k - 1) * d, 0))
+        else:                                   # "same": TF puts the odd pixel after
+            total = _max0((n_out - 1) * s + (k - 1) * d + 1 - n_in)
+            pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def _pad(x, pads):
+    if all(isinstance(p, int) and p == 0 for pair in pads for p in pair):
+        return x
+    return tf.pad(x, [[0, 0]] + [list(p) for p in pads] + [[0, 0]])
+
+
+def _window(x, offsets, strides, dilation, out_sizes):
+    """The input entries that kernel offset ``offsets`` meets: (B, *out, C) strided slice."""
+    index = [slice(None)]
+    for o, s, d, n_out in zip(offsets, strides, dilation, out_sizes):
+        index.append(slice(o * d, o * d + (n_out - 1) * s + 1, s))
+    return x[tuple(index + [slice(None)])]
+
+
+def _offsets(kernel_size):
+    """Kernel offsets in the row-major order of a Keras kernel (k_1, ..., k_r, C_in, ...)."""
+    return itertools.product(*(range(k) for k in kernel_size))
+
+
+def extract_patches(x, kernel_size, strides, dilation, pads, out_sizes):
+    """Patches of ``x`` (B, *in, C) padded by ``pads``: (B, *out, prod(kernel_size), C)."""
+    x = _pad(x, pads)
+    return tf.stack([_window(x, o, strides, dilation, out_sizes) for o in _offsets(kernel_size)],
+                    axis=-2)
+
+
+def _spatial(t, lead):
+    """Spatial sizes of channels_last ``t`` with ``lead`` leading (batch) dims."""
+    return static_or_dynamic_shape(t)[lead:-1]
+
+
+def _bias_shape(layer, channels):
+    return (1,) * (layer.rank + 1) + (channels,)
+
+
+def _bias_sq(delta, weight):
+    """Σ_kn w_kn (Σ_l δ_knl)² for ``delta`` (K, N, *spatial, F)."""
+    return weighted_square_sum(tf.reduce_sum(delta, axis=list(range(2, delta.shape.rank - 1))), weight)
+
+
+def _check(layer, family):
+    check_plain(layer, family)
+    check_channels_last(layer, family)
+
+
+def _finish(layer, z):
+    if layer.activation is not None:
+        return layer.activation(z)
+    return z
+
+
+# Below this many input channels one matmul over all kernel offsets beats a matmul per offset.
+_MIN_CHANNELS_PER_OFFSET = 8
+
+
+def _dense_patch_square_sum(a, delta, weight, geometry):
+    """Σ_kn w_kn (Σ_l patch_nl ⊗ δ_knl)², shape (prod(kernel_size)·C_in, F).
+
+    K = 1 with enough input channels: one (C_in × L)(L × F) matmul per kernel offset on a
+    strided view of the input, so the (N, L, kk·C_in) patch tensor is never built (it is
+    memory-bound: building it costs more than the matmul).  K > 1: the patches are built
+    once and reused by one matmul per cotangent (memory N·|W| per cotangent, not K·N·|W|).
+    """
+    kernel_size, strides, dilation, pads, out_sizes = geometry
+    k, n = delta.shape[0], leading_dims(delta)[1]        # k stays None when unknown
+    c_in, filters = a.shape[-1], delta.shape[-1]
+    d = tf.reshape(delta, [tf.shape(delta)[0] if k is None else k, n, -1, filters])   # (K, N, L, F)
+    if k is None:                               # unknown K: one einsum, K·N·|W| memory
+        p = tf.reshape(extract_patches(a, *geometry), [n, -1, math.prod(kernel_size) * c_in])
+        return weighted_square_sum(tf.einsum("nli,knlo->knio", p, d), weight)
+    if k == 1 and c_in >= _MIN_CHANNELS_PER_OFFSET:
+        a = _pad(a, pads)
+        sums = []
+        for offsets in _offsets(kernel_size):
+            view = tf.reshape(_window(a, offsets, strides, dilation, out_sizes), [n, -1, c_in])
+            g = tf.matmul(view, d[0], transpose_a=True)                        # (N, C_in, F)
+            sums.append(tf.tensordot(weight[0], tf.square(g), 1))
+        return tf.concat(sums, 0)
+    p = tf.reshape(extract_patches(a, *geometry), [n, -1, math.prod(kernel_size) * c_in])
+    total = None
+    for i in range(k):
+        g = tf.matmul(p, d[i], transpose_a=True)                               # (N, I, F)
+        term = tf.tensordot(weight[i], tf.square(g), 1)
+        total = term if total is None else total + term
+    return total
+
+
+# -- gradients that TensorFlow's vectorized_map cannot vectorize --------------------------
+def _with_gradient(native, grad_fn, x, *params):
+    """``native(x, *params)`` (the layer's own op: its exact outputs) differentiated by
+    ``grad_fn(x, params, dy) -> [dx, *dparams]``.
+
+    fastewc back-propagates the K cotangents of a batch at once with ``tf.vectorized_map``.
+    TensorFlow's converters for the input gradient of depthwise, grouped and 3-D (transposed)
+    convolutions need a weight that varies with the vectorized index ('Input "filter" ...
+    expected to be not loop invariant'); a layer's weight is shared.  Those layers keep their
+    own forward op and take their gradient through strided slices and matmuls instead.
+    """
+    @tf.custom_gradient
+    def call(x, *params):
+        def grad(dy):
+            return grad_fn(x, params, dy)
+        return native(x, *params), grad
+
+    return call(x, *params)
+
+
+def _value(variable):
+    """The variable's (autocast) value as a plain tensor, for a custom_gradient argument."""
+    return tf.identity(keras.ops.convert_to_tensor(variable))
+
+
+def _place(t, offsets, strides, dilation, padded_sizes):
+    """Adjoint of :func:`_window`: ``t`` (B, *out, C) scattered into zeros of shape
+    (B, *padded_sizes, C) at the positions offset ``offsets`` reads.  Zero insertion for
+    strides and one pad: no StridedSliceGrad (slow on CPU)."""
+    out_sizes = static_or_dynamic_shape(t)[1:-1]
+    paddings = [[0, 0]]
+    for axis, (o, s, d, n_out, n_pad) in enumerate(
+            zip(offsets, strides, dilation, out_sizes, padded_sizes), start=1):
+        span = (n_out - 1) * s + 1
+        if s > 1:                      # (.., n, ..) -> (.., n, s, ..) -> (.., n·s, ..) -> span
+            t = tf.expand_dims(t, axis + 1)
+            t = tf.pad(t, [[0, 0]] * (axis + 1) + [[0, s - 1]] + [[0, 0]] * (t.shape.rank - axis - 2))
+            shape = static_or_dynamic_shape(t)
+            t = tf.reshape(t, shape[:axis] + [shape[axis] * s] + shape[axis + 2:])
+            t = t[(slice(None),) * axis + (slice(0, span),)]
+        paddings.append([o * d, n_pad - o * d - span])
+    return tf.pad(t, paddings + [[0, 0]])
+
+
+def _windowed_grads(layer, padding, x, dy, back, outer):
+    """Gradients of z = Σ_offsets T_a(window_a(pad(x))) for per-offset channel maps T_a:
+    dx = crop(Σ_a place_a(T_aᵀ dy)), dT_a = Σ_{batch, positions} outer(window_a, dy).
+
+    ``back(dy, i)`` is T_iᵀ dy (B, *out, C_in); ``outer(win, dy, i)`` is dT_i."""
+    kernel_size = tuple(layer.kernel_size)
+    in_sizes, out_sizes = _spatial(x, 1), _spatial(dy, 1)
+    pads = _pads(in_sizes, out_sizes, kernel_size, layer.strides, layer.dilation_rate, padding)
+    padded = [n + before + after for n, (before, after) in zip(in_sizes, pads)]
+    xp, dxs, dws = _pad(x, pads), [], []
+    for i, offsets in enumerate(_offsets(kernel_size)):
+        dxs.append(_place(back(dy, i), offsets, layer.strides, layer.dilation_rate, padded))
+        dws.append(outer(_window(xp, offsets, layer.strides, layer.dilation_rate, out_sizes), dy, i))
+    dxp = tf.add_n(dxs)
+    crop = tuple([slice(None)] + [slice(before, before + n) for n, (before, _) in zip(in_sizes, pads)]
+                 + [slice(None)])
+    return dxp[crop], tf.stack(dws)
+
+
+def _rows(t, *tail):
+    """(B, *positions, *tail) -> (B·positions, *tail)."""
+    return tf.reshape(t, [-1, *tail])
+
+
+def _conv_grad(layer, padding, groups):
+    """grad_fn of a (grouped) convolution: T_a is a per-group matmul by W[a]."""
+    def grad_fn(x, params, dy):
+        (kernel,) = params
+        c_in, filters = x.shape[-1], kernel.shape[-1]
+        cg, fg = c_in // groups, filters // groups
+        w = tf.reshape(kernel, [-1, cg, groups, fg])
+        lead = static_or_dynamic_shape(dy)[:-1]
+        dyg = tf.reshape(dy, lead + [groups, fg])
+
+        def back(dy, i):
+            return tf.reshape(tf.einsum("...go,cgo->...gc", dyg, w[i]), lead + [c_in])
+
+        def outer(win, dy, i):
+            return tf.einsum("bgc,bgo->cgo", _rows(win, groups, cg), _rows(dy, groups, fg))
+
+        dx, dw = _windowed_grads(layer, padding, x, dy, back, outer)
+        return [dx, tf.reshape(dw, kernel.shape)]
+
+    return grad_fn
+
+
+def _depthwise_grads(layer, x, kernel, dy):
+    """(dx, dkernel) of a depthwise convolution: T_a multiplies channel c by W[a, c, :]."""
+    c, m = kernel.shape[-2], kernel.shape[-1]
+    w = tf.reshape(kernel, [-1, c, m])
+    dym = tf.reshape(dy, static_or_dynamic_shape(dy)[:-1] + [c, m])
+
+    def back(dy, i):
+        return tf.reduce_sum(dym * w[i], axis=-1)
+
+    def outer(win, dy, i):
+        return tf.reduce_sum(_rows(win, c, 1) * _rows(dym, c, m), axis=0)
+
+    dx, dw = _windowed_grads(layer, layer.padding, x, dy, back, outer)
+    return dx, tf.reshape(dw, kernel.shape)
+
+
+def _conv_transpose_grad(layer):
+    """Gradients of z = Cᵀx: dx = C(dy) (a convolution of dy) and dW from patches of dy."""
+    kernel_size = tuple(layer.kernel_size)
+
+    def grad_fn(x, params, dy):
+        (kernel,) = params
+        filters, c_in = kernel.shape[-2], kernel.shape[-1]
+        x_sizes = _spatial(x, 1)
+        pads = _pads(_spatial(dy, 1), x_sizes, kernel_size, layer.strides, layer.dilation_rate,
+                     layer.padding)
+        w = tf.reshape(kernel, [-1, filters, c_in])
+        dyp, dx, dw = _pad(dy, pads), None, []
+        for i, offsets in enumerate(_offsets(kernel_size)):
+            win = _window(dyp, offsets, layer.strides, layer.dilation_rate, x_sizes)
+            term = tf.tensordot(win, w[i], 1)
+            dx = term if dx is None else dx + term
+            dw.append(tf.matmul(tf.reshape(win, [-1, filters]), tf.reshape(x, [-1, c_in]),
+                                transpose_a=True))
+        return [dx, tf.reshape(tf.stack(dw), kernel.shape)]
+
+    return grad_fn
+
+
+# -- Conv1D / Conv2D / Conv3D -------------------------------------------------------------
+def conv_rule(layer, inputs, *args, **kwargs):
+    family = type(layer).__name__
+    _check(layer, family)
+    x = inputs
+    padding = layer.padding
+    if padding == "causal":        # as keras.layers.Conv1D.call: pad left, then "valid"
+        x = keras.ops.pad(x, layer._compute_causal_padding())
+        z = keras.ops.conv(x, layer.kernel, strides=list(layer.strides), padding="valid",
+                           dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+        padding = "valid"
+    elif layer.groups > 1 or layer.rank == 3:
+        z = _with_gradient(layer.convolution_op, _conv_grad(layer, padding, layer.groups),
+                           x, _value(layer.kernel))
+    else:
+        z = layer.convolution_op(x, layer.kernel)
+    if layer.use_bias:
+        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
+    outputs = _finish(layer, z)
+    a = tf.cast(x, tf.float32)
+    kernel_size = tuple(layer.kernel_size)
+    groups = layer.groups
+
+    def sum_sq(delta, weight):
+        out_sizes = _spatial(delta, 2)
+        pads = _pads(_spatial(a, 1), out_sizes, kernel_size, layer.strides, layer.dilation_rate,
+                     padding)
+        geometry = (kernel_size, layer.strides, layer.dilation_rate, pads, out_sizes)
+        if groups == 1:
+            sq_kernel = _dense_patch_square_sum(a, delta, weight, geometry)
+        else:
+            k, n = leading_dims(delta)
+            c_in, filters = a.shape[-1], delta.shape[-1]
+            patches = extract_patches(a, *geometry)
+            p = tf.reshape(patches, [n, -1, math.prod(kernel_size), groups, c_in // groups])
+            d = tf.reshape(delta, [k, n, -1, groups, filters // groups])
+            sq_kernel = weighted_square_sum(tf.einsum("nlagc,knlgo->knacgo", p, d), weight)
+        pairs = [(layer.kernel, tf.reshape(sq_kernel, layer.kernel.shape))]
+        if layer.use_bias:
+            pairs.append((layer.bias, _bias_sq(delta, weight)))
+        return pairs
+
+    return outputs, z, sum_sq
+
+
+# -- DepthwiseConv1D / DepthwiseConv2D ----------------------------------------------------
+def _depthwise_grad(a, delta, layer, kernel_size, multiplier):
+    """Per-example depthwise kernel gradients (K, N, kk, C, M) from inputs ``a`` (N, *in, C)."""
+    k, n = leading_dims(delta)
+    out_sizes = _spatial(delta, 2)
+    pads = _pads(_spatial(a, 1), out_sizes, kernel_size, layer.strides, layer.dilation_rate,
+                 layer.padding)
+    patches = extract_patches(a, kernel_size, layer.strides, layer.dilation_rate, pads, out_sizes)
+    c = a.shape[-1]
+    p = tf.reshape(patches, [n, -1, math.prod(kernel_size), c])               # (N, L, kk, C)
+    d = tf.reshape(delta, [k, n, -1, c, multiplier])                           # (K, N, L, C, M)
+    return tf.einsum("nlac,knlcm->knacm", p, d)
+
+
+def depthwise_conv_rule(layer, inputs, *args, **kwargs):
+    family = type(layer).__name__
+    _check(layer, family)
+    def native(x, kernel):
+        return keras.ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                        dilation_rate=layer.dilation_rate,
+                                        data_format=layer.data_format)
+
+    def grad_fn(x, params, dy):
+        return list(_depthwise_grads(layer, x, params[0], dy))
+
+    z = _with_gradient(native, grad_fn, inputs, _value(layer.kernel))
+    channels = inputs.shape[-1] * layer.depth_multiplier
+    if layer.use_bias:
+        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, channels)))
+    outputs = _finish(layer, z)
+    a = tf.cast(inputs, tf.float32)
+    kernel_size = tuple(layer.kernel_size)
+
+    def sum_sq(delta, weight):
+        g = _depthwise_grad(a, delta, layer, kernel_size, layer.depth_multiplier)
+        pairs = [(layer.kernel, tf.reshape(weighted_square_sum(g, weight), layer.kernel.shape))]
+        if layer.use_bias:
+            pairs.append((layer.bias, _bias_sq(delta, weight)))
+        return pairs
+
+    return outputs, z, sum_sq
+
+
+# -- SeparableConv1D / SeparableConv2D ----------------------------------------------------
+def separable_conv_rule(layer, inputs, *args, **kwargs):
+    family = type(layer).__name__
+    _check(layer, family)
+    def native(x, depthwise_kernel, pointwise_kernel):
+        return keras.ops.separable_conv(x, depthwise_kernel, pointwise_kernel,
+                                        strides=layer.strides, padding=layer.padding,
+                                        dilation_rate=layer.dilation_rate,
+                                        data_format=layer.data_format)
+
+    def grad_fn(x, params, dy):
+        depthwise_kernel, pointwise_kernel = params
+        mid = keras.ops.depthwise_conv(x, depthwise_kernel, strides=layer.strides,
+                                       padding=layer.padding, dilation_rate=layer.dilation_rate,
+                                       data_format=layer.data_format)
+        pw = tf.reshape(pointwise_kernel, [mid.shape[-1], -1])                 # (C·M, F)
+        d_mid = tf.tensordot(dy, tf.transpose(pw), 1)
+        dx, d_depthwise = _depthwise_grads(layer, x, depthwise_kernel, d_mid)
+        d_pointwise = tf.matmul(_rows(mid, pw.shape[0]), _rows(dy, pw.shape[1]), transpose_a=True)
+        return [dx, d_depthwise, tf.reshape(d_pointwise, pointwise_kernel.shape)]
+
+    z = _with_gradient(native, grad_fn, inputs,
+                       _value(layer.depthwise_kernel),
+                       _value(layer.pointwise_kernel))
+    if layer.use_bias:
+        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
+    outputs = _finish(layer, z)
+    a = tf.cast(inputs, tf.float32)
+    kernel_size = tuple(layer.kernel_size)
+
+    def sum_sq(delta, weight):
+        # The depthwise output (pointwise input); recomputed here, off the probe's path.
+        mid = keras.ops.depthwise_conv(a, tf.cast(layer.depthwise_kernel, tf.float32),
+                                       strides=layer.strides, padding=layer.padding,
+                                       dilation_rate=layer.dilation_rate,
+                                       data_format=layer.data_format)
+        k, n = leading_dims(delta)
+        filters = delta.shape[-1]
+        pw = tf.reshape(tf.cast(layer.pointwise_kernel, tf.float32), [-1, filters])   # (C·M, F)
+        d = tf.reshape(delta, [k, n, -1, filters])                                     # (K, N, L, F)
+        m = tf.reshape(mid, [n, -1, pw.shape[0]])                                      # (N, L, C·M)
+        g_pw = tf.einsum("nlj,knlf->knjf", m, d)
+        delta_mid = tf.reshape(tf.einsum("knlf,jf->knlj", d, pw),
+                               static_or_dynamic_shape(delta)[:-1] + [pw.shape[0]])
+        g_dw = _depthwise_grad(a, delta_mid, layer, kernel_size, layer.depth_multiplier)
+        pairs = [
+            (layer.depthwise_kernel,
+             tf.reshape(weighted_square_sum(g_dw, weight), layer.depthwise_kernel.shape)),
+            (layer.pointwise_kernel,
+             tf.reshape(weighted_square_sum(g_pw, weight), layer.pointwise_kernel.shape)),
+        ]
+        if layer.use_bias:
+            pairs.append((layer.bias, _bias_sq(delta, weight)))
+        return pairs
+
+    return outputs, z, sum_sq
+
+
+# -- Conv1DTranspose / Conv2DTranspose / Conv3DTranspose ----------------------------------
+def conv_transpose_rule(layer, inputs, *args, **kwargs):
+    family = type(layer).__name__
+    _check(layer, family)
+    def native(x, kernel):
+        return keras.ops.conv_transpose(x, kernel, strides=list(layer.strides),
+                                        padding=layer.padding, output_padding=layer.output_padding,
+                                        dilation_rate=layer.dilation_rate,
+                                        data_format=layer.data_format)
+
+    if layer.rank == 3:
+        z = _with_gradient(native, _conv_transpose_grad(layer), inputs,
+                           _value(layer.kernel))
+    else:
+        z = native(inputs, layer.kernel)
+    if layer.use_bias:
+        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
+    outputs = _finish(layer, z)
+    x = tf.cast(inputs, tf.float32)
+    kernel_size = tuple(layer.kernel_size)
+
+    def sum_sq(delta, weight):
+        k, n = leading_dims(delta)
+        filters, c_in = delta.shape[-1], x.shape[-1]
+        z_sizes, x_sizes = _spatial(delta, 2), _spatial(x, 1)
+        # The convolution z-space -> x-space whose adjoint the layer computes.
+        pads = _pads(z_sizes, x_sizes, kernel_size, layer.strides, layer.dilation_rate, layer.padding)
+        flat_delta = tf.reshape(delta, [-1] + static_or_dynamic_shape(delta)[2:])
+        patches = extract_patches(flat_delta, kernel_size, layer.strides, layer.dilation_rate,
+                                  pads, x_sizes)                      # (K·N, *x_sizes, kk, F)
+        p = tf.reshape(patches, [k, n, -1, math.prod(kernel_size) * filters])
+        xs = tf.reshape(x, [n, -1, c_in])
+        g = tf.einsum("knlj,nlc->knjc", p, xs)
+        pairs = [(layer.kernel, tf.reshape(weighted_square_sum(g, weight), layer.kernel.shape))]
+        if layer.use_bias:
+            pairs.append((layer.bias, _bias_sq(delta, weight)))
+        return pairs
+
+    return outputs, z, sum_sq
+
+
+for _cls in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
+    register_rule(_cls, conv_rule)
+for _cls in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
+    register_rule(_cls, depthwise_conv_rule)
+for _cls in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
+    register_rule(_cls, separable_conv_rule)
+for _cls in (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose):
+    register_rule(_cls, conv_transpose_rule)

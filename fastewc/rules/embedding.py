@@ -1,0 +1,62 @@
+"""Factored rule for ``keras.layers.Embedding``.
+
+The output at position t of example n is row ``ids[n, t]`` of the table E, so example n's
+gradient is the scatter-add of its output gradients over its token ids:
+
+    g_kn(E)[v] = Σ_{t : ids[n, t] = v} δ_knt,      Σ_k Σ_n w_kn g_kn(E)[v]²
+
+A token repeated within one example sums BEFORE squaring (the squares of the separate
+positions would be a different, wrong quantity).  Only the rows an example touches are
+non-zero, so the per-example gradients are never formed as (N, vocabulary, dim): each
+example's positions are sorted by id, equal ids form one segment (at most T per example),
+the segments are summed, squared, weighted and scattered into the table's rows.  Memory
+K·N·T·dim; every shape is static, so it also runs under XLA.
+"""
+import keras
+import tensorflow as tf
+
+from fastewc.registry import register_rule
+from fastewc.rules._common import check_plain, leading_dims
+
+
+def _segments(ids):
+    """For ids (N, T): each position's segment in [0, N·T) (one per distinct id of an
+    example) and each segment's token id (0 for unused segments)."""
+    n, t = tf.shape(ids)[0], tf.shape(ids)[1]
+    order = tf.argsort(ids, axis=1, stable=True)
+    sorted_ids = tf.gather(ids, order, batch_dims=1)
+    starts = tf.concat([tf.ones([n, 1], tf.int32),
+                        tf.cast(sorted_ids[:, 1:] != sorted_ids[:, :-1], tf.int32)], axis=1)
+    local = tf.cumsum(starts, axis=1) - 1                                   # sorted order
+    seg_sorted = local + tf.range(n)[:, None] * t
+    seg = tf.gather(seg_sorted, tf.argsort(order, axis=1), batch_dims=1)    # original order
+    num = n * t
+    token = tf.math.unsorted_segment_max(tf.reshape(ids, [-1]), tf.reshape(seg, [-1]), num)
+    return seg, tf.maximum(token, 0), num
+
+
+def embedding_rule(layer, inputs, *args, **kwargs):
+    check_plain(layer, "Embedding")
+    if isinstance(inputs, (tf.SparseTensor, tf.RaggedTensor)):
+        raise ValueError(
+            f"Layer '{layer.name}' (Embedding) received {type(inputs).__name__} ids; the "
+            "factored Fisher rule supports dense id tensors only. Use method='vmap'.")
+    outputs = keras.layers.Embedding.call(layer, inputs)
+    ids = tf.cast(inputs, tf.int32)
+    ids = tf.where(ids < 0, ids + layer.input_dim, ids)       # as keras.ops.take
+    table = layer.embeddings
+
+    def sum_sq(delta, weight):
+        (k, n), dim = leading_dims(delta), delta.shape[-1]
+        flat_ids = tf.reshape(ids, [n, -1])                                   # (N, T)
+        seg, token, num = _segments(flat_ids)
+        d = tf.transpose(tf.reshape(delta, [k, n, -1, dim]), [1, 2, 0, 3])    # (N, T, K, D)
+        g = tf.math.unsorted_segment_sum(d, seg, num)                         # (N·T, K, D)
+        w = tf.repeat(tf.transpose(weight), tf.shape(flat_ids)[1], axis=0)    # (N·T, K)
+        rows = tf.einsum("sk,skd->sd", w, tf.square(g))
+        return [(table, tf.math.unsorted_segment_sum(rows, token, layer.input_dim))]
+
+    return outputs, outputs, sum_sq
+
+
+register_rule(keras.layers.Embedding, embedding_rule)
