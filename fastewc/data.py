@@ -125,7 +125,7 @@ def iterate(data, batch_size):
 
 
 def _make(x, y, n, b, index):
-    mask = tf.concat([tf.ones([n], tf.float32), tf.zeros([b - n], tf.float32)], 0)
+    mask = tf.constant(np.arange(b) < n, tf.float32)
     if n != b:
         x = tf.nest.map_structure(lambda t: _pad(t, b), x)
         y = _pad(y, b)
