@@ -11,11 +11,12 @@ kernel gradient SUMS over positions BEFORE it is squared:
 with δ_knl = ∂ℓ/∂z_nl for cotangent k (Grosse & Martens 2016, "A Kronecker-factored
 approximate Fisher matrix for convolution layers", §2; here exact, not Kronecker-factored).
 
-The patches A (N, L, kernel_size·C_in) are extracted ONCE per layer by strided slices of
-the explicitly padded input (the same padding TensorFlow uses for "same"/"valid"/"causal")
-and contracted with δ for all K cotangents in one batched matmul, so ``exact`` (K = C)
-costs one patch extraction and a K-times-wider matmul.  Memory: N·L·kernel_size·C_in
-floats for the patches plus K·N·|W| for the per-example gradients.
+The patches A (N, L, kernel_size·C_in) are strided slices of the explicitly padded input
+(the padding TensorFlow uses for "same"/"valid"/"causal").  With one cotangent (empirical,
+sampled with one draw) each kernel offset is a (C_in × L)(L × F) matmul on a strided view,
+so the patch tensor is never built; with K cotangents (exact: K = C) the patches are built
+ONCE and reused by K matmuls.  Cost ≈ K × the batch kernel gradient; memory
+N·L·kernel_size·C_in floats for the patches plus N·|W| per cotangent.
 
 * groups: the input channels split into G groups; g_kn(W)[a, c, g·F_g + o] =
   Σ_l A_nl[a, g, c] δ_knl[g, o].
@@ -25,6 +26,12 @@ floats for the patches plus K·N·|W| for the per-example gradients.
 * transpose: z = Cᵀx for the convolution C (z-space → x-space) with the same kernel, so
   ⟨δ, Cᵀ_W x⟩ = ⟨C_W δ, x⟩ and g_kn(W)[a, f, c] = Σ_l patch(δ_kn)_l[a, f] x_nl[c]: the
   patches are taken from δ (K·N of them) over the x positions.
+
+The forward pass is the layer's own op, so the outputs are bit-identical.  Depthwise,
+separable, grouped and 3-D (transposed) convolutions route their gradient through ops that
+``tf.vectorized_map`` can vectorize with a shared weight (see :func:`_with_gradient`);
+without that, back-propagating the K cotangents of ``sampled``/``exact`` through such a
+layer fails in TensorFlow's pfor.
 
 Unsupported (a clear ValueError naming the layer): data_format="channels_first", LoRA or
 quantized kernels, and subclasses that override ``call`` (see :mod:`fastewc.registry`).
@@ -151,11 +158,13 @@ def _with_gradient(native, grad_fn, x, *params):
     """``native(x, *params)`` (the layer's own op: its exact outputs) differentiated by
     ``grad_fn(x, params, dy) -> [dx, *dparams]``.
 
-    fastewc back-propagates the K cotangents of a batch at once with ``tf.vectorized_map``.
-    TensorFlow's converters for the input gradient of depthwise, grouped and 3-D (transposed)
-    convolutions need a weight that varies with the vectorized index ('Input "filter" ...
-    expected to be not loop invariant'); a layer's weight is shared.  Those layers keep their
-    own forward op and take their gradient through strided slices and matmuls instead.
+    fastewc back-propagates the K cotangents of a batch at once with ``tf.vectorized_map``
+    (pfor).  TensorFlow has no pfor conversion for the input gradient of depthwise, grouped
+    and 3-D (transposed) convolutions whose weight is shared across the vectorized index
+    ('Input "filter" of op ... expected to be not loop invariant'), so those layers keep
+    their own forward op and take their gradient from ``grad_fn``: strided slices, pads and
+    einsums for grouped and 3-D convolutions, and for depthwise ones TensorFlow's own
+    gradient with the weight made to vary (:func:`_depthwise_grads`).
     """
     @tf.custom_gradient
     def call(x, *params):
@@ -236,20 +245,25 @@ def _conv_grad(layer, padding, groups):
     return grad_fn
 
 
+def _depthwise_op(layer):
+    def native(x, kernel):
+        return keras.ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                        dilation_rate=layer.dilation_rate,
+                                        data_format=layer.data_format)
+    return native
+
+
 def _depthwise_grads(layer, x, kernel, dy):
-    """(dx, dkernel) of a depthwise convolution: T_a multiplies channel c by W[a, c, :]."""
-    c, m = kernel.shape[-2], kernel.shape[-1]
-    w = tf.reshape(kernel, [-1, c, m])
-    dym = tf.reshape(dy, static_or_dynamic_shape(dy)[:-1] + [c, m])
-
-    def back(dy, i):
-        return tf.reduce_sum(dym * w[i], axis=-1)
-
-    def outer(win, dy, i):
-        return tf.reduce_sum(_rows(win, c, 1) * _rows(dym, c, m), axis=0)
-
-    dx, dw = _windowed_grads(layer, layer.padding, x, dy, back, outer)
-    return dx, tf.reshape(dw, kernel.shape)
+    """(dx, dkernel) of a depthwise convolution from TensorFlow's own gradient, with input
+    and kernel made to vary with ``dy`` (+ 0·dy[0]): the vectorized_map converters of the
+    depthwise ops then apply (they fold the cotangents into channels).  Unused parts (the
+    recomputed forward, dkernel) are pruned from the graph when shapes are static."""
+    zero = 0.0 * tf.reshape(dy, [-1])[0]
+    x_v, kernel_v = x + tf.cast(zero, x.dtype), kernel + tf.cast(zero, kernel.dtype)
+    with tf.GradientTape() as tape:
+        tape.watch([x_v, kernel_v])
+        z = _depthwise_op(layer)(x_v, kernel_v)
+    return tape.gradient(z, [x_v, kernel_v], output_gradients=dy)
 
 
 def _conv_transpose_grad(layer):
@@ -279,18 +293,17 @@ def _conv_transpose_grad(layer):
 def conv_rule(layer, inputs, *args, **kwargs):
     family = type(layer).__name__
     _check(layer, family)
-    x = inputs
-    padding = layer.padding
+    x, padding, native = inputs, layer.padding, layer.convolution_op
     if padding == "causal":        # as keras.layers.Conv1D.call: pad left, then "valid"
-        x = keras.ops.pad(x, layer._compute_causal_padding())
-        z = keras.ops.conv(x, layer.kernel, strides=list(layer.strides), padding="valid",
-                           dilation_rate=layer.dilation_rate, data_format=layer.data_format)
-        padding = "valid"
-    elif layer.groups > 1 or layer.rank == 3:
-        z = _with_gradient(layer.convolution_op, _conv_grad(layer, padding, layer.groups),
-                           x, _value(layer.kernel))
+        x, padding = keras.ops.pad(x, layer._compute_causal_padding()), "valid"
+
+        def native(x, kernel):
+            return keras.ops.conv(x, kernel, strides=list(layer.strides), padding="valid",
+                                  dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+    if layer.groups > 1 or layer.rank == 3:
+        z = _with_gradient(native, _conv_grad(layer, padding, layer.groups), x, _value(layer.kernel))
     else:
-        z = layer.convolution_op(x, layer.kernel)
+        z = native(x, layer.kernel)
     if layer.use_bias:
         z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
     outputs = _finish(layer, z)
@@ -322,30 +335,30 @@ def conv_rule(layer, inputs, *args, **kwargs):
 
 # -- DepthwiseConv1D / DepthwiseConv2D ----------------------------------------------------
 def _depthwise_grad(a, delta, layer, kernel_size, multiplier):
-    """Per-example depthwise kernel gradients (K, N, kk, C, M) from inputs ``a`` (N, *in, C)."""
+    """Per-example depthwise kernel gradients (K, N, kk, C, M) from inputs ``a`` (N, *in, C):
+    per kernel offset, Σ_l window(a)_nlc · δ_knlcm (elementwise, no matmul: C separate
+    (kk × L)(L × M) products are too small for one)."""
     k, n = leading_dims(delta)
     out_sizes = _spatial(delta, 2)
     pads = _pads(_spatial(a, 1), out_sizes, kernel_size, layer.strides, layer.dilation_rate,
                  layer.padding)
-    patches = extract_patches(a, kernel_size, layer.strides, layer.dilation_rate, pads, out_sizes)
-    c = a.shape[-1]
-    p = tf.reshape(patches, [n, -1, math.prod(kernel_size), c])               # (N, L, kk, C)
+    ap, c = _pad(a, pads), a.shape[-1]
     d = tf.reshape(delta, [k, n, -1, c, multiplier])                           # (K, N, L, C, M)
-    return tf.einsum("nlac,knlcm->knacm", p, d)
+    grads = []
+    for offsets in _offsets(kernel_size):
+        win = tf.reshape(_window(ap, offsets, layer.strides, layer.dilation_rate, out_sizes),
+                         [n, -1, c, 1])                                        # (N, L, C, 1)
+        grads.append(tf.reduce_sum(win * d, axis=2))                           # (K, N, C, M)
+    return tf.stack(grads, axis=2)
 
 
 def depthwise_conv_rule(layer, inputs, *args, **kwargs):
     family = type(layer).__name__
     _check(layer, family)
-    def native(x, kernel):
-        return keras.ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
-                                        dilation_rate=layer.dilation_rate,
-                                        data_format=layer.data_format)
-
     def grad_fn(x, params, dy):
         return list(_depthwise_grads(layer, x, params[0], dy))
 
-    z = _with_gradient(native, grad_fn, inputs, _value(layer.kernel))
+    z = _with_gradient(_depthwise_op(layer), grad_fn, inputs, _value(layer.kernel))
     channels = inputs.shape[-1] * layer.depth_multiplier
     if layer.use_bias:
         z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, channels)))
@@ -375,9 +388,7 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
 
     def grad_fn(x, params, dy):
         depthwise_kernel, pointwise_kernel = params
-        mid = keras.ops.depthwise_conv(x, depthwise_kernel, strides=layer.strides,
-                                       padding=layer.padding, dilation_rate=layer.dilation_rate,
-                                       data_format=layer.data_format)
+        mid = _depthwise_op(layer)(x, depthwise_kernel)
         pw = tf.reshape(pointwise_kernel, [mid.shape[-1], -1])                 # (C·M, F)
         d_mid = tf.tensordot(dy, tf.transpose(pw), 1)
         dx, d_depthwise = _depthwise_grads(layer, x, depthwise_kernel, d_mid)
