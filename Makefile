@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The suites are benchmarks/bench_*.py (pytest collects test_*.py by default).
+BENCH_FILES := -o python_files=bench_*.py
 export PYTHONHASHSEED ?= 0
 
 .PHONY: venv test demo bench profile clean
@@ -19,14 +21,14 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
-	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider $(BENCH_FILES)
 
 demo: $(STAMP)
 	$(PY) -m fastewc demo $(ARGS)
 
 bench: $(STAMP)
 	mkdir -p benchmarks/results
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(ARGS)
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(BENCH_FILES) $(ARGS)
 
 profile: $(STAMP)
 	$(PY) -m profiles.capture $(ARGS)
