@@ -120,7 +120,7 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
         # Noise is drawn here, eagerly: XLA's stateless RNG gives other numbers than the
         # eager one, and every method must see the same draws.
         noise = (_noise(lik, seed_t, num_samples, tuple([int(batch.mask.shape[0])] + out_tail))
-                 if kind == "sampled" else _NO_NOISE)
+                 if kind == "sampled" else _no_noise())
         try:
             state = _run_batch(model, lik, kind, chosen, num_samples, jit_compile, x, y,
                                batch.mask, noise, batch.count, state)
@@ -345,8 +345,15 @@ def _output_range(out):
     return tf.stack([tf.reduce_min(out), tf.reduce_max(out)])
 
 
-_NO_NOISE = tf.zeros([0])
 _NOISE_FUNCTIONS = {}
+
+
+def _no_noise():
+    """The empty noise tensor, made on first use: a tensor made at import time would
+    initialize the TF runtime and forbid users to configure devices after importing us."""
+    if "none" not in _NOISE_FUNCTIONS:
+        _NOISE_FUNCTIONS["none"] = tf.zeros([0])
+    return _NOISE_FUNCTIONS["none"]
 
 
 def _noise(lik, seed_t, num_samples, shape):

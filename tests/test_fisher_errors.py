@@ -185,3 +185,14 @@ def test_a_model_that_gained_a_head_gets_a_fisher_for_every_variable():
     x, y = data(classes=5)
     fisher = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)
     assert [tuple(f.shape) for f in fisher] == [tuple(v.shape) for v in model.trainable_variables]
+
+
+def test_importing_fastewc_leaves_tensorflow_uninitialized():
+    """Users configure devices (logical CPUs, memory growth) after their imports."""
+    code = ("import tensorflow as tf, fastewc\n"
+            "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+            "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+            "print(len(tf.config.list_logical_devices('CPU')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("2")
