@@ -76,7 +76,7 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
         grads = tape.gradient(target, variables)
         for i, g in enumerate(grads):
             if g is not None:
-                sums[i] += weight * np.square(g.numpy().astype(np.float64))
+                sums[i] += weight * np.square(tf.convert_to_tensor(g).numpy().astype(np.float64))  # IndexedSlices too
 
     for n in range(n_total):
         xn = tf.constant(x[n:n + 1].astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x[n:n + 1])

@@ -223,3 +223,18 @@ def test_data_sets_of_different_small_sizes_share_one_compiled_function():
         got = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", method="factored")
         assert_matches(got, reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind="exact"))
     assert fisher_lib.tracing_count(model) == 1
+
+
+def test_embedding_model_matches_float64_reference():
+    """The reference densifies Embedding gradients (IndexedSlices) itself."""
+    keras.utils.set_random_seed(2)
+    def build(dtype=None):
+        return keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(11, 4, dtype=dtype),
+                                 keras.layers.Flatten(dtype=dtype), keras.layers.Dense(3, dtype=dtype)])
+    model, twin = build(), build("float64")
+    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 11, size=(9, 5)).astype(np.int32), rng.integers(0, 3, size=9)
+    want = reference_fisher(twin, x, y, loss=LOGITS, kind="exact")
+    for method in ("factored", "loop"):
+        assert_matches(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", method=method), want)
