@@ -1,4 +1,5 @@
-"""Run a model's forward pass with each weighted layer's ``call`` swapped for its rule.
+"""Run a model's forward pass with each weighted layer's ``call`` swapped for its rule
+(and each non-overlapping max pooling's for :mod:`fastewc.pooling`'s cheaper backward).
 
 ``owned_trainable_variables(layer)`` is a layer's own trainable weights (not those of its
 sublayers): those are what a rule accounts for.  Nested models and layers made of
@@ -8,7 +9,7 @@ the model is never left modified.
 """
 import contextlib
 
-from fastewc import registry
+from fastewc import pooling, registry
 
 
 def owned_trainable_variables(layer):
@@ -43,6 +44,8 @@ class Recorder:
         self.records = []       # (layer, probe, sum_sq)
         self.shared = []        # layers called more than once
         self._called = set()
+        # Set by the caller before back-propagating: K ≥ pooling.MIN_COTANGENTS.
+        self.mask_pooling = False
 
     def wrap(self, layer, rule):
         def call(inputs, *args, **kwargs):
@@ -85,6 +88,11 @@ def capture(model):
                     "needs them inside layers. Use method='vmap'.")
             object.__setattr__(layer, "call", recorder.wrap(layer, rule))
             patched.append(layer)
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            call = pooling.masked_max_pool_call(layer, lambda: recorder.mask_pooling)
+            if call is not None and "call" not in layer.__dict__:
+                object.__setattr__(layer, "call", call)
+                patched.append(layer)
         yield recorder
     finally:
         for layer in patched:

@@ -43,6 +43,7 @@ import tensorflow as tf
 from fastewc import capture as capture_lib
 from fastewc import data as data_lib
 from fastewc import likelihood as likelihood_lib
+from fastewc import pooling
 from fastewc._checks import check_one_of, check_positive_int, check_seed
 
 METHODS = ("auto", "loop", "vmap", "jacobian", "factored")
@@ -418,6 +419,28 @@ def _zeros_if_none(grads, variables):
             for g, v in zip(grads, variables)]
 
 
+# Up to this many cotangents per example the factored backward pass is unrolled in Python
+# (K graph copies of the backward pass); above it, one ``tf.vectorized_map``.
+_MAX_UNROLLED_COTANGENTS = 16
+
+
+def _cotangent_deltas(tape, out, probes, u):
+    """∂⟨u_k, out⟩/∂probe for each of the K cotangents ``u`` (K, *out.shape): for each
+    probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``.
+
+    K ≤ 16 (every ``exact`` kind of up to 16 classes, ``sampled`` with few draws) is unrolled:
+    K backward passes over the batch measured faster than one ``vectorized_map`` on the
+    reference CNN (1.45 s vs 1.66 s, exact, 256 examples), and they need no pfor
+    converter, so a layer whose gradient TensorFlow cannot vectorize still works."""
+    k = u.shape[0]
+    if k is not None and k <= _MAX_UNROLLED_COTANGENTS:
+        per_k = [tape.gradient(out, probes, output_gradients=u[i]) for i in range(k)]
+        return [None if per_probe[0] is None else tf.stack(per_probe)
+                for per_probe in zip(*per_k)]
+    return tf.vectorized_map(lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
+                             fallback_to_while_loop=False)
+
+
 def _factored_body(model, lik, kind, num_samples):
     variables = model.trainable_variables
 
@@ -430,13 +453,9 @@ def _factored_body(model, lik, kind, num_samples):
             scale = _scale_for(out.dtype)
             u = tf.cast(u * scale, out.dtype)
             probes = [probe for _, probe, _ in recorder.records]
-            if u.shape[0] == 1:
-                deltas = tape.gradient(out, probes, output_gradients=u[0])
-                deltas = [None if d is None else d[None] for d in deltas]
-            else:
-                deltas = tf.vectorized_map(
-                    lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
-                    fallback_to_while_loop=False)
+            k = u.shape[0]
+            recorder.mask_pooling = k is None or k >= pooling.MIN_COTANGENTS
+            deltas = _cotangent_deltas(tape, out, probes, u)
             del tape
             sums = {}
             for (layer, probe, sum_sq), delta in zip(recorder.records, deltas):

@@ -14,16 +14,21 @@ their weights, ``(U, W)`` with ``U`` of shape (K, N, *output) and ``W`` of shape
 |-------------|----------------------|-------------------------------|----------------|
 | empirical   | 1                    | u_n(y_n), y_n the true label  | 1              |
 | sampled     | num_samples          | u_n(ŷ_k), ŷ_k ~ p(·|x_n)      | 1/num_samples  |
-| exact       | C (classes) / 2D / D | u_n(c) for every outcome c    | p(c|x_n) / 1   |
+| exact       | C−1 / D / D (logits) | see below                     | 1              |
 
 Families (ℓ always as the log-likelihood of the model, which is what the Fisher needs):
 
 * categorical (sparse or one-hot cross-entropy): ℓ is Keras' cross-entropy itself,
-  ``from_logits`` honoured.  Exact: K = C outcomes weighted by p_c.
+  ``from_logits`` honoured.  Exact: the C outcomes u_n(c) weighted by p_c, reduced to
+  K = C − 1 unit-weight cotangents for logits (:func:`drop_score_direction`).
 * binary (binary cross-entropy, D independent Bernoulli outputs): ℓ = Σ_j BCE_j, the SUM
   over output units (Keras averages them; the likelihood of D independent units sums).
-  Exact: for each unit j and outcome b ∈ {0, 1}, K = 2D, weighted by p_j(b).  The
-  cross terms between units vanish in expectation, so this is the full expectation.
+  Exact: for each unit j and outcome b ∈ {0, 1}, weighted by p_j(b), reduced to one
+  cotangent per unit (K = D) for logits.  The cross terms between units vanish in
+  expectation, so this is the full expectation.
+
+Probabilities (``from_logits=False``) keep all C / 2D outcomes: Keras clips them to
+[ε, 1 − ε], and the clipped score no longer has mean zero, which the reduction needs.
 * gaussian (``"mse"``): a unit-variance Gaussian, ℓ = ½‖y − o‖² (Keras' MSE is the mean of
   the squares; the log-likelihood is half their sum).  Exact: K = D unit cotangents e_j,
   which gives diag(JᵀJ).  Sampled: ŷ = o + ε, ε ~ N(0, I).
@@ -107,7 +112,15 @@ class Likelihood:
         if kind == "sampled":
             return num_samples
         size = int(np.prod(out_tail))
-        return {"categorical": out_tail[-1], "binary": 2 * size, "gaussian": size}[self.family]
+        if self.family == "categorical":
+            return out_tail[-1] - 1 if self._reduces(out_tail[-1]) else out_tail[-1]
+        if self.family == "binary":
+            return size if self._reduces(2) else 2 * size
+        return size
+
+    def _reduces(self, outcomes):
+        """Whether the exact kind drops the score's zero-mean direction (logits only)."""
+        return self.from_logits and outcomes >= 2
 
     def noise(self, seed, num_samples, out_shape):
         """Noise for the sampled kind; ``seed`` is an int32 tensor [seed, batch_index]."""
@@ -150,6 +163,8 @@ class Likelihood:
             ids = tf.broadcast_to(tf.range(c)[:, None], [c, n])
             out_k = tf.broadcast_to(out[None], tf.concat([[c], tf.shape(out)], 0))
             u = self._grad_wrt_out(self._as_labels(ids, c), out_k)
+            if self._reduces(c):
+                return drop_score_direction(u, tf.transpose(p))
             return u, tf.transpose(p)
         if self.family == "binary":
             p = self.probs(out)                                   # (N, D)
@@ -165,6 +180,9 @@ class Likelihood:
                 g = tape.gradient(total, out)                     # (N, D): ∂ℓ_j(b)/∂o_j
                 us.append(units[:, None, :] * g[None])            # (D, N, D)
                 ws.append(tf.transpose(p if outcome else 1.0 - p))
+            if self._reduces(2):                                  # per unit: 2 outcomes -> 1
+                u, w = drop_score_direction(tf.stack(us), tf.stack(ws))
+                return u[0], w[0]
             return tf.concat(us, 0), tf.concat(ws, 0)
         d = int(np.prod(out.shape[1:]))   # static even when the batch dimension is not
         u = tf.broadcast_to(tf.eye(d, dtype=tf.float32)[:, None, :], [d, n, d])
@@ -239,6 +257,29 @@ class Likelihood:
             raise ValueError(
                 f"Binary cross-entropy labels must lie in [0, 1]. Received: labels in [{y.min()}, {y.max()}].")
         return y.astype(np.float32)
+
+
+def drop_score_direction(u, w):
+    """C outcome cotangents with probabilities as weights -> C − 1 with unit weights.
+
+    ``u`` (C, ...) holds the score u_c = ∂ℓ(c)/∂o of every outcome and ``w`` (C, ...) its
+    probability p_c (leading axes beyond the first are batch axes and broadcast).  The
+    exact Fisher in output space is M = Σ_c p_c u_c u_cᵀ = B Bᵀ with columns b_c = √p_c u_c.
+    The score has mean zero, Σ_c p_c u_c = 0, i.e. B s = 0 for the unit vector s = √p, so
+
+        M = B (I − s sᵀ) Bᵀ = (B H E)(B H E)ᵀ
+
+    with H = I − v vᵀ/(1 + s_m), v = s + e_m, the Householder reflection taking s to −e_m
+    (so I − s sᵀ = H (I − e_m e_mᵀ) H), and E the identity without column m.  Column j of
+    B H E is c_j = b_j − b_m · s_j / (1 + s_m): C − 1 cotangents of weight 1 give the same
+    Fisher as the C weighted ones, for any per-example p (1 + s_m ≥ 1 never divides by a
+    small number).  m is the last outcome.  Saves 1/C of the backward passes (10% on a
+    10-class model, half for a sigmoid output)."""
+    s = tf.sqrt(tf.maximum(w, 0.0))
+    grow = [Ellipsis] + [None] * (u.shape.rank - w.shape.rank)
+    b = u * s[tuple(grow)]
+    coefficient = s[:-1] / (1.0 + s[-1:])
+    return b[:-1] - b[-1:] * coefficient[tuple(grow)], tf.ones_like(w[:-1])
 
 
 def _batch_shape(tail):
