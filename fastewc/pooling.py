@@ -19,7 +19,7 @@ forward op is unchanged.  Layers it does not cover (overlapping windows, ``"same
 padding, channels_first, MaxPooling3D whose TensorFlow gradient splits ties differently)
 keep TensorFlow's gradient.
 """
-import math
+import itertools
 
 import keras
 import tensorflow as tf
@@ -56,47 +56,37 @@ def masked_max_pool_call(layer, use_mask):
                 if not use_mask():
                     with tf.GradientTape() as tape:
                         tape.watch(x)
-                        y = native(layer, x)
-                    return tape.gradient(y, x, output_gradients=dy)
+                        again = native(layer, x)
+                    return tape.gradient(again, x, output_gradients=dy)
                 if not mask:
-                    mask.append(_first_max_mask(x, pool))
+                    mask.append(_first_max_mask(x, y, pool))
                 return _route(dy, mask[0], pool, x)
-            return native(layer, x), grad
+            y = native(layer, x)
+            return y, grad
         return pooled(inputs)
 
     return call
 
 
-def _cropped(x, pool):
-    """``x`` (B, *S, C) without the trailing rows "valid" pooling never reads."""
-    sizes = x.shape[1:-1]
-    index = (slice(None),) + tuple(slice(0, (s // p) * p) for s, p in zip(sizes, pool)) + (slice(None),)
-    return x[index]
-
-
-def _split_windows(x, pool):
-    """(B, *S, C) -> (B, o_1, p_1, ..., o_r, p_r, C) with o_i = S_i // p_i."""
-    shape = [-1]
-    for size, p in zip(x.shape[1:-1], pool):
-        shape += [size // p, p]
-    return tf.reshape(x, shape + [x.shape[-1]])
-
-
-def _first_max_mask(x, pool):
-    """(B, o_1, p_1, ..., o_r, p_r, C) one-hot of each window's first maximum."""
-    rank = len(pool)
-    windows = _split_windows(_cropped(x, pool), pool)
-    outer = [0] + [1 + 2 * i for i in range(rank)] + [1 + 2 * rank]      # B, o_i..., C
-    inner = [2 + 2 * i for i in range(rank)]                              # p_i...
-    flat = tf.transpose(windows, outer + inner)
-    lead = tf.shape(flat)[:rank + 2]
-    flat = tf.reshape(flat, tf.concat([lead, [math.prod(pool)]], 0))
-    hot = tf.one_hot(tf.argmax(flat, axis=-1), math.prod(pool), dtype=x.dtype)
-    hot = tf.reshape(hot, tf.concat([lead, pool], 0))                    # B, o..., C, p...
-    back = [0] * (2 * rank + 2)
-    for position, axis in enumerate(outer + inner):
-        back[axis] = position
-    return tf.transpose(hot, back)
+def _first_max_mask(x, y, pool):
+    """(B, o_1, p_1, ..., o_r, p_r, C) 0/1 mask of each window's first maximum, ``y`` the
+    pooled output: offsets are visited in row-major order and an offset is hit where its
+    strided view equals y and no earlier offset was.  Elementwise on (B, *o, C) views: no
+    transpose, argmax or one-hot of the (B, *S, C) input."""
+    taken, hits = None, {}
+    for offsets in itertools.product(*(range(p) for p in pool)):
+        index = (slice(None),) + tuple(slice(o, o + (size // p) * p, p)
+                                       for o, size, p in zip(offsets, x.shape[1:-1], pool))
+        hit = tf.equal(x[index + (slice(None),)], y)
+        hit = hit if taken is None else tf.logical_and(hit, tf.logical_not(taken))
+        taken = hit if taken is None else tf.logical_or(taken, hit)
+        hits[offsets] = tf.cast(hit, x.dtype)
+    for dim in reversed(range(len(pool))):   # stack p_dim right after o_dim: axis dim + 2
+        grouped = {}
+        for offsets, t in hits.items():
+            grouped.setdefault(offsets[:dim], []).append(t)
+        hits = {prefix: tf.stack(ts, axis=dim + 2) for prefix, ts in grouped.items()}
+    return hits[()]
 
 
 def _route(dy, mask, pool, x):
