@@ -14,7 +14,7 @@ approximate Fisher matrix for convolution layers", §2; here exact, not Kronecke
 The patches A (N, L, kernel_size·C_in) are strided slices of the explicitly padded input
 (the padding TensorFlow uses for "same"/"valid"/"causal").  With one cotangent (empirical,
 sampled with one draw) each kernel offset is a (C_in × L)(L × F) matmul on a strided view,
-so the patch tensor is never built; with K cotangents (exact: K = C) the patches are built
+so the patch tensor is never built; with K cotangents (exact: K = C − 1) the patches are built
 ONCE and reused by K matmuls.  Cost ≈ K × the batch kernel gradient; memory
 N·L·kernel_size·C_in floats for the patches plus N·|W| per cotangent.
 
