@@ -53,6 +53,7 @@ FACTORED_CHUNK_FLOATS = 2**24      # K · rows · probe size: the factored delta
 FLOAT16_COTANGENT_SCALE = 2.0**8
 
 _ENGINES = weakref.WeakKeyDictionary()   # model -> {key: compiled batch function}
+_PROBE_FLOATS = weakref.WeakKeyDictionary()   # model -> {input signature: probe floats}
 _WARNED = set()
 
 
@@ -485,7 +486,17 @@ def _tile_pairs(x, k):
 def _probe_floats(model, x):
     """Per-example size of every factored rule's probe (the layer outputs the K cotangents
     are back-propagated to), from one eager example; None if capture fails here (the
-    compiled call then raises or falls back with its own, checked message)."""
+    compiled call then raises or falls back with its own, checked message).  Cached per
+    model, input signature and variables: the eager forward is paid once."""
+    key = (tuple((tuple(t.shape[1:]), t.dtype.name) for t in tf.nest.flatten(x)),
+           tuple(id(v) for v in model.trainable_variables))
+    cache = _PROBE_FLOATS.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _measure_probe_floats(model, x)
+    return cache[key]
+
+
+def _measure_probe_floats(model, x):
     try:
         with capture_lib.capture(model) as recorder:
             model(x, training=False)
