@@ -53,6 +53,7 @@ FACTORED_CHUNK_FLOATS = 2**24      # K · rows · probe size: the factored delta
 FLOAT16_COTANGENT_SCALE = 2.0**8
 
 _ENGINES = weakref.WeakKeyDictionary()   # model -> {key: compiled batch function}
+_CONCRETE = weakref.WeakKeyDictionary()   # compiled function -> {arg shapes: concrete function}
 _PROBE_FLOATS = weakref.WeakKeyDictionary()   # model -> {input signature: probe floats}
 _WARNED = set()
 
@@ -332,7 +333,17 @@ def _run_batch(model, lik, kind, method, num_samples, jit, x, y, mask, noise, co
     if distributed:
         from fastewc import distribute  # rows split over replicas, sums all-reduced
         return _fold_compiled(distribute.run_fisher_batch(fn, x, y, mask, noise), count_t, state)
-    return fn(x, y, mask, noise, count_t, state)
+    # The concrete function of this exact signature, called directly: the polymorphic
+    # dispatch (type canonicalisation and subtype lookup of ~20 arguments) cost 0.7 ms
+    # of host time per call (measured: 3.4 -> 2.7 ms for the whole reference-MLP call on
+    # 8 examples), a tenth of the reference MLP's whole Fisher.
+    args = (x, y, mask, noise, count_t, state)
+    signature = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args))
+    concretes = _CONCRETE.setdefault(fn, {})
+    concrete = concretes.get(signature)
+    if concrete is None:
+        concrete = concretes[signature] = fn.get_concrete_function(*args)
+    return concrete(*args)
 
 
 def tracing_count(model):
