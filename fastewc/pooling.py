@@ -9,10 +9,10 @@ routing is a fixed 0/1 mask that can be computed once in the forward pass:
     y[o] = max_{q ∈ window(o)} x[q],     ∂y[o]/∂x[q] = 1 if q = first argmax of window(o)
 
 so each backward pass is one broadcast multiply, dx = upsample(dy) ⊙ mask.  Building the
-mask costs about as much as three ``MaxPoolGrad`` calls, so it is used from K = 4 on.  "First" is
-row-major order inside the window, TensorFlow's own tie rule, so the gradient is
-bit-identical to ``MaxPoolGrad`` (ties included: tests/test_pooling.py).  On the reference
-CNN (exact kind, 9 cotangents) this measured 2.72 s -> 2.33 s.
+mask costs about as much as three ``MaxPoolGrad`` calls, so it is used from K = 4 on.
+"First" is row-major order inside the window, TensorFlow's own tie rule, so the gradient
+is bit-identical to ``MaxPoolGrad`` (ties included: tests/test_pooling.py).  On the
+reference CNN (exact kind, 9 cotangents) this measured 2.72 s -> 2.33 s.
 
 Only used inside :func:`fastewc.capture.capture` (the factored method); the model's
 forward op is unchanged.  Layers it does not cover (overlapping windows, ``"same"``
