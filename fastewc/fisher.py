@@ -45,6 +45,7 @@ from fastewc import data as data_lib
 from fastewc import likelihood as likelihood_lib
 from fastewc import pooling
 from fastewc._checks import check_one_of, check_positive_int, check_seed
+from fastewc._layers import has_convolution
 
 METHODS = ("auto", "loop", "vmap", "jacobian", "factored")
 VMAP_CHUNK_FLOATS = 2**26          # per-example gradients held at once by vmap/jacobian
@@ -106,9 +107,10 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
 
     first_x = _first_x(data)
     cast_inputs = _input_caster(model, first_x, isinstance(data, tf.data.Dataset))
-    out_tail = _output_tail(model, cast_inputs(first_x))
+    x1 = cast_inputs(first_x)
+    out_tail = _output_tail(model, x1)
     out_dim = out_tail[-1]
-    probe_floats = _probe_floats(model, cast_inputs(first_x)) if chosen == "factored" else None
+    probe_floats = _probe_floats(model, x1) if chosen == "factored" else None
     batch_size = rows_per_call(chosen, variables, lik.num_cotangents(kind, num_samples, out_tail),
                                batch_size, probe_floats=probe_floats)
     n_known = data_lib.num_examples(data)
@@ -199,11 +201,7 @@ def default_jit_compile(model, method):
         return False
     if tf.config.list_physical_devices("GPU"):
         return True
-    conv = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-            keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
-            keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
-            keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-    return not any(isinstance(layer, conv) for layer in capture_lib.weighted_layers(model))
+    return not has_convolution(model)
 
 
 def _first_x(data):

@@ -16,15 +16,28 @@ import tensorflow as tf
 
 
 def float64_twin(model):
-    """A float64 copy of a Sequential/functional ``model`` with the same weights."""
+    """A float64 copy of a Sequential/functional ``model`` (nested models included) with
+    the same weights."""
     def clone(layer):
         config = layer.get_config()
         config["dtype"] = "float64"
         return layer.__class__.from_config(config)
 
-    twin = keras.models.clone_model(model, clone_function=clone)
+    twin = keras.models.clone_model(model, clone_function=clone, recursive=True)
     twin.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
     return twin
+
+
+def reference_fisher_of(model, x, y, *, loss, kind="empirical", num_samples=1, seed=0,
+                        batch_size=256):
+    """:func:`reference_fisher` on ``model``'s float64 twin; for ``kind="sampled"`` the
+    labels fastewc draws with ``num_samples``, ``seed`` and ``batch_size``."""
+    twin = float64_twin(model)
+    labels = None
+    if kind == "sampled":
+        labels = reference_sampled_labels(twin, x, loss=loss, num_samples=num_samples,
+                                          seed=seed, batch_size=batch_size)
+    return reference_fisher(twin, x, y, loss=loss, kind=kind, sampled_labels=labels)
 
 
 def _family(loss):

@@ -48,13 +48,9 @@ from keras.src.losses.losses import LossFunctionWrapper
 
 from fastewc import distribute as distribute_lib
 from fastewc._checks import check_positive_int
+from fastewc._layers import has_convolution
 
 __all__ = ["make_train_step", "TrainStep", "default_jit_compile"]
-
-_CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-         keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-         keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-         keras.layers.Conv3DTranspose)
 
 
 def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1,
@@ -125,8 +121,7 @@ def default_jit_compile(model):
     """
     if tf.config.list_physical_devices("GPU"):
         return True
-    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
-    return not any(isinstance(layer, _CONV) for layer in layers)
+    return not has_convolution(model)
 
 
 class TrainStep:

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import fastewc
 from fastewc import fisher as fisher_lib
-from fastewc.testing import float64_twin, reference_fisher, reference_sampled_labels
+from fastewc.testing import float64_twin, reference_fisher, reference_fisher_of
 
 from conftest import branched, data, mlp
 
@@ -24,12 +24,8 @@ def assert_matches(got, want, rtol=1e-4, atol=1e-9):
 
 
 def reference(model, x, y, loss, kind, num_samples=3, seed=7, batch_size=4):
-    twin = float64_twin(model)
-    labels = None
-    if kind == "sampled":
-        labels = reference_sampled_labels(twin, x, loss=loss, num_samples=num_samples,
-                                          seed=seed, batch_size=batch_size)
-    return reference_fisher(twin, x, y, loss=loss, kind=kind, sampled_labels=labels)
+    return reference_fisher_of(model, x, y, loss=loss, kind=kind, num_samples=num_samples,
+                               seed=seed, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module", params=["mlp", "branched"])

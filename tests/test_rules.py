@@ -17,7 +17,7 @@ from fastewc import capture as capture_lib
 from fastewc import fisher as fisher_lib
 from fastewc import registry
 from fastewc.rules import conv as conv_rules
-from fastewc.testing import reference_fisher, reference_sampled_labels
+from fastewc.testing import reference_fisher_of
 
 L = keras.layers
 LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -29,36 +29,9 @@ SEED = 7
 
 
 # -- reference -------------------------------------------------------------------------
-class OneHotEmbedding(L.Embedding):
-    """Twin-only Embedding: a one-hot matmul, so the reference tape gets a dense gradient."""
-
-    def call(self, inputs):
-        ids = tf.cast(inputs, "int32")
-        ids = tf.where(ids < 0, ids + self.input_dim, ids)
-        return tf.tensordot(tf.one_hot(ids, self.input_dim, dtype=self.embeddings.dtype),
-                            self.embeddings, 1)
-
-
-def twin64(model):
-    """Float64 copy (nested models included) with the same weights."""
-    def clone(layer):
-        config = layer.get_config()
-        config["dtype"] = "float64"
-        cls = OneHotEmbedding if type(layer) is L.Embedding else type(layer)
-        return cls.from_config(config)
-
-    twin = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    twin.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
-    return twin
-
-
 def reference(model, x, y, kind, batch_size):
-    twin = twin64(model)
-    labels = None
-    if kind == "sampled":
-        labels = reference_sampled_labels(twin, x, loss=LOGITS, num_samples=NUM_SAMPLES,
-                                          seed=SEED, batch_size=batch_size)
-    return reference_fisher(twin, x, y, loss=LOGITS, kind=kind, sampled_labels=labels)
+    return reference_fisher_of(model, x, y, loss=LOGITS, kind=kind, num_samples=NUM_SAMPLES,
+                               seed=SEED, batch_size=batch_size)
 
 
 def fisher(model, x, y, kind, method="factored", batch_size=3, **kwargs):

@@ -129,10 +129,24 @@ def _check(layer, family):
     check_channels_last(layer, family)
 
 
-def _finish(layer, z):
-    if layer.activation is not None:
-        return layer.activation(z)
-    return z
+def _bias_and_activation(layer, z, channels):
+    """(z + bias, activation(z + bias)): the pre-activation probe and the layer output."""
+    if layer.use_bias:
+        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, channels)))
+    return z, (layer.activation(z) if layer.activation is not None else z)
+
+
+def _squared(variable, g, weight):
+    """(variable, Σ_kn w_kn g_kn²) for per-example gradients ``g`` (K, N, ...)."""
+    return variable, tf.reshape(weighted_square_sum(g, weight), variable.shape)
+
+
+def _with_bias(layer, delta, weight, *pairs):
+    """The rule's (variable, value) pairs, plus the bias's Σ_kn w_kn (Σ_l δ_knl)² if any."""
+    pairs = list(pairs)
+    if layer.use_bias:
+        pairs.append((layer.bias, _bias_sq(delta, weight)))
+    return pairs
 
 
 # Below this many input channels one matmul over all kernel offsets beats a matmul per offset.
@@ -322,9 +336,7 @@ def conv_rule(layer, inputs, *args, **kwargs):
         z = _with_gradient(native, _conv_grad(layer, padding, layer.groups), x, _value(layer.kernel))
     else:
         z = native(x, layer.kernel)
-    if layer.use_bias:
-        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
-    outputs = _finish(layer, z)
+    z, outputs = _bias_and_activation(layer, z, layer.filters)
     a = tf.cast(x, tf.float32)
     kernel_size = tuple(layer.kernel_size)
     groups = layer.groups
@@ -343,10 +355,7 @@ def conv_rule(layer, inputs, *args, **kwargs):
             p = tf.reshape(patches, [n, -1, math.prod(kernel_size), groups, c_in // groups])
             d = tf.reshape(delta, [k, n, -1, groups, filters // groups])
             sq_kernel = weighted_square_sum(tf.einsum("nlagc,knlgo->knacgo", p, d), weight)
-        pairs = [(layer.kernel, tf.reshape(sq_kernel, layer.kernel.shape))]
-        if layer.use_bias:
-            pairs.append((layer.bias, _bias_sq(delta, weight)))
-        return pairs
+        return _with_bias(layer, delta, weight, (layer.kernel, tf.reshape(sq_kernel, layer.kernel.shape)))
 
     return outputs, z, sum_sq
 
@@ -378,18 +387,13 @@ def depthwise_conv_rule(layer, inputs, *args, **kwargs):
 
     z = _with_gradient(_depthwise_op(layer), grad_fn, inputs, _value(layer.kernel))
     channels = inputs.shape[-1] * layer.depth_multiplier
-    if layer.use_bias:
-        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, channels)))
-    outputs = _finish(layer, z)
+    z, outputs = _bias_and_activation(layer, z, channels)
     a = tf.cast(inputs, tf.float32)
     kernel_size = tuple(layer.kernel_size)
 
     def sum_sq(delta, weight):
         g = _depthwise_grad(a, delta, layer, kernel_size, layer.depth_multiplier)
-        pairs = [(layer.kernel, tf.reshape(weighted_square_sum(g, weight), layer.kernel.shape))]
-        if layer.use_bias:
-            pairs.append((layer.bias, _bias_sq(delta, weight)))
-        return pairs
+        return _with_bias(layer, delta, weight, _squared(layer.kernel, g, weight))
 
     return outputs, z, sum_sq
 
@@ -416,9 +420,7 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
     z = _with_gradient(native, grad_fn, inputs,
                        _value(layer.depthwise_kernel),
                        _value(layer.pointwise_kernel))
-    if layer.use_bias:
-        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
-    outputs = _finish(layer, z)
+    z, outputs = _bias_and_activation(layer, z, layer.filters)
     a = tf.cast(inputs, tf.float32)
     kernel_size = tuple(layer.kernel_size)
 
@@ -437,15 +439,8 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
         delta_mid = tf.reshape(tf.einsum("knlf,jf->knlj", d, pw),
                                static_or_dynamic_shape(delta)[:-1] + [pw.shape[0]])
         g_dw = _depthwise_grad(a, delta_mid, layer, kernel_size, layer.depth_multiplier)
-        pairs = [
-            (layer.depthwise_kernel,
-             tf.reshape(weighted_square_sum(g_dw, weight), layer.depthwise_kernel.shape)),
-            (layer.pointwise_kernel,
-             tf.reshape(weighted_square_sum(g_pw, weight), layer.pointwise_kernel.shape)),
-        ]
-        if layer.use_bias:
-            pairs.append((layer.bias, _bias_sq(delta, weight)))
-        return pairs
+        return _with_bias(layer, delta, weight, _squared(layer.depthwise_kernel, g_dw, weight),
+                          _squared(layer.pointwise_kernel, g_pw, weight))
 
     return outputs, z, sum_sq
 
@@ -465,9 +460,7 @@ def conv_transpose_rule(layer, inputs, *args, **kwargs):
                            _value(layer.kernel))
     else:
         z = native(inputs, layer.kernel)
-    if layer.use_bias:
-        z = keras.ops.add(z, keras.ops.reshape(layer.bias, _bias_shape(layer, layer.filters)))
-    outputs = _finish(layer, z)
+    z, outputs = _bias_and_activation(layer, z, layer.filters)
     x = tf.cast(inputs, tf.float32)
     kernel_size = tuple(layer.kernel_size)
 
@@ -483,10 +476,7 @@ def conv_transpose_rule(layer, inputs, *args, **kwargs):
         p = tf.reshape(patches, [k, n, -1, math.prod(kernel_size) * filters])
         xs = tf.reshape(x, [n, -1, c_in])
         g = tf.einsum("knlj,nlc->knjc", p, xs)
-        pairs = [(layer.kernel, tf.reshape(weighted_square_sum(g, weight), layer.kernel.shape))]
-        if layer.use_bias:
-            pairs.append((layer.bias, _bias_sq(delta, weight)))
-        return pairs
+        return _with_bias(layer, delta, weight, _squared(layer.kernel, g, weight))
 
     return outputs, z, sum_sq
 
