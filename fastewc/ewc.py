@@ -294,10 +294,16 @@ class EWC(tf.Module):
         return plan
 
     # -- the penalty -----------------------------------------------------------------
+    def penalty_is_active(self):
+        """A bool tensor: λ > 0 and at least one task consolidated.  When False the
+        penalty and its gradient are exactly 0 (no state yet, or λ = 0), so a train step
+        can skip them (``tf.cond``); works eagerly and inside ``tf.function``."""
+        return tf.logical_and(self._lam > 0, self._num_tasks > 0)
+
     def _half_lam_const(self):
         return tf.cast(0.5 * self._lam * self._const, tf.float32)
 
-    def _fused(self):
+    def _fused(self, inline=False):
         """(value, grads of the penalized variables, plan) from one fused pass."""
         plan = self._plan()
         variables, fisher, anchors = plan[:3]
@@ -305,7 +311,7 @@ class EWC(tf.Module):
             return self._half_lam_const(), [], plan
         value, grads = penalty_lib.ewc_penalty_and_gradients(
             variables, fisher, anchors, tf.cast(self._lam, tf.float32),
-            const=tf.cast(self._const, tf.float32))
+            const=tf.cast(self._const, tf.float32), inline=inline)
         return value, grads, plan
 
     def penalty(self):
@@ -318,10 +324,12 @@ class EWC(tf.Module):
         """
         return self._fused()[0]
 
-    def penalty_and_gradients(self):
+    def penalty_and_gradients(self, *, inline=False):
         """``(penalty(), penalty_gradients())`` from ONE fused pass (the value is
-        differentiable as in :meth:`penalty`)."""
-        value, grads, plan = self._fused()
+        differentiable as in :meth:`penalty`).  ``inline=True`` traces the pass into the
+        calling graph without the custom gradient: for train steps that add the gradients
+        themselves (:func:`fastewc.penalty.ewc_penalty_and_gradients`)."""
+        value, grads, plan = self._fused(inline=inline)
         return value, self._align(grads, plan[3], plan[4])
 
     def penalty_gradients(self):

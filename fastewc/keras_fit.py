@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from fastewc.train import _ewc_token, _penalty_and_gradients, _uses_float16
+from fastewc.train import _ewc_token, _uses_float16, add_penalty
 
 __all__ = ["EWCModel"]
 
@@ -88,11 +88,15 @@ class EWCModel(keras.Model):
             variables = self.trainable_weights
             grads = tape.gradient(scaled, variables)
             with tf.name_scope("ewc_penalty"):
-                penalty, penalty_grads = _penalty_and_gradients(self._ewc)
                 replicas = tf.distribute.get_strategy().num_replicas_in_sync
                 scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0 / replicas)), tf.float32)
-                by_id = {id(v): g for v, g in zip(self._ewc_variables(), penalty_grads)}
-                grads = [_plus(g, by_id.get(id(v)), scale, v) for g, v in zip(grads, variables)]
+                ewc_variables = self._ewc_variables()
+
+                def combine(grads, penalty_grads):
+                    by_id = {id(v): p for v, p in zip(ewc_variables, penalty_grads)}
+                    return [_plus(g, by_id.get(id(v)), scale, v) for g, v in zip(grads, variables)]
+
+                penalty, grads = add_penalty(self._ewc, grads, combine)
             self.optimizer.apply(grads, variables)
             batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
             # Keras' tracker multiplies by R again (unscale_loss_for_distribution).

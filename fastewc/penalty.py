@@ -173,7 +173,8 @@ def _check_jit(jit_compile):
 
 
 # -- public functional core -------------------------------------------------------------
-def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit_compile=None):
+def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit_compile=None,
+                              inline=False):
     """``(value, grads)`` of the EWC penalty in one fused compiled pass.
 
         value   = λ/2 · [ Σ_i F_i (θ_i − θ*_i)² + const ]      float32 scalar
@@ -190,6 +191,11 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
       lam: λ, a float or scalar tensor (λ ≥ 0).
       const: c, a scalar added inside the bracket (the separate-mode constant).
       jit_compile: XLA for the fused pass; None: :func:`default_jit_compile`.
+      inline: trace the pass into the calling graph (no nested ``tf.function``, no
+        ``tf.custom_gradient``: a tape would differentiate ``value`` by plain autodiff,
+        and ``jit_compile`` is the caller's).  For compiled train steps that add ``grads`` themselves: without
+        XLA the nested call and its gradient wrapper cost ~5% of the reference MLP's
+        step at batch 32 (benchmarks/bench_train_step.py).
     """
     _check_jit(jit_compile)
     _check_lam(lam)
@@ -198,6 +204,10 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
     const = _as_float32(const)
     if not variables:
         return 0.5 * lam * const, []
+    if inline:
+        return _value_and_grads_body([read_float32(v) for v in variables],
+                                     [_as_float32(f) for f in fisher],
+                                     [_as_float32(a) for a in anchors], lam, const)
     thetas = [read_float32(v) for v in variables]
     fisher = [_as_float32(f) for f in fisher]
     anchors = [_as_float32(a) for a in anchors]

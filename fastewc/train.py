@@ -49,8 +49,9 @@ from keras.src.losses.losses import LossFunctionWrapper
 from fastewc import distribute as distribute_lib
 from fastewc._checks import check_positive_int
 from fastewc._layers import has_convolution
+from fastewc.ewc import EWC
 
-__all__ = ["make_train_step", "TrainStep", "default_jit_compile"]
+__all__ = ["make_train_step", "TrainStep", "default_jit_compile", "add_penalty"]
 
 
 def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1,
@@ -304,11 +305,12 @@ class TrainStep:
             grads = list(grads)
             if self.ewc is not None:
                 with tf.name_scope("ewc_penalty"):
-                    penalty, penalty_grads = _penalty_and_gradients(self.ewc)
                     # The optimizer divides every gradient by the loss scale: scale the
                     # penalty gradient by it too, and by 1/R (replica gradients are summed).
                     scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32) * replica_scale
-                    grads = _add_scaled(grads, penalty_grads, scale, self._variables)
+                    variables = self._variables
+                    penalty, grads = add_penalty(
+                        self.ewc, grads, lambda g, p: _add_scaled(g, p, scale, variables))
                 objective = objective + penalty * replica_scale
             if not self.stop_on_nonfinite:
                 self.optimizer.apply(grads, self._variables)
@@ -392,9 +394,36 @@ def _ewc_token(ewc):
     return None if ewc is None else len(getattr(ewc, "tracked_paths", ()))
 
 
+def add_penalty(ewc, grads, combine):
+    """``(P, combine(grads, ∇P))``: the EWC penalty and the gradients with ∇P added.
+
+    When the EWC can say whether its penalty is identically zero
+    (:meth:`fastewc.EWC.penalty_is_active`: λ = 0 or no task yet), the penalty and the
+    sum are one ``tf.cond`` branch.  Besides skipping the work when it is zero, the branch
+    boundary makes XLA write each summed gradient g + s·λA(θ − μ) once: fused into the
+    optimizer's update instead, A, μ and θ were read again by each of its passes (Adam:
+    the m and the v update) and the weights were copied at the top of every
+    ``steps_per_call`` iteration.  Measured on the reference MLP at batch 32 (interleaved
+    with the no-EWC step in one process): XLA with ``steps_per_call=10`` +17-19% instead
+    of +21-42%, XLA +14-16% instead of +28-33%.  Data gradients that are None (unused
+    variables) cannot pass a ``tf.cond``; then the sum is built without it.
+    """
+    def with_penalty():
+        penalty, penalty_grads = _penalty_and_gradients(ewc)
+        return penalty, combine(grads, penalty_grads)
+
+    is_active = getattr(ewc, "penalty_is_active", None)
+    if is_active is None or any(g is None for g in grads):
+        return with_penalty()
+    penalty, summed = tf.cond(is_active(), with_penalty, lambda: (tf.constant(0.0), list(grads)))
+    return penalty, list(summed)
+
+
 def _penalty_and_gradients(ewc):
     """(P, ∇P) from one fused pass when the EWC offers it, else from two calls."""
-    if hasattr(ewc, "penalty_and_gradients"):
+    if isinstance(ewc, EWC):
+        value, grads = ewc.penalty_and_gradients(inline=True)   # no nested function
+    elif hasattr(ewc, "penalty_and_gradients"):
         value, grads = ewc.penalty_and_gradients()
     else:
         value, grads = ewc.penalty(), ewc.penalty_gradients()

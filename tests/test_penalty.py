@@ -153,6 +153,30 @@ def test_gradient_functions_agree_with_the_custom_gradient():
         np.testing.assert_array_equal(f.numpy(), t.numpy())
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_inline_pass_matches_the_naive_sum_inside_a_compiled_function(jit):
+    """inline=True (what train steps use): traced into the caller, the same value and
+    gradient as the per-task sum (its value is then differentiated by plain autodiff)."""
+    rng = np.random.default_rng(4)
+    tasks = random_tasks(rng, 3)
+    a, mu, c = merged_state(tasks)
+    variables = variables_at(rng)
+    thetas = [v.numpy() for v in variables]
+
+    @tf.function(jit_compile=jit)
+    def inline():
+        with tf.GradientTape() as tape:
+            value, grads = fastewc.ewc_penalty_and_gradients(variables, a, mu, LAM, const=c,
+                                                             inline=True)
+        return value, grads, tape.gradient(value, variables)
+
+    value, grads, taped = inline()
+    np.testing.assert_allclose(value.numpy(), naive_value(thetas, tasks, LAM), rtol=1e-5)
+    for g, t, want in zip(grads, taped, naive_grads(thetas, tasks, LAM)):
+        np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_upstream_gradient_scales_and_constants_get_no_gradient():
     rng = np.random.default_rng(3)
     a, mu, c = merged_state(random_tasks(rng, 2))

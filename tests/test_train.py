@@ -92,6 +92,49 @@ def test_penalty_gradient_is_added_not_taped():
 
 
 @pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("inactive", ["no task yet", "lam 0"])
+def test_inactive_penalty_trains_like_no_ewc_and_wakes_up_after_a_task(jit, inactive):
+    """Before the first task (or with λ = 0) the penalty branch is skipped: the same
+    weights as a step without EWC.  A consolidation (or λ > 0) later switches it on in the
+    same compiled step (no retrace), matching the eager tape reference."""
+    x, y = _data()
+    plain = _mlp()
+    model = _mlp()
+    ewc = fastewc.EWC(model, lam=4.0) if inactive == "no task yet" else _ewc(model, lam=0.0)
+    assert not bool(ewc.penalty_is_active())
+    plain_step = fastewc.make_train_step(plain, keras.optimizers.Adam(0.05), LOSS, jit_compile=jit)
+    step = fastewc.make_train_step(model, keras.optimizers.Adam(0.05), LOSS, ewc=ewc, jit_compile=jit)
+    for start in (0, 8):
+        np.testing.assert_allclose(float(step(x[start:start + 8], y[start:start + 8])),
+                                   float(plain_step(x[start:start + 8], y[start:start + 8])), rtol=1e-6)
+    assert _max_diff(_weights(model), _weights(plain)) < 1e-6
+
+    # switch it on: the eager reference continues from the same weights and optimizer state
+    ref_model = _mlp()
+    ref_model.set_weights(model.get_weights())
+    if inactive == "no task yet":
+        rng = np.random.default_rng(5)
+        fisher = [rng.uniform(0, 1, v.shape).astype("float32") for v in model.trainable_variables]
+        anchors = [v.numpy() + rng.normal(0, 0.3, v.shape).astype("float32")
+                   for v in model.trainable_variables]
+        ewc.add_task(fisher, anchors)
+    else:
+        ewc.lam = 4.0
+    assert bool(ewc.penalty_is_active())
+    ref_ewc = fastewc.EWC(ref_model, lam=4.0)
+    ref_ewc.add_task(*zip(*[(ewc.state()[k][0], ewc.state()[k][1]) for k in ewc.tracked_paths]))
+    ref_opt = keras.optimizers.Adam(0.05)
+    ref_opt.build(ref_model.trainable_variables)
+    for src, dst in zip(step.optimizer.variables, ref_opt.variables):
+        dst.assign(src)
+    traces = step.tracing_count()
+    expected = _eager_reference_step(ref_model, ref_opt, x[16:], y[16:], ref_ewc)
+    np.testing.assert_allclose(float(step(x[16:], y[16:])), expected, rtol=1e-5)
+    assert _max_diff(_weights(model), _weights(ref_model)) < 1e-5
+    assert step.tracing_count() == traces
+
+
+@pytest.mark.parametrize("jit", [False, True])
 def test_steps_per_call_equals_k_single_steps(jit):
     x, y = _data(24)
     k = 3
