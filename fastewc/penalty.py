@@ -193,9 +193,9 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
       jit_compile: XLA for the fused pass; None: :func:`default_jit_compile`.
       inline: trace the pass into the calling graph (no nested ``tf.function``, no
         ``tf.custom_gradient``: a tape would differentiate ``value`` by plain autodiff,
-        and ``jit_compile`` is the caller's).  For compiled train steps that add ``grads`` themselves: without
-        XLA the nested call and its gradient wrapper cost ~5% of the reference MLP's
-        step at batch 32 (benchmarks/bench_train_step.py).
+        and ``jit_compile`` is the caller's).  For compiled train steps that add
+        ``grads`` themselves: without XLA the nested call and its gradient wrapper cost
+        ~5% of the reference MLP's step at batch 32 (benchmarks/bench_train_step.py).
     """
     _check_jit(jit_compile)
     _check_lam(lam)
@@ -204,13 +204,11 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
     const = _as_float32(const)
     if not variables:
         return 0.5 * lam * const, []
-    if inline:
-        return _value_and_grads_body([read_float32(v) for v in variables],
-                                     [_as_float32(f) for f in fisher],
-                                     [_as_float32(a) for a in anchors], lam, const)
     thetas = [read_float32(v) for v in variables]
     fisher = [_as_float32(f) for f in fisher]
     anchors = [_as_float32(a) for a in anchors]
+    if inline:
+        return _value_and_grads_body(thetas, fisher, anchors, lam, const)
     fn = compiled("value_and_grads", jit_compile)
     n = len(thetas)
     out = {}

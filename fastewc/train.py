@@ -404,8 +404,8 @@ def add_penalty(ewc, grads, combine):
     optimizer's update instead, A, μ and θ were read again by each of its passes (Adam:
     the m and the v update) and the weights were copied at the top of every
     ``steps_per_call`` iteration.  Measured on the reference MLP at batch 32 (interleaved
-    with the no-EWC step in one process): XLA with ``steps_per_call=10`` +17-19% instead
-    of +21-42%, XLA +14-16% instead of +28-33%.  Data gradients that are None (unused
+    with the no-EWC step in one process): XLA with ``steps_per_call=10`` +16-21% instead
+    of +21-42%, XLA +14-24% instead of +28-33%.  Data gradients that are None (unused
     variables) cannot pass a ``tf.cond``; then the sum is built without it.
     """
     def with_penalty():
