@@ -17,9 +17,10 @@ each ``-ewc`` (penalty on) and ``-noewc``; and for the MLP
 
 so that ``stream / xla-k10-noewc`` is the least that EWC can add to that step on this
 machine's memory system; and at b32 two one-pass steps (:class:`OnePass`: only the
-penalty's value pass, or only its gradient pass) for the anatomy of the overhead.  The acceptance ratios (EWC overhead, MLP b32 and b256) come from
-``test_ewc_overhead_paired``, which alternates EWC and no-EWC rounds in one loop; the
-per-case table times each case on its own, so its ratios also carry the machine's drift.
+penalty's value pass, or only its gradient pass) for the anatomy of the overhead.  The
+acceptance ratios (EWC overhead, MLP b32 and b256) come from ``test_ewc_overhead_paired``,
+which alternates EWC and no-EWC rounds in one loop; the per-case table times each case on
+its own, so its ratios also carry the machine's drift.
 
 Every timed round runs 10 optimizer steps on the same 10 pre-made batches and ends with ``.numpy()``, so the times of all variants compare
 directly: time per optimizer step = round time / 10.  Warm-up (trace, XLA compile) is
