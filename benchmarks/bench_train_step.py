@@ -22,8 +22,9 @@ acceptance ratios (EWC overhead, MLP b32 and b256) come from ``test_ewc_overhead
 which alternates EWC and no-EWC rounds in one loop; the per-case table times each case on
 its own, so its ratios also carry the machine's drift.
 
-Every timed round runs 10 optimizer steps on the same 10 pre-made batches and ends with ``.numpy()``, so the times of all variants compare
-directly: time per optimizer step = round time / 10.  Warm-up (trace, XLA compile) is
+Every timed round runs 10 optimizer steps on the same 10 pre-made batches and ends with
+``.numpy()``, so the times of all variants compare directly: time per optimizer step =
+round time / 10.  Warm-up (trace, XLA compile) is
 outside the timed rounds.  Ids read ``mlp-b32-xla-k10-ewc``.
 
     .venv/bin/python -m pytest benchmarks/bench_train_step.py --benchmark-only -q \\
@@ -183,34 +184,25 @@ def test_train_step(benchmark, smoke, device, name, batch, variant, with_ewc):
 
 class OnePass:
     """An EWC stand-in for the anatomy of the overhead: the train step does only one of the
-    two passes that XLA's CPU backend emits for the exact penalty, on the same state A, μ.
+    two passes that XLA's CPU backend emits for the exact penalty (the unused one is pruned).
 
         part="value"      the value pass: λ/2 Σ A (θ − μ)², a reduction (gradient not added)
         part="gradient"   the gradient pass: g + λA(θ − μ), written once (value not added)
 
     XLA cannot fuse a reduction and an elementwise output into one loop on CPU, so the
-    real step runs both; the two ratios show what each costs.  Duck-typed like a
-    fastewc.EWC (``penalty_is_active`` keeps the step's ``tf.cond``)."""
+    real step runs both; the two ratios show what each costs.  Wraps the workload's
+    fastewc.EWC and its own inline pass; ``penalty_is_active`` keeps the step's ``tf.cond``."""
 
     def __init__(self, ewc, part):
-        self.model = ewc.model
-        self.part = part
-        self._active = ewc.penalty_is_active
-        self.variables = self.model.trainable_variables
-        state = ewc.state()
-        if [tuple(state[p][0].shape) for p in ewc.tracked_paths] != [tuple(v.shape) for v in self.variables]:
-            raise ValueError("OnePass needs an EWC that tracks every trainable variable in order")
-        self.fisher = [tf.Variable(state[p][0], trainable=False) for p in ewc.tracked_paths]
-        self.anchors = [tf.Variable(state[p][1], trainable=False) for p in ewc.tracked_paths]
+        self.ewc, self.part, self.model = ewc, part, ewc.model
 
     def penalty_is_active(self):
-        return self._active()
+        return self.ewc.penalty_is_active()
 
     def penalty_and_gradients(self):
-        value, grads = fastewc.penalty.ewc_penalty_and_gradients(
-            self.variables, self.fisher, self.anchors, LAM, inline=True)
+        value, grads = self.ewc.penalty_and_gradients(inline=True)
         if self.part == "value":
-            return value, [None] * len(grads)   # the unused gradient pass is pruned
+            return value, [None] * len(grads)
         return tf.constant(0.0), grads
 
     def penalty(self):

@@ -399,14 +399,13 @@ def add_penalty(ewc, grads, combine):
 
     When the EWC can say whether its penalty is identically zero
     (:meth:`fastewc.EWC.penalty_is_active`: λ = 0 or no task yet), the penalty and the
-    sum are one ``tf.cond`` branch.  Besides skipping the work when it is zero, the branch
-    boundary makes XLA write each summed gradient g + s·λA(θ − μ) once: fused into the
-    optimizer's update instead, A, μ and θ were read again by each of its passes (Adam:
-    the m and the v update) and the weights were copied at the top of every
-    ``steps_per_call`` iteration.  Measured on the reference MLP at batch 32 (interleaved
-    with the no-EWC step in one process): XLA with ``steps_per_call=10`` +16-21% instead
-    of +21-42%, XLA +14-24% instead of +28-33%.  Data gradients that are None (unused
-    variables) cannot pass a ``tf.cond``; then the sum is built without it.
+    sum are one ``tf.cond`` branch: no penalty work at all while it is zero.  The branch
+    boundary also makes XLA write each summed gradient g + s·λA(θ − μ) once, instead of
+    fusing it into each of the optimizer's passes (Adam: the m and the v update), and
+    without weight copies in the ``steps_per_call`` loop.  On the reference MLP at batch
+    32 that measured +16-21% against +21-42% in one session and the same as no cond
+    (+19-21%) in a later one (benchmarks/bench_train_step.py).  Data gradients that are
+    None (unused variables) cannot pass a ``tf.cond``; then the sum is built without it.
     """
     def with_penalty():
         penalty, penalty_grads = _penalty_and_gradients(ewc)
