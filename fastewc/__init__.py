@@ -10,7 +10,8 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
 
 from fastewc import rules as _rules  # noqa: F401  (registers the built-in rules)
 from fastewc.fisher import fisher_diagonal
-from fastewc.registry import register_rule, unregister_rule
+from fastewc.estimator import FisherEstimator
+from fastewc.registry import RuleOutput, Rules, default_rules, register_rule, unregister_rule
 from fastewc.ewc import EWC
 from fastewc.penalty import (ewc_penalty, ewc_penalty_and_gradients, ewc_penalty_gradients,
                              merge_online, merge_separate)
@@ -18,7 +19,8 @@ from fastewc.train import TrainStep, make_train_step
 from fastewc.keras_fit import EWCModel
 
 __version__ = "0.1.0"
-__all__ = ["fisher_diagonal", "register_rule", "unregister_rule",
+__all__ = ["fisher_diagonal", "FisherEstimator", "Rules", "RuleOutput", "default_rules",
+           "register_rule", "unregister_rule",
            "EWC", "ewc_penalty", "ewc_penalty_gradients", "ewc_penalty_and_gradients",
            "merge_separate", "merge_online",
            "make_train_step", "TrainStep", "EWCModel"]

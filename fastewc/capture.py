@@ -1,47 +1,43 @@
 """Run a model's forward pass with each weighted layer's ``call`` swapped for its rule
 (and each non-overlapping max pooling's for :mod:`fastewc.pooling`'s cheaper backward).
 
-``owned_trainable_variables(layer)`` is a layer's own trainable weights (not those of its
-sublayers): those are what a rule accounts for.  Nested models and layers made of
-sublayers (MultiHeadAttention, a Sequential inside a functional model) are walked down to
-their leaves.  The swap is an instance attribute, set and removed around each trace, so
-the model is never left modified.
+A layer's own trainable weights (not those of its sublayers) are what its rule accounts
+for (:func:`fastewc._keras_compat.owned_trainable_variables`).  Nested models and layers
+made of sublayers (MultiHeadAttention, a Sequential inside a functional model) are walked
+down to their leaves.  The swap is an instance attribute, set and removed around each
+trace, so the model is never left modified.
 """
 import contextlib
 
+import numpy as np
+
+from fastewc import _keras_compat as compat
 from fastewc import pooling, registry
-
-
-def owned_trainable_variables(layer):
-    if not layer.trainable:
-        return []
-    return [v for v in getattr(layer, "_trainable_variables", []) if v.trainable]
 
 
 def weighted_layers(model):
     """Every layer (model included) that owns trainable variables, in model order."""
-    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
     seen, out = set(), []
-    for layer in layers:
+    for layer in compat.all_layers(model):
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        if owned_trainable_variables(layer):
+        if compat.owned_trainable_variables(layer):
             out.append(layer)
     return out
 
 
-def layers_without_rule(model):
-    return [layer for layer in weighted_layers(model) if registry.get_rule(layer) is None]
+def layers_without_rule(model, rules):
+    return [layer for layer in weighted_layers(model) if rules.get(layer) is None]
 
 
-class SharedLayerError(ValueError):
+class SharedLayerError(registry.UnsupportedLayerError):
     """A layer was called more than once in one forward pass."""
 
 
 class Recorder:
     def __init__(self):
-        self.records = []       # (layer, probe, sum_sq)
+        self.records = []       # (layer, RuleOutput)
         self.shared = []        # layers called more than once
         self._called = set()
         # Set by the caller before back-propagating: K ≥ pooling.MIN_COTANGENTS.
@@ -49,7 +45,7 @@ class Recorder:
 
     def wrap(self, layer, rule):
         def call(inputs, *args, **kwargs):
-            outputs, probe, sum_sq = rule(layer, inputs, *args, **kwargs)
+            result = registry.as_rule_output(rule(layer, inputs, *args, **kwargs), layer)
             if id(layer) in self._called:
                 # Raised by capture() once the forward pass is over, so that Keras does not
                 # wrap the message in its call-context decoration.
@@ -57,38 +53,42 @@ class Recorder:
                     self.shared.append(layer)
             else:
                 self._called.add(id(layer))
-                self.records.append((layer, probe, sum_sq))
-            return outputs
+                self.records.append((layer, result))
+            return result.outputs
         return call
 
     def check_not_shared(self):
         if self.shared:
-            names = ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in self.shared)
             raise SharedLayerError(
-                f"Layer {names} is called more than once in one forward pass (a shared layer). "
-                "The factored rules do not support shared layers yet: use method='vmap' for "
-                "this model.")
+                f"Layer {describe(self.shared)} is called more than once in one forward pass (a "
+                "shared layer). The factored rules do not support shared layers yet: use "
+                "method='vmap' for this model.")
+
+
+def describe(layers):
+    """"'dense' (Dense), 'scale' (LayerScale)": layers as the warnings name them."""
+    return ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)
 
 
 @contextlib.contextmanager
-def capture(model):
-    """Context in which ``model(x)`` records (layer, probe, sum_sq) for each weighted layer."""
+def capture(model, rules):
+    """Context in which ``model(x)`` records (layer, RuleOutput) for each weighted layer."""
     recorder = Recorder()
     patched = []
     try:
         for layer in weighted_layers(model):
-            rule = registry.get_rule(layer)
+            rule = rules.get(layer)
             if rule is None:
-                raise ValueError(
+                raise registry.UnsupportedLayerError(
                     f"Layer '{layer.name}' of class {type(layer).__name__} has trainable weights "
                     "but no factored Fisher rule. " + registry.registration_hint(type(layer).__name__))
             if layer is model:
-                raise ValueError(
+                raise registry.UnsupportedLayerError(
                     f"Model '{model.name}' owns trainable variables directly; the factored method "
                     "needs them inside layers. Use method='vmap'.")
             object.__setattr__(layer, "call", recorder.wrap(layer, rule))
             patched.append(layer)
-        for layer in model._flatten_layers(include_self=False, recursive=True):
+        for layer in compat.nested_layers(model):
             call = pooling.masked_max_pool_call(layer, lambda: recorder.mask_pooling)
             if call is not None and "call" not in layer.__dict__:
                 object.__setattr__(layer, "call", call)
@@ -98,3 +98,13 @@ def capture(model):
         for layer in patched:
             layer.__dict__.pop("call", None)
     recorder.check_not_shared()
+
+
+def survey(model, x, rules):
+    """One eager forward pass of one example under :func:`capture`: the per-example probe
+    size (floats the K deltas of one example take), or raises
+    :class:`fastewc.registry.UnsupportedLayerError` (no rule, a shared layer, a layer
+    configuration its rule does not cover)."""
+    with capture(model, rules) as recorder:
+        model(x, training=False)
+    return sum(int(np.prod(result.probe.shape[1:])) for _, result in recorder.records)

@@ -8,14 +8,11 @@ padding mask travels with its rows, so a padded final batch stays exact.  The on
 difference from one device is the float32 summation order inside S.
 
 Every worker passes the same batch (the same ``data``); each takes its own replicas'
-rows.  :func:`run_fisher_batch` is what :func:`fastewc.fisher.fisher_diagonal` calls per
-batch when a strategy with more than one replica is in scope.
+rows.  :func:`run_fisher_batch` is what a Fisher engine calls per batch when a strategy
+with more than one replica is in scope; the replicated functions live in the engine's own
+``cache`` (as long as the engine), keyed by strategy.
 """
-import weakref
-
 import tensorflow as tf
-
-_REPLICATED = weakref.WeakKeyDictionary()   # batch function -> {strategy id: tf.function}
 
 
 def num_replicas():
@@ -43,16 +40,16 @@ def split_rows(strategy, nest, axis=0):
     return strategy.experimental_distribute_values_from_function(for_replica)
 
 
-def run_fisher_batch(fn, x, y, mask, noise):
+def run_fisher_batch(cache, fn, x, y, mask, noise):
     """``fn(x, y, mask, noise)`` (a Fisher batch function returning per-variable sums) run
-    on each replica's share of the rows, summed over replicas.
+    on each replica's share of the rows, summed over replicas.  ``cache`` is the caller's
+    dict for the replicated function of each strategy.
 
     ``noise`` is split along its example axis (axis 1) when it has one (kind="sampled"),
     and passed whole otherwise.
     """
     strategy = tf.distribute.get_strategy()
-    per_fn = _REPLICATED.setdefault(fn, {})
-    owner, replicated = per_fn.get(id(strategy), (None, None))
+    owner, replicated = cache.get(id(strategy), (None, None))
     if owner is not strategy:
         def replicated_fn(x, y, mask, noise):
             dx, dy, dmask = split_rows(strategy, (x, y, mask))
@@ -66,5 +63,5 @@ def run_fisher_batch(fn, x, y, mask, noise):
             return sums + [tf.stack([tf.reduce_min(ranges[:, 0]), tf.reduce_max(ranges[:, 1])])]
 
         replicated = tf.function(replicated_fn, autograph=False)
-        per_fn[id(strategy)] = (strategy, replicated)
+        cache[id(strategy)] = (strategy, replicated)
     return replicated(x, y, mask, noise)

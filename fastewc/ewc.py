@@ -1,4 +1,5 @@
-"""EWC: the stateful shell over :mod:`fastewc.penalty` (state, consolidation, save/load).
+"""EWC: the stateful shell over :mod:`fastewc.penalty` (variable tracking, the consolidation
+transaction, save/load through :mod:`fastewc.ewc_file`).
 
     penalty(θ) = λ/2 · Σ_i A_i (θ_i − μ_i)² + λ/2 · c
 
@@ -9,8 +10,8 @@
 * ``mode="online"`` (Schwarz et al. 2018): A ← γ·A + F_new, μ ← θ_new, c = 0.
 
 Memory: 2 float32 per penalized parameter (A and μ) plus a few scalars, for ANY number of
-tasks — O(P), where the per-task form holds 2·T·P floats.  Time: one fused compiled pass
-over the penalized variables for the value and the analytic gradient λ·A·(θ − μ).
+tasks — O(P), where the per-task form holds 2·T·P floats.  Time: O(P), one compiled
+function over the penalized variables for the value and the analytic gradient λ·A·(θ − μ).
 
 Variables are tracked by path (``variable.path`` with the model's own name stripped, so a
 model that is rebuilt under another auto-generated name still matches).  The tracked set
@@ -20,40 +21,31 @@ later (a new task head) start with A = 0 (not penalized) and enter the state at 
 consolidation.  A tracked variable missing from the model, or with another shape, is an
 error naming it.
 
+A task enters in three steps (:meth:`EWC.add_task`): validate (the arguments → the new
+per-variable F and θ), merge (pure: :func:`fastewc.penalty.merge_all`, nothing assigned)
+and commit (assign everything, or roll back: the state is never half updated).
+
 The state lives in non-trainable tf.Variables (A, μ float32; c, λ, γ float64), so compiled
 functions that call :meth:`EWC.penalty` are not retraced by a consolidation, and EWC is a
 ``tf.Module``: ``tf.train.Checkpoint(model=..., optimizer=..., ewc=ewc)`` saves and
 restores it (state, λ, γ, mode, task count).  A compiled train step traced before a
-consolidation that ADDED variables (a grown model) must be retraced to penalize them.
+consolidation that ADDED variables (a grown model) must be retraced to penalize them
+(``tracked_paths`` grows; the trainers of :mod:`fastewc.train` and
+:mod:`fastewc.keras_fit` watch it).
 """
-import hashlib
-import io
-import json
-import math
 import numbers
 import os
-import tempfile
-import zipfile
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fastewc import ewc_file
 from fastewc import penalty as penalty_lib
-from fastewc._checks import check_one_of
+from fastewc._checks import as_float32, check_lam, check_model, check_one_of
 
 MODES = ("separate", "online")
-FORMAT = "fastewc.EWC"
-FORMAT_VERSION = 1
-
-
-# -- argument checks (Keras style: argument, constraint, received value) ----------------
-def _check_lam(lam):
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
-        raise ValueError(f"`lam` must be a finite number >= 0. Received: lam={lam!r}")
-    if lam < 0:
-        raise ValueError(f"`lam` must be >= 0. Received: lam={lam!r}")
-    return float(lam)
 
 
 def _check_gamma(gamma, mode):
@@ -66,18 +58,53 @@ def _check_gamma(gamma, mode):
     return float(gamma)
 
 
-def _check_model(model):
-    if not isinstance(model, (keras.Model, keras.layers.Layer)):
-        raise TypeError(f"`model` must be a Keras model. Received: model of type {type(model).__name__}")
-    return model
+def _check_any_model(model):
+    """A Keras model or layer, built or not (EWC tracks it once built)."""
+    return check_model(model, built=False, trainable=False)
 
 
 def _shape(variable):
     return tuple(int(d) for d in variable.shape)
 
 
+def _relative_path(model, variable):
+    """``variable.path`` without the leading ``model.name + "/"`` (EWC's key)."""
+    path = getattr(variable, "path", None) or variable.name
+    prefix = model.name + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+class PenaltyPlan(NamedTuple):
+    """What a penalty evaluation reads, resolved against the model's current variables."""
+    variables: list   # the model variable of each tracked key, in state order
+    fisher: list      # A of each, same order (tf.Variables)
+    anchors: list     # μ of each, same order
+    position: dict    # id(model variable) -> its index in `variables`
+    trainable: list   # model.trainable_variables: the order gradients are returned in
+
+
+_NO_PLAN = PenaltyPlan([], [], [], {}, [])
+
+
+class _Task(NamedTuple):
+    """A validated task: its per-key F and θ (float32), and the model's variables by key."""
+    fisher: dict
+    theta: dict
+    by_key: dict
+    anchors_given: bool
+
+
+class _Update(NamedTuple):
+    """A merged task, not yet assigned: per key the old and the new (A, μ)."""
+    keys: list
+    old: list
+    new: list
+    delta_c: tf.Tensor
+    fresh: set        # keys of variables that enter the state with this task
+
+
 class EWC(tf.Module):
-    """Elastic Weight Consolidation state and fused penalty for a Keras model.
+    """Elastic Weight Consolidation state and its penalty for a Keras model.
 
     Args:
       model: the Keras model whose weights are consolidated.
@@ -105,21 +132,25 @@ class EWC(tf.Module):
 
     def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None):
         super().__init__(name="ewc")
+        self._configure(model, lam=lam, mode=mode, gamma=gamma, exclude=exclude)
+        if model.built:
+            self._track_new_variables()
+
+    def _configure(self, model, *, lam, mode, gamma, exclude, num_tasks=0, const=0.0):
+        """Check the arguments and create the scalar state; no per-variable state yet."""
         check_one_of("mode", mode, MODES)
-        lam = _check_lam(lam)
+        lam = check_lam(lam)
         gamma = _check_gamma(gamma, mode)
-        object.__setattr__(self, "_model", _check_model(model))   # not a checkpoint dependency
+        object.__setattr__(self, "_model", _check_any_model(model))  # not a checkpoint dependency
         object.__setattr__(self, "_exclude", self._exclude_predicate(exclude))
         self._lam = tf.Variable(lam, dtype=tf.float64, trainable=False, name="lam")
         self._gamma = tf.Variable(gamma, dtype=tf.float64, trainable=False, name="gamma")
         self._mode_index = tf.Variable(MODES.index(mode), dtype=tf.int32, trainable=False, name="mode")
-        self._num_tasks = tf.Variable(0, dtype=tf.int64, trainable=False, name="num_tasks")
-        self._const = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="const")
+        self._num_tasks = tf.Variable(num_tasks, dtype=tf.int64, trainable=False, name="num_tasks")
+        self._const = tf.Variable(const, dtype=tf.float64, trainable=False, name="const")
         self._fisher = {}   # key -> A (float32 tf.Variable); checkpointed by key
         self._anchor = {}   # key -> μ
-        object.__setattr__(self, "_plan_cache", None)
-        if model.built:
-            self._track_new_variables()
+        self._invalidate_plan()
 
     # -- configuration ---------------------------------------------------------------
     @property
@@ -130,10 +161,10 @@ class EWC(tf.Module):
 
     @model.setter
     def model(self, model):
-        _check_model(model)
+        _check_any_model(model)
         previous = self._model
         object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_plan_cache", None)
+        self._invalidate_plan()
         try:
             if model.built:
                 self._check_tracked_present(self._model_variables_by_key())
@@ -151,7 +182,7 @@ class EWC(tf.Module):
 
     @lam.setter
     def lam(self, value):
-        self._lam.assign(_check_lam(value))
+        self._lam.assign(check_lam(value))
 
     @property
     def gamma(self):
@@ -166,7 +197,8 @@ class EWC(tf.Module):
 
     @property
     def tracked_paths(self):
-        """The tracked variables' keys (paths relative to the model), in state order."""
+        """The tracked variables' keys (paths relative to the model), in state order.
+        Only grows: a compiled step that penalizes the state retraces when it does."""
         return list(self._fisher.keys())
 
     def state(self):
@@ -184,9 +216,7 @@ class EWC(tf.Module):
 
     # -- variables -------------------------------------------------------------------
     def _key(self, variable):
-        path = getattr(variable, "path", None) or variable.name
-        prefix = self._model.name + "/"
-        return path[len(prefix):] if path.startswith(prefix) else path
+        return _relative_path(self._model, variable)
 
     def _exclude_predicate(self, exclude):
         if exclude is None:
@@ -232,23 +262,30 @@ class EWC(tf.Module):
         return out
 
     def _track_new_variables(self, initial=None):
-        """Create zero state for every new trainable variable (or ``initial[key]``)."""
-        initial = initial or {}
-        created = False
+        """The one place per-variable state is created: for each untracked key of
+        ``initial`` (``{key: (A, μ)}``, in its order) that value, then zero state for every
+        new trainable, not excluded variable of the model (in model order)."""
         keys = [self._key(v) for v in self._model.trainable_variables]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"EWC tracks variables by path, but model '{self._model.name}' has "
                              f"several trainable variables with the same path: {dupes}")
+        created = False
+        for key, (a, mu) in (initial or {}).items():
+            if key not in self._fisher:
+                self._create_state(key, a, mu)
+                created = True
         for v in self._new_trainable_variables():
-            key, shape = self._key(v), _shape(v)
-            a, mu = initial.get(key, (np.zeros(shape, np.float32), np.zeros(shape, np.float32)))
-            with tf.init_scope():
-                self._fisher[key] = tf.Variable(a, dtype=tf.float32, trainable=False, name="fisher")
-                self._anchor[key] = tf.Variable(mu, dtype=tf.float32, trainable=False, name="anchor")
+            zeros = np.zeros(_shape(v), np.float32)
+            self._create_state(self._key(v), zeros, zeros)
             created = True
         if created:
-            object.__setattr__(self, "_plan_cache", None)
+            self._invalidate_plan()
+
+    def _create_state(self, key, a, mu):
+        with tf.init_scope():
+            self._fisher[key] = tf.Variable(a, dtype=tf.float32, trainable=False, name="fisher")
+            self._anchor[key] = tf.Variable(mu, dtype=tf.float32, trainable=False, name="anchor")
 
     def _model_variables_by_key(self):
         out = {}
@@ -274,22 +311,27 @@ class EWC(tf.Module):
             found.append(v)
         return found
 
+    # -- the plan --------------------------------------------------------------------
+    def _invalidate_plan(self):
+        """Forget the cached :class:`PenaltyPlan` (the model or the tracked set changed)."""
+        object.__setattr__(self, "_plan_cache", None)
+
     def _plan(self):
-        """(penalized model variables, A list, μ list, {id: index}, trainable variables),
-        cached until the model's variables or the tracked set change."""
+        """The :class:`PenaltyPlan`, cached until the model's variables or the tracked set
+        change."""
         signature = (tuple(id(v) for v in self._model.variables),
                      tuple(id(v) for v in self._model.trainable_variables), len(self._fisher))
         cache = self._plan_cache
         if cache is not None and cache[0] == signature:
             return cache[1]
         if not self._model.built:
-            plan = ([], [], [], {}, [])
+            plan = _NO_PLAN
         else:
             found = self._check_tracked_present(self._model_variables_by_key())
-            position = {id(v): i for i, v in enumerate(found)}
-            trainable = list(self._model.trainable_variables)
-            plan = (found, list(self._fisher.values()), list(self._anchor.values()),
-                    position, trainable)
+            plan = PenaltyPlan(variables=found, fisher=list(self._fisher.values()),
+                               anchors=list(self._anchor.values()),
+                               position={id(v): i for i, v in enumerate(found)},
+                               trainable=list(self._model.trainable_variables))
         object.__setattr__(self, "_plan_cache", (signature, plan))
         return plan
 
@@ -300,17 +342,13 @@ class EWC(tf.Module):
         can skip them (``tf.cond``); works eagerly and inside ``tf.function``."""
         return tf.logical_and(self._lam > 0, self._num_tasks > 0)
 
-    def _half_lam_const(self):
-        return tf.cast(0.5 * self._lam * self._const, tf.float32)
-
-    def _fused(self, inline=False):
-        """(value, grads of the penalized variables, plan) from one fused pass."""
+    def _value_and_grads(self, inline=False):
+        """(value, grads of the penalized variables, plan) from one compiled function."""
         plan = self._plan()
-        variables, fisher, anchors = plan[:3]
-        if not variables:
-            return self._half_lam_const(), [], plan
+        if not plan.variables:
+            return tf.cast(0.5 * self._lam * self._const, tf.float32), [], plan
         value, grads = penalty_lib.ewc_penalty_and_gradients(
-            variables, fisher, anchors, tf.cast(self._lam, tf.float32),
+            plan.variables, plan.fisher, plan.anchors, tf.cast(self._lam, tf.float32),
             const=tf.cast(self._const, tf.float32), inline=inline)
         return value, grads, plan
 
@@ -322,31 +360,32 @@ class EWC(tf.Module):
         λ/2 Σ_i F_i (θ_i − θ*_i)².  0 before the first consolidation.  Eager, inside
         ``tf.function`` and under ``jit_compile=True``; float32 under mixed precision.
         """
-        return self._fused()[0]
+        return self._value_and_grads()[0]
 
     def penalty_and_gradients(self, *, inline=False):
-        """``(penalty(), penalty_gradients())`` from ONE fused pass (the value is
-        differentiable as in :meth:`penalty`).  ``inline=True`` traces the pass into the
-        calling graph without the custom gradient: for train steps that add the gradients
-        themselves (:func:`fastewc.penalty.ewc_penalty_and_gradients`)."""
-        value, grads, plan = self._fused(inline=inline)
-        return value, self._align(grads, plan[3], plan[4])
+        """``(penalty(), penalty_gradients())`` from ONE compiled function (the value is
+        differentiable as in :meth:`penalty`).  ``inline=True`` traces the computation into
+        the calling graph without the custom gradient: for train steps that add the
+        gradients themselves (:func:`fastewc.penalty.ewc_penalty_and_gradients`)."""
+        value, grads, plan = self._value_and_grads(inline=inline)
+        return value, self._align(grads, plan)
 
     def penalty_gradients(self):
         """λ·A·(θ − μ) for each of ``model.trainable_variables`` (float32; zeros for variables
         not penalized), computed without a tape: add them to a train step's gradients."""
-        variables, fisher, anchors, position, trainable = self._plan()
-        if not variables:
-            return [tf.zeros(v.shape, tf.float32) for v in trainable]
-        grads = penalty_lib.ewc_penalty_gradients(variables, fisher, anchors,
+        plan = self._plan()
+        if not plan.variables:
+            return [tf.zeros(v.shape, tf.float32) for v in plan.trainable]
+        grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors,
                                                   tf.cast(self._lam, tf.float32))
-        return self._align(grads, position, trainable)
+        return self._align(grads, plan)
 
     @staticmethod
-    def _align(grads, position, trainable):
+    def _align(grads, plan):
+        """``grads`` (one per penalized variable) laid out along ``plan.trainable``."""
         out = []
-        for v in trainable:
-            i = position.get(id(v))
+        for v in plan.trainable:
+            i = plan.position.get(id(v))
             out.append(grads[i] if i is not None else tf.zeros(v.shape, tf.float32))
         return out
 
@@ -381,12 +420,17 @@ class EWC(tf.Module):
           anchors: the task's weights θ_t, aligned the same way; None: the current weights.
 
         separate: (A, μ, c) ← merge_separate(A, μ, F, θ_t); online: (A, μ) ← (γA + F, θ_t).
-        Tracked variables that are no longer trainable get F = 0.  All or nothing.
+        Tracked variables that are no longer trainable get F = 0.  All or nothing: validate,
+        merge (nothing assigned), then commit (rolled back if interrupted).
         """
         self._require_eager("add_task")
-        model = self._model
-        if not model.built:
-            raise ValueError(f"`model` '{model.name}' is not built: call it on a batch first.")
+        task = self._validate_task(fisher, anchors)
+        update = self._merge_task(task)
+        self._commit(update)
+
+    def _validate_task(self, fisher, anchors):
+        """Argument checks (types, lengths, dtypes, shapes) → the new per-key F and θ."""
+        model = check_model(self._model, trainable=False)
         by_key = self._model_variables_by_key()
         self._check_tracked_present(by_key)
         trainable = list(model.trainable_variables)
@@ -415,60 +459,67 @@ class EWC(tf.Module):
         new_fisher, new_theta = {}, {}
         for i, v in enumerate(trainable):
             key = self._key(v)
-            new_fisher[key] = _as_float32(fisher[i])
+            new_fisher[key] = as_float32(fisher[i])
             new_theta[key] = (penalty_lib.read_float32(v) if anchors is None
-                              else _as_float32(anchors[i]))
+                              else as_float32(anchors[i]))
+        return _Task(new_fisher, new_theta, by_key, anchors is not None)
 
+    def _merge_task(self, task):
+        """The new (A, μ) of every tracked or entering variable and the constant's
+        increment (:func:`fastewc.penalty.merge_all`); nothing is assigned.  Raises for a
+        negative or non-finite Fisher and for a non-finite anchor, naming the variable."""
+        by_key = task.by_key
         fresh = {self._key(v): v for v in self._new_trainable_variables()}
         keys = list(self._fisher) + [k for k in fresh if k not in self._fisher]
-        olds, fs, thetas = [], [], []
+        old, fs, thetas = [], [], []
         for key in keys:
             if key in self._fisher:
-                olds.append((self._fisher[key].read_value(), self._anchor[key].read_value()))
+                old.append((self._fisher[key].read_value(), self._anchor[key].read_value()))
             else:
                 zeros = tf.zeros(_shape(fresh[key]), tf.float32)
-                olds.append((zeros, zeros))
-            if key in new_fisher:
-                fs.append(new_fisher[key])
-                thetas.append(new_theta[key])
+                old.append((zeros, zeros))
+            if key in task.fisher:
+                fs.append(task.fisher[key])
+                thetas.append(task.theta[key])
             else:                                # tracked but frozen: no new information
                 fs.append(tf.zeros(_shape(by_key[key]), tf.float32))
                 thetas.append(penalty_lib.read_float32(by_key[key]))
-        online = self.mode == "online"
-        # One compiled pass over all variables, float64 inside; nothing is assigned yet.
-        a_new, mu_new, delta_c, bad = _merge_all(
-            [o[0] for o in olds], [o[1] for o in olds], fs, thetas,
-            online, self._gamma.read_value())
-        for key, (flag, bad_theta) in zip(keys, bad.numpy()):
+        a_new, mu_new, delta_c, bad = penalty_lib.merge_all(
+            [o[0] for o in old], [o[1] for o in old], fs, thetas,
+            self.mode == "online", self._gamma.read_value())
+        for key, (bad_fisher, bad_theta) in zip(keys, bad.numpy()):
             if bad_theta:
-                where = ("`anchors` entry for variable" if anchors is not None and key in new_theta
+                where = ("`anchors` entry for variable" if task.anchors_given and key in task.theta
                          else "The `model` weights of variable")
                 raise ValueError(
                     f"{where} '{by_key[key].path}' must be finite to be a task's anchor. Received: "
                     "NaN or Inf values (did training diverge?)")
-            if flag:
-                f = new_fisher[key]
+            if bad_fisher:
+                f = task.fisher[key]
                 raise ValueError(
                     f"`fisher`: the Fisher of variable '{by_key[key].path}' must be finite and >= 0. "
                     f"Received: values in [{float(tf.reduce_min(f))}, {float(tf.reduce_max(f))}]. "
                     "(Negative values come from a probability loss with from_logits=False on a "
                     "model whose output is not a softmax/sigmoid: pass from_logits=True for logits.)")
+        return _Update(keys, old, list(zip(a_new, mu_new)), delta_c, set(fresh))
 
-        # -- commit (rolled back if interrupted: the state is never half updated) -----
-        pending = dict(zip(keys, zip(a_new, mu_new)))
+    def _commit(self, update):
+        """Assign ``update``, or restore the state as it was if anything interrupts it."""
         const, num_tasks = self._const.read_value(), self._num_tasks.read_value()
+        pending = dict(zip(update.keys, update.new))
         try:
-            self._track_new_variables(initial={k: pending[k] for k in fresh})
+            self._track_new_variables(initial={k: pending[k] for k in update.keys
+                                               if k in update.fresh})
             for key, (a, mu) in pending.items():
-                if key not in fresh:
+                if key not in update.fresh:
                     self._fisher[key].assign(a)
                     self._anchor[key].assign(mu)
-            if not online:
-                self._const.assign_add(delta_c)
+            if self.mode == "separate":
+                self._const.assign_add(update.delta_c)
             self._num_tasks.assign_add(1)
         except BaseException:
-            for key, (a, mu) in zip(keys, olds):
-                if key in fresh:                  # `del`, not pop(): keeps them checkpointable
+            for key, (a, mu) in zip(update.keys, update.old):
+                if key in update.fresh:           # `del`, not pop(): keeps them checkpointable
                     for table in (self._fisher, self._anchor):
                         if key in table:
                             del table[key]
@@ -477,7 +528,7 @@ class EWC(tf.Module):
                     self._anchor[key].assign(mu)
             self._const.assign(const)
             self._num_tasks.assign(num_tasks)
-            object.__setattr__(self, "_plan_cache", None)
+            self._invalidate_plan()
             raise
 
     @staticmethod
@@ -487,55 +538,19 @@ class EWC(tf.Module):
                                "call it outside tf.function.")
 
     # -- save / load -----------------------------------------------------------------
-    def _header(self):
-        return {
-            "format": FORMAT, "version": FORMAT_VERSION, "mode": self.mode, "lam": self.lam,
-            "gamma": self.gamma, "num_tasks": self.num_tasks,
-            "const": float(self._const.numpy()),
-            "variables": [{"path": k, "shape": list(_shape(a))} for k, a in self._fisher.items()],
-            "excluded": (sorted(self._key(v) for v in self._model.variables if self._exclude(v))
-                         if self._model.built else []),
-        }
-
     def save(self, path):
-        """Write the state to ``path`` (an .npz file), atomically.
+        """Write the state to ``path`` (an .npz file), atomically (:mod:`fastewc.ewc_file`).
 
         Stores mode, λ, γ, the task count, c, and for each tracked variable its path, shape,
-        A and μ, plus a SHA-256 of it all.  The file is written to a temporary file in the
-        same directory, flushed and fsync'ed, then renamed over ``path`` (``os.replace``):
-        a reader sees the old file or the new one, never a partial one.
+        A and μ, plus a SHA-256 of it all.  A reader sees the old file or the new one, never
+        a partial one.
         """
         self._require_eager("save")
-        path = os.fspath(path)
-        header = self._header()
-        arrays = {}
-        for i, key in enumerate(self._fisher):
-            arrays[f"fisher_{i}"] = self._fisher[key].numpy()
-            arrays[f"anchor_{i}"] = self._anchor[key].numpy()
-        header["sha256"] = _digest(header, arrays)
-        header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, header=header_bytes, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        try:  # make the rename itself durable
-            dir_fd = os.open(directory, os.O_RDONLY)
-        except OSError:  # pragma: no cover - platforms without directory fds
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:  # pragma: no cover
-            pass
-        finally:
-            os.close(dir_fd)
+        excluded = (sorted(self._key(v) for v in self._model.variables if self._exclude(v))
+                    if self._model.built else [])
+        ewc_file.write(path, ewc_file.EWCFile(
+            mode=self.mode, lam=self.lam, gamma=self.gamma, num_tasks=self.num_tasks,
+            const=float(self._const.numpy()), state=self.state(), excluded=excluded))
 
     @classmethod
     def load(cls, path, model, *, exclude=None):
@@ -546,58 +561,42 @@ class EWC(tf.Module):
         built: a mismatch raises a ValueError naming the first mismatching variable, a
         truncated or corrupted file raises a ValueError, and nothing is returned half
         loaded.  ``exclude`` defaults to the variables excluded when the file was saved.
+        The saved variables are tracked in the file's order, then any other trainable
+        variable of ``model`` with zero state, as at construction.
         """
-        header, arrays = _read_file(os.fspath(path))
-        mode = header["mode"]
+        contents = ewc_file.read(path)
+        path = os.fspath(path)
         try:
-            check_one_of("mode", mode, MODES)
-            lam = _check_lam(header["lam"])
-            gamma = _check_gamma(header["gamma"], mode)
-            num_tasks = int(header["num_tasks"])
-            const = float(header["const"])
+            check_one_of("mode", contents.mode, MODES)
+            lam = check_lam(contents.lam)
+            gamma = _check_gamma(contents.gamma, contents.mode)
+            num_tasks = int(contents.num_tasks)
+            const = float(contents.const)
         except (ValueError, TypeError) as err:
             raise ValueError(f"EWC file {path!r} has an invalid header: {err}") from None
-        _check_model(model)
-        if not model.built:
-            raise ValueError(f"`model` '{model.name}' is not built: build it before EWC.load.")
+        check_model(model, trainable=False)
         if exclude is None:
-            saved = set(header.get("excluded", []))
-            exclude = lambda v, _saved=saved: v.path in _saved or _relative(model, v) in _saved  # noqa: E731
-        ewc = cls(model, lam=lam, mode=mode, gamma=gamma, exclude=exclude)
+            saved = set(contents.excluded)
+            exclude = lambda v: v.path in saved or _relative_path(model, v) in saved  # noqa: E731
+        ewc = cls.__new__(cls)
+        super(EWC, ewc).__init__(name="ewc")
+        ewc._configure(model, lam=lam, mode=contents.mode, gamma=gamma, exclude=exclude,
+                       num_tasks=num_tasks, const=const)
         by_key = ewc._model_variables_by_key()
-        state = {}
-        for i, entry in enumerate(header["variables"]):
-            key, shape = entry["path"], tuple(entry["shape"])
+        for key, (a, _) in contents.state.items():
             v = by_key.get(key)
             if v is None:
                 raise ValueError(
                     f"Cannot load EWC state from {path!r} onto model '{model.name}': the file "
-                    f"has variable '{key}' (shape {shape}), which the model does not have.")
-            if _shape(v) != shape:
+                    f"has variable '{key}' (shape {a.shape}), which the model does not have.")
+            if _shape(v) != a.shape:
                 raise ValueError(
                     f"Cannot load EWC state from {path!r} onto model '{model.name}': variable "
-                    f"'{v.path}' has shape {_shape(v)}, the file has shape {shape} for it.")
+                    f"'{v.path}' has shape {_shape(v)}, the file has shape {a.shape} for it.")
             if ewc._exclude(v):
                 raise ValueError(f"Variable '{v.path}' has EWC state in {path!r} but is excluded.")
-            state[key] = (arrays[f"fisher_{i}"], arrays[f"anchor_{i}"])
-        # Build: ewc tracks the model's current trainable variables with zero state; add
-        # the saved ones (some may no longer be trainable) and assign the values.
-        for key, (a, mu) in state.items():
-            if key in ewc._fisher:
-                ewc._fisher[key].assign(a)
-                ewc._anchor[key].assign(mu)
-            else:
-                ewc._fisher[key] = tf.Variable(a, dtype=tf.float32, trainable=False, name="fisher")
-                ewc._anchor[key] = tf.Variable(mu, dtype=tf.float32, trainable=False, name="anchor")
-        object.__setattr__(ewc, "_plan_cache", None)
-        ewc._num_tasks.assign(num_tasks)
-        ewc._const.assign(const)
+        ewc._track_new_variables(initial=contents.state)
         return ewc
-
-
-def _as_float32(value):
-    value = tf.convert_to_tensor(value)
-    return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
 def _is_real(value):
@@ -608,94 +607,3 @@ def _is_real(value):
     except (TypeError, ValueError):
         return False
     return dtype.is_floating or dtype.is_integer or dtype.is_bool
-
-
-@tf.function(autograph=False, jit_compile=False)
-def _merge_all(fisher_sums, means, fishers, thetas, online, gamma):
-    """Every variable's merge (:mod:`fastewc.penalty`) in one compiled pass, float64 inside.
-
-    Not XLA: the merge runs once per task, and XLA's compile (≈ 3 s measured in the demo)
-    would cost more than the elementwise work it speeds up.
-
-    Returns the float32 (A', μ') lists, the separate-mode constant's increment and, per
-    variable, whether its new Fisher has a negative or non-finite value and whether its
-    anchor θ has a non-finite value (shape (n, 2)).
-    """
-    a_out, mu_out, bad, dc = [], [], [], tf.constant(0.0, tf.float64)
-    for a, mu, f, theta in zip(fisher_sums, means, fishers, thetas):
-        bad.append(tf.stack([tf.reduce_any(tf.logical_not(tf.math.is_finite(f)) | (f < 0)),
-                             tf.reduce_any(tf.logical_not(tf.math.is_finite(theta)))]))
-        if online:   # a Python bool: one trace per mode
-            a_new, mu_new = penalty_lib.merge_online(a, mu, f, theta, gamma)
-        else:
-            a_new, mu_new, dc_new = penalty_lib.merge_separate(a, mu, f, theta)
-            dc += dc_new
-        a_out.append(tf.cast(a_new, tf.float32))
-        mu_out.append(tf.cast(mu_new, tf.float32))
-    return a_out, mu_out, dc, tf.stack(bad) if bad else tf.zeros([0, 2], tf.bool)
-
-
-def _relative(model, variable):
-    prefix = model.name + "/"
-    return variable.path[len(prefix):] if variable.path.startswith(prefix) else variable.path
-
-
-def _digest(header, arrays):
-    """SHA-256 over the header (without its digest) and every array's bytes, in order."""
-    body = {k: v for k, v in header.items() if k != "sha256"}
-    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8"))
-    for name in sorted(arrays, key=_array_order):
-        arr = np.ascontiguousarray(arrays[name], dtype="<f4")
-        h.update(name.encode("utf-8"))
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def _array_order(name):
-    kind, _, index = name.rpartition("_")
-    return (int(index), kind)
-
-
-def _read_file(path):
-    """(header, arrays) from an EWC file, verified; ValueError for anything malformed."""
-    with open(path, "rb") as f:
-        raw = f.read()
-
-    def corrupt(reason):
-        return ValueError(f"{path!r} is not a valid fastewc EWC file (truncated or corrupted?): {reason}")
-
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            contents = {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise corrupt(f"{type(err).__name__}: {err}") from None
-    if "header" not in contents:
-        raise corrupt("no header")
-    try:
-        header = json.loads(contents.pop("header").tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise corrupt(f"unreadable header ({err})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise corrupt(f"format is not {FORMAT!r}")
-    if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path!r} has EWC file version {header.get('version')!r}; this fastewc "
-                         f"reads version {FORMAT_VERSION}.")
-    required = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
-    missing = [k for k in required if k not in header]
-    if missing:
-        raise corrupt(f"header lacks {missing}")
-    try:
-        entries = [(str(e["path"]), tuple(int(d) for d in e["shape"])) for e in header["variables"]]
-    except (TypeError, KeyError, ValueError) as err:
-        raise corrupt(f"bad variable list ({err})") from None
-    expected = {f"{kind}_{i}" for i in range(len(entries)) for kind in ("fisher", "anchor")}
-    if set(contents) != expected:
-        raise corrupt(f"arrays {sorted(set(contents) ^ expected)} missing or unexpected")
-    for i, (key, shape) in enumerate(entries):
-        for kind in ("fisher", "anchor"):
-            arr = contents[f"{kind}_{i}"]
-            if arr.dtype != np.float32 or arr.shape != shape:
-                raise corrupt(f"array for '{key}' has {arr.dtype} {arr.shape}, expected float32 {shape}")
-    if _digest(header, contents) != header["sha256"]:
-        raise corrupt("SHA-256 checksum mismatch")
-    return header, contents

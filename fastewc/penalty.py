@@ -7,12 +7,14 @@ task with a diagonal quadratic weighted by that task's Fisher F:
     penalty(θ) = λ/2 · [ Σ_i F_i (θ_i − θ*_i)² + c ]          (c: a constant, default 0)
     ∂penalty/∂θ_i = λ · F_i · (θ_i − θ*_i)
 
-Fused: :func:`ewc_penalty_and_gradients` computes the value and the gradient g in ONE
-compiled pass over all the variables (value = ½ Σ_i g_i (θ_i − θ*_i) + λc/2, so the value
-costs one multiply-add per parameter on top of g).  :func:`ewc_penalty` returns the value
-with a ``tf.custom_gradient`` whose backward pass is that g (times the upstream gradient):
-nothing is re-derived by autodiff and no activations are kept.  Time and memory are O(P)
-for P parameters; the compiled function is traced once per list of shapes and reused.
+:func:`ewc_penalty_and_gradients` computes the value and the gradient g in ONE compiled
+function over all the variables (value = ½ Σ_i g_i (θ_i − θ*_i) + λc/2, so the value
+costs one multiply-add per parameter on top of g; how many loops that function runs is
+the compiler's choice: under XLA on CPU the value's reduction and g are two loops).
+:func:`ewc_penalty` returns the value with a ``tf.custom_gradient`` whose backward pass
+is that g (times the upstream gradient): nothing is re-derived by autodiff and no
+activations are kept.  Time and memory are O(P) for P parameters; the compiled function
+is traced once per list of shapes and reused.
 
 Everything is float32 (F, θ* and the result), whatever the model's compute dtype: under
 ``mixed_float16`` Keras variables are float32 and are read here without the float16
@@ -41,34 +43,28 @@ Several tasks, one quadratic (the state :class:`fastewc.EWC` keeps):
       F ← γ·F + F_new,   θ* ← θ_new,   c = 0.
 
 Merges run in float64 and return float64; store the result in float32.
+:func:`merge_all` applies one of them to every variable of a model in one compiled
+function (what :meth:`fastewc.EWC.add_task` commits).
 """
-import math
-import numbers
-
 import numpy as np
 import tensorflow as tf
 
-try:  # Keras 3: a scope with dtype None switches a layer's float16 autocast off.
-    from keras.src.backend.common.variables import AutocastScope as _AutocastScope
-except ImportError:  # pragma: no cover - other Keras layouts
-    _AutocastScope = None
+from fastewc import _keras_compat as compat
+from fastewc import _policy
+from fastewc._checks import as_float32, check_jit_compile, check_lam
 
 __all__ = [
     "ewc_penalty", "ewc_penalty_gradients", "ewc_penalty_and_gradients",
-    "merge_separate", "merge_online", "read_float32", "default_jit_compile",
+    "merge_separate", "merge_online", "merge_all", "read_float32", "default_jit_compile",
 ]
 
 _COMPILED = {}   # (kind, jit_compile) -> tf.function, shared by every caller
 
 
 def default_jit_compile():
-    """XLA for the fused penalty: on GPU yes; on CPU no.
-
-    Measured on a 2-core CPU for 10M parameters (benchmarks/bench_penalty.py): XLA's CPU
-    reductions to a scalar are slow (≈ 44 ms vs 18 ms for TensorFlow's kernels), while on
-    GPU XLA fuses the whole pass into one kernel.
-    """
-    return bool(tf.config.list_physical_devices("GPU"))
+    """XLA for the standalone penalty function: on GPU yes, on CPU no
+    (:func:`fastewc._policy.default_jit_compile` with no model; figures in the README)."""
+    return _policy.default_jit_compile()
 
 
 # -- reading values ---------------------------------------------------------------------
@@ -79,31 +75,16 @@ def read_float32(variable):
     call this is the float32 master weight, not its float16 copy.  Reads are recorded by
     any active ``tf.GradientTape`` as usual.
     """
-    if _AutocastScope is not None and hasattr(variable, "_maybe_autocast"):
-        with _AutocastScope(None):
+    if compat.reads_with_autocast(variable):
+        with compat.AutocastScope(None):
             value = tf.convert_to_tensor(variable.value)
     else:
         value = tf.convert_to_tensor(variable)
     return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
-def _as_float32(value):
-    value = tf.convert_to_tensor(value)
-    return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
-
-
 def _name(variable, index):
     return getattr(variable, "path", None) or getattr(variable, "name", None) or f"#{index}"
-
-
-def _check_lam(lam):
-    """λ given as a Python or NumPy number is checked here (tensors, e.g. a tf.Variable
-    read inside a compiled step, are not: that would need a device-to-host sync)."""
-    if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
-        if not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"`lam` must be a finite number >= 0. Received: lam={lam!r}")
-    elif isinstance(lam, (bool, str, bytes)) or lam is None:
-        raise ValueError(f"`lam` must be a finite number >= 0. Received: lam={lam!r}")
 
 
 def _check_aligned(variables, fisher, anchors):
@@ -130,8 +111,8 @@ def _check_aligned(variables, fisher, anchors):
 # -- the compiled bodies ----------------------------------------------------------------
 def _sum_all(t):
     """Σ of every entry.  For matrices a matrix-vector product with ones first: XLA on CPU
-    turns a full reduce_sum into a slow pass of its own, the matvec fuses (measured in
-    benchmarks/bench_train_step.py: EWC overhead of the MLP step +61% -> +24%)."""
+    emits a full reduce_sum as a slow loop of its own, while the matvec fuses with the
+    elementwise product (README, train-step figures)."""
     if t.shape.rank is None or t.shape.rank < 2:
         return tf.reduce_sum(t)
     rows = tf.reshape(t, [-1, t.shape[-1]])
@@ -156,7 +137,7 @@ def _grads_body(thetas, fisher, anchors, lam):
 
 
 def compiled(kind, jit_compile=None):
-    """The shared ``tf.function`` behind the fused calls (``kind``: "value_and_grads" or
+    """The shared ``tf.function`` behind the compiled calls (``kind``: "value_and_grads" or
     "grads"); exposed so tests can check ``experimental_get_tracing_count()``."""
     jit = default_jit_compile() if jit_compile is None else bool(jit_compile)
     fn = _COMPILED.get((kind, jit))
@@ -167,15 +148,10 @@ def compiled(kind, jit_compile=None):
     return fn
 
 
-def _check_jit(jit_compile):
-    if jit_compile not in (None, True, False):
-        raise ValueError(f"`jit_compile` must be None, True or False. Received: jit_compile={jit_compile!r}")
-
-
 # -- public functional core -------------------------------------------------------------
 def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit_compile=None,
                               inline=False):
-    """``(value, grads)`` of the EWC penalty in one fused compiled pass.
+    """``(value, grads)`` of the EWC penalty from one compiled function.
 
         value   = λ/2 · [ Σ_i F_i (θ_i − θ*_i)² + const ]      float32 scalar
         grads_j = λ · F_j · (θ_j − θ*_j)                        float32, one per variable
@@ -190,23 +166,22 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
       anchors: list of θ*, same shapes, treated as constants.
       lam: λ, a float or scalar tensor (λ ≥ 0).
       const: c, a scalar added inside the bracket (the separate-mode constant).
-      jit_compile: XLA for the fused pass; None: :func:`default_jit_compile`.
-      inline: trace the pass into the calling graph (no nested ``tf.function``, no
+      jit_compile: XLA for the compiled function; None: :func:`default_jit_compile`.
+      inline: trace the computation into the calling graph (no nested ``tf.function``, no
         ``tf.custom_gradient``: a tape would differentiate ``value`` by plain autodiff,
         and ``jit_compile`` is the caller's).  For compiled train steps that add
-        ``grads`` themselves: without XLA the nested call and its gradient wrapper cost
-        ~5% of the reference MLP's step at batch 32 (benchmarks/bench_train_step.py).
+        ``grads`` themselves: it saves the nested call and its gradient wrapper.
     """
-    _check_jit(jit_compile)
-    _check_lam(lam)
+    check_jit_compile(jit_compile)
+    check_lam(lam, allow_tensor=True)
     variables, fisher, anchors = _check_aligned(variables, fisher, anchors)
-    lam = _as_float32(lam)
-    const = _as_float32(const)
+    lam = as_float32(lam)
+    const = as_float32(const)
     if not variables:
         return 0.5 * lam * const, []
     thetas = [read_float32(v) for v in variables]
-    fisher = [_as_float32(f) for f in fisher]
-    anchors = [_as_float32(a) for a in anchors]
+    fisher = [as_float32(f) for f in fisher]
+    anchors = [as_float32(a) for a in anchors]
     if inline:
         return _value_and_grads_body(thetas, fisher, anchors, lam, const)
     fn = compiled("value_and_grads", jit_compile)
@@ -216,7 +191,7 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
     # Every tensor the forward pass uses is an argument, so tf.custom_gradient sees no
     # captured variable reads; only the θ arguments get a gradient.
     @tf.custom_gradient
-    def fused_penalty(*flat):
+    def penalty_with_analytic_gradient(*flat):
         value, grads = fn(list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:3 * n]),
                           flat[3 * n], flat[3 * n + 1])
         out["grads"] = grads
@@ -226,7 +201,7 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
 
         return value, grad_fn
 
-    value = fused_penalty(*thetas, *fisher, *anchors, lam, const)
+    value = penalty_with_analytic_gradient(*thetas, *fisher, *anchors, lam, const)
     return value, out["grads"]
 
 
@@ -244,15 +219,15 @@ def ewc_penalty(variables, fisher, anchors, lam, *, const=0.0, jit_compile=None)
 
 def ewc_penalty_gradients(variables, fisher, anchors, lam, *, jit_compile=None):
     """The penalty's gradient λ·F·(θ − θ*) for each variable (list of float32 tensors), in
-    one compiled pass and without a tape: add it to a train step's gradients."""
-    _check_jit(jit_compile)
-    _check_lam(lam)
+    one compiled function and without a tape: add it to a train step's gradients."""
+    check_jit_compile(jit_compile)
+    check_lam(lam, allow_tensor=True)
     variables, fisher, anchors = _check_aligned(variables, fisher, anchors)
     if not variables:
         return []
     return compiled("grads", jit_compile)(
-        [read_float32(v) for v in variables], [_as_float32(f) for f in fisher],
-        [_as_float32(a) for a in anchors], _as_float32(lam))
+        [read_float32(v) for v in variables], [as_float32(f) for f in fisher],
+        [as_float32(a) for a in anchors], as_float32(lam))
 
 
 # -- merging tasks ----------------------------------------------------------------------
@@ -295,3 +270,30 @@ def merge_online(fisher, anchor, fisher_new, theta_new, gamma):
     """
     del anchor  # the previous anchor is replaced
     return _f64(gamma) * _f64(fisher) + _f64(fisher_new), _f64(theta_new)
+
+
+@tf.function(autograph=False, jit_compile=False)
+def merge_all(fisher_sums, means, fishers, thetas, online, gamma):
+    """Every variable's merge in one compiled function, float64 inside: for each variable
+    j, ``merge_online(A_j, μ_j, F_j, θ_j, γ)`` when ``online`` (a Python bool: one trace
+    per mode), else ``merge_separate(A_j, μ_j, F_j, θ_j)``.  Pure: nothing is assigned.
+
+    Not XLA: it runs once per task, and an XLA compile would cost more than the
+    elementwise work it speeds up.
+
+    Returns the float32 (A', μ') lists, the separate-mode constant's increment Σ_j Δc_j
+    (float64; 0 when online) and, per variable, whether its new Fisher has a negative or
+    non-finite value and whether its anchor θ has a non-finite value (bool, shape (n, 2)).
+    """
+    a_out, mu_out, bad, dc = [], [], [], tf.constant(0.0, tf.float64)
+    for a, mu, f, theta in zip(fisher_sums, means, fishers, thetas):
+        bad.append(tf.stack([tf.reduce_any(tf.logical_not(tf.math.is_finite(f)) | (f < 0)),
+                             tf.reduce_any(tf.logical_not(tf.math.is_finite(theta)))]))
+        if online:
+            a_new, mu_new = merge_online(a, mu, f, theta, gamma)
+        else:
+            a_new, mu_new, dc_new = merge_separate(a, mu, f, theta)
+            dc += dc_new
+        a_out.append(tf.cast(a_new, tf.float32))
+        mu_out.append(tf.cast(mu_new, tf.float32))
+    return a_out, mu_out, dc, tf.stack(bad) if bad else tf.zeros([0, 2], tf.bool)

@@ -8,10 +8,12 @@ where L_data is the Keras loss with its own reduction (the mean over the batch f
 ``"sum_over_batch_size"``) and P the EWC penalty (:mod:`fastewc.ewc`).  The gradient is
 
     ∇L = ∇(L_data + Σ model.losses)   (one GradientTape over the forward pass)
-       + λ·A·(θ − μ)                   (``ewc.penalty_gradients()``: analytic, no tape)
+       + λ·A·(θ − μ)                   (``ewc.penalty_and_gradients()``: analytic, no tape)
 
-so the penalty costs one fused elementwise pass over the parameters, not a second
-backward pass.  The value returned by a step is ``L_data + Σ model.losses + P`` at the
+so the penalty costs O(P) elementwise work over the parameters, traced into the step's
+compiled function, not a second backward pass.  What a step needs from ``ewc`` is written
+down once, in :class:`fastewc._penalty_term.PenaltySource`; the scaled sum below is
+:func:`fastewc._penalty_term.add_penalty`, shared with :mod:`fastewc.keras_fit`.  The value returned by a step is ``L_data + Σ model.losses + P`` at the
 weights *before* the update (what the gradient was taken at), as a float32 scalar; with
 ``steps_per_call=k`` it is the (k,) vector of those values, one per optimizer step.
 
@@ -39,19 +41,20 @@ Tracing.  Every compiled function is traced once per input structure and dtype, 
 batch dimension left unknown: a final partial batch or a new batch size does not retrace
 (XLA still compiles one executable per distinct shape, cached).
 """
+import contextlib
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.losses.losses import LossFunctionWrapper
 
+from fastewc import _keras_compat as compat
+from fastewc import _policy
 from fastewc import distribute as distribute_lib
-from fastewc._checks import check_positive_int
-from fastewc._layers import has_convolution
-from fastewc.ewc import EWC
+from fastewc._checks import check_jit_compile, check_model, check_positive_int
+from fastewc._penalty_term import add_penalty, check_penalty_source, tracking_token, uses_float16
 
-__all__ = ["make_train_step", "TrainStep", "default_jit_compile", "add_penalty"]
+__all__ = ["make_train_step", "TrainStep", "default_jit_compile"]
 
 
 def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1,
@@ -67,7 +70,7 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
         returning per-example values (mean-reduced).  Its reduction must be a scalar one.
       ewc: ``None`` or a :class:`fastewc.EWC` built on ``model``; its gradient
         λ·A·(θ − μ) is added analytically to the data gradient.
-      jit_compile: XLA on/off; ``None`` picks the faster measured default for the device
+      jit_compile: XLA on/off; ``None`` picks the device's default
         (:func:`default_jit_compile`).
       steps_per_call: k optimizer steps per call; then ``step(xs, ys)`` takes k stacked
         batches, ``xs`` of shape ``(k, batch, ...)``, and returns the k losses.
@@ -78,77 +81,74 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
         device-to-host read of the loss per call.  Not supported under ``tf.distribute``.
 
     Returns:
-      a :class:`TrainStep`; ``step(x, y)`` returns L_data + Σ model.losses + P, float32
-      (shape ``()``, or ``(k,)`` when ``steps_per_call=k > 1``).
+      a :class:`TrainStep` (this is ``TrainStep(model, optimizer, loss, ...)``);
+      ``step(x, y)`` returns L_data + Σ model.losses + P, float32 (shape ``()``, or
+      ``(k,)`` when ``steps_per_call=k > 1``).
     """
-    variables = _check_model(model)
-    check_positive_int("steps_per_call", steps_per_call)
-    if jit_compile not in (None, True, False):
-        raise ValueError(
-            f"`jit_compile` must be None, True or False. Received: jit_compile={jit_compile!r}")
-    loss_obj = _resolve_loss(loss)
-    _check_ewc(ewc, model, variables)
-    strategy = _model_strategy(model)
-    if stop_on_nonfinite not in (True, False):
-        raise ValueError("`stop_on_nonfinite` must be True or False. "
-                         f"Received: stop_on_nonfinite={stop_on_nonfinite!r}")
-    if stop_on_nonfinite and strategy is not None:
-        raise ValueError("`stop_on_nonfinite=True` is not supported under tf.distribute (replicas "
-                         "would have to agree to skip a step). Received: a model built in "
-                         f"{type(strategy).__name__}.scope()")
-    optimizer = _resolve_optimizer(optimizer, model, strategy)
-    if jit_compile is None:
-        jit_compile = default_jit_compile(model)
-    elif jit_compile and steps_per_call > 1 and not default_jit_compile(model):
-        warnings.warn(
-            f"fastewc.make_train_step: jit_compile=True with steps_per_call={steps_per_call} on "
-            f"CPU for model '{model.name}', which has convolutions: XLA's CPU convolutions inside "
-            "the step loop were ~30x slower than without XLA in our benchmarks (reference CNN). "
-            "jit_compile=None picks the faster setting.", stacklevel=2)
-    return TrainStep(model, optimizer, loss_obj, ewc=ewc, jit_compile=jit_compile,
-                     steps_per_call=steps_per_call, strategy=strategy,
-                     stop_on_nonfinite=stop_on_nonfinite)
+    return TrainStep(model, optimizer, loss, ewc=ewc, jit_compile=jit_compile,
+                     steps_per_call=steps_per_call, stop_on_nonfinite=stop_on_nonfinite)
 
 
 def default_jit_compile(model):
-    """The faster measured XLA setting for a train step (benchmarks/bench_train_step.py).
-
-    GPU: XLA.  CPU: XLA for models without convolutions, no XLA with them.  Measured on
-    the 2-core CPU (min per optimizer step, Adam): reference MLP batch 32, 1.26 ms with
-    XLA vs 1.78 ms without (0.66 vs 1.30 ms with ``steps_per_call=10``); batch 256, 3.9
-    vs 4.7 ms; reference CNN batch 32, 122 ms with XLA vs 46 ms without (XLA's CPU
-    convolutions are slower than TensorFlow's oneDNN kernels, and inside the
-    ``steps_per_call`` loop far slower still).
-    """
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    return not has_convolution(model)
+    """The XLA setting ``jit_compile=None`` means for a train step of ``model``: XLA on GPU;
+    on CPU XLA for models without convolutions, none with them (XLA's CPU convolutions
+    are slower than TensorFlow's oneDNN kernels).  :func:`fastewc._policy.default_jit_compile`;
+    figures in the README."""
+    return _policy.default_jit_compile(model)
 
 
 class TrainStep:
     """A compiled train step; call it as ``step(x, y, sample_weight=None)``.
 
+    Args: as :func:`make_train_step`, plus
+      strategy: None (the default) for the ``tf.distribute`` strategy ``model`` was built
+        in (none on one device); otherwise it must be that strategy (the default strategy
+        stands for none).
+
+    Every argument is checked here: a combination that could not run raises at
+    construction, naming the argument.
+
     Attributes: ``model``, ``optimizer`` (the one that applies the updates, possibly a
-    ``LossScaleOptimizer`` wrapper), ``loss``, ``ewc``, ``jit_compile``,
-    ``steps_per_call``, ``strategy`` (None on one device).
+    ``LossScaleOptimizer`` wrapper), ``loss`` (a ``keras.losses.Loss``), ``ewc``,
+    ``jit_compile`` (a bool), ``steps_per_call``, ``stop_on_nonfinite``, ``strategy``
+    (None on one device).
     """
 
-    def __init__(self, model, optimizer, loss, *, ewc, jit_compile, steps_per_call, strategy,
-                 stop_on_nonfinite=False):
-        self.stop_on_nonfinite = bool(stop_on_nonfinite)
+    def __init__(self, model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1,
+                 strategy=None, stop_on_nonfinite=False):
+        check_model(model, layer_ok=False, purpose="parameters to train")
+        check_positive_int("steps_per_call", steps_per_call)
+        check_jit_compile(jit_compile)
+        self.loss = _resolve_loss(loss)
+        self.ewc = check_penalty_source(ewc, model, optional=True)
+        self.strategy = _resolve_strategy(strategy, model)
+        if stop_on_nonfinite not in (True, False):
+            raise ValueError("`stop_on_nonfinite` must be True or False. "
+                             f"Received: stop_on_nonfinite={stop_on_nonfinite!r}")
+        if stop_on_nonfinite and self.strategy is not None:
+            raise ValueError(
+                "`stop_on_nonfinite=True` is not supported under tf.distribute (replicas "
+                "would have to agree to skip a step). Received: a model built in "
+                f"{type(self.strategy).__name__}.scope()")
+        self.optimizer = _resolve_optimizer(optimizer, model, self.strategy)
+        if jit_compile is None:
+            jit_compile = default_jit_compile(model)
+        elif jit_compile and steps_per_call > 1 and not default_jit_compile(model):
+            warnings.warn(
+                f"fastewc.TrainStep: jit_compile=True with steps_per_call={steps_per_call} on "
+                f"CPU for model '{model.name}', which has convolutions: XLA's CPU convolutions "
+                "inside the step loop are far slower than TensorFlow's oneDNN kernels (README, "
+                "train-step figures). jit_compile=None picks the faster setting.", stacklevel=2)
         self.model = model
-        self.optimizer = optimizer
-        self.loss = loss
-        self.ewc = ewc
         self.jit_compile = bool(jit_compile)
         self.steps_per_call = steps_per_call
-        self.strategy = strategy
+        self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self._variables = list(model.trainable_variables)
         self._signatures = set()
         self._retired_traces = 0
         self._dv_function = None
-        self._ewc_token = _ewc_token(ewc)
-        self._function = self._build_function()
+        self._ewc_token = tracking_token(self.ewc)
+        self._function = self._compile()
 
     # -- public --------------------------------------------------------------------------
     def __call__(self, x, y, sample_weight=None):
@@ -157,8 +157,13 @@ class TrainStep:
                 raise ValueError("`x` is a distributed value but the model was not built in a "
                                  "tf.distribute strategy scope. Received: x of type "
                                  f"{type(x).__name__}")
+            if self.steps_per_call != 1:
+                raise ValueError("Distributed values are supported with steps_per_call=1 only. "
+                                 f"Received: steps_per_call={self.steps_per_call}")
             self._refresh_if_ewc_grew()
-            return self._distributed_values_function(x, y, sample_weight)
+            if self._dv_function is None:
+                self._dv_function = self._compile(distributed_input=True)
+            return self._dv_function(x, y, sample_weight)
         self._refresh_if_ewc_grew()
         x = tf.nest.map_structure(_to_tensor, x)
         y = tf.nest.map_structure(_to_tensor, y)
@@ -181,13 +186,13 @@ class TrainStep:
     def _refresh_if_ewc_grew(self):
         """A consolidation that started tracking new variables (a grown model) changes what
         the penalty reads: build the compiled step again (one new trace)."""
-        token = _ewc_token(self.ewc)
+        token = tracking_token(self.ewc)
         if token != self._ewc_token:
             self._retired_traces = self.tracing_count()
             self._ewc_token = token
             self._signatures = set()
             self._dv_function = None
-            self._function = self._build_function()
+            self._function = self._compile()
 
     def __repr__(self):
         return (f"<fastewc.TrainStep model='{self.model.name}' jit_compile={self.jit_compile} "
@@ -241,38 +246,45 @@ class TrainStep:
     def _num_replicas(self):
         return 1 if self.strategy is None else int(self.strategy.num_replicas_in_sync)
 
-    def _build_function(self):
-        # Any strategy (even one replica) goes through strategy.run: Keras optimizers
-        # apply gradients in a replica context.
-        if self.strategy is not None:
-            inner_jit = self.jit_compile
-            grads_fn = tf.function(self._loss_and_grads, jit_compile=True, autograph=False) \
-                if inner_jit else self._loss_and_grads
-            replica_step = lambda x, y, sw: self._replica_step(x, y, sw, grads_fn)  # noqa: E731
-            one_step = lambda x, y, sw: self._distributed_step(replica_step, x, y, sw)  # noqa: E731
-            jit = False
-        else:
-            one_step = lambda x, y, sw, ok=None: self._replica_step(  # noqa: E731
-                x, y, sw, self._loss_and_grads, allowed=ok)
-            jit = self.jit_compile
-        k = self.steps_per_call
+    def _compile(self, *, distributed_input=False):
+        """The compiled step.  Every path is :meth:`_replica_step`: called directly on one
+        device, or through ``strategy.run`` on each replica's rows (split here from the
+        global batch, or already distributed with ``distributed_input``); k > 1 steps run
+        it in a ``tf.while_loop``."""
+        strategy, guard, k = self.strategy, self.stop_on_nonfinite, self.steps_per_call
+        grads_fn = self._loss_and_grads
+        if strategy is not None and self.jit_compile:
+            # XLA per replica; the all-reduce and the update run outside it.
+            grads_fn = tf.function(grads_fn, jit_compile=True, autograph=False)
+
+        def replica_step(x, y, sample_weight, allowed=None):
+            return self._replica_step(x, y, sample_weight, grads_fn, allowed)
+
+        def one_step(x, y, sample_weight, allowed=None):
+            if strategy is None:
+                return replica_step(x, y, sample_weight, allowed)
+            # Any strategy (even one replica) goes through strategy.run: Keras optimizers
+            # apply gradients in a replica context.  `allowed` is None: stop_on_nonfinite
+            # is refused under a strategy.
+            if not distributed_input:
+                x, y = distribute_lib.split_rows(strategy, (x, y))
+                if sample_weight is not None:
+                    sample_weight = distribute_lib.split_rows(strategy, sample_weight)
+            per_replica = strategy.run(replica_step, args=(x, y, sample_weight))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
         if k == 1:
             def function(x, y, sample_weight):
                 return one_step(x, y, sample_weight)
         else:
             def function(xs, ys, sample_weights):
-                guard = self.stop_on_nonfinite
-
                 def body(i, losses, ok):
                     pick = lambda t: t[i]  # noqa: E731
                     sw = None if sample_weights is None else tf.nest.map_structure(pick, sample_weights)
-                    args = (tf.nest.map_structure(pick, xs), tf.nest.map_structure(pick, ys), sw)
+                    value = one_step(tf.nest.map_structure(pick, xs), tf.nest.map_structure(pick, ys),
+                                     sw, ok if guard else None)
                     if guard:   # once a step is non-finite, no later step of this call applies
-                        value = one_step(*args, ok=ok)
                         ok = tf.logical_and(ok, tf.math.is_finite(value))
-                    else:
-                        value = one_step(*args)
                     return i + 1, losses.write(i, value), ok
 
                 losses = tf.TensorArray(tf.float32, size=k, element_shape=[])
@@ -281,6 +293,7 @@ class TrainStep:
                                              maximum_iterations=k)
                 return losses.stack()
 
+        jit = self.jit_compile and strategy is None
         return tf.function(function, jit_compile=jit, autograph=False, reduce_retracing=True)
 
     def _loss_and_grads(self, x, y, sample_weight, data_weight, replica_scale):
@@ -298,19 +311,15 @@ class TrainStep:
         return objective, grads
 
     def _replica_step(self, x, y, sample_weight, grads_fn, allowed=None):
-        """One optimizer step in a replica (or on the one device)."""
+        """One optimizer step in a replica (or on the one device); the update is skipped
+        when the objective is not finite (``stop_on_nonfinite``) or ``allowed`` is False."""
         with tf.name_scope("fastewc/train_step"):
             data_weight, replica_scale = _replica_weights(self.loss, x)
             objective, grads = grads_fn(x, y, sample_weight, data_weight, replica_scale)
             grads = list(grads)
             if self.ewc is not None:
-                with tf.name_scope("ewc_penalty"):
-                    # The optimizer divides every gradient by the loss scale: scale the
-                    # penalty gradient by it too, and by 1/R (replica gradients are summed).
-                    scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32) * replica_scale
-                    variables = self._variables
-                    penalty, grads = add_penalty(
-                        self.ewc, grads, lambda g, p: _add_scaled(g, p, scale, variables))
+                penalty, grads = add_penalty(self.ewc, grads, self._variables,
+                                             optimizer=self.optimizer, replica_scale=replica_scale)
                 objective = objective + penalty * replica_scale
             if not self.stop_on_nonfinite:
                 self.optimizer.apply(grads, self._variables)
@@ -324,29 +333,6 @@ class TrainStep:
 
             tf.cond(ok, apply, lambda: tf.constant(False))
             return objective
-
-    def _distributed_step(self, replica_step, x, y, sample_weight):
-        strategy = self.strategy
-        dx, dy = distribute_lib.split_rows(strategy, (x, y))
-        dsw = None if sample_weight is None else distribute_lib.split_rows(strategy, sample_weight)
-        per_replica = strategy.run(replica_step, args=(dx, dy, dsw))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    def _distributed_values_function(self, x, y, sample_weight):
-        if self.steps_per_call != 1:
-            raise ValueError("Distributed values are supported with steps_per_call=1 only. "
-                             f"Received: steps_per_call={self.steps_per_call}")
-        if self._dv_function is None:
-            grads_fn = tf.function(self._loss_and_grads, jit_compile=True, autograph=False) \
-                if self.jit_compile else self._loss_and_grads
-
-            def function(dx, dy, dsw):
-                per_replica = self.strategy.run(
-                    lambda a, b, c: self._replica_step(a, b, c, grads_fn), args=(dx, dy, dsw))
-                return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-            self._dv_function = tf.function(function, autograph=False, reduce_retracing=True)
-        return self._dv_function(x, y, sample_weight)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -389,76 +375,6 @@ def _replica_weights(loss, x):
     return n_local * replicas / n_global, replica_scale
 
 
-def _ewc_token(ewc):
-    """Changes when the EWC starts tracking more variables (its state only grows)."""
-    return None if ewc is None else len(getattr(ewc, "tracked_paths", ()))
-
-
-def add_penalty(ewc, grads, combine):
-    """``(P, combine(grads, ∇P))``: the EWC penalty and the gradients with ∇P added.
-
-    When the EWC can say whether its penalty is identically zero
-    (:meth:`fastewc.EWC.penalty_is_active`: λ = 0 or no task yet), the penalty and the
-    sum are one ``tf.cond`` branch: no penalty work at all while it is zero.  The branch
-    boundary also makes XLA write each summed gradient g + s·λA(θ − μ) once, instead of
-    fusing it into each of the optimizer's passes (Adam: the m and the v update), and
-    without weight copies in the ``steps_per_call`` loop.  On the reference MLP at batch
-    32 that measured +16-21% against +21-42% in one session and the same as no cond
-    (+19-21%) in a later one (benchmarks/bench_train_step.py).  Data gradients that are
-    None (unused variables) cannot pass a ``tf.cond``; then the sum is built without it.
-    """
-    def with_penalty():
-        penalty, penalty_grads = _penalty_and_gradients(ewc)
-        return penalty, combine(grads, penalty_grads)
-
-    is_active = getattr(ewc, "penalty_is_active", None)
-    if is_active is None or any(g is None for g in grads):
-        return with_penalty()
-    penalty, summed = tf.cond(is_active(), with_penalty, lambda: (tf.constant(0.0), list(grads)))
-    return penalty, list(summed)
-
-
-def _penalty_and_gradients(ewc):
-    """(P, ∇P) from one fused pass when the EWC offers it, else from two calls."""
-    if isinstance(ewc, EWC):
-        value, grads = ewc.penalty_and_gradients(inline=True)   # no nested function
-    elif hasattr(ewc, "penalty_and_gradients"):
-        value, grads = ewc.penalty_and_gradients()
-    else:
-        value, grads = ewc.penalty(), ewc.penalty_gradients()
-    return tf.cast(value, tf.float32), list(grads)
-
-
-def _add_scaled(grads, penalty_grads, scale, variables):
-    if len(penalty_grads) != len(variables):
-        raise ValueError(
-            f"`ewc.penalty_gradients()` returned {len(penalty_grads)} tensors for "
-            f"{len(variables)} trainable variables: the EWC was built on another model.")
-    out = []
-    for g, p, v in zip(grads, penalty_grads, variables):
-        if p is None:
-            out.append(g)
-            continue
-        if g is None:
-            out.append(tf.cast(p * scale, v.dtype))
-        else:
-            out.append(g + tf.cast(p * scale, g.dtype))
-    return out
-
-
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a Keras model. Received: model of type {type(model).__name__}")
-    if not model.built:
-        raise ValueError(f"`model` '{model.name}' is not built: call it on a batch or build it "
-                         "with an input shape first. Received: an unbuilt model")
-    variables = model.trainable_variables
-    if not variables:
-        raise ValueError(f"`model` '{model.name}' has no trainable variables, nothing to train. "
-                         "Received: a model with 0 trainable variables")
-    return variables
-
-
 def _resolve_loss(loss):
     if isinstance(loss, keras.losses.Loss):
         if loss.reduction in (None, "none"):
@@ -477,41 +393,30 @@ def _resolve_loss(loss):
                              f"f(y_true, y_pred). Received: loss={loss!r}")
         if isinstance(fn, keras.losses.Loss):
             return fn
-        return LossFunctionWrapper(fn, name=loss)
+        return compat.LossFunctionWrapper(fn, name=loss)
     if callable(loss):
-        return LossFunctionWrapper(loss, name=getattr(loss, "__name__", None))
+        return compat.LossFunctionWrapper(loss, name=getattr(loss, "__name__", None))
     raise ValueError(f"`loss` must be a Keras loss name, keras.losses.Loss or a function "
                      f"f(y_true, y_pred). Received: loss of type {type(loss).__name__}")
 
 
-def _check_ewc(ewc, model, variables):
-    if ewc is None:
-        return
-    if not (hasattr(ewc, "penalty") and hasattr(ewc, "penalty_gradients")):
-        raise TypeError("`ewc` must be None or a fastewc.EWC. "
-                        f"Received: ewc of type {type(ewc).__name__}")
-    ewc_model = getattr(ewc, "model", None)
-    if ewc_model is not None and ewc_model is not model:
-        ewc_vars = {id(v) for v in ewc_model.trainable_variables}
-        if [id(v) for v in variables] != [id(v) for v in ewc_model.trainable_variables] \
-                or not ewc_vars:
-            raise ValueError(
-                f"`ewc` was built on model '{ewc_model.name}', not on `model` '{model.name}'. "
-                "Received: an EWC for another model")
-
-
-def _model_strategy(model):
-    """The strategy ``model`` was built in (or the current one), None on the default."""
-    strategy = getattr(model, "_distribute_strategy", None)
-    if strategy is None and tf.distribute.has_strategy():
-        strategy = tf.distribute.get_strategy()
-    return strategy
-
-
-def _uses_float16(model):
-    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
-    return any(getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16"
-               for layer in layers)
+def _resolve_strategy(strategy, model):
+    """The strategy ``model`` was built in (None on one device); an explicit ``strategy``
+    must be that one (the default strategy stands for none)."""
+    owner = compat.model_strategy(model)
+    if strategy is None:
+        return owner
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise ValueError("`strategy` must be None or a tf.distribute.Strategy. Received: "
+                         f"strategy of type {type(strategy).__name__}")
+    default = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    if strategy is owner or (default and owner is None):
+        return owner
+    where = (f"{type(owner).__name__}.scope()" if owner is not None
+             else "no strategy scope: leave `strategy` None")
+    raise ValueError(
+        f"`strategy` must be None or the tf.distribute strategy `model` '{model.name}' was "
+        f"built in ({where}). Received: strategy={type(strategy).__name__}")
 
 
 def _resolve_optimizer(optimizer, model, strategy):
@@ -521,24 +426,14 @@ def _resolve_optimizer(optimizer, model, strategy):
         raise TypeError("`optimizer` must be a Keras 3 optimizer (keras.optimizers.Optimizer) "
                         f"or its name. Received: optimizer of type {type(optimizer).__name__}")
     if strategy is not None:
-        opt_strategy = getattr(optimizer, "_distribution_strategy", None)
-        if opt_strategy is not strategy and strategy.num_replicas_in_sync > 1:
+        if compat.optimizer_strategy(optimizer) is not strategy and strategy.num_replicas_in_sync > 1:
             raise ValueError(
                 "`optimizer` was created outside the tf.distribute strategy scope of `model`: "
                 "create it inside `with strategy.scope():`. Received: an optimizer of another "
                 "(or no) strategy")
-    scope = strategy.scope() if strategy is not None else _null_scope()
-    with scope:
-        if _uses_float16(model) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        if uses_float16(model) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
     return optimizer
-
-
-class _null_scope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -439,3 +439,67 @@ def test_unbuilt_model_gets_its_state_at_the_first_consolidation():
     assert ewc.tracked_paths == ["h/kernel", "h/bias", "out/kernel", "out/bias"]
     perturb(model, seed=1)
     assert_penalty_matches(ewc, [([f.numpy() for f in fisher], ewc_anchor(ewc))])
+
+
+def test_load_tracks_the_files_variables_in_order_even_when_frozen_since(tmp_path):
+    """load goes through the same tracking as construction: the saved keys in the file's
+    order (trainable or not), then any other trainable variable with zero state."""
+    model, ewc = consolidated_ewc(num_tasks=1)
+    path = tmp_path / "ewc.npz"
+    ewc.save(path)
+    other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="h"),
+                              keras.layers.Dense(4, activation="softmax", name="out"),
+                              keras.layers.Dense(2, name="extra")])
+    other.layers[0].trainable = False                      # 'h' frozen since the save
+    loaded = fastewc.EWC.load(path, other)
+    assert loaded.tracked_paths == ewc.tracked_paths + ["extra/kernel", "extra/bias"]
+    for key, (a, mu) in ewc.state().items():
+        np.testing.assert_array_equal(loaded.state()[key][0], a)
+        np.testing.assert_array_equal(loaded.state()[key][1], mu)
+    assert not loaded.state()["extra/kernel"][0].any()
+    assert loaded.num_tasks == 1 and float(loaded._const.numpy()) == float(ewc._const.numpy())
+
+
+def test_the_plan_is_a_named_tuple_rebuilt_when_the_tracked_set_grows():
+    from fastewc.ewc import PenaltyPlan
+
+    model = make_model()
+    ewc = fastewc.EWC(model, lam=LAM)
+    ewc.add_task(random_fisher(model, np.random.default_rng(0)))
+    plan = ewc._plan()
+    assert isinstance(plan, PenaltyPlan) and ewc._plan() is plan          # cached
+    assert plan.trainable == list(model.trainable_variables)
+    assert [plan.position[id(v)] for v in plan.variables] == list(range(len(plan.variables)))
+    model.add(keras.layers.Dense(3, name="head2"))
+    grown = ewc._plan()
+    assert grown is not plan and len(grown.trainable) == 6 and len(grown.variables) == 4
+    ewc.add_task(random_fisher(model, np.random.default_rng(1)))
+    assert len(ewc._plan().variables) == 6
+
+
+def test_file_module_round_trip_and_checks(tmp_path):
+    from fastewc import ewc_file
+
+    state = {"a/kernel": (np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)),
+             "a/bias": (np.full(3, 2.0, np.float32), np.ones(3, np.float32))}
+    contents = ewc_file.EWCFile(mode="online", lam=2.0, gamma=0.5, num_tasks=3, const=0.0,
+                                state=state, excluded=["b/bias"])
+    path = tmp_path / "state.npz"
+    ewc_file.write(path, contents)
+    back = ewc_file.read(path)
+    assert list(back.state) == ["a/kernel", "a/bias"] and back.excluded == ["b/bias"]
+    assert (back.mode, back.lam, back.gamma, back.num_tasks) == ("online", 2.0, 0.5, 3)
+    for key, (a, mu) in state.items():
+        np.testing.assert_array_equal(back.state[key][0], a)
+        np.testing.assert_array_equal(back.state[key][1], mu)
+    # A well-formed, correctly signed file that lists one path twice is refused.
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "header"}
+        header = __import__("json").loads(npz["header"].tobytes())
+    header["variables"][1]["path"] = "a/kernel"
+    header["variables"][1]["shape"] = [3]
+    header["sha256"] = ewc_file.digest(header, arrays)
+    raw = np.frombuffer(__import__("json").dumps(header).encode(), np.uint8)
+    np.savez(path, header=raw, **arrays)
+    with pytest.raises(ValueError, match="not a valid fastewc EWC file.*listed twice"):
+        ewc_file.read(path)

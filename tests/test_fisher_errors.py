@@ -108,8 +108,6 @@ def test_factored_without_a_rule_names_the_layer_and_the_fix():
 
 
 def test_auto_without_a_rule_warns_once_naming_the_layer_and_uses_vmap():
-    from fastewc import fisher as fisher_lib
-    fisher_lib._WARNED.clear()
     model = ruleless_model()
     x, y = data()
     with pytest.warns(UserWarning, match=r"no factored Fisher rule for 'scale.*' \(Scale\); method='auto' uses 'vmap'"):

@@ -265,3 +265,42 @@ def test_misaligned_inputs_raise():
         fastewc.ewc_penalty(v, [tf.zeros((2, 3))], [tf.zeros((3, 2))], 1.0)
     with pytest.raises(ValueError, match="`jit_compile` must be None, True or False"):
         fastewc.ewc_penalty_gradients(v, [tf.zeros((2, 3))], [tf.zeros((2, 3))], 1.0, jit_compile="yes")
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_merge_all_is_each_variables_merge_and_flags_bad_values(online):
+    rng = np.random.default_rng(0)
+    shapes = [(3, 2), (2,)]
+    a = [rng.uniform(0, 1, s) for s in shapes]
+    mu = [rng.normal(size=s) for s in shapes]
+    f = [rng.uniform(0, 1, s) for s in shapes]
+    theta = [rng.normal(size=s) for s in shapes]
+    to32 = lambda xs: [tf.constant(x, tf.float32) for x in xs]  # noqa: E731
+    a_new, mu_new, dc, bad = penalty_lib.merge_all(to32(a), to32(mu), to32(f), to32(theta),
+                                                   online, tf.constant(0.5, tf.float64))
+    want_dc = 0.0
+    for j in range(len(shapes)):
+        args = [tf.constant(np.float32(x[j]), tf.float64) for x in (a, mu, f, theta)]
+        if online:
+            want_a, want_mu = fastewc.merge_online(*args, 0.5)
+        else:
+            want_a, want_mu, d = fastewc.merge_separate(*args)
+            want_dc += float(d)
+        assert a_new[j].dtype == tf.float32 and mu_new[j].dtype == tf.float32
+        np.testing.assert_allclose(a_new[j].numpy(), want_a.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(mu_new[j].numpy(), want_mu.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(float(dc), want_dc, rtol=1e-12)
+    assert not bad.numpy().any()
+    f[1][0], theta[0][0, 0] = -1.0, np.inf
+    _, _, _, bad = penalty_lib.merge_all(to32(a), to32(mu), to32(f), to32(theta),
+                                         online, tf.constant(0.5, tf.float64))
+    assert bad.numpy().tolist() == [[False, True], [True, False]]
+
+
+def test_lam_tensors_pass_unchecked_and_numbers_are_checked():
+    v = [tf.Variable(tf.ones((2,)))]
+    f, a = [tf.ones((2,))], [tf.zeros((2,))]
+    assert float(fastewc.ewc_penalty(v, f, a, tf.Variable(4.0))) == 4.0
+    assert float(fastewc.ewc_penalty(v, f, a, np.float64(4.0))) == 4.0
+    with pytest.raises(ValueError, match=r"`lam` must be >= 0. Received: lam=-1.0"):
+        fastewc.ewc_penalty_gradients(v, f, a, -1.0)

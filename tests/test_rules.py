@@ -5,6 +5,7 @@ layer configurations), for every kind, against ``fastewc.testing.reference_fishe
 float64 twin (rtol 1e-4), with ``method="loop"`` as a second opinion.  The batch size is
 odd (3, so the last batch of 4 examples is padded) and 1 (N = 1 inside every rule).
 """
+import inspect
 import warnings
 
 import keras
@@ -13,10 +14,11 @@ import pytest
 import tensorflow as tf
 
 import fastewc
+from fastewc import _keras_compat
 from fastewc import capture as capture_lib
-from fastewc import fisher as fisher_lib
 from fastewc import registry
 from fastewc.rules import conv as conv_rules
+from fastewc.rules import scale as scale_rules
 from fastewc.testing import reference_fisher_of
 
 L = keras.layers
@@ -166,6 +168,41 @@ def _randomise_batch_norm(model):
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=layer.moving_variance.shape))
 
 
+# LayerScale (ConvNeXt) has a rule through the generic per-example contract.
+LayerScale = _keras_compat.layer_scale_class()
+needs_layer_scale = pytest.mark.skipif(LayerScale is None, reason="this Keras has no LayerScale")
+
+
+def _with_random_gammas(model):
+    """ConvNeXt initialises γ to a constant; random values make every entry differ."""
+    rng = np.random.default_rng(23)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, LayerScale):
+            layer.gamma.assign(rng.normal(size=layer.gamma.shape))
+    return model
+
+
+def layer_scale_vector_problem():
+    inp = keras.Input((5,))
+    h = LayerScale(0.1, 6)(L.Dense(6, activation="tanh")(inp))
+    x = np.random.default_rng(20).normal(size=(N_EXAMPLES, 5)).astype(np.float32)
+    return _with_random_gammas(keras.Model(inp, L.Dense(CLASSES)(h))), x
+
+
+def layer_scale_image_problem():
+    inp = keras.Input((5, 5, 3))
+    h = LayerScale(0.1, 4)(L.Conv2D(4, 3, padding="same")(inp))
+    x = np.random.default_rng(21).normal(size=(N_EXAMPLES, 5, 5, 3)).astype(np.float32)
+    return _with_random_gammas(keras.Model(inp, L.Dense(CLASSES)(L.GlobalAveragePooling2D()(h)))), x
+
+
+def layer_scale_sequence_problem():
+    inp = keras.Input((6, 3))
+    h = LayerScale(0.1, 4)(L.Dense(4, activation="tanh")(inp))          # (N, T, C)
+    x = np.random.default_rng(22).normal(size=(N_EXAMPLES, 6, 3)).astype(np.float32)
+    return _with_random_gammas(keras.Model(inp, L.Dense(CLASSES)(L.GlobalAveragePooling1D()(h)))), x
+
+
 PROBLEMS = {
     "conv2d": conv2d_problem,
     "conv1d": conv1d_problem,
@@ -173,6 +210,10 @@ PROBLEMS = {
     "sequence": sequence_problem,
     "image_norm": image_norm_problem,
 }
+if LayerScale is not None:
+    PROBLEMS.update(layer_scale_vector=layer_scale_vector_problem,
+                    layer_scale_image=layer_scale_image_problem,
+                    layer_scale_sequence=layer_scale_sequence_problem)
 
 
 @pytest.fixture(scope="module", params=list(PROBLEMS))
@@ -208,7 +249,7 @@ def cached_fisher(problem, kind, batch_size=3):
 @pytest.mark.parametrize("kind", KINDS)
 def test_rules_match_float64_reference(problem, kind):
     _, model, x, y, _ = problem
-    assert not capture_lib.layers_without_rule(model)
+    assert not capture_lib.layers_without_rule(model, registry.default_rules())
     assert_matches(model, cached_fisher(problem, kind), cached_reference(problem, kind, 3))
 
 
@@ -243,7 +284,7 @@ def test_rule_forward_and_gradients_equal_the_layers_own(problem):
         return out, [tf.convert_to_tensor(g) for g in tape.gradient(total, targets)]
 
     plain, plain_grads = run()
-    with capture_lib.capture(model):
+    with capture_lib.capture(model, registry.default_rules()):
         swapped, swapped_grads = run()
     np.testing.assert_array_equal(swapped.numpy(), plain.numpy())
     for v, a, b in zip(model.trainable_variables + [x], swapped_grads, plain_grads):
@@ -280,7 +321,7 @@ def transformer():
                                          ("sampled", "factored")])
 def test_transformer_block_matches_reference(transformer, kind, method):
     model, x, y = transformer
-    assert not capture_lib.layers_without_rule(model)       # MHA -> its EinsumDense leaves
+    assert not capture_lib.layers_without_rule(model, registry.default_rules())       # MHA -> its EinsumDense leaves
     with warnings.catch_warnings():
         warnings.simplefilter("error")                        # auto must not fall back
         got = fisher(model, x, y, kind, method=method,       # auto: the default, XLA on CPU
@@ -318,7 +359,6 @@ def test_shared_layer_factored_raises_naming_the_layer():
 
 def test_shared_layer_auto_warns_once_and_uses_vmap():
     keras.utils.set_random_seed(0)
-    fisher_lib._WARNED.clear()
     model = shared_layer_model()
     x = np.random.default_rng(0).normal(size=(N_EXAMPLES, 6)).astype(np.float32)
     y = np.arange(N_EXAMPLES) % CLASSES
@@ -420,7 +460,6 @@ def test_call_overriding_subclass_factored_raises_naming_it():
 
 def test_auto_warns_once_naming_ruleless_layers_then_is_silent():
     keras.utils.set_random_seed(0)
-    fisher_lib._WARNED.clear()
     model = scaled_conv_model()
     x = np.random.default_rng(0).normal(size=(N_EXAMPLES, 5, 5, 2)).astype(np.float32)
     y = np.arange(N_EXAMPLES) % CLASSES
@@ -474,3 +513,95 @@ def test_mixed_float16_model_gets_a_float32_fisher_close_to_float32():
         assert g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())), v.path
         rel = np.linalg.norm(g.numpy() - w.numpy()) / np.linalg.norm(w.numpy())
         assert rel < 2e-2, (v.path, rel)
+
+
+# -- the generic per-example contract (LayerScale) and the fast sum_sq override -------------
+# (LayerScale against the float64 oracle: the layer_scale_* PROBLEMS above.)
+@needs_layer_scale
+def test_layer_scale_has_a_generic_per_example_rule():
+    layer = LayerScale(0.1, 4)
+    layer.build((None, 4))
+    result = registry.get_rule(layer)(layer, tf.ones([2, 4]))
+    assert isinstance(result, registry.RuleOutput)
+    assert result.per_example is not None and result.sum_sq is None
+
+
+@needs_layer_scale
+def test_auto_takes_the_factored_path_for_layer_scale_without_warning():
+    keras.utils.set_random_seed(0)
+    model, x = layer_scale_image_problem()
+    y = np.arange(N_EXAMPLES) % CLASSES
+    calls = []
+
+    def counted(layer, inputs, *args, **kwargs):
+        calls.append(layer.name)
+        return scale_rules.layer_scale_rule(layer, inputs, *args, **kwargs)
+
+    fastewc.register_rule(LayerScale, counted, overwrite=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                        # no fallback, no warning
+            got = fisher(model, x, y, "exact", method="auto")
+    finally:
+        fastewc.register_rule(LayerScale, scale_rules.layer_scale_rule, overwrite=True)
+    assert calls, "method='auto' did not run the LayerScale rule"
+    assert_matches(model, got, reference(model, x, y, "exact", 3))
+
+
+class ChannelAffine(L.Layer):
+    """x ⊙ γ + β over the last axis: a toy layer for the two forms of the rule contract."""
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), initializer="random_normal")
+        self.beta = self.add_weight(shape=(input_shape[-1],), initializer="random_normal")
+
+    def call(self, x):
+        return x * self.gamma + self.beta
+
+
+def channel_affine_generic(layer, inputs):
+    """g_kn(γ) = δ_kn ⊙ x_n, g_kn(β) = δ_kn: per-example gradients, summed by the engine."""
+    outputs = ChannelAffine.call(layer, inputs)
+    x = tf.cast(inputs, tf.float32)
+    return registry.RuleOutput(outputs, outputs,
+                               per_example=lambda d: [(layer.gamma, d * x[None]), (layer.beta, d)])
+
+
+def channel_affine_fast(layer, inputs):
+    """The same as a fast override: Σ_kn w_kn δ_kn² ⊙ x_n², no per-example tensor."""
+    outputs = ChannelAffine.call(layer, inputs)
+    x = tf.cast(inputs, tf.float32)
+
+    def sum_sq(delta, weight):
+        d2 = tf.einsum("kn,knc->nc", weight, tf.square(delta))
+        return [(layer.gamma, tf.reduce_sum(d2 * tf.square(x), axis=0)),
+                (layer.beta, tf.reduce_sum(d2, axis=0))]
+
+    return registry.RuleOutput(outputs, outputs, sum_sq=sum_sq)
+
+
+def fisher_with_rule(model, x, y, kind, layer_class, rule):
+    """The factored Fisher with ``rule`` for ``layer_class``: through ``rules=`` where
+    fisher_diagonal takes it, else registered in the default registry for the call."""
+    if "rules" in inspect.signature(fastewc.fisher_diagonal).parameters:
+        return fisher(model, x, y, kind, jit_compile=False,
+                      rules=registry.default_rules().with_rule(layer_class, rule))
+    fastewc.register_rule(layer_class, rule, overwrite=True)
+    try:
+        return fisher(model, x, y, kind, jit_compile=False)
+    finally:
+        fastewc.unregister_rule(layer_class)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generic_per_example_contract_agrees_with_fast_sum_sq(kind):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    model = keras.Model(inp, L.Dense(CLASSES)(ChannelAffine()(L.Dense(4, activation="tanh")(inp))))
+    x = np.random.default_rng(26).normal(size=(N_EXAMPLES, 5)).astype(np.float32)
+    y = np.arange(N_EXAMPLES) % CLASSES
+    generic = fisher_with_rule(model, x, y, kind, ChannelAffine, channel_affine_generic)
+    fast = fisher_with_rule(model, x, y, kind, ChannelAffine, channel_affine_fast)
+    assert registry.get_rule(ChannelAffine) is None
+    assert_matches(model, fast, [g.numpy().astype(np.float64) for g in generic], rtol=1e-5)
+    assert_matches(model, generic, reference(model, x, y, kind, 3))

@@ -401,3 +401,138 @@ def test_stop_on_nonfinite_must_be_a_bool():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(ValueError, match=r"`stop_on_nonfinite` must be True or False. Received: stop_on_nonfinite='yes'"):
         fastewc.make_train_step(model, "sgd", "mse", stop_on_nonfinite="yes")
+
+
+# -- TrainStep checks its own arguments ---------------------------------------------------------
+def _one_device_mlp():
+    """An MLP, its optimizer and its strategy, built in a OneDeviceStrategy's scope."""
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = _mlp()
+        optimizer = keras.optimizers.SGD(0.1)
+    return model, optimizer, strategy
+
+
+def test_trainstep_refuses_at_construction_what_could_not_run():
+    model, optimizer, strategy = _one_device_mlp()
+    # Used to build, then fail at the first call: "<lambda>() got an unexpected keyword argument 'ok'".
+    with pytest.raises(ValueError, match=r"`stop_on_nonfinite=True` is not supported under "
+                                         r"tf.distribute.*Received: a model built in OneDeviceStrategy"):
+        train_lib.TrainStep(model, optimizer, LOSS, strategy=strategy, steps_per_call=2,
+                            stop_on_nonfinite=True)
+    plain = _mlp()
+    with pytest.raises(ValueError, match=r"`strategy` must be None or the tf.distribute strategy "
+                                         r"`model` '.*' was built in \(no strategy scope.*Received: "
+                                         r"strategy=OneDeviceStrategy"):
+        train_lib.TrainStep(plain, "sgd", LOSS, strategy=strategy)
+    with pytest.raises(ValueError, match=r"`strategy` must be None or a tf.distribute.Strategy. "
+                                         r"Received: strategy of type str"):
+        train_lib.TrainStep(plain, "sgd", LOSS, strategy="mirrored")
+    for kwargs, message in [
+            ({"steps_per_call": 0}, r"`steps_per_call` must be a positive integer. Received: steps_per_call=0"),
+            ({"jit_compile": "yes"}, r"`jit_compile` must be None, True or False. Received: jit_compile='yes'"),
+            ({"stop_on_nonfinite": None}, r"`stop_on_nonfinite` must be True or False. Received: stop_on_nonfinite=None")]:
+        with pytest.raises(ValueError, match=message):
+            train_lib.TrainStep(plain, "sgd", LOSS, **kwargs)
+    with pytest.raises(TypeError, match=r"`ewc` must be None or a fastewc.EWC"):
+        train_lib.TrainStep(plain, "sgd", LOSS, ewc=object())
+
+
+def test_trainstep_built_directly_runs_every_valid_combination():
+    x, y = _data(16)
+    xs, ys = np.stack([x[:8], x[8:]]), np.stack([y[:8], y[8:]])
+    # The default strategy stands for none: stop_on_nonfinite works, k = 2, same as make_train_step.
+    model, reference = _mlp(), _mlp()
+    direct = train_lib.TrainStep(model, keras.optimizers.SGD(0.1), LOSS, ewc=_ewc(model),
+                                 strategy=tf.distribute.get_strategy(), steps_per_call=2,
+                                 stop_on_nonfinite=True, jit_compile=False)
+    assert direct.strategy is None and direct.stop_on_nonfinite is True
+    wrapped = fastewc.make_train_step(reference, keras.optimizers.SGD(0.1), LOSS, ewc=_ewc(reference),
+                                      steps_per_call=2, stop_on_nonfinite=True, jit_compile=False)
+    np.testing.assert_allclose(direct(xs, ys).numpy(), wrapped(xs, ys).numpy(), rtol=1e-6)
+    assert _max_diff(_weights(model), _weights(reference)) < 1e-6
+    # Under a strategy (one replica): k = 1 and k = 2 through strategy.run, with and without XLA.
+    for k, jit in ((1, False), (2, False), (2, True)):
+        model, optimizer, strategy = _one_device_mlp()
+        reference = _mlp()
+        step = train_lib.TrainStep(model, optimizer, LOSS, ewc=_ewc(model), strategy=strategy,
+                                   steps_per_call=k, jit_compile=jit)
+        assert step.strategy is strategy
+        plain = fastewc.make_train_step(reference, keras.optimizers.SGD(0.1), LOSS,
+                                        ewc=_ewc(reference), steps_per_call=k, jit_compile=False)
+        args = (xs, ys) if k == 2 else (x, y)
+        np.testing.assert_allclose(step(*args).numpy(), plain(*args).numpy(), rtol=1e-5)
+        assert _max_diff(_weights(model), _weights(reference)) < 1e-5
+
+
+# -- the written contract ------------------------------------------------------------------------
+class _Quadratic:
+    """Not an EWC: P = λ/2 Σ (θ − 0)², written against the PenaltySource protocol only."""
+
+    def __init__(self, model, lam):
+        self.model, self.lam = model, lam
+
+    @property
+    def tracked_paths(self):
+        return [v.path for v in self.model.trainable_variables]
+
+    def penalty_is_active(self):
+        return tf.constant(True)
+
+    def penalty_and_gradients(self, *, inline=False):
+        thetas = [tf.convert_to_tensor(v) for v in self.model.trainable_variables]
+        value = 0.5 * self.lam * tf.add_n([tf.reduce_sum(tf.square(t)) for t in thetas])
+        return value, [self.lam * t for t in thetas]
+
+
+def test_any_penalty_source_trains_like_the_taped_penalty():
+    from fastewc._penalty_term import PenaltySource
+
+    assert isinstance(fastewc.EWC(_mlp(), lam=1.0), PenaltySource)
+    model, reference = _mlp(), _mlp()
+    source = _Quadratic(model, lam=0.3)
+    assert isinstance(source, PenaltySource)
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(0.1), LOSS, ewc=source, jit_compile=True)
+    x, y = _data(8)
+    optimizer = keras.optimizers.SGD(0.1)
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, reference(x, training=True)) + 0.15 * tf.add_n(
+            [tf.reduce_sum(tf.square(v)) for v in reference.trainable_variables])
+    optimizer.apply(tape.gradient(loss, reference.trainable_variables), reference.trainable_variables)
+    np.testing.assert_allclose(float(step(x, y)), float(loss), rtol=1e-5)
+    assert _max_diff(_weights(model), _weights(reference)) < 1e-5
+
+
+def test_layering_nothing_imports_upward():
+    """keras_fit → train → _penalty_term; ewc → penalty; no module imports a trainer's or
+    EWC's private name, and the contract module imports neither side."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fastewc.__file__).parent
+
+    def imports(name):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastewc"):
+                out |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name.startswith("fastewc")}
+        return out
+
+    def touches(found, module):
+        return any(f == f"fastewc.{module}" or f.startswith(f"fastewc.{module}.") for f in found)
+
+    for lower, uppers in {"_penalty_term": ("ewc", "train", "keras_fit"), "ewc": ("train", "keras_fit"),
+                          "ewc_file": ("ewc", "train", "keras_fit"), "penalty": ("ewc", "train", "keras_fit"),
+                          "train": ("keras_fit", "ewc")}.items():
+        found = imports(lower)
+        assert not [u for u in uppers if touches(found, u)], (lower, found)
+    for name in ("train", "keras_fit", "ewc", "penalty", "_penalty_term", "ewc_file"):
+        found = imports(name)
+        private = [f for f in found if f.rsplit(".", 1)[-1].startswith("_")
+                   and not f.rsplit(".", 1)[-1].startswith("__")
+                   and not f.split(".")[1].startswith("_")]   # private modules are internal by design
+        assert not private, (name, private)
+        assert "keras.src" not in (root / f"{name}.py").read_text(), name

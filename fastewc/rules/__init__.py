@@ -1,5 +1,5 @@
 """Built-in factored Fisher rules; importing this package registers them.
 
-One module per layer family: dense, conv, embedding, einsum_dense, norm.
+One module per layer family: dense, conv, embedding, einsum_dense, norm, scale.
 """
-from fastewc.rules import conv, dense, einsum_dense, embedding, norm  # noqa: F401
+from fastewc.rules import conv, dense, einsum_dense, embedding, norm, scale  # noqa: F401

@@ -42,7 +42,8 @@ import math
 import keras
 import tensorflow as tf
 
-from fastewc.registry import register_rule
+from fastewc._keras_compat import causal_padding
+from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import (check_channels_last, check_plain, leading_dims,
                                    static_or_dynamic_shape, weighted_square_sum)
 
@@ -95,8 +96,8 @@ def extract_patches(x, kernel_size, strides, dilation, pads, out_sizes):
 def _patch_columns(x, geometry):
     """Patches of ``x`` (B, *in, C) as columns: (B, prod(kernel_size)·C, L), row a·C + c
     (a Keras kernel's row-major order), one column per output position.  Built from the
-    channels-first input so that no (B, L, I) tensor is transposed: a (I × L)(L × F) matmul
-    measured 25% faster than the transposed-operand one on the reference CNN."""
+    channels-first input so that the kernel gradient is a plain (I × L)(L × F) matmul and
+    no (B, L, I) tensor is transposed."""
     kernel_size, strides, dilation, pads, out_sizes = geometry
     rank = len(kernel_size)
     xp = tf.transpose(_pad(x, pads), [0, rank + 1] + list(range(1, rank + 1)))   # (B, C, *in)
@@ -327,7 +328,7 @@ def conv_rule(layer, inputs, *args, **kwargs):
     _check(layer, family)
     x, padding, native = inputs, layer.padding, layer.convolution_op
     if padding == "causal":        # as keras.layers.Conv1D.call: pad left, then "valid"
-        x, padding = keras.ops.pad(x, layer._compute_causal_padding()), "valid"
+        x, padding = keras.ops.pad(x, causal_padding(layer)), "valid"
 
         def native(x, kernel):
             return keras.ops.conv(x, kernel, strides=list(layer.strides), padding="valid",
@@ -357,7 +358,7 @@ def conv_rule(layer, inputs, *args, **kwargs):
             sq_kernel = weighted_square_sum(tf.einsum("nlagc,knlgo->knacgo", p, d), weight)
         return _with_bias(layer, delta, weight, (layer.kernel, tf.reshape(sq_kernel, layer.kernel.shape)))
 
-    return outputs, z, sum_sq
+    return RuleOutput(outputs, z, sum_sq=sum_sq)
 
 
 # -- DepthwiseConv1D / DepthwiseConv2D ----------------------------------------------------
@@ -395,7 +396,7 @@ def depthwise_conv_rule(layer, inputs, *args, **kwargs):
         g = _depthwise_grad(a, delta, layer, kernel_size, layer.depth_multiplier)
         return _with_bias(layer, delta, weight, _squared(layer.kernel, g, weight))
 
-    return outputs, z, sum_sq
+    return RuleOutput(outputs, z, sum_sq=sum_sq)
 
 
 # -- SeparableConv1D / SeparableConv2D ----------------------------------------------------
@@ -442,7 +443,7 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
         return _with_bias(layer, delta, weight, _squared(layer.depthwise_kernel, g_dw, weight),
                           _squared(layer.pointwise_kernel, g_pw, weight))
 
-    return outputs, z, sum_sq
+    return RuleOutput(outputs, z, sum_sq=sum_sq)
 
 
 # -- Conv1DTranspose / Conv2DTranspose / Conv3DTranspose ----------------------------------
@@ -478,7 +479,7 @@ def conv_transpose_rule(layer, inputs, *args, **kwargs):
         g = tf.einsum("knlj,nlc->knjc", p, xs)
         return _with_bias(layer, delta, weight, _squared(layer.kernel, g, weight))
 
-    return outputs, z, sum_sq
+    return RuleOutput(outputs, z, sum_sq=sum_sq)
 
 
 for _cls in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):

@@ -14,18 +14,12 @@ that case forms the per-example gradients (K·N·d·units floats) explicitly.
 import keras
 import tensorflow as tf
 
-from fastewc.registry import register_rule
-
-
-def _check_plain(layer):
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        raise ValueError(
-            f"Layer '{layer.name}' (Dense) uses LoRA or quantization, which the factored rule "
-            "does not cover. Use method='vmap'.")
+from fastewc.registry import RuleOutput, register_rule
+from fastewc.rules._common import check_plain
 
 
 def dense_rule(layer, inputs, training=None):
-    _check_plain(layer)
+    check_plain(layer, "Dense")
     z = tf.matmul(inputs, layer.kernel) if inputs.shape.rank == 2 else tf.tensordot(inputs, layer.kernel, 1)
     if layer.bias is not None:
         z = z + layer.bias
@@ -48,7 +42,7 @@ def dense_rule(layer, inputs, training=None):
             pairs.append((layer.bias, sq_bias))
         return pairs
 
-    return outputs, z, sum_sq
+    return RuleOutput(outputs, z, sum_sq=sum_sq)
 
 
 register_rule(keras.layers.Dense, dense_rule)

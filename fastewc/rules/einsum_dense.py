@@ -22,7 +22,7 @@ import string
 import keras
 import tensorflow as tf
 
-from fastewc.registry import register_rule
+from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import check_plain, weighted_square_sum
 
 
@@ -71,7 +71,7 @@ def einsum_dense_rule(layer, inputs, *args, **kwargs):
             pairs.append((layer.bias, weighted_square_sum(_bias_grad(layer, delta), weight)))
         return pairs
 
-    return outputs, z, sum_sq
+    return RuleOutput(outputs, z, sum_sq=sum_sq)
 
 
 def _bias_grad(layer, delta):

@@ -15,7 +15,7 @@ K·N·T·dim; every shape is static, so it also runs under XLA.
 import keras
 import tensorflow as tf
 
-from fastewc.registry import register_rule
+from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import check_plain, leading_dims
 
 
@@ -56,7 +56,7 @@ def embedding_rule(layer, inputs, *args, **kwargs):
         rows = tf.einsum("sk,skd->sd", w, tf.square(g))
         return [(table, tf.math.unsorted_segment_sum(rows, token, layer.input_dim))]
 
-    return outputs, outputs, sum_sq
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
 
 
 register_rule(keras.layers.Embedding, embedding_rule)

@@ -17,7 +17,7 @@ meaningless, and fastewc runs the Fisher with ``training=False``.
 import keras
 import tensorflow as tf
 
-from fastewc.registry import register_rule
+from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import (check_inference, leading_dims, static_or_dynamic_shape,
                                    weighted_square_sum)
 
@@ -55,7 +55,7 @@ def layer_norm_rule(layer, inputs, *args, **kwargs):
     def sum_sq(delta, weight):
         return _affine_pairs(layer, xhat, delta, weight, axes, shape)
 
-    return outputs, outputs, sum_sq
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
 
 
 # -- BatchNormalization (inference) -------------------------------------------------------
@@ -73,7 +73,7 @@ def batch_norm_rule(layer, inputs, training=None, mask=None):
     def sum_sq(delta, weight):
         return _affine_pairs(layer, xhat, delta, weight, [axis], [x.shape[axis]])
 
-    return outputs, outputs, sum_sq
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
 
 
 # -- GroupNormalization -------------------------------------------------------------------
@@ -92,7 +92,7 @@ def group_norm_rule(layer, inputs, *args, **kwargs):
     def sum_sq(delta, weight):
         return _affine_pairs(layer, xhat, delta, weight, [axis], [channels])
 
-    return outputs, outputs, sum_sq
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
 
 
 register_rule(keras.layers.LayerNormalization, layer_norm_rule)

@@ -1,0 +1,99 @@
+"""Every private Keras / TensorFlow API that fastewc relies on, in one place.
+
+Each entry says why no public API does the job.  When Keras moves one of these, this is
+the only module to change; each falls back to the closest public behaviour where one
+exists.
+"""
+import keras
+import tensorflow as tf
+
+try:  # A scope with dtype None switches a layer's float16 autocast of variables off;
+    # Keras has no public way to read the float32 master weight inside a mixed layer call.
+    from keras.src.backend.common.variables import AutocastScope
+except ImportError:  # pragma: no cover - other Keras layouts
+    AutocastScope = None
+
+try:  # Wraps a plain f(y_true, y_pred) into a Loss with a reduction, as compile() does;
+    # keras.losses exports the class only for its own built-in losses.
+    from keras.src.losses.losses import LossFunctionWrapper
+except ImportError:  # pragma: no cover
+    LossFunctionWrapper = None
+
+try:  # Keras' loss tracker divides by the replicas; this undoes it for the logged loss.
+    from keras.src.losses.loss import unscale_loss_for_distribution
+except ImportError:  # pragma: no cover
+    def unscale_loss_for_distribution(value):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return value * replicas if replicas > 1 else value
+
+try:  # ConvNeXt's per-channel scale layer is not exported by keras.layers.
+    from keras.src.applications.convnext import LayerScale
+except ImportError:  # pragma: no cover
+    LayerScale = None
+
+
+def all_layers(model):
+    """``model`` and every layer nested in it, depth first (``Layer._flatten_layers``:
+    ``model.layers`` lists direct children only and skips the sublayers of a custom layer
+    such as MultiHeadAttention's projections)."""
+    return [model] + list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def nested_layers(model):
+    """Every layer nested in ``model``, without the model itself."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def owned_trainable_variables(layer):
+    """The trainable variables a layer created itself, not those of its sublayers
+    (``layer.trainable_weights`` includes sublayers; ``_trainable_variables`` is the
+    layer's own list)."""
+    if not layer.trainable:
+        return []
+    return [v for v in getattr(layer, "_trainable_variables", []) if v.trainable]
+
+
+def model_strategy(model):
+    """The ``tf.distribute`` strategy ``model`` was built in (Keras records it privately
+    as ``_distribute_strategy``), else the strategy in scope, else None."""
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+    return strategy
+
+
+def optimizer_strategy(optimizer):
+    """The strategy an optimizer was created in (private ``_distribution_strategy``)."""
+    return getattr(optimizer, "_distribution_strategy", None)
+
+
+def reads_with_autocast(variable):
+    """Whether ``variable`` is a Keras variable that autocasts inside a layer call."""
+    return AutocastScope is not None and hasattr(variable, "_maybe_autocast")
+
+
+def causal_padding(layer):
+    """A causal Conv1D's left padding (``Conv1D._compute_causal_padding``: the layer keeps
+    the amount private and pads inside ``call``)."""
+    return layer._compute_causal_padding()
+
+
+def compiled_loss(model, x, y, y_pred, sample_weight):
+    """Keras' total loss of a compiled model: compiled losses + ``model.losses``, divided by
+    the replicas (``Trainer._compute_loss``: the public ``compute_loss`` skips the
+    distribution scaling Keras' own ``train_step`` uses)."""
+    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                               training=True)
+
+
+def loss_tracker(model):
+    """The ``loss`` metric of a compiled Keras model (``Trainer._loss_tracker``)."""
+    return model._loss_tracker
+
+
+def layer_scale_class():
+    """``keras.applications``' LayerScale class, or None if this Keras has none."""
+    return LayerScale
+
+
+__all__ = ["AutocastScope", "LossFunctionWrapper", "unscale_loss_for_distribution", "keras"]

@@ -1,0 +1,125 @@
+"""The contract between a penalty (:class:`fastewc.EWC`) and the trainers, and the one
+place the penalty's gradient is added to a train step's gradients.
+
+Both trainers (:mod:`fastewc.train`, :mod:`fastewc.keras_fit`) minimise
+L_data + Σ model.losses + P(θ) and take the data gradient from a tape over a loss that
+Keras may have scaled: by the loss scale s of a ``LossScaleOptimizer`` (which divides the
+summed gradient by s before the update) and by 1/R under a ``tf.distribute`` strategy with
+R replicas (whose gradients the optimizer sums).  The penalty's gradient λ·A·(θ − μ) comes
+from the penalty itself, analytically, and enters the sum as
+
+    g_j + (s / R) · ∇P_j        for every trained variable j (by identity),
+
+so the update equals that of the unscaled, single-device objective.  s is a power of two,
+so the scaling is exact.  Layering: this module imports neither EWC nor the trainers;
+they import it.
+"""
+from typing import Protocol, Sequence, runtime_checkable
+
+import tensorflow as tf
+
+from fastewc import _keras_compat as compat
+
+
+@runtime_checkable
+class PenaltySource(Protocol):
+    """What a trainer needs from an EWC (:class:`fastewc.EWC` is the implementation).
+
+    * ``model``: the Keras model whose weights are penalized.
+    * ``penalty_and_gradients(*, inline)``: ``(P, grads)``, P a float scalar and ``grads``
+      one gradient per ``model.trainable_variables`` (None or zeros where P does not
+      depend on it).  ``inline=True`` asks for the computation traced into the caller's
+      graph, without a nested function or a custom gradient.
+    * ``penalty_is_active()``: a bool tensor, False when P and its gradient are exactly 0
+      (the trainers then skip them with a ``tf.cond``).
+    * ``tracked_paths``: the penalized variables' keys.  The list only grows; when it does,
+      a compiled step traced before must be traced again (:func:`tracking_token`).
+    """
+
+    @property
+    def model(self): ...
+
+    @property
+    def tracked_paths(self) -> Sequence[str]: ...
+
+    def penalty_and_gradients(self, *, inline: bool = False): ...
+
+    def penalty_is_active(self) -> tf.Tensor: ...
+
+
+def check_penalty_source(ewc, model, *, optional):
+    """``ewc`` satisfies :class:`PenaltySource` (or is None when ``optional``) and was built
+    on ``model`` or on a model with the same trainable variables; returns it."""
+    if ewc is None and optional:
+        return None
+    if not isinstance(ewc, PenaltySource):
+        expected = "None or a fastewc.EWC" if optional else "a fastewc.EWC"
+        raise TypeError(f"`ewc` must be {expected}. Received: ewc of type {type(ewc).__name__}")
+    ewc_model = ewc.model
+    if ewc_model is not model:
+        ids = [id(v) for v in ewc_model.trainable_variables]
+        if not ids or ids != [id(v) for v in model.trainable_variables]:
+            raise ValueError(
+                f"`ewc` was built on model '{ewc_model.name}', not on `model` '{model.name}'. "
+                "Received: an EWC for another model")
+    return ewc
+
+
+def tracking_token(ewc):
+    """A value that changes when ``ewc`` starts penalizing more variables (None without
+    an EWC): a trainer retraces its compiled step when it changes."""
+    return None if ewc is None else len(ewc.tracked_paths)
+
+
+def uses_float16(model):
+    """Whether any layer of ``model`` computes in float16 (it then needs loss scaling)."""
+    return any(getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16"
+               for layer in compat.all_layers(model))
+
+
+def add_penalty(ewc, grads, variables, *, optimizer, replica_scale):
+    """``(P, [g_j + (s·r)·∇P_j])``: the penalty and ``grads`` (of ``variables``) with its
+    gradient added, s the optimizer's loss scale (1 without one) and r = ``replica_scale``
+    (1/R inside a replica of R, else 1).  Traced into the caller's graph.
+
+    When the penalty is inactive (:meth:`PenaltySource.penalty_is_active`) P and the sum
+    are one ``tf.cond`` branch away: no penalty work at all while it is zero.  The branch
+    boundary also makes XLA write each sum once instead of fusing it into each of the
+    optimizer's passes.  Data gradients that are None (unused variables) cannot pass a
+    ``tf.cond``; then the sum is built without it.
+    """
+    with tf.name_scope("ewc_penalty"):
+        scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float32) * replica_scale
+        penalized = ewc.model.trainable_variables
+
+        def with_penalty():
+            value, penalty_grads = ewc.penalty_and_gradients(inline=True)
+            return tf.cast(value, tf.float32), scaled_sum(grads, variables, penalty_grads,
+                                                          penalized, scale)
+
+        if any(g is None for g in grads):
+            return with_penalty()
+        penalty, summed = tf.cond(ewc.penalty_is_active(), with_penalty,
+                                  lambda: (tf.constant(0.0), list(grads)))
+        return penalty, list(summed)
+
+
+def scaled_sum(grads, variables, penalty_grads, penalized, scale):
+    """``g_j + scale·p_j`` for each variable j of ``variables``, where p_j is the entry of
+    ``penalty_grads`` (aligned with ``penalized``) for the same variable, if any; a None
+    ``g_j`` becomes ``scale·p_j``.  Cast to the data gradient's (or variable's) dtype."""
+    penalty_grads = list(penalty_grads)
+    if len(penalty_grads) != len(penalized):
+        raise ValueError(
+            f"`ewc.penalty_and_gradients()` returned {len(penalty_grads)} gradients for the "
+            f"{len(penalized)} trainable variables of its model: it must return one per variable.")
+    by_id = {id(v): p for v, p in zip(penalized, penalty_grads)}
+    out = []
+    for g, v in zip(grads, variables):
+        p = by_id.get(id(v))
+        if p is None:
+            out.append(g)
+            continue
+        p = tf.cast(p * scale, v.dtype if g is None else g.dtype)
+        out.append(p if g is None else g + p)
+    return out

@@ -1,0 +1,50 @@
+"""The one XLA policy: which ``jit_compile`` ``None`` means, per kind of compiled work.
+
+The defaults come from the benchmarks (``benchmarks/bench_fisher.py``,
+``bench_train_step.py``, ``bench_penalty.py``; figures in the README):
+
+* GPU: XLA everywhere (it fuses the elementwise passes into few kernels).
+* CPU, Fisher and train steps: XLA for models without convolutions; none with them
+  (XLA's CPU convolutions are slower than TensorFlow's oneDNN kernels).
+* CPU, the Fisher's ``jacobian`` and ``loop`` methods: never (open XLA bugs / eager).
+* CPU, the standalone fused penalty: none (XLA's CPU reduction to a scalar is slower
+  than TensorFlow's kernel for large P).
+"""
+import tensorflow as tf
+
+from fastewc import _keras_compat as compat
+
+CONVOLUTIONS = None   # filled on first use: keras.layers' convolution classes
+
+
+def _convolutions():
+    global CONVOLUTIONS
+    if CONVOLUTIONS is None:
+        import keras
+        CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                        keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+                        keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
+                        keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                        keras.layers.Conv3DTranspose)
+    return CONVOLUTIONS
+
+
+def has_gpu():
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def has_convolution(model):
+    """Whether ``model`` or any layer nested in it is a convolution."""
+    return any(isinstance(layer, _convolutions()) for layer in compat.all_layers(model))
+
+
+def default_jit_compile(model=None, *, xla_capable=True):
+    """``jit_compile=None`` resolved: XLA on GPU; on CPU XLA when ``xla_capable`` and
+    ``model`` (if any) has no convolution.  ``model=None`` is the standalone penalty."""
+    if not xla_capable:
+        return False
+    if has_gpu():
+        return True
+    if model is None:
+        return False
+    return not has_convolution(model)

@@ -1,0 +1,77 @@
+"""The factored engine: per-layer rules on the deltas of ONE forward pass.
+
+For a layer with probe z (usually its pre-activation) and rule-known per-example
+gradients g_kn = r(a_n, δ_kn), δ_kn = ∂⟨U_kn, o_n⟩/∂z_n, the engine runs one forward pass
+of the batch under :func:`fastewc.capture.capture`, back-propagates the K cotangents
+U_k (K, N, *output) to every probe at once, and lets each rule form
+
+    Σ_k Σ_n W_kn g_kn²
+
+(:meth:`fastewc.registry.RuleOutput.square_sums`).  Examples are independent, so the
+deltas of all N examples come from one backward pass per cotangent: cost about one
+forward and K backward passes of the batch, memory K · rows · (probe floats) for the
+deltas, and no N × P per-example tensor unless a rule needs one.
+
+Rows per call: at most ``MAX_ROWS`` (a rule's float32 contraction over the rows of one
+call is where rounding grows, ≈ rows · 2⁻²⁴; the float64 fold takes over between calls),
+and at most ``CHUNK_FLOATS`` floats of deltas, rounded down to a power of two.
+"""
+import tensorflow as tf
+
+from fastewc import capture as capture_lib
+from fastewc import pooling
+from fastewc.engines.base import Engine, cotangent_scale, output_range, weighted_cotangents
+
+MAX_ROWS = 4096
+CHUNK_FLOATS = 2**24
+# Up to this many cotangents the K backward passes are unrolled in the graph (no pfor
+# converter needed); above it, or under XLA, one ``tf.vectorized_map`` over the K.
+MAX_UNROLLED_COTANGENTS = 16
+
+
+def cotangent_deltas(tape, out, probes, u, *, unroll=True):
+    """∂⟨u_k, out⟩/∂probe for each of the K cotangents ``u`` (K, *out.shape): for each
+    probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``."""
+    k = u.shape[0]
+    if k == 1 or (unroll and k is not None and k <= MAX_UNROLLED_COTANGENTS):
+        per_k = [tape.gradient(out, probes, output_gradients=u[i]) for i in range(k)]
+        return [None if per_probe[0] is None else tf.stack(per_probe) for per_probe in zip(*per_k)]
+    return tf.vectorized_map(lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
+                             fallback_to_while_loop=False)
+
+
+class FactoredEngine(Engine):
+    name = "factored"
+
+    def rows_per_call(self, batch_size, num_cotangents, probe_floats):
+        rows = min(batch_size, MAX_ROWS)
+        if probe_floats:
+            cap = max(1, CHUNK_FLOATS // (num_cotangents * probe_floats))
+            rows = min(rows, 1 << (cap.bit_length() - 1))
+        return rows
+
+    def batch_sums(self, x, y, mask, noise):
+        model, variables = self.model, self.variables
+        with tf.name_scope("fastewc/fisher"):
+            with capture_lib.capture(model, self.rules) as recorder:
+                with tf.GradientTape(persistent=True) as tape:
+                    out = model(x, training=False)
+            u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise)
+            scale = cotangent_scale(out.dtype)
+            u = tf.cast(u * scale, out.dtype)
+            probes = [result.probe for _, result in recorder.records]
+            k = u.shape[0]
+            recorder.mask_pooling = k is None or k >= pooling.MIN_COTANGENTS
+            deltas = cotangent_deltas(tape, out, probes, u, unroll=not self.jit_compile)
+            del tape
+            sums = {}
+            for (_, result), delta in zip(recorder.records, deltas):
+                if delta is None:
+                    delta = tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(result.probe)], 0), tf.float32)
+                delta = tf.cast(delta, tf.float32) / scale
+                for var, value in result.square_sums(delta, w):
+                    sums[id(var)] = value
+            missing = [v.path for v in variables if id(v) not in sums]
+            if missing:
+                raise ValueError(f"The factored rules returned no value for variables {missing}.")
+            return [sums[id(v)] for v in variables] + [output_range(out)]

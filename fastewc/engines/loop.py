@@ -1,0 +1,35 @@
+"""The loop engine: the eager per-example loop people write, one GradientTape per
+example and K backward passes from it.  The baseline of the benchmarks and the slow
+reference twin of every other engine (float32, like them); N·K eager passes."""
+import numpy as np
+import tensorflow as tf
+
+from fastewc.engines.base import Engine, cotangent_scale, dense_gradients, fold_compiled
+
+
+class LoopEngine(Engine):
+    name = "loop"
+    xla_capable = False
+
+    def batch_sums(self, x, y, mask, noise):
+        model, variables, lik, kind = self.model, self.variables, self.likelihood, self.kind
+        count = int(np.sum(mask.numpy()))      # the real rows come first
+        sums = [np.zeros(v.shape, np.float32) for v in variables]
+        low, high = np.inf, -np.inf
+        for n in range(count):
+            xn = tf.nest.map_structure(lambda t: t[n:n + 1], x)
+            with tf.GradientTape(persistent=True) as tape:
+                out = model(xn, training=False)
+            low, high = min(low, float(tf.reduce_min(out))), max(high, float(tf.reduce_max(out)))
+            u, w = lik.cotangents(out, y[n:n + 1], kind, noise[:, n:n + 1] if kind == "sampled" else None)
+            scale = cotangent_scale(out.dtype)
+            for k in range(u.shape[0]):
+                grads = tape.gradient(out, variables, output_gradients=tf.cast(u[k] * scale, out.dtype))
+                for i, g in enumerate(dense_gradients(grads, variables)):
+                    sums[i] += float(w[k, 0]) * np.square(tf.cast(g, tf.float32).numpy() / scale)
+            del tape
+        return [tf.constant(s) for s in sums] + [tf.constant([low, high], tf.float32)]
+
+    def run(self, batch, noise, state):
+        return fold_compiled(self.batch_sums(batch.x, batch.y, batch.mask, noise),
+                             tf.constant(batch.count, tf.int32), state)

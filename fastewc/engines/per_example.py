@@ -1,0 +1,113 @@
+"""Engines that form per-example gradients of the whole model: vmap and jacobian.
+
+Both hold rows · (per-example floats) at once, so their rows per call are capped at
+``CHUNK_FLOATS`` floats of per-example gradients, rounded down to a power of two (2^k
+examples split evenly); the streaming loop does the chunking.
+
+* vmap: ``tf.vectorized_map`` with ``fallback_to_while_loop=False``.  Up to
+  ``UNROLL_COTANGENTS`` cotangents, one vectorized function per example runs one forward
+  and K backward passes and returns Σ_k W_k g_k² (P floats per example); above, the
+  (example, cotangent) pairs are vectorized, each with its own forward pass (K·P floats).
+* jacobian: ``GradientTape.jacobian`` of the N·K linearised losses s_m = ⟨o_m, U_m⟩: row m
+  of the Jacobian is J_mᵀ U_m, the per-(example, cotangent) gradient.  Never XLA by
+  default (open XLA bugs with ``jacobian`` under ``jit_compile``).
+"""
+import numpy as np
+import tensorflow as tf
+
+from fastewc.engines.base import (Engine, cotangent_scale, dense_gradients, output_range,
+                                  weighted_cotangents)
+
+CHUNK_FLOATS = 2**26
+UNROLL_COTANGENTS = 16
+
+
+def _forward_and_cotangents(engine, x, y, mask, noise):
+    """One batched forward pass, then the weighted cotangents with the float16 scale
+    applied: (out, scale·U, W, scale)."""
+    out = engine.model(x, training=False)
+    u, w = weighted_cotangents(engine.likelihood, engine.kind, out, y, mask, noise)
+    scale = cotangent_scale(out.dtype)
+    return out, u * scale, w, scale
+
+
+def _tile_pairs(x, k):
+    return tf.nest.map_structure(
+        lambda t: tf.tile(t, tf.concat([[k], tf.ones([tf.rank(t) - 1], tf.int32)], 0)), x)
+
+
+class _PerExampleEngine(Engine):
+    def _pairs(self, num_cotangents):
+        raise NotImplementedError
+
+    def rows_per_call(self, batch_size, num_cotangents, probe_floats):
+        num_params = sum(int(np.prod(v.shape)) for v in self.variables)
+        per_example = num_params * (num_cotangents if self._pairs(num_cotangents) else 1)
+        cap = max(1, CHUNK_FLOATS // per_example)
+        return min(batch_size, 1 << (cap.bit_length() - 1))
+
+
+class VmapEngine(_PerExampleEngine):
+    name = "vmap"
+
+    def _pairs(self, num_cotangents):
+        return num_cotangents > UNROLL_COTANGENTS
+
+    def batch_sums(self, x, y, mask, noise):
+        model, variables = self.model, self.variables
+
+        def squared(grads, scale):
+            return [tf.square(tf.cast(g, tf.float32) / scale) for g in dense_gradients(grads, variables)]
+
+        with tf.name_scope("fastewc/fisher"):
+            out, u, w, scale = _forward_and_cotangents(self, x, y, mask, noise)
+            k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
+            u = tf.cast(u, out.dtype)
+            if not self._pairs(k):
+                items = (x, tf.einsum("kn...->nk...", u), tf.transpose(w))      # per example
+
+                def per_item(args):
+                    xi, ui, wi = args
+                    with tf.GradientTape(persistent=k > 1) as tape:
+                        oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
+                    acc = None
+                    for j in range(k):
+                        sq = squared(tape.gradient(oi, variables, output_gradients=ui[j][None]), scale)
+                        acc = [wi[j] * q for q in sq] if acc is None else [a + wi[j] * q for a, q in zip(acc, sq)]
+                    return acc
+            else:
+                items = (_tile_pairs(x, k), tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0)),
+                         tf.reshape(w, [k * b]))
+
+                def per_item(args):
+                    xi, ui, wi = args
+                    with tf.GradientTape() as tape:
+                        oi = model(tf.nest.map_structure(lambda t: t[None], xi), training=False)
+                    return [wi * q for q in squared(tape.gradient(oi, variables, output_gradients=ui[None]), scale)]
+
+            sq = tf.vectorized_map(per_item, items, fallback_to_while_loop=False)
+            return [tf.reduce_sum(q, axis=0) for q in sq] + [output_range(out)]
+
+
+class JacobianEngine(_PerExampleEngine):
+    name = "jacobian"
+    xla_capable = False
+
+    def _pairs(self, num_cotangents):
+        return True
+
+    def batch_sums(self, x, y, mask, noise):
+        model, variables = self.model, self.variables
+        with tf.name_scope("fastewc/fisher"):
+            out, u, w, scale = _forward_and_cotangents(self, x, y, mask, noise)
+            k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
+            u_pairs = tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0))
+            with tf.GradientTape() as tape:
+                o = tf.cast(model(_tile_pairs(x, k), training=False), tf.float32)
+                s = tf.reduce_sum(tf.reshape(o * u_pairs, [k * b, -1]), axis=1)
+            jac = tape.jacobian(s, variables, experimental_use_pfor=True)
+            w_pairs = tf.reshape(w, [k * b])
+            jac = [tf.zeros([k * b] + list(v.shape), tf.float32) if j is None else j
+                   for j, v in zip(jac, variables)]
+            return [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1)
+                    for j in jac] + [output_range(out)]

@@ -1,0 +1,166 @@
+"""The EWC file format: one ``.npz`` holding an EWC's state, verified on read.
+
+Layout (``FORMAT = "fastewc.EWC"``, ``FORMAT_VERSION = 1``):
+
+* ``header``: UTF-8 JSON as a uint8 array: ``format``, ``version``, ``mode``, ``lam``,
+  ``gamma``, ``num_tasks``, ``const`` (c), ``variables`` (a list of ``{"path", "shape"}``
+  in state order), ``excluded`` (paths excluded when saved) and ``sha256``;
+* ``fisher_i`` and ``anchor_i``: A and μ of the i-th variable, float32 of its shape.
+
+``sha256`` is the SHA-256 of the header without it (canonical JSON) followed by, for each
+array in (i, name) order, its name and its little-endian float32 bytes: a flipped bit in
+any array or header field is caught.
+
+Writes are atomic: a temporary file in the same directory, flushed and fsync'ed, then
+``os.replace`` over the target and an fsync of the directory, so a reader sees the old
+file or the new one, never a partial one.  Reads check the container, the header, every
+array's dtype and shape and the checksum before returning anything.
+
+Only the format lives here; what the values mean (and whether they are valid EWC
+arguments) is :class:`fastewc.EWC`'s.
+"""
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+FORMAT = "fastewc.EWC"
+FORMAT_VERSION = 1
+_REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
+_KINDS = ("fisher", "anchor")
+
+
+class EWCFile(NamedTuple):
+    """The contents of an EWC file.  ``state`` maps each variable's path to its (A, μ)
+    float32 arrays, in state order."""
+    mode: str
+    lam: float
+    gamma: float
+    num_tasks: int
+    const: float
+    state: dict
+    excluded: list
+
+
+def write(path, contents):
+    """Write ``contents`` (an :class:`EWCFile`) to ``path``, atomically."""
+    path = os.fspath(path)
+    header = {
+        "format": FORMAT, "version": FORMAT_VERSION, "mode": contents.mode,
+        "lam": contents.lam, "gamma": contents.gamma, "num_tasks": contents.num_tasks,
+        "const": contents.const,
+        "variables": [{"path": key, "shape": list(np.shape(a))}
+                      for key, (a, _) in contents.state.items()],
+        "excluded": list(contents.excluded),
+    }
+    arrays = {}
+    for i, (a, mu) in enumerate(contents.state.values()):
+        arrays[f"fisher_{i}"] = np.asarray(a, np.float32)
+        arrays[f"anchor_{i}"] = np.asarray(mu, np.float32)
+    header["sha256"] = digest(header, arrays)
+    header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, header=header_bytes, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)   # make the rename itself durable
+
+
+def read(path):
+    """The verified :class:`EWCFile` at ``path``; ValueError for anything malformed."""
+    path = os.fspath(path)
+    header, arrays = _read_verified(path)
+    state = {}
+    for i, entry in enumerate(header["variables"]):
+        state[str(entry["path"])] = (arrays[f"fisher_{i}"], arrays[f"anchor_{i}"])
+    return EWCFile(mode=header["mode"], lam=header["lam"], gamma=header["gamma"],
+                   num_tasks=header["num_tasks"], const=header["const"], state=state,
+                   excluded=list(header.get("excluded", [])))
+
+
+def digest(header, arrays):
+    """SHA-256 over the header (without its digest) and every array's bytes, in order."""
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8"))
+    for name in sorted(arrays, key=_array_order):
+        arr = np.ascontiguousarray(arrays[name], dtype="<f4")
+        h.update(name.encode("utf-8"))
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _array_order(name):
+    kind, _, index = name.rpartition("_")
+    return (int(index), kind)
+
+
+def _fsync_directory(directory):
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _read_verified(path):
+    """(header, arrays) from an EWC file, verified; ValueError for anything malformed."""
+    with open(path, "rb") as f:
+        raw = f.read()
+
+    def corrupt(reason):
+        return ValueError(f"{path!r} is not a valid fastewc EWC file (truncated or corrupted?): {reason}")
+
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            contents = {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        raise corrupt(f"{type(err).__name__}: {err}") from None
+    if "header" not in contents:
+        raise corrupt("no header")
+    try:
+        header = json.loads(contents.pop("header").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise corrupt(f"unreadable header ({err})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise corrupt(f"format is not {FORMAT!r}")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path!r} has EWC file version {header.get('version')!r}; this fastewc "
+                         f"reads version {FORMAT_VERSION}.")
+    missing = [k for k in _REQUIRED if k not in header]
+    if missing:
+        raise corrupt(f"header lacks {missing}")
+    try:
+        entries = [(str(e["path"]), tuple(int(d) for d in e["shape"])) for e in header["variables"]]
+    except (TypeError, KeyError, ValueError) as err:
+        raise corrupt(f"bad variable list ({err})") from None
+    if len({key for key, _ in entries}) != len(entries):
+        raise corrupt("a variable path is listed twice")
+    expected = {f"{kind}_{i}" for i in range(len(entries)) for kind in _KINDS}
+    if set(contents) != expected:
+        raise corrupt(f"arrays {sorted(set(contents) ^ expected)} missing or unexpected")
+    for i, (key, shape) in enumerate(entries):
+        for kind in _KINDS:
+            arr = contents[f"{kind}_{i}"]
+            if arr.dtype != np.float32 or arr.shape != shape:
+                raise corrupt(f"array for '{key}' has {arr.dtype} {arr.shape}, expected float32 {shape}")
+    if digest(header, contents) != header["sha256"]:
+        raise corrupt("SHA-256 checksum mismatch")
+    return header, contents
