@@ -4,8 +4,16 @@ Each entry says why no public API does the job.  When Keras moves one of these, 
 the only module to change; each falls back to the closest public behaviour where one
 exists.
 """
+import contextlib
+import weakref
+
 import keras
 import tensorflow as tf
+
+try:  # TensorFlow's global gradient registry (see release_custom_gradients_with).
+    from tensorflow.python.framework import ops as _tf_ops
+except ImportError:  # pragma: no cover
+    _tf_ops = None
 
 try:  # A scope with dtype None switches a layer's float16 autocast of variables off;
     # Keras has no public way to read the float32 master weight inside a mixed layer call.
@@ -94,6 +102,75 @@ def loss_tracker(model):
 def layer_scale_class():
     """``keras.applications``' LayerScale class, or None if this Keras has none."""
     return LayerScale
+
+
+def _gradient_registry():
+    registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
+    return registry if isinstance(registry, dict) else None
+
+
+def _graphs_of(fn, depth=3):
+    """The graphs of the symbolic tensors a registered gradient function closes over."""
+    graphs, stack = [], [(fn, 0)]
+    while stack:
+        obj, level = stack.pop()
+        if isinstance(obj, (list, tuple)):
+            stack.extend((item, level) for item in obj[:64])
+            continue
+        graph = getattr(obj, "graph", None) if isinstance(obj, tf.Tensor) else None
+        if graph is not None:
+            graphs.append(graph)
+        elif level < depth and callable(obj):
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    stack.append((cell.cell_contents, level + 1))
+                except ValueError:       # an empty cell
+                    pass
+    return graphs
+
+
+def _registered_function(entry):
+    """A registry entry is ``{"type": fn, "location": ...}`` (older TF: the function)."""
+    return entry.get("type") if isinstance(entry, dict) else entry
+
+
+def _within(graph, ours):
+    while graph is not None:
+        if any(graph is g for g in ours):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _release(keys):
+    registry = _gradient_registry()
+    for key in keys:
+        registry.pop(key, None)
+
+
+@contextlib.contextmanager
+def release_custom_gradients_with(owner):
+    """Trace inside this context; ``graphs`` (the yielded list) receives the traced
+    FuncGraphs.  Every ``tf.custom_gradient`` registered inside one of those graphs is
+    removed from TensorFlow's global gradient registry when ``owner`` is collected.
+
+    Why: in graph mode ``tf.custom_gradient`` registers a gradient function
+    ``CustomGradient-<uid>`` in a global registry that is never emptied, and the function
+    closes over the forward tensors, so the whole traced graph stays in memory forever
+    (TensorFlow issue #97697; Keras optimizers reach it through
+    ``ReplicaContext.all_reduce``).  The registration is only needed while the graph can
+    still be differentiated, i.e. while its owner (an engine, a train step) lives."""
+    graphs = []
+    registry = _gradient_registry()
+    before = set(registry) if registry is not None else None
+    try:
+        yield graphs
+    finally:
+        if registry is not None:
+            new = [key for key in set(registry) - before if key.startswith("CustomGradient-")
+                   and any(_within(g, graphs) for g in _graphs_of(_registered_function(registry[key])))]
+            if new:
+                weakref.finalize(owner, _release, new)
 
 
 __all__ = ["AutocastScope", "LossFunctionWrapper", "unscale_loss_for_distribution", "keras"]

@@ -41,11 +41,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fastewc import ewc_file
+from fastewc import _cache, ewc_file
 from fastewc import penalty as penalty_lib
 from fastewc._checks import as_float32, check_lam, check_model, check_one_of
 
 MODES = ("separate", "online")
+_ESTIMATORS = "_fastewc_fisher_estimators"
 
 
 def _check_gamma(gamma, mode):
@@ -128,7 +129,7 @@ class EWC(tf.Module):
 
     # Python-side references, not state: kept out of tf.Module's variable walk.
     _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache"})
+        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", _ESTIMATORS})
 
     def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None):
         super().__init__(name="ewc")
@@ -390,26 +391,41 @@ class EWC(tf.Module):
         return out
 
     # -- consolidation ---------------------------------------------------------------
-    def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=256,
-                    **fisher_kwargs):
-        """Consolidate the task ``data``: its diagonal Fisher at the current weights
-        (:func:`fastewc.fisher_diagonal`, with ``loss``, ``kind``, ``method``, ``batch_size``
-        and ``fisher_kwargs`` such as ``num_samples``, ``seed``, ``jit_compile``), then the
-        current weights become this task's anchor (see :meth:`add_task`).
+    def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=256, rules=None,
+                    num_samples=1, seed=None, jit_compile=None, verbose=0):
+        """Consolidate the task ``data``: its diagonal Fisher at the current weights, then
+        the current weights become this task's anchor (see :meth:`add_task`).
+
+        The Fisher comes from a :class:`fastewc.FisherEstimator` that this EWC keeps per
+        configuration (``loss``, ``kind``, ``method``, ``batch_size``, ``rules``,
+        ``num_samples``, ``jit_compile``; see :func:`fastewc.fisher_diagonal` for each), so
+        consolidating task after task plans and traces once.  ``seed`` and ``verbose`` are
+        per call.
 
         All or nothing: the Fisher and the new state are computed first and assigned at
         the end, so an error leaves the state unchanged.  Returns the Fisher (list aligned
         with ``model.trainable_variables``).
         """
-        from fastewc.fisher import fisher_diagonal  # late import: fisher is heavier
-
         self._require_eager("consolidate")
         if self._model.built:
             self._check_tracked_present(self._model_variables_by_key())
-        fisher = fisher_diagonal(self._model, data, loss=loss, kind=kind, method=method,
-                                 batch_size=batch_size, **fisher_kwargs)
+        estimator = self._estimator(loss=loss, kind=kind, method=method, batch_size=batch_size,
+                                    rules=rules, num_samples=num_samples, jit_compile=jit_compile)
+        fisher = estimator(data, seed=seed, verbose=verbose)
         self.add_task(fisher)
         return fisher
+
+    def _estimator(self, **config):
+        """This EWC's :class:`fastewc.FisherEstimator` for ``config`` (made on first use;
+        dropped with the EWC, or when :attr:`model` is reassigned)."""
+        from fastewc.estimator import FisherEstimator, make_config   # ewc -> fisher, lazily
+
+        key = make_config(**config)
+        estimators = _cache.owned_cache(self, _ESTIMATORS)
+        estimator = estimators.get(key)
+        if estimator is None or estimator.model is not self._model:
+            estimator = estimators[key] = FisherEstimator(self._model, **config)
+        return estimator
 
     def add_task(self, fisher, anchors=None):
         """Absorb a task whose diagonal Fisher is already known.

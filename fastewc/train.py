@@ -239,7 +239,10 @@ class TrainStep:
                  None if sample_weight is None else tf.nest.map_structure(relax, sample_weight))
         key = repr(specs)
         if key not in self._signatures:
-            self._function.get_concrete_function(*specs)
+            # Traced here, not at the call: the trace's custom gradients (Keras optimizers
+            # register one) are released with this step (see _keras_compat).
+            with compat.release_custom_gradients_with(self) as graphs:
+                graphs.append(self._function.get_concrete_function(*specs).graph)
             self._signatures.add(key)
 
     # -- building ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
+from fastewc import _keras_compat as compat
 from fastewc import _policy
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
@@ -135,7 +136,10 @@ class Engine:
         signature = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args))
         concrete = self._concrete.get(signature)
         if concrete is None:
-            concrete = self._concrete[signature] = self._compiled().get_concrete_function(*args)
+            with compat.release_custom_gradients_with(self) as graphs:
+                concrete = self._compiled().get_concrete_function(*args)
+                graphs.append(concrete.graph)
+            self._concrete[signature] = concrete
         return concrete(*args)
 
     def _compiled(self):

@@ -1,0 +1,157 @@
+"""FisherEstimator: the object that owns the plan, the engine and the compiled functions.
+
+Every result is checked against the independent float64 per-example reference; the
+ownership checks (rules as a value, caches that die with their owner, no re-planning)
+are checked through counts and weak references, never through timings.
+"""
+import gc
+import weakref
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from fastewc import capture as capture_lib
+from fastewc import fisher as fisher_lib
+from fastewc.rules.dense import dense_rule
+from fastewc.testing import float64_twin, reference_fisher
+
+from conftest import data, mlp
+
+LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def reference(model, x, y, kind="exact"):
+    return reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind=kind)
+
+
+def assert_matches(got, want, factor=1.0):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert tuple(g.shape) == w.shape
+        np.testing.assert_allclose(g.numpy(), factor * w, rtol=1e-4, atol=1e-9)
+
+
+def doubled_dense_rule(layer, inputs, *args, **kwargs):
+    """The Dense rule with every square sum doubled: a rule whose effect a test can see."""
+    out = dense_rule(layer, inputs, *args, **kwargs)
+    return out._replace(sum_sq=lambda delta, weight: [(v, 2.0 * s) for v, s in out.square_sums(delta, weight)])
+
+
+@pytest.mark.parametrize("method", ["auto", "factored", "vmap", "jacobian", "loop"])
+def test_estimator_matches_the_float64_reference_call_after_call(method):
+    model = mlp()
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", method=method, batch_size=4)
+    for n in (13, 9):                     # a second data set of another size
+        x, y = data(n=n, seed=n)
+        assert_matches(estimator((x, y)), reference(model, x, y))
+
+
+def test_a_second_call_plans_and_traces_nothing(monkeypatch):
+    model = mlp()
+    x, y = data()
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", batch_size=16)
+    surveys = []
+    real_survey = capture_lib.survey
+    monkeypatch.setattr(capture_lib, "survey", lambda *a: surveys.append(1) or real_survey(*a))
+    first = estimator((x, y))
+    model.layers[0].kernel.assign_add(tf.ones_like(model.layers[0].kernel))   # new weights, same plan
+    second = estimator((x, y))
+    assert len(surveys) == 1                      # one eager planning pass in all
+    assert estimator.tracing_count() == 1
+    assert estimator.plan((x, y)).method == "factored"
+    assert not np.allclose(first[0].numpy(), second[0].numpy())
+    assert_matches(second, reference(model, x, y))
+
+
+def test_two_estimators_with_different_registries_give_their_own_results():
+    model = mlp()
+    x, y = data()
+    want = reference(model, x, y)
+    doubled = fastewc.default_rules().with_rule(keras.layers.Dense, doubled_dense_rule)
+    plain = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", method="factored")
+    twice = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", method="factored", rules=doubled)
+    assert_matches(plain((x, y)), want)
+    assert_matches(twice((x, y)), want, factor=2.0)
+    assert_matches(plain((x, y)), want)
+    # fisher_diagonal keys its cached estimators on the registry too.
+    assert_matches(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", rules=doubled), want, 2.0)
+    assert_matches(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact"), want)
+
+
+def test_registering_a_rule_changes_the_next_fisher_of_a_model_already_used():
+    model = mlp()
+    x, y = data()
+    want = reference(model, x, y)
+    ewc = fastewc.EWC(model, lam=1.0)
+    assert_matches(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact"), want)
+    assert_matches(ewc.consolidate((x, y), loss=LOGITS), want)
+    fastewc.register_rule(keras.layers.Dense, doubled_dense_rule, overwrite=True)
+    try:
+        assert_matches(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact"), want, 2.0)
+        assert_matches(ewc.consolidate((x, y), loss=LOGITS), want, 2.0)
+    finally:
+        fastewc.register_rule(keras.layers.Dense, dense_rule, overwrite=True)
+    assert_matches(fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact"), want)
+
+
+def test_rules_are_values():
+    base = fastewc.default_rules()
+    extended = base.with_rule(keras.layers.Dense, doubled_dense_rule)
+    assert base.get(keras.layers.Dense) is dense_rule            # the original is untouched
+    assert extended.get(keras.layers.Dense(2)) is doubled_dense_rule
+    assert extended == base.with_rule(keras.layers.Dense, doubled_dense_rule)
+    assert hash(extended) == hash(base.with_rule(keras.layers.Dense, doubled_dense_rule))
+    assert extended.without_rule(keras.layers.Dense).get(keras.layers.Dense) is None
+    with pytest.raises(TypeError, match=r"`rules` must be None or a fastewc.Rules.*Received: rules of type dict"):
+        fastewc.FisherEstimator(mlp(), loss=LOGITS, rules={keras.layers.Dense: dense_rule})
+
+
+def test_the_estimator_checks_its_arguments_keras_style():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"`kind` must be one of .*Received: kind='fisher'"):
+        fastewc.FisherEstimator(model, loss=LOGITS, kind="fisher")
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer. Received: batch_size=0"):
+        fastewc.FisherEstimator(model, loss=LOGITS, batch_size=0)
+    with pytest.raises(ValueError, match=r"`jit_compile` must be None, True or False"):
+        fastewc.FisherEstimator(model, loss=LOGITS, jit_compile="yes")
+    with pytest.raises(TypeError, match=r"`model` must be a Keras model"):
+        fastewc.FisherEstimator("model", loss=LOGITS)
+
+
+def test_a_grown_model_is_planned_again():
+    model = mlp()
+    x, y = data()
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact")
+    assert len(estimator((x, y))) == 5
+    model.add(keras.layers.Dense(5))
+    assert_matches(estimator((x, y)), reference(model, x, y))
+
+
+def test_compiled_state_dies_with_the_model():
+    """No module-level table keeps a model alive (issue 14: every model used to leak)."""
+    refs = []
+    x, y = data()
+    for _ in range(3):
+        model = mlp()
+        fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact")
+        fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="sampled", method="vmap", seed=1)
+        ewc = fastewc.EWC(model, lam=1.0)
+        ewc.consolidate((x, y), loss=LOGITS)
+        step = fastewc.make_train_step(model, keras.optimizers.SGD(0.01), LOGITS, ewc=ewc)
+        step(x, y)
+        refs.append(weakref.ref(model))
+        del model, ewc, step
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_tracing_count_of_a_model_sums_its_cached_estimators():
+    model = mlp()
+    x, y = data()
+    fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact")
+    fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="empirical")
+    fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact")
+    assert fisher_lib.tracing_count(model) == 2
