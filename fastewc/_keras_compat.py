@@ -104,6 +104,17 @@ def layer_scale_class():
     return LayerScale
 
 
+def call_concrete(concrete, args):
+    """``concrete(*args)`` through ``ConcreteFunction._call_flat`` (the flat tensors and
+    the captures; it returns the structured output): the public call binds and casts
+    every argument against the function type, which is host time on every call of a
+    function with many small inputs.  Falls back to the public call if it is missing."""
+    call_flat = getattr(concrete, "_call_flat", None)
+    if call_flat is None:  # pragma: no cover - other TensorFlow versions
+        return concrete(*args)
+    return call_flat(tf.nest.flatten(args), concrete.captured_inputs)
+
+
 def _gradient_registry():
     registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
     return registry if isinstance(registry, dict) else None

@@ -116,10 +116,14 @@ class Source:
         x_all, y_all = self.data
         n_total = self.num_examples
         b = rows_per_batch(rows, n_total)
+        nested = self.signature[0] is not None
         for index, start in enumerate(range(0, n_total, b)):
             stop = min(start + b, n_total)
-            x = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[start:stop]), x_all)
-            yield finish(x, y_all[start:stop], stop - start, b, index)
+            whole = start == 0 and stop == n_total        # one batch: no slicing
+            take = (lambda t: tf.convert_to_tensor(t)) if whole else \
+                (lambda t: tf.convert_to_tensor(t[start:stop]))
+            x = tf.nest.map_structure(take, x_all) if nested else take(x_all)
+            yield finish(x, y_all if whole else y_all[start:stop], stop - start, b, index)
 
     def steps(self, rows):
         """Number of batches, if known."""

@@ -138,7 +138,8 @@ class FisherEstimator:
             raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
         model = check_model(self.model, purpose="Fisher")
         source = data_lib.Source(data)
-        plan = self._plan_for(source)
+        distributed = is_distributed()
+        plan = self._plan_for(source, distributed)
         if verbose:
             print(f"fastewc.fisher_diagonal: kind={self.kind!r}, method={self.method!r} -> {plan.method!r}")
         if self.kind == "sampled" and seed is None:
@@ -151,11 +152,10 @@ class FisherEstimator:
         for batch in source.batches(plan.rows, plan.cast, check_labels):
             noise = self._noise(seed, batch, plan)
             with _explained_input_errors(model, source, plan.method):
-                state = plan.engine.run(batch, noise, state)
+                state = plan.engine.run(batch, noise, state, distributed=distributed)
             if progbar is not None:
                 progbar.add(1)
-        checks = np.concatenate([state.output_range.numpy(),
-                                 state.finite.numpy().astype(np.float32)])   # the one host sync
+        checks = state.checks.numpy()                          # the one host sync
         lik.check_output_range(float(checks[0]), float(checks[1]))
         if not checks[2:].all():
             _raise_not_finite(model, plan.engine.variables, state.fisher, checks[2:].tolist(), source)
@@ -164,21 +164,21 @@ class FisherEstimator:
     def plan(self, data):
         """The :class:`Plan` this estimator uses for ``data`` (made now if needed)."""
         check_model(self.model, purpose="Fisher")
-        return self._plan_for(data_lib.Source(data))
+        return self._plan_for(data_lib.Source(data), is_distributed())
 
     def tracing_count(self):
         """Traces of every compiled function this estimator made (a no-retrace check)."""
         return self._retired_traces + sum(p.engine.tracing_count() for p in self._plans.values())
 
     # -- planning -------------------------------------------------------------------------
-    def _plan_for(self, source):
+    def _plan_for(self, source, distributed):
         rules = self.rules
         valid_for = (rules, tuple(id(v) for v in self.model.trainable_variables))
         if valid_for != self._plans_valid_for:
             self._retired_traces = self.tracing_count()
             self._plans, self._initial_states = {}, {}
             self._plans_valid_for = valid_for
-        key = (source.signature, is_distributed())
+        key = (source.signature, distributed)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._make_plan(source, rules)

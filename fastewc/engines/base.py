@@ -32,12 +32,13 @@ FLOAT16_COTANGENT_SCALE = 2.0**8
 
 class FisherState(typing.NamedTuple):
     """The streamed accumulation: float64 totals, the output (min, max), the examples seen
-    (float64), the running float32 mean and a per-variable finite flag."""
+    (float64), the running float32 mean, and ``checks`` = [min, max, finite_1, ...,
+    finite_V] (float32) so that the end of a call reads ONE tensor back to the host."""
     totals: list
     output_range: tf.Tensor
     examples: tf.Tensor
     fisher: list
-    finite: tf.Tensor
+    checks: tf.Tensor
 
 
 def initial_state(variables):
@@ -45,7 +46,7 @@ def initial_state(variables):
     return FisherState(
         [tf.zeros(s, tf.float64) for s in shapes], tf.constant([np.inf, -np.inf], tf.float32),
         tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
-        tf.ones([len(shapes)], tf.bool))
+        tf.constant([np.inf, -np.inf] + [1.0] * len(shapes), tf.float32))
 
 
 def fold(batch, count, state):
@@ -58,7 +59,7 @@ def fold(batch, count, state):
     seen = state.examples + tf.cast(count, tf.float64)
     fisher = [tf.cast(t / seen, tf.float32) for t in totals]
     finite = tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in fisher])
-    return FisherState(totals, out_range, seen, fisher, finite)
+    return FisherState(totals, out_range, seen, fisher, tf.concat([out_range, tf.cast(finite, tf.float32)], 0))
 
 
 fold_compiled = tf.function(fold, autograph=False, reduce_retracing=True)
@@ -107,7 +108,8 @@ class Engine:
         self.variables = list(model.trainable_variables)
         self.jit_compile = jit_compile
         self._function = None       # fold(batch_sums(...)): one dispatch per batch
-        self._concrete = {}         # argument signature -> its concrete function
+        self._concrete = {}         # rows per batch -> its concrete function
+        self._counts = {}           # real rows -> an int32 scalar tensor
         self._sums_function = None  # batch_sums alone: the per-replica function
         self._replicated = {}       # strategy id -> (strategy, replicated function)
 
@@ -122,25 +124,29 @@ class Engine:
         raise NotImplementedError
 
     # -- running ----------------------------------------------------------------------
-    def run(self, batch, noise, state):
-        """``batch`` (a :class:`fastewc.data.Batch`) through the compiled function."""
-        count = tf.constant(batch.count, tf.int32)
-        if is_distributed():
+    def run(self, batch, noise, state, *, distributed=False):
+        """``batch`` (a :class:`fastewc.data.Batch`) through the compiled function;
+        ``distributed``: a strategy with more than one replica is in scope."""
+        count = self._counts.get(batch.count)
+        if count is None:
+            count = self._counts[batch.count] = tf.constant(batch.count, tf.int32)
+        if distributed:
             from fastewc import distribute   # rows split over replicas, sums all-reduced
             sums = distribute.run_fisher_batch(self._replicated, self._traced_sums(),
                                                batch.x, batch.y, batch.mask, noise)
             return fold_compiled(sums, count, state)
         args = (batch.x, batch.y, batch.mask, noise, count, state)
-        # The concrete function of this exact signature, called directly: the polymorphic
-        # dispatch (type canonicalisation of every argument) is host time on every call.
-        signature = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args))
-        concrete = self._concrete.get(signature)
+        # The concrete function of this batch size, called directly with its flat inputs:
+        # the polymorphic dispatch and the argument binding are host time on every call.
+        # Within a plan only the rows vary (inputs, labels, noise and state are fixed by it).
+        rows = int(batch.mask.shape[0])
+        concrete = self._concrete.get(rows)
         if concrete is None:
             with compat.release_custom_gradients_with(self) as graphs:
                 concrete = self._compiled().get_concrete_function(*args)
                 graphs.append(concrete.graph)
-            self._concrete[signature] = concrete
-        return concrete(*args)
+            self._concrete[rows] = concrete
+        return FisherState(*compat.call_concrete(concrete, args))
 
     def _compiled(self):
         if self._function is None:

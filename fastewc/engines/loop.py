@@ -30,6 +30,6 @@ class LoopEngine(Engine):
             del tape
         return [tf.constant(s) for s in sums] + [tf.constant([low, high], tf.float32)]
 
-    def run(self, batch, noise, state):
+    def run(self, batch, noise, state, *, distributed=False):
         return fold_compiled(self.batch_sums(batch.x, batch.y, batch.mask, noise),
                              tf.constant(batch.count, tf.int32), state)
