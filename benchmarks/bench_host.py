@@ -31,7 +31,7 @@ import tensorflow as tf
 
 import fastewc
 from benchmarks import problems
-from benchmarks.conftest import run
+from benchmarks.conftest import rotate
 from fastewc import _keras_compat as compat
 from fastewc import data as data_lib
 
@@ -75,23 +75,9 @@ def _members(kind):
 def test_repeated_call_paired(benchmark, smoke, device, kind):
     members = _members(kind)
     benchmark.group = f"mlp-host[{device}]"
-    order = list(members)
-    times = {name: [] for name in members}
-
-    def rotation():
-        for name in order:
-            start = time.perf_counter()
-            members[name]()
-            times[name].append(time.perf_counter() - start)
-        order.reverse()
-
-    if benchmark.disabled:
-        run(benchmark, rotation)
+    times = rotate(benchmark, members, ROUNDS, warmups=5)
+    if times is None:
         return
-    for _ in range(5):
-        rotation()                     # warm-up
-    times = {name: [] for name in members}
-    benchmark.pedantic(rotation, rounds=ROUNDS, iterations=1)
     benchmark.extra_info.update(kind=kind, role="host", medians={n: float(np.median(t)) for n, t in times.items()},
                                 mins={n: float(np.min(t)) for n, t in times.items()})
 

@@ -51,7 +51,7 @@ import tensorflow as tf
 
 import fastewc
 from benchmarks import problems
-from benchmarks.conftest import run
+from benchmarks.conftest import rotate, run
 
 STEPS = 10            # optimizer steps per timed round (and steps_per_call of the k10 variant)
 ROUNDS = 25           # timed rounds of the compiled variants (the eager loop gets 5)
@@ -251,22 +251,9 @@ def test_ewc_overhead_paired(benchmark, smoke, device, batch, variant):
         steps_per_round["stream"] = 10 * steps
         members["stream"] = Workload("mlp", size, smoke, steps).stream_rounds(10 * steps)
     benchmark.group = f"mlp-b{batch}-ewc-overhead[{device}]"
-    times = {name: [] for name in members}
-    order = list(members)
-
-    def rotation():
-        for name in order:
-            start = time.perf_counter()
-            members[name]()
-            times[name].append(time.perf_counter() - start)
-        order.reverse()
-
-    if benchmark.disabled:
-        run(benchmark, rotation)
+    times = rotate(benchmark, members, ROUNDS * 2)     # one warm-up round: trace and compile
+    if times is None:
         return
-    rotation()   # warm-up: trace and compile
-    times = {name: [] for name in members}
-    benchmark.pedantic(rotation, rounds=ROUNDS * 2, iterations=1)
     per_step = {name: (float(np.median(t)) / steps_per_round[name],
                        float(np.min(t)) / steps_per_round[name]) for name, t in times.items()}
     benchmark.extra_info.update(problem="mlp", batch=batch, variant=variant, steps_per_round=steps,

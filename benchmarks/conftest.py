@@ -10,6 +10,7 @@ included) runs under ``tf.device(...)`` so variables live on the device being me
 """
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,3 +68,29 @@ def run(benchmark, fn, *, slow=False):
     if slow:
         return benchmark.pedantic(fn, rounds=1, iterations=1)
     return benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)
+
+
+def rotate(benchmark, members, rounds, *, warmups=1):
+    """Time every callable of ``members`` once per round, in an order that reverses each
+    round (so machine drift hits all alike), after ``warmups`` untimed rounds; the
+    benchmark records whole rounds.  Returns ``{name: [seconds per round]}``, or None in
+    smoke mode (one untimed round)."""
+    order = list(members)
+    times = {name: [] for name in members}
+
+    def rotation():
+        for name in order:
+            start = time.perf_counter()
+            members[name]()
+            times[name].append(time.perf_counter() - start)
+        order.reverse()
+
+    if benchmark.disabled:
+        run(benchmark, rotation)
+        return None
+    for _ in range(warmups):
+        rotation()
+    for spent in times.values():
+        spent.clear()
+    benchmark.pedantic(rotation, rounds=rounds, iterations=1)
+    return times

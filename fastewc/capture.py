@@ -39,13 +39,18 @@ class Recorder:
     def __init__(self):
         self.records = []       # (layer, RuleOutput)
         self.shared = []        # layers called more than once
+        self.unsupported = None  # the first UnsupportedLayerError a rule raised, as raised
         self._called = set()
         # Set by the caller before back-propagating: K ≥ pooling.MIN_COTANGENTS.
         self.mask_pooling = False
 
     def wrap(self, layer, rule):
         def call(inputs, *args, **kwargs):
-            result = registry.as_rule_output(rule(layer, inputs, *args, **kwargs), layer)
+            try:
+                result = registry.as_rule_output(rule(layer, inputs, *args, **kwargs), layer)
+            except registry.UnsupportedLayerError as err:
+                self.unsupported = self.unsupported or err   # before Keras decorates it
+                raise
             if id(layer) in self._called:
                 # Raised by capture() once the forward pass is over, so that Keras does not
                 # wrap the message in its call-context decoration.
@@ -105,6 +110,12 @@ def survey(model, x, rules):
     size (floats the K deltas of one example take), or raises
     :class:`fastewc.registry.UnsupportedLayerError` (no rule, a shared layer, a layer
     configuration its rule does not cover)."""
-    with capture(model, rules) as recorder:
-        model(x, training=False)
+    recorder = None
+    try:
+        with capture(model, rules) as recorder:
+            model(x, training=False)
+    except registry.UnsupportedLayerError:
+        if recorder is not None and recorder.unsupported is not None:
+            raise recorder.unsupported from None      # the rule's own message
+        raise
     return sum(int(np.prod(result.probe.shape[1:])) for _, result in recorder.records)

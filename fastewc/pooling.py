@@ -11,8 +11,8 @@ routing is a fixed 0/1 mask that can be computed once in the forward pass:
 so each backward pass is one broadcast multiply, dx = upsample(dy) ⊙ mask.  Building the
 mask costs about as much as three ``MaxPoolGrad`` calls, so it is used from K = 4 on.
 "First" is row-major order inside the window, TensorFlow's own tie rule, so the gradient
-is bit-identical to ``MaxPoolGrad`` (ties included: tests/test_pooling.py).  On the
-reference CNN (exact kind, 9 cotangents) this measured 2.72 s -> 2.33 s.
+is bit-identical to ``MaxPoolGrad`` (ties included: tests/test_pooling.py).  The gain on
+the reference CNN is in the README's Fisher tables.
 
 Only used inside :func:`fastewc.capture.capture` (the factored method); the model's
 forward op is unchanged.  Layers it does not cover (overlapping windows, ``"same"``
@@ -28,8 +28,8 @@ import tensorflow as tf
 _MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D)
 
 
-# Building the mask costs about three MaxPoolGrad calls (measured, reference CNN), so it
-# pays from this many backward passes on.
+# Building the mask costs about three MaxPoolGrad calls, so it pays from this many
+# backward passes on.
 MIN_COTANGENTS = 4
 
 

@@ -155,3 +155,20 @@ def test_tracing_count_of_a_model_sums_its_cached_estimators():
     fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="empirical")
     fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact")
     assert fisher_lib.tracing_count(model) == 2
+
+
+def test_auto_steps_down_once_on_a_layer_configuration_its_rule_does_not_cover():
+    """A LoRA Dense has a rule but not one that covers LoRA: the planning pass finds out
+    before the stream starts, warns once naming the layer, and the plan is vmap."""
+    model = mlp()
+    model.layers[1].enable_lora(2)
+    x, y = data()
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact")
+    with pytest.warns(UserWarning, match=r"Layer '.*' \(Dense\) uses LoRA or quantization.*method='auto' uses 'vmap'"):
+        got = estimator((x, y))
+    assert estimator.plan((x, y)).method == "vmap"
+    want = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", method="loop")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match=r"uses LoRA or quantization"):
+        fastewc.FisherEstimator(model, loss=LOGITS, method="factored")((x, y))

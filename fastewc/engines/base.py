@@ -28,6 +28,10 @@ from fastewc import _keras_compat as compat
 from fastewc import _policy
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
+# Up to this many cotangents per example an engine unrolls the K backward passes in the
+# graph (factored: K passes over the batch; vmap: K passes inside the per-example
+# function); above it, the K are vectorized too.
+UNROLL_COTANGENTS = 16
 
 
 class FisherState(typing.NamedTuple):

@@ -20,20 +20,20 @@ import tensorflow as tf
 
 from fastewc import capture as capture_lib
 from fastewc import pooling
-from fastewc.engines.base import Engine, cotangent_scale, output_range, weighted_cotangents
+from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, cotangent_scale, output_range,
+                                  weighted_cotangents)
 
 MAX_ROWS = 4096
 CHUNK_FLOATS = 2**24
-# Up to this many cotangents the K backward passes are unrolled in the graph (no pfor
-# converter needed); above it, or under XLA, one ``tf.vectorized_map`` over the K.
-MAX_UNROLLED_COTANGENTS = 16
 
 
 def cotangent_deltas(tape, out, probes, u, *, unroll=True):
     """∂⟨u_k, out⟩/∂probe for each of the K cotangents ``u`` (K, *out.shape): for each
-    probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``."""
+    probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``.
+    Up to ``UNROLL_COTANGENTS`` (and without XLA, ``unroll``) the K backward passes are
+    unrolled in the graph (no pfor converter needed); else one ``tf.vectorized_map``."""
     k = u.shape[0]
-    if k == 1 or (unroll and k is not None and k <= MAX_UNROLLED_COTANGENTS):
+    if k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS):
         per_k = [tape.gradient(out, probes, output_gradients=u[i]) for i in range(k)]
         return [None if per_probe[0] is None else tf.stack(per_probe) for per_probe in zip(*per_k)]
     return tf.vectorized_map(lambda uk: tape.gradient(out, probes, output_gradients=uk), u,

@@ -15,11 +15,10 @@ examples split evenly); the streaming loop does the chunking.
 import numpy as np
 import tensorflow as tf
 
-from fastewc.engines.base import (Engine, cotangent_scale, dense_gradients, output_range,
-                                  weighted_cotangents)
+from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, cotangent_scale, dense_gradients,
+                                  output_range, weighted_cotangents)
 
 CHUNK_FLOATS = 2**26
-UNROLL_COTANGENTS = 16
 
 
 def _forward_and_cotangents(engine, x, y, mask, noise):

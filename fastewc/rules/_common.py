@@ -9,11 +9,13 @@ gradients without assuming anything about the sign of w.
 """
 import tensorflow as tf
 
+from fastewc.registry import UnsupportedLayerError
+
 
 def check_plain(layer, family):
     """Raise for LoRA / quantized layers: their trainable weights are not ``layer.kernel``."""
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        raise ValueError(
+        raise UnsupportedLayerError(
             f"Layer '{layer.name}' ({family}) uses LoRA or quantization, which the factored "
             "Fisher rule does not cover. Use method='vmap'.")
 
@@ -21,7 +23,7 @@ def check_plain(layer, family):
 def check_channels_last(layer, family):
     data_format = getattr(layer, "data_format", "channels_last")
     if data_format != "channels_last":
-        raise ValueError(
+        raise UnsupportedLayerError(
             f"Layer '{layer.name}' ({family}) uses data_format={data_format!r}; the factored "
             "Fisher rule supports data_format='channels_last' only. Use method='vmap' for this "
             "model, or build the layer with data_format='channels_last'.")
@@ -29,7 +31,7 @@ def check_channels_last(layer, family):
 
 def check_inference(layer, family, training):
     if training:
-        raise ValueError(
+        raise UnsupportedLayerError(
             f"Layer '{layer.name}' ({family}) was called with training={training!r}: the "
             "factored Fisher rule covers inference mode only (per-example gradients of "
             "batch statistics are not per-example). Call the model with training=False.")

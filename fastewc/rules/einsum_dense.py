@@ -22,7 +22,7 @@ import string
 import keras
 import tensorflow as tf
 
-from fastewc.registry import RuleOutput, register_rule
+from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
 from fastewc.rules._common import check_plain, weighted_square_sum
 
 
@@ -50,7 +50,7 @@ def einsum_dense_rule(layer, inputs, *args, **kwargs):
     in_spec, kernel_spec, out_spec = parse_equation(layer.equation, inputs.shape.rank)
     batch = in_spec[0]
     if out_spec[0] != batch or batch in kernel_spec:
-        raise ValueError(
+        raise UnsupportedLayerError(
             f"Layer '{layer.name}' (EinsumDense) with equation {layer.equation!r}: the factored "
             "Fisher rule needs the first input axis to be the batch axis, kept as the first "
             "output axis. Use method='vmap'.")

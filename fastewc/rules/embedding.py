@@ -15,7 +15,7 @@ K·N·T·dim; every shape is static, so it also runs under XLA.
 import keras
 import tensorflow as tf
 
-from fastewc.registry import RuleOutput, register_rule
+from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
 from fastewc.rules._common import check_plain, leading_dims
 
 
@@ -38,7 +38,7 @@ def _segments(ids):
 def embedding_rule(layer, inputs, *args, **kwargs):
     check_plain(layer, "Embedding")
     if isinstance(inputs, (tf.SparseTensor, tf.RaggedTensor)):
-        raise ValueError(
+        raise UnsupportedLayerError(
             f"Layer '{layer.name}' (Embedding) received {type(inputs).__name__} ids; the "
             "factored Fisher rule supports dense id tensors only. Use method='vmap'.")
     outputs = keras.layers.Embedding.call(layer, inputs)
