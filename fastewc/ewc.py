@@ -172,6 +172,7 @@ class EWC(tf.Module):
         except ValueError:
             object.__setattr__(self, "_model", previous)
             raise
+        _cache.owned_cache(self, _ESTIMATORS).clear()    # they belong to the previous model
 
     @property
     def mode(self):
@@ -423,7 +424,7 @@ class EWC(tf.Module):
         key = make_config(**config)
         estimators = _cache.owned_cache(self, _ESTIMATORS)
         estimator = estimators.get(key)
-        if estimator is None or estimator.model is not self._model:
+        if estimator is None:
             estimator = estimators[key] = FisherEstimator(self._model, **config)
         return estimator
 
