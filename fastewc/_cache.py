@@ -8,6 +8,9 @@ cache form an ordinary reference cycle that the garbage collector frees together
 The cache is not part of the owner's state: it is skipped by Keras' attribute tracking,
 and a copy or a pickle of the owner starts with an empty one.
 """
+import threading
+
+_CREATE = threading.Lock()
 
 
 class OwnedCache(dict):
@@ -27,6 +30,9 @@ def owned_cache(owner, name):
     """The :class:`OwnedCache` stored on ``owner`` as ``name`` (made on first use)."""
     cache = owner.__dict__.get(name)
     if cache is None:
-        cache = OwnedCache()
-        object.__setattr__(owner, name, cache)   # not a tracked Keras / tf.Module attribute
+        with _CREATE:                            # two threads' first use: one cache
+            cache = owner.__dict__.get(name)
+            if cache is None:
+                cache = OwnedCache()
+                object.__setattr__(owner, name, cache)   # not a tracked Keras / tf.Module attribute
     return cache

@@ -7,6 +7,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -42,15 +43,23 @@ def check_jit_compile(jit_compile):
     return check_bool_or_none("jit_compile", jit_compile)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_lam(lam, *, allow_tensor=False):
-    """λ ≥ 0 and finite, returned as a Python float.  With ``allow_tensor`` a tensor or
-    variable passes unchecked (reading it would cost a device-to-host sync inside a step)."""
+    """0 ≤ λ ≤ float32's largest value (the penalty is computed in float32: a larger λ is
+    Inf there, and Inf · 0 gives a NaN penalty at the anchor), returned as a Python float.
+    With ``allow_tensor`` a tensor or variable passes unchecked (reading it would cost a
+    device-to-host sync inside a step)."""
     if allow_tensor and isinstance(lam, (tf.Tensor, tf.Variable, keras.Variable)):
         return lam
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"`lam` must be a finite number >= 0. Received: lam={lam!r}")
     if lam < 0:
         raise ValueError(f"`lam` must be >= 0. Received: lam={lam!r}")
+    if lam > _FLOAT32_MAX:
+        raise ValueError(f"`lam` must be <= {_FLOAT32_MAX!r} (float32's largest value: the "
+                         f"penalty is computed in float32). Received: lam={lam!r}")
     return float(lam)
 
 

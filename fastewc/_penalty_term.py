@@ -49,7 +49,8 @@ class PenaltySource(Protocol):
 
 def check_penalty_source(ewc, model, *, optional):
     """``ewc`` satisfies :class:`PenaltySource` (or is None when ``optional``) and was built
-    on ``model`` or on a model with the same trainable variables; returns it."""
+    on ``model`` or on a model with the same trainable variables (in any order: the penalty's
+    gradients are matched to the trained variables by identity); returns it."""
     if ewc is None and optional:
         return None
     if not isinstance(ewc, PenaltySource):
@@ -57,12 +58,31 @@ def check_penalty_source(ewc, model, *, optional):
         raise TypeError(f"`ewc` must be {expected}. Received: ewc of type {type(ewc).__name__}")
     ewc_model = ewc.model
     if ewc_model is not model:
-        ids = [id(v) for v in ewc_model.trainable_variables]
-        if not ids or ids != [id(v) for v in model.trainable_variables]:
+        ours = {id(v): v for v in ewc_model.trainable_variables}
+        theirs = {id(v): v for v in model.trainable_variables}
+        same_variables = bool(ewc_model.variables) and (
+            {id(v) for v in ewc_model.variables} == {id(v) for v in model.variables})
+        if ours.keys() != theirs.keys() or not (ours or same_variables):
+            if same_variables:
+                only_theirs = variable_paths(v for k, v in theirs.items() if k not in ours)
+                only_ours = variable_paths(v for k, v in ours.items() if k not in theirs)
+                raise ValueError(
+                    f"`ewc` was built on model '{ewc_model.name}', which has the same variables "
+                    f"as `model` '{model.name}' but other trainable ones (trainable in "
+                    f"'{model.name}' only: {only_theirs}; in '{ewc_model.name}' only: "
+                    f"{only_ours}): a `trainable` flag was set on one of them (e.g. "
+                    "`outer.trainable = False`). "
+                    "Build the EWC on `model` itself. Received: an EWC for a model with other "
+                    "trainable variables")
             raise ValueError(
                 f"`ewc` was built on model '{ewc_model.name}', not on `model` '{model.name}'. "
                 "Received: an EWC for another model")
     return ewc
+
+
+def variable_paths(variables):
+    """The paths of ``variables`` (for messages)."""
+    return [getattr(v, "path", None) or v.name for v in variables]
 
 
 def tracking_token(ewc):

@@ -6,13 +6,22 @@ for (:func:`fastewc._keras_compat.owned_trainable_variables`).  Nested models an
 made of sublayers (MultiHeadAttention, a Sequential inside a functional model) are walked
 down to their leaves.  The swap is an instance attribute, set and removed around each
 trace, so the model is never left modified.
+
+Threads: the swapped ``call`` applies to the thread that opened the context only (another
+thread calling the model meanwhile runs the layer's own ``call``), and one model is
+captured by one thread at a time (a lock kept on the model), so two Fisher estimators
+planning or tracing on one model from two threads do not see each other's layers.
 """
 import contextlib
+import threading
 
 import numpy as np
 
+from fastewc import _cache
 from fastewc import _keras_compat as compat
 from fastewc import pooling, registry
+
+_CAPTURE_LOCK = "_fastewc_capture"
 
 
 def weighted_layers(model):
@@ -45,7 +54,12 @@ class Recorder:
         self.mask_pooling = False
 
     def wrap(self, layer, rule):
+        own_call = type(layer).call
+        thread = threading.get_ident()
+
         def call(inputs, *args, **kwargs):
+            if threading.get_ident() != thread:       # another thread: the layer as it is
+                return own_call(layer, inputs, *args, **kwargs)
             try:
                 result = registry.as_rule_output(rule(layer, inputs, *args, **kwargs), layer)
             except registry.UnsupportedLayerError as err:
@@ -75,11 +89,26 @@ def describe(layers):
     return ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)
 
 
+def model_lock(model):
+    """The per-model re-entrant lock held while layers' ``call`` are swapped (here and by
+    :class:`fastewc.engines.base.IdGuard`): the swaps of two threads never interleave."""
+    return _cache.owned_cache(model, _CAPTURE_LOCK).setdefault("lock", threading.RLock())
+
+
 @contextlib.contextmanager
 def capture(model, rules):
     """Context in which ``model(x)`` records (layer, RuleOutput) for each weighted layer."""
+    with model_lock(model):
+        with _swapped_calls(model, rules) as recorder:
+            yield recorder
+        recorder.check_not_shared()
+
+
+@contextlib.contextmanager
+def _swapped_calls(model, rules):
     recorder = Recorder()
     patched = []
+    thread = threading.get_ident()
     try:
         for layer in weighted_layers(model):
             rule = rules.get(layer)
@@ -96,13 +125,22 @@ def capture(model, rules):
         for layer in compat.nested_layers(model):
             call = pooling.masked_max_pool_call(layer, lambda: recorder.mask_pooling)
             if call is not None and "call" not in layer.__dict__:
-                object.__setattr__(layer, "call", call)
+                object.__setattr__(layer, "call", _this_thread_only(layer, call, thread))
                 patched.append(layer)
         yield recorder
     finally:
         for layer in patched:
             layer.__dict__.pop("call", None)
-    recorder.check_not_shared()
+
+
+def _this_thread_only(layer, call, thread):
+    own_call = type(layer).call
+
+    def dispatch(*args, **kwargs):
+        if threading.get_ident() != thread:
+            return own_call(layer, *args, **kwargs)
+        return call(*args, **kwargs)
+    return dispatch
 
 
 def survey(model, x, rules):

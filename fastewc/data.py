@@ -18,13 +18,29 @@ most log₂(rows) + 1 of them, instead of one per size.  For a ``tf.data.Dataset
 size of its first re-batched batch.
 
 Inputs are cast as Keras' ``fit``/``predict`` cast them (:func:`input_caster`); labels
-are checked by the likelihood (:meth:`fastewc.likelihood.Likelihood.check_labels`).
+are checked by the likelihood (:meth:`fastewc.likelihood.Likelihood.check_labels`);
+Embedding ids are checked on the compiled side (:class:`fastewc.engines.base.IdGuard`),
+with the message of :func:`id_range_error`.
+
+How much is read: all of ``data`` by default; ``max_examples=n`` reads its first n
+examples.  A ``tf.data.Dataset`` of INFINITE cardinality needs ``max_examples``; one of
+UNKNOWN cardinality (a generator, a ``filter``, which may be endless) is read up to
+``max_examples`` or, without it, up to ``UNKNOWN_CARDINALITY_MAX_EXAMPLES`` examples, with
+a warning when the dataset had more (the Fisher is then the mean over those first ones).
 """
+import numbers
 import typing
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+
+# What a dataset of unknown cardinality is read up to when no `max_examples` is given: an
+# endless stream (``ds.repeat().filter(f)``) must end, and a Fisher over 10^5 examples is
+# already an average over more examples than its variance needs.
+UNKNOWN_CARDINALITY_MAX_EXAMPLES = 100_000
 
 
 class Batch(typing.NamedTuple):
@@ -65,19 +81,36 @@ def structure_key(x):
 
 
 class Source:
-    """``data`` checked once.  ``num_examples`` is known for arrays, None for datasets."""
+    """``data`` checked once.  ``num_examples`` is known for arrays, None for datasets.
 
-    def __init__(self, data):
+    ``max_examples``: None (all of ``data``; at most ``UNKNOWN_CARDINALITY_MAX_EXAMPLES``
+    of a dataset of unknown cardinality, with a warning if it had more) or a positive int
+    (the first ``max_examples`` examples)."""
+
+    def __init__(self, data, max_examples=None):
+        if max_examples is not None and (
+                isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral)
+                or max_examples <= 0):
+            raise ValueError("`max_examples` must be None or a positive integer. "
+                             f"Received: max_examples={max_examples!r}")
         self.data = data
         self.is_dataset = isinstance(data, tf.data.Dataset)
+        self.truncated = False              # set by batches(): more examples than read
         if self.is_dataset:
-            _check_dataset(data)
+            unknown = _check_dataset(data, max_examples)
             self.num_examples = None
+            self.max_examples = max_examples if max_examples is not None or not unknown \
+                else UNKNOWN_CARDINALITY_MAX_EXAMPLES
+            self._warn_if_truncated = unknown and max_examples is None
             x_spec = data.element_spec[0]
             self.signature = (structure_key(x_spec), tuple(
                 (tuple(s.shape[1:]), s.dtype.name) for s in tf.nest.flatten(x_spec)))
         else:
-            self.num_examples = _check_pair(data)
+            n = _check_pair(data)
+            self.num_examples = n if max_examples is None else min(n, int(max_examples))
+            self._length = n
+            self.max_examples = max_examples
+            self._warn_if_truncated = False
             x = data[0]
             self.signature = (structure_key(x), tuple(_leaf_spec(t) for t in tf.nest.flatten(x)))
         self._first_x = None
@@ -99,19 +132,38 @@ class Source:
 
     def batches(self, rows, cast, check_labels):
         """Yield :class:`Batch` objects of ``rows_per_batch(rows, n)`` rows, inputs cast by
-        ``cast`` and labels passed through ``check_labels`` (NumPy in, NumPy out)."""
+        ``cast`` and labels passed through ``check_labels`` (NumPy in, NumPy out); at most
+        ``max_examples`` examples in all."""
         def finish(x, y, n, b, index):
             y = tf.convert_to_tensor(check_labels(y.numpy() if isinstance(y, tf.Tensor) else np.asarray(y)))
             return _make(cast(x), y, n, b, index)
 
         if self.is_dataset:
-            b, index = None, -1
-            for index, (x, y) in enumerate(self.data.unbatch().batch(rows)):
+            limit = self.max_examples
+            stream = self.data.unbatch()
+            if limit is not None:
+                # One example more than the bound tells whether the dataset had more.
+                stream = stream.take(limit + 1 if self._warn_if_truncated else limit)
+            b, index, seen = None, -1, 0
+            for index, (x, y) in enumerate(stream.batch(rows)):
                 n = _num_rows(x)
+                if limit is not None and seen + n > limit:
+                    self.truncated = True
+                    n = limit - seen
+                    if n == 0:
+                        break
+                    x, y = tf.nest.map_structure(lambda t: t[:n], (x, y))
+                seen += n
                 b = rows_per_batch(rows, n) if b is None else b
                 yield finish(x, y, n, b, index)
             if index < 0:
                 raise ValueError("`data` is empty: expected at least one example. Received: a dataset with 0 examples")
+            if self.truncated:
+                warnings.warn(
+                    f"fastewc: `data` is a tf.data.Dataset of unknown cardinality (it may be endless, "
+                    f"e.g. .repeat().filter(...)); the Fisher read its first {limit} examples, the "
+                    "default bound, and it had more. Pass max_examples=n to read n examples (or "
+                    "tf.data.experimental.assert_cardinality if it is finite).", stacklevel=3)
             return
         x_all, y_all = self.data
         n_total = self.num_examples
@@ -119,7 +171,7 @@ class Source:
         nested = self.signature[0] is not None
         for index, start in enumerate(range(0, n_total, b)):
             stop = min(start + b, n_total)
-            whole = start == 0 and stop == n_total        # one batch: no slicing
+            whole = start == 0 and stop == self._length        # one batch: no slicing
             take = (lambda t: tf.convert_to_tensor(t)) if whole else \
                 (lambda t: tf.convert_to_tensor(t[start:stop]))
             x = tf.nest.map_structure(take, x_all) if nested else take(x_all)
@@ -131,8 +183,15 @@ class Source:
         return None if n is None else -(-n // rows_per_batch(rows, n))
 
     def inputs_finite(self):
-        """Whether every float input is finite (asked only once a Fisher is not)."""
-        batches = self.data if self.is_dataset else [self.data]
+        """Whether every float input that was read is finite (asked only once a Fisher is not)."""
+        if self.is_dataset:
+            batches = self.data if self.max_examples is None else \
+                self.data.unbatch().take(self.max_examples).batch(4096)
+        else:
+            x, y = self.data
+            n = self.num_examples
+            batches = [self.data] if n == self._length else \
+                [(tf.nest.map_structure(lambda t: t[:n], x), y[:n])]
         for x, _ in batches:
             for t in tf.nest.flatten(x):
                 t = tf.convert_to_tensor(t)
@@ -146,19 +205,47 @@ def _num_rows(x):
 
 
 def _check_pair(data):
+    batches = isinstance(data, list) and _looks_like_batches(data)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise ValueError(
             "`data` must be a tuple (x, y) of arrays or tensors, or a tf.data.Dataset yielding "
             f"(x, y) batches. Received: data of type {type(data).__name__}"
             + (f" with {len(data)} elements" if isinstance(data, (tuple, list)) else "")
             + ("; wrap a Python generator or iterator in tf.data.Dataset.from_generator"
-               if hasattr(data, "__next__") else ""))
+               if hasattr(data, "__next__") else "")
+            + (": a list of (x, y) batches is not accepted; concatenate them, or pass "
+               "tf.data.Dataset.from_generator(...) / a dataset of batches"
+               if batches else ""))
     x, y = data
-    nx = {int(np.shape(t)[0]) if np.ndim(t) else -1 for t in tf.nest.flatten(x)}
-    ny = int(np.shape(y)[0]) if np.ndim(y) else -1
+    if batches:
+        raise ValueError(
+            "`data` must be one (x, y) pair of arrays or tensors, or a tf.data.Dataset yielding "
+            "(x, y) batches. Received: a list of 2 (x, y) batches; concatenate them, or pass a "
+            "tf.data.Dataset of batches")
+    leaves = tf.nest.flatten(x)
+    for name, leaf in [("x", t) for t in leaves] + [("y", y)]:
+        _check_dense(name, leaf)
+    if isinstance(x, (list, tuple, dict)) and any(_is_python_scalar(t) for t in leaves):
+        raise ValueError(
+            "`data` inputs (x) must be arrays or tensors with a leading batch dimension. Received: "
+            f"x as a Python {type(x).__name__} whose items are "
+            f"{'numbers' if all(_is_python_scalar(t) for t in leaves) else 'partly numbers'} "
+            "(nested Python lists): a list is read as a list of model inputs, as in Keras. "
+            "Convert it with np.asarray(x).")
+    try:
+        ny = int(np.shape(y)[0]) if np.ndim(y) else -1
+    except ValueError as err:       # NumPy: "setting an array element with a sequence ..."
+        items = f" with {len(y)} items" if isinstance(y, (list, tuple)) else ""
+        raise ValueError(
+            "`data` labels (y) must be one array or tensor (the Fisher needs one label per "
+            f"example). Received: y of type {type(y).__name__}{items} that is not one array "
+            f"(NumPy: {err}). A list of labels per output is not supported (the Fisher needs a "
+            "model with one output); for (x, y) batches, concatenate them or pass a "
+            "tf.data.Dataset.") from None
+    nx = {int(np.shape(t)[0]) if np.ndim(t) else -1 for t in leaves}
     if -1 in nx or ny == -1:
         raise ValueError("`data` arrays must have a leading batch dimension. "
-                         f"Received: x shapes {[np.shape(t) for t in tf.nest.flatten(x)]}, y shape {np.shape(y)}")
+                         f"Received: x shapes {[np.shape(t) for t in leaves]}, y shape {np.shape(y)}")
     if len(nx) != 1 or nx != {ny}:
         raise ValueError(
             "`data` x and y must have the same number of examples. "
@@ -168,7 +255,32 @@ def _check_pair(data):
     return ny
 
 
-def _check_dataset(data):
+def _looks_like_batches(data):
+    """A list of two (x, y) pairs, e.g. ``[(x1, y1), (x2, y2)]``."""
+    return all(isinstance(item, tuple) and len(item) == 2 and not _is_python_scalar(item[0])
+               for item in data)
+
+
+def _is_python_scalar(t):
+    """A number (Python or NumPy scalar) or a string: what flattening nested lists yields."""
+    return isinstance(t, (numbers.Number, np.generic, str, bytes))
+
+
+def _check_dense(name, t):
+    """Ragged and sparse tensors are refused with what they are and how to make them dense."""
+    if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)):
+        kind = type(t).__name__
+        what = ("its rows have different lengths" if kind == "RaggedTensor" else "it is sparse")
+        fix = (f"{name}.to_tensor()" if kind == "RaggedTensor" else f"tf.sparse.to_dense({name})")
+        raise ValueError(
+            f"`data` {'inputs (x)' if name == 'x' else 'labels (y)'} must be dense arrays or tensors. "
+            f"Received: {name} as a tf.{kind} of shape {tuple(t.shape)} ({what}). Make it dense "
+            f"first, e.g. {fix}" + (" (an Embedding with mask_zero=True ignores the zero padding)."
+                                    if kind == "RaggedTensor" else "."))
+
+
+def _check_dataset(data, max_examples=None):
+    """Checks a dataset's structure; returns whether its cardinality is UNKNOWN."""
     spec = data.element_spec
     if not isinstance(spec, tuple) or len(spec) != 2:
         raise ValueError(
@@ -180,10 +292,25 @@ def _check_dataset(data):
             "`data` as a tf.data.Dataset must yield (x, y) batches with a leading batch "
             "dimension (call .batch(n) on a dataset of single examples, and give "
             f"from_generator a shaped output_signature). Received: element_spec={spec}")
-    if int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+    cardinality = int(data.cardinality())
+    if cardinality == int(tf.data.INFINITE_CARDINALITY) and max_examples is None:
         raise ValueError(
             "`data` is an infinite tf.data.Dataset (e.g. after .repeat()): the Fisher is a mean "
-            "over a finite set of examples. Use .take(n) first. Received: cardinality=INFINITE")
+            "over a finite set of examples. Use .take(n) first, or pass max_examples=n. "
+            "Received: cardinality=INFINITE")
+    return cardinality == int(tf.data.UNKNOWN_CARDINALITY)
+
+
+def id_range_error(layer, low, high, *, argument="data"):
+    """The error for Embedding ids outside ``layer``'s table: [-input_dim, input_dim) is what
+    ``keras.ops.take`` reads (negative ids count from the end); XLA would clamp the others
+    silently to the first or last row, TensorFlow's CPU kernel raises."""
+    n = int(layer.input_dim)
+    received = f"ids in [{low}, {high}]" if low is not None else "ids outside that range"
+    return ValueError(
+        f"`{argument}` feeds layer '{layer.name}' ({type(layer).__name__}, input_dim={n}) ids "
+        f"outside its table: ids must lie in [0, {n}) (negative ids down to -{n} count from the "
+        f"end, as in keras.ops.take). Received: {received}")
 
 
 _MASKS = {}

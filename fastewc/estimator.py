@@ -13,7 +13,10 @@ long as its owner, no longer):
 * one :class:`Plan` per input signature, made by ONE eager planning pass before the
   stream starts: the engine (``method="auto"`` walks factored → vmap once, warning once
   and naming the layers when it steps down; nothing falls back mid-stream), the probe
-  sizes that bound the factored engine's rows per call, the input cast, the output shape;
+  sizes that bound the factored engine's rows per call, the input cast, the output shape
+  (one output: the likelihood's parameters), and the likelihood itself: a loss with
+  ``from_logits=True`` on outputs a softmax or sigmoid produced is read as probabilities,
+  as Keras' own losses read them, with a warning once per estimator;
 * each plan's engine with its compiled and concrete functions
   (:mod:`fastewc.engines`);
 * its warn-once state and :meth:`tracing_count`.
@@ -26,7 +29,14 @@ counts) or a grown model drops the plans and plans again.
 Scaling: a repeated call on the same signature costs the compiled work plus a fixed host
 overhead (argument checks, one tensor conversion per array, one dispatch per batch, one
 host sync at the end); memory is O(P) plus one batch's engine temporaries, whatever N.
+
+That one host sync reads ``FisherState.checks``; it is where the call's data checks that
+need the compiled pass are judged, in this order: Embedding ids outside their table
+(counted by :class:`fastewc.engines.base.IdGuard`), a non-finite Fisher (with its cause:
+weights, inputs, a forward or backward overflow in the dtype where it happened), outputs
+outside [0, 1] for a loss that reads probabilities.
 """
+import dataclasses
 import typing
 import warnings
 
@@ -34,6 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fastewc import _keras_compat as compat
 from fastewc import capture as capture_lib
 from fastewc import data as data_lib
 from fastewc import likelihood as likelihood_lib
@@ -41,7 +52,7 @@ from fastewc import registry
 from fastewc._checks import (check_jit_compile, check_model, check_one_of, check_positive_int,
                              check_seed)
 from fastewc.engines import ENGINES, initial_state
-from fastewc.engines.base import is_distributed
+from fastewc.engines.base import IdGuard, is_distributed
 
 METHODS = ("auto",) + tuple(ENGINES)
 
@@ -54,6 +65,7 @@ class Plan(typing.NamedTuple):
     out_tail: tuple              # model output shape without the batch dimension
     num_cotangents: int          # K
     cast: typing.Callable        # the input cast (Keras' fit/predict rules)
+    likelihood: object           # the configured one, or read as probabilities (see above)
 
 
 class Config(typing.NamedTuple):
@@ -105,6 +117,7 @@ class FisherEstimator:
                              num_samples=num_samples, jit_compile=jit_compile)
         self.model = model
         self.config = config
+        self._loss_name = loss if isinstance(loss, str) else type(loss).__name__
         self.likelihood, self.kind, self.method = config.likelihood, config.kind, config.method
         self.batch_size, self.num_samples, self.jit_compile = config.batch_size, config.num_samples, config.jit_compile
         self._rules = config.rules
@@ -125,26 +138,29 @@ class FisherEstimator:
                 f"method={self.method!r} plans={len(self._plans)}>")
 
     # -- the call -----------------------------------------------------------------------
-    def __call__(self, data, *, seed=None, verbose=0):
+    def __call__(self, data, *, seed=None, verbose=0, max_examples=None):
         """F = (1/N) Σ_n E_y[g_n(y)²] over ``data``: a list of float32 tensors, one per
         ``model.trainable_variables`` entry, with the same shapes.
 
         ``data`` is ``(x, y)`` arrays/tensors or a ``tf.data.Dataset`` of ``(x, y)`` batches;
         ``seed`` makes ``kind="sampled"`` reproducible (same seed and batching, same draws);
-        ``verbose`` 0 is silent, 1 or 2 a Keras progress bar and the method chosen.
+        ``verbose`` 0 is silent, 1 or 2 a Keras progress bar and the method chosen;
+        ``max_examples``: None reads all of ``data`` (a dataset of unknown cardinality up
+        to ``fastewc.data.UNKNOWN_CARDINALITY_MAX_EXAMPLES`` examples, warning if it had
+        more), n its first n examples (required for an infinite dataset).
         """
         seed = check_seed(seed)
         if verbose not in (0, 1, 2):
             raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
         model = check_model(self.model, purpose="Fisher")
-        source = data_lib.Source(data)
+        source = data_lib.Source(data, max_examples)
         distributed = is_distributed()
         plan = self._plan_for(source, distributed)
         if verbose:
             print(f"fastewc.fisher_diagonal: kind={self.kind!r}, method={self.method!r} -> {plan.method!r}")
         if self.kind == "sampled" and seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-        lik, out_dim = self.likelihood, plan.out_tail[-1]
+        lik, out_dim = plan.likelihood, plan.out_tail[-1]
         progbar = keras.utils.Progbar(source.steps(plan.rows), verbose=verbose, unit_name="batch") \
             if verbose else None
         state = self._initial_state(plan.engine)
@@ -156,9 +172,13 @@ class FisherEstimator:
             if progbar is not None:
                 progbar.add(1)
         checks = state.checks.numpy()                          # the one host sync
+        num_vars = len(plan.engine.variables)
+        finite, bad_ids = checks[2:2 + num_vars], checks[2 + num_vars:]
+        if bad_ids.any():
+            _raise_bad_ids(model, plan, source, [layer for layer, bad in zip(plan.engine.id_layers, bad_ids) if bad])
+        if not finite.all():
+            _raise_not_finite(model, plan, state.fisher, finite.tolist(), source, checks[:2])
         lik.check_output_range(float(checks[0]), float(checks[1]))
-        if not checks[2:].all():
-            _raise_not_finite(model, plan.engine.variables, state.fisher, checks[2:].tolist(), source)
         return state.fisher
 
     def plan(self, data):
@@ -191,14 +211,39 @@ class FisherEstimator:
         cast = data_lib.input_caster(model, first_x, source.is_dataset)
         x1 = cast(first_x)
         out_tail = _output_tail(model, x1)
-        with _explained_input_errors(model, source, self.method):
+        # Eager passes on one example: Embedding ids outside a table are clamped here and
+        # reported by the compiled pass, with the layer and the range.
+        with _explained_input_errors(model, source, self.method), IdGuard(model):
             method, probe_floats = self._choose_method(x1, rules)
+            likelihood = self._read_likelihood(x1)
         engine_cls = ENGINES[method]
         jit = engine_cls.default_jit_compile(model) if self.jit_compile is None else self.jit_compile
-        engine = engine_cls(model, self.likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
-        k = self.likelihood.num_cotangents(self.kind, self.num_samples, out_tail)
+        engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
+        k = likelihood.num_cotangents(self.kind, self.num_samples, out_tail)
         rows = engine.rows_per_call(self.batch_size, k, probe_floats)
-        return Plan(method, engine, rows, tuple(out_tail), k, cast)
+        return Plan(method, engine, rows, tuple(out_tail), k, cast, likelihood)
+
+    def _read_likelihood(self, x1):
+        """The likelihood the Fisher uses: the configured one, except that a loss with
+        ``from_logits=True`` on outputs produced by a softmax or sigmoid reads them as
+        probabilities, as Keras' losses do (they find the logits the activation recorded,
+        ``_keras_logits``, and warn); the Fisher warns once per estimator, naming the loss
+        and the layer.  Costs one eager forward pass of one example, for such losses only."""
+        lik = self.likelihood
+        if not lik.from_logits:
+            return lik
+        out = self.model(x1, training=False)
+        activation = likelihood_lib.probability_activation(tf.nest.flatten(out)[0])
+        if activation is None:
+            return lik
+        where = likelihood_lib.describe_output(self.model)
+        self._warn_once(("probabilities", where), (
+            f"fastewc: `loss` {self._loss_name} has from_logits=True, but {where} comes from a "
+            f"{activation} activation, so it holds probabilities, not logits. Keras' loss would "
+            "warn about this and read the logits before the activation; the Fisher reads the "
+            "outputs as probabilities (from_logits=False) likewise. Pass from_logits=False, or "
+            "remove the activation, if you meant it."))
+        return dataclasses.replace(lik, from_logits=False)
 
     def _choose_method(self, x1, rules):
         """(engine name, probe floats per example or None).  ``auto``: factored when every
@@ -232,7 +277,7 @@ class FisherEstimator:
         key = id(engine)
         state = self._initial_states.get(key)
         if state is None:
-            state = self._initial_states[key] = initial_state(engine.variables)
+            state = self._initial_states[key] = initial_state(engine.variables, len(engine.id_layers))
         return state
 
     def _noise(self, seed, batch, plan):
@@ -245,16 +290,21 @@ class FisherEstimator:
                 fn = self._noise_functions["none"] = tf.zeros([0])
             return fn
         shape = (int(batch.mask.shape[0]),) + plan.out_tail
-        fn = self._noise_functions.get(shape)
+        key = (plan.likelihood.key, shape)
+        fn = self._noise_functions.get(key)
         if fn is None:
-            lik, k = self.likelihood, self.num_samples
-            fn = self._noise_functions[shape] = tf.function(
+            lik, k = plan.likelihood, self.num_samples
+            fn = self._noise_functions[key] = tf.function(
                 lambda seed: lik.noise(seed, k, list(shape)), jit_compile=False, autograph=False)
         return fn(tf.constant([seed, batch.index], tf.int32))
 
 
 def _output_tail(model, x):
-    """The model output's shape without the batch dimension, as a list of ints."""
+    """The model output's shape without the batch dimension, as a list of ints.  A model
+    with several outputs raises: the Fisher is that of ONE likelihood, p(y | x)."""
+    outputs = getattr(model, "outputs", None) if isinstance(model, keras.Model) else None
+    if outputs and len(outputs) > 1:
+        _raise_several_outputs(model, [tuple(o.shape) for o in outputs])
     shape = getattr(model, "output_shape", None)
     if isinstance(shape, tuple) and shape and all(isinstance(d, int) for d in shape[1:]):
         return list(shape[1:])
@@ -264,7 +314,19 @@ def _output_tail(model, x):
         shapes = [tuple(t.shape[1:]) for t in tf.nest.flatten(x)]
         raise ValueError(f"`data` inputs do not fit model '{model.name}'. Received: x with per-example "
                          f"shapes {shapes}. The model said: {err}") from err
-    return list(spec.shape[1:])
+    leaves = tf.nest.flatten(spec)
+    if len(leaves) != 1:
+        _raise_several_outputs(model, [tuple(getattr(o, "shape", ())) for o in leaves])
+    return list(leaves[0].shape[1:])
+
+
+def _raise_several_outputs(model, shapes):
+    listed = ", ".join("(batch" + "".join(f", {d}" for d in shape[1:]) + ")" for shape in shapes)
+    raise ValueError(
+        f"`model` '{model.name}' must have one output for a Fisher: the `loss` is the likelihood "
+        f"of that one output. Received: a model with {len(shapes)} outputs of shapes [{listed}]. "
+        "Consolidate one head at a time with a single-output model sharing the layers, e.g. "
+        "keras.Model(model.inputs, model.outputs[0]).")
 
 
 class _explained_input_errors:
@@ -290,18 +352,66 @@ class _explained_input_errors:
             f"inputs unchanged: cast x to float if its first layer expects floats. Error: {err}") from err
 
 
-def _raise_not_finite(model, variables, fisher, finite, source):
-    """A non-finite Fisher raises, naming the variable and the likely cause."""
+def _raise_bad_ids(model, plan, source, layers):
+    """Embedding ids outside a table raise, naming the layer, its input_dim and the range.
+    The compiled pass only counted them; the range comes from an eager pass over the data
+    up to the first batch that has them (the error path only)."""
+    found = None
+    with IdGuard(model, layers, ranges=True) as guard:
+        for batch in source.batches(plan.rows, plan.cast, lambda y: y):
+            model(batch.x, training=False)
+            found = guard.offending()
+            if found is not None:
+                break
+    layer, low, high = found if found is not None else (layers[0], None, None)
+    raise data_lib.id_range_error(layer, low, high)
+
+
+def _compute_dtype(model):
+    """The narrowest floating compute dtype among the model's layers."""
+    dtypes = {getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None)
+              for layer in [model] + compat.nested_layers(model)}
+    for name in ("float16", "bfloat16"):
+        if name in dtypes:
+            return name
+    return "float32"
+
+
+_LARGEST = {"float16": "65504", "bfloat16": "3.4e38", "float32": "3.4e38"}
+
+
+def _raise_not_finite(model, plan, fisher, finite, source, out_range):
+    """A non-finite Fisher raises, naming the variable and the likely cause, in the dtype
+    where it happened: the model's weights, its inputs, its forward pass (outputs not
+    finite), else the backward pass: for a float16 model that is float16 (the factored
+    engine back-propagates the output gradients in float16 and forms the parameter
+    gradients in float32; the per-example engines form those in float16 too), else
+    float32."""
+    variables = plan.engine.variables
     i = finite.index(False)
     bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(fisher[i])), tf.int32)))
     weights = [getattr(v, "path", v.name) for v in model.variables
                if tf.as_dtype(v.dtype).is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))]
+    dtype = _compute_dtype(model)
+    fix = "check the scale of `data` and of the `model` weights"
     if weights:
         cause = f"the `model` weights {weights} contain NaN or Inf"
     elif not source.inputs_finite():
         cause = "the `data` inputs (x) contain NaN or Inf"
+    elif not np.all(np.isfinite(out_range)):
+        cause = (f"the forward pass overflowed {dtype} (largest value {_LARGEST[dtype]}): the `model` "
+                 f"outputs reached [{out_range[0]:.4g}, {out_range[1]:.4g}]; {fix}")
+    elif dtype == "float16" and plan.method == "factored":
+        cause = ("the output gradients back-propagated through the model's float16 layers "
+                 "overflowed float16 (largest value 65504; they are scaled by 2^8 against "
+                 f"underflow, the parameter gradients are then formed in float32); {fix}")
+    elif dtype == "float16":
+        cause = (f"the per-example gradients overflowed float16 (largest value 65504): "
+                 f"method={plan.method!r} forms them in the model's float16, scaled by 2^8 "
+                 "against underflow. method='factored' forms the parameter gradients in "
+                 f"float32; else {fix}")
     else:
-        cause = "the per-example gradients overflowed float32: check the scale of `data` and of the `model` weights"
+        cause = f"the per-example gradients overflowed {dtype}: {fix}"
     raise ValueError(
         f"The Fisher of variable '{getattr(variables[i], 'path', variables[i].name)}' is not finite "
         f"({bad} of {int(np.prod(fisher[i].shape))} entries are NaN or Inf): {cause}.")

@@ -28,13 +28,28 @@ and commit (assign everything, or roll back: the state is never half updated).
 The state lives in non-trainable tf.Variables (A, μ float32; c, λ, γ float64), so compiled
 functions that call :meth:`EWC.penalty` are not retraced by a consolidation, and EWC is a
 ``tf.Module``: ``tf.train.Checkpoint(model=..., optimizer=..., ewc=ewc)`` saves and
-restores it (state, λ, γ, mode, task count).  A compiled train step traced before a
-consolidation that ADDED variables (a grown model) must be retraced to penalize them
-(``tracked_paths`` grows; the trainers of :mod:`fastewc.train` and
+restores it (state, λ, γ, mode, task count).  A restore never defers EWC state: each saved
+variable's A and μ are created from the model at restore time (a model variable this EWC
+did not track yet gets its state then), and a saved variable the model does not have --
+an unbuilt model has none -- makes the restore raise before any value is assigned
+(:class:`_StateTable`).  TF's deferred restoration would otherwise assign the saved values
+whenever the variable appears, over the consolidations made since.  A compiled train step
+traced before a consolidation that ADDED variables (a grown model) must be retraced to
+penalize them (``tracked_paths`` grows; the trainers of :mod:`fastewc.train` and
 :mod:`fastewc.keras_fit` watch it).
+
+Threads: one ``threading.RLock`` per EWC is held across every read-merge-write of the state
+(:meth:`EWC.consolidate` -- its Fisher included --, :meth:`EWC.add_task`, :meth:`EWC.save`,
+:meth:`EWC.state`, a checkpoint restore's state creation, eager penalty reads), so
+concurrent consolidations of one EWC are applied one after the other, each merged against
+the state it commits over.  A compiled train step reads the variables without the lock:
+do not consolidate while another thread trains on the same model.
 """
+import contextlib
 import numbers
 import os
+import threading
+import weakref
 from typing import NamedTuple
 
 import keras
@@ -104,6 +119,65 @@ class _Update(NamedTuple):
     fresh: set        # keys of variables that enter the state with this task
 
 
+class _StateTable(tf.Module):
+    """One kind of per-variable state (A or μ): ``{key: tf.Variable}``, checkpointed by key
+    (the layout of a plain dict attribute: ``ewc/_fisher/<key>``).
+
+    A checkpoint restore looks every saved key up with :meth:`_lookup_dependency`.  A key
+    that is not here is asked of the owning EWC (``resolve(key)``), which creates its state
+    from the model or raises: TF never holds a deferred restoration for EWC state (it would
+    assign the saved value whenever the variable is created later, over newer state).
+    """
+
+    _TF_MODULE_IGNORED_PROPERTIES = frozenset(
+        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_resolve"})
+
+    def __init__(self, name, resolve):
+        super().__init__(name=name)
+        object.__setattr__(self, "_items", {})        # found by tf.Module.variables
+        object.__setattr__(self, "_resolve", resolve)
+
+    # -- the checkpoint view -------------------------------------------------------------
+    def _trackable_children(self, *args, **kwargs):
+        return dict(self._items)
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        if name not in self._items:
+            self._resolve(name)                      # creates the state or raises
+        return self._items[name]
+
+    # -- a dict ----------------------------------------------------------------------------
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __delitem__(self, key):
+        del self._items[key]
+
+    def __contains__(self, key):
+        return key in self._items
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def get(self, key, default=None):
+        return self._items.get(key, default)
+
+    def keys(self):
+        return self._items.keys()
+
+    def values(self):
+        return self._items.values()
+
+    def items(self):
+        return self._items.items()
+
+
 class EWC(tf.Module):
     """Elastic Weight Consolidation state and its penalty for a Keras model.
 
@@ -129,7 +203,7 @@ class EWC(tf.Module):
 
     # Python-side references, not state: kept out of tf.Module's variable walk.
     _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", _ESTIMATORS})
+        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", "_lock", _ESTIMATORS})
 
     def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None):
         super().__init__(name="ewc")
@@ -144,13 +218,19 @@ class EWC(tf.Module):
         gamma = _check_gamma(gamma, mode)
         object.__setattr__(self, "_model", _check_any_model(model))  # not a checkpoint dependency
         object.__setattr__(self, "_exclude", self._exclude_predicate(exclude))
+        object.__setattr__(self, "_lock", threading.RLock())
         self._lam = tf.Variable(lam, dtype=tf.float64, trainable=False, name="lam")
         self._gamma = tf.Variable(gamma, dtype=tf.float64, trainable=False, name="gamma")
         self._mode_index = tf.Variable(MODES.index(mode), dtype=tf.int32, trainable=False, name="mode")
         self._num_tasks = tf.Variable(num_tasks, dtype=tf.int64, trainable=False, name="num_tasks")
         self._const = tf.Variable(const, dtype=tf.float64, trainable=False, name="const")
-        self._fisher = {}   # key -> A (float32 tf.Variable); checkpointed by key
-        self._anchor = {}   # key -> μ
+        owner = weakref.ref(self)                # the tables must not keep the EWC alive
+
+        def resolve(key):
+            return owner()._state_for_restore(key)
+
+        self._fisher = _StateTable("fisher", resolve)   # key -> A (float32 tf.Variable)
+        self._anchor = _StateTable("anchor", resolve)   # key -> μ
         self._invalidate_plan()
 
     # -- configuration ---------------------------------------------------------------
@@ -163,16 +243,17 @@ class EWC(tf.Module):
     @model.setter
     def model(self, model):
         _check_any_model(model)
-        previous = self._model
-        object.__setattr__(self, "_model", model)
-        self._invalidate_plan()
-        try:
-            if model.built:
-                self._check_tracked_present(self._model_variables_by_key())
-        except ValueError:
-            object.__setattr__(self, "_model", previous)
-            raise
-        _cache.owned_cache(self, _ESTIMATORS).clear()    # they belong to the previous model
+        with self._lock:
+            previous = self._model
+            object.__setattr__(self, "_model", model)
+            self._invalidate_plan()
+            try:
+                if model.built:
+                    self._check_tracked_present(self._model_variables_by_key())
+            except ValueError:
+                object.__setattr__(self, "_model", previous)
+                raise
+            _cache.owned_cache(self, _ESTIMATORS).clear()    # they belong to the previous model
 
     @property
     def mode(self):
@@ -205,7 +286,8 @@ class EWC(tf.Module):
 
     def state(self):
         """``{path: (A, μ)}``: copies of the per-variable state as float32 NumPy arrays."""
-        return {k: (self._fisher[k].numpy(), self._anchor[k].numpy()) for k in self._fisher}
+        with self._lock:
+            return {k: (self._fisher[k].numpy(), self._anchor[k].numpy()) for k in self._fisher}
 
     @property
     def state_bytes(self):
@@ -289,6 +371,40 @@ class EWC(tf.Module):
             self._fisher[key] = tf.Variable(a, dtype=tf.float32, trainable=False, name="fisher")
             self._anchor[key] = tf.Variable(mu, dtype=tf.float32, trainable=False, name="anchor")
 
+    def _state_for_restore(self, key):
+        """Create the state of ``key`` for a checkpoint restore that has it (see
+        :class:`_StateTable`): zero state for every new trainable variable of the model
+        (what the next consolidation would create), or for ``key``'s model variable if it
+        is tracked-but-frozen; raise if the model has no such variable (an unbuilt model
+        has none), so that TF does not defer the saved value onto a later variable."""
+        with self._lock:
+            model = self._model
+            if key in self._fisher and key in self._anchor:
+                return
+            if not model.built:
+                raise ValueError(
+                    f"Cannot restore the EWC state of variable '{key}' from the checkpoint: "
+                    f"model '{model.name}' is not built, so the EWC has no variable to restore "
+                    "it into (TensorFlow would keep the value and write it over a later "
+                    "consolidation). Build the model first (call it on a batch, or "
+                    "model.build(input_shape)), then restore.")
+            self._track_new_variables()
+            if key in self._fisher:
+                return
+            v = self._model_variables_by_key().get(key)
+            if v is None:
+                raise ValueError(
+                    f"Cannot restore the EWC state of variable '{key}' from the checkpoint: "
+                    f"model '{model.name}' has no variable with that path. Add it to the model "
+                    "(e.g. the task head it was saved with) before restoring.")
+            if self._exclude(v):
+                raise ValueError(
+                    f"Cannot restore the EWC state of variable '{v.path}' from the checkpoint: "
+                    "this EWC excludes it. Create the EWC with the `exclude` it was saved with.")
+            zeros = np.zeros(_shape(v), np.float32)
+            self._create_state(key, zeros, zeros)
+            self._invalidate_plan()
+
     def _model_variables_by_key(self):
         out = {}
         for v in self._model.variables:
@@ -344,15 +460,21 @@ class EWC(tf.Module):
         can skip them (``tf.cond``); works eagerly and inside ``tf.function``."""
         return tf.logical_and(self._lam > 0, self._num_tasks > 0)
 
+    def _eager_lock(self):
+        """The state lock for an eager read (a consistent A, μ, c); none while tracing (a
+        compiled function reads the variables when it runs, not when it is traced)."""
+        return self._lock if tf.executing_eagerly() else contextlib.nullcontext()
+
     def _value_and_grads(self, inline=False):
         """(value, grads of the penalized variables, plan) from one compiled function."""
-        plan = self._plan()
-        if not plan.variables:
-            return tf.cast(0.5 * self._lam * self._const, tf.float32), [], plan
-        value, grads = penalty_lib.ewc_penalty_and_gradients(
-            plan.variables, plan.fisher, plan.anchors, tf.cast(self._lam, tf.float32),
-            const=tf.cast(self._const, tf.float32), inline=inline)
-        return value, grads, plan
+        with self._eager_lock():
+            plan = self._plan()
+            if not plan.variables:
+                return tf.cast(0.5 * self._lam * self._const, tf.float32), [], plan
+            value, grads = penalty_lib.ewc_penalty_and_gradients(
+                plan.variables, plan.fisher, plan.anchors, tf.cast(self._lam, tf.float32),
+                const=tf.cast(self._const, tf.float32), inline=inline)
+            return value, grads, plan
 
     def penalty(self):
         """λ/2 Σ_i A_i (θ_i − μ_i)² + λc/2: a float32 scalar, differentiable w.r.t. the model's
@@ -375,12 +497,13 @@ class EWC(tf.Module):
     def penalty_gradients(self):
         """λ·A·(θ − μ) for each of ``model.trainable_variables`` (float32; zeros for variables
         not penalized), computed without a tape: add them to a train step's gradients."""
-        plan = self._plan()
-        if not plan.variables:
-            return [tf.zeros(v.shape, tf.float32) for v in plan.trainable]
-        grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors,
-                                                  tf.cast(self._lam, tf.float32))
-        return self._align(grads, plan)
+        with self._eager_lock():
+            plan = self._plan()
+            if not plan.variables:
+                return [tf.zeros(v.shape, tf.float32) for v in plan.trainable]
+            grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors,
+                                                      tf.cast(self._lam, tf.float32))
+            return self._align(grads, plan)
 
     @staticmethod
     def _align(grads, plan):
@@ -393,28 +516,34 @@ class EWC(tf.Module):
 
     # -- consolidation ---------------------------------------------------------------
     def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=256, rules=None,
-                    num_samples=1, seed=None, jit_compile=None, verbose=0):
+                    num_samples=1, seed=None, jit_compile=None, verbose=0, max_examples=None):
         """Consolidate the task ``data``: its diagonal Fisher at the current weights, then
         the current weights become this task's anchor (see :meth:`add_task`).
 
         The Fisher comes from a :class:`fastewc.FisherEstimator` that this EWC keeps per
         configuration (``loss``, ``kind``, ``method``, ``batch_size``, ``rules``,
         ``num_samples``, ``jit_compile``; see :func:`fastewc.fisher_diagonal` for each), so
-        consolidating task after task plans and traces once.  ``seed`` and ``verbose`` are
+        consolidating task after task plans and traces once.  ``seed``, ``verbose`` and
+        ``max_examples`` (the most examples read, see :func:`fastewc.fisher_diagonal`) are
         per call.
 
         All or nothing: the Fisher and the new state are computed first and assigned at
-        the end, so an error leaves the state unchanged.  Returns the Fisher (list aligned
-        with ``model.trainable_variables``).
+        the end, so an error leaves the state unchanged.  Thread-safe: concurrent calls on
+        one EWC run one after the other (the EWC's lock is held from the Fisher to the
+        commit: the estimator's plan and traces are not shared between threads, and one
+        Fisher already uses every core).  Returns the Fisher (list aligned with
+        ``model.trainable_variables``).
         """
         self._require_eager("consolidate")
-        if self._model.built:
-            self._check_tracked_present(self._model_variables_by_key())
-        estimator = self._estimator(loss=loss, kind=kind, method=method, batch_size=batch_size,
-                                    rules=rules, num_samples=num_samples, jit_compile=jit_compile)
-        fisher = estimator(data, seed=seed, verbose=verbose)
-        self.add_task(fisher)
-        return fisher
+        with self._lock:
+            if self._model.built:
+                self._check_tracked_present(self._model_variables_by_key())
+            estimator = self._estimator(loss=loss, kind=kind, method=method,
+                                        batch_size=batch_size, rules=rules,
+                                        num_samples=num_samples, jit_compile=jit_compile)
+            fisher = estimator(data, seed=seed, verbose=verbose, max_examples=max_examples)
+            self.add_task(fisher)
+            return fisher
 
     def _estimator(self, **config):
         """This EWC's :class:`fastewc.FisherEstimator` for ``config`` (made on first use;
@@ -438,12 +567,15 @@ class EWC(tf.Module):
 
         separate: (A, μ, c) ← merge_separate(A, μ, F, θ_t); online: (A, μ) ← (γA + F, θ_t).
         Tracked variables that are no longer trainable get F = 0.  All or nothing: validate,
-        merge (nothing assigned), then commit (rolled back if interrupted).
+        merge (nothing assigned), then commit (rolled back if interrupted), under the EWC's
+        lock: concurrent calls are applied one after the other, each merged against the
+        state it commits over.
         """
         self._require_eager("add_task")
-        task = self._validate_task(fisher, anchors)
-        update = self._merge_task(task)
-        self._commit(update)
+        with self._lock:
+            task = self._validate_task(fisher, anchors)
+            update = self._merge_task(task)
+            self._commit(update)
 
     def _validate_task(self, fisher, anchors):
         """Argument checks (types, lengths, dtypes, shapes) → the new per-key F and θ."""
@@ -484,7 +616,8 @@ class EWC(tf.Module):
     def _merge_task(self, task):
         """The new (A, μ) of every tracked or entering variable and the constant's
         increment (:func:`fastewc.penalty.merge_all`); nothing is assigned.  Raises for a
-        negative or non-finite Fisher and for a non-finite anchor, naming the variable."""
+        negative or non-finite Fisher, for a non-finite anchor and for a merge whose float32
+        result (A, μ or c) would not be finite, naming the variable."""
         by_key = task.by_key
         fresh = {self._key(v): v for v in self._new_trainable_variables()}
         keys = list(self._fisher) + [k for k in fresh if k not in self._fisher]
@@ -512,12 +645,29 @@ class EWC(tf.Module):
                     f"{where} '{by_key[key].path}' must be finite to be a task's anchor. Received: "
                     "NaN or Inf values (did training diverge?)")
             if bad_fisher:
-                f = task.fisher[key]
+                f = fs[keys.index(key)]
+                low, high = float(tf.reduce_min(f)), float(tf.reduce_max(f))
+                if np.isfinite(low) and np.isfinite(high) and low >= 0:
+                    i = keys.index(key)
+                    a_finite = bool(tf.reduce_all(tf.math.is_finite(a_new[i])))
+                    raise _overflow_error(by_key[key].path, high, float(tf.reduce_max(old[i][0])),
+                                          a_overflows=not a_finite)
                 raise ValueError(
                     f"`fisher`: the Fisher of variable '{by_key[key].path}' must be finite and >= 0. "
-                    f"Received: values in [{float(tf.reduce_min(f))}, {float(tf.reduce_max(f))}]. "
+                    f"Received: values in [{low}, {high}]. "
                     "(Negative values come from a probability loss with from_logits=False on a "
                     "model whose output is not a softmax/sigmoid: pass from_logits=True for logits.)")
+        const = float(self._const.numpy()) + float(delta_c)
+        if not abs(const) <= _FLOAT32_MAX:                 # the penalty reads c as float32
+            shares = [float(penalty_lib.merge_separate(o[0], o[1], f, t)[2])
+                      for o, f, t in zip(old, fs, thetas)]
+            worst = keys[int(np.argmax(shares))]
+            raise ValueError(
+                f"`fisher`: adding this task would overflow the float32 EWC state: the constant "
+                f"c of the separate-mode penalty would reach {const:.3g}, above float32's largest "
+                f"value {_FLOAT32_MAX:.4g} (variable '{by_key[worst].path}' adds the most, "
+                f"{max(shares):.3g}). The state is unchanged. Received: a Fisher or anchors too "
+                "large for float32 (rescale the loss or the weights, or use mode='online').")
         return _Update(keys, old, list(zip(a_new, mu_new)), delta_c, set(fresh))
 
     def _commit(self, update):
@@ -563,11 +713,13 @@ class EWC(tf.Module):
         a partial one.
         """
         self._require_eager("save")
-        excluded = (sorted(self._key(v) for v in self._model.variables if self._exclude(v))
-                    if self._model.built else [])
-        ewc_file.write(path, ewc_file.EWCFile(
-            mode=self.mode, lam=self.lam, gamma=self.gamma, num_tasks=self.num_tasks,
-            const=float(self._const.numpy()), state=self.state(), excluded=excluded))
+        with self._lock:            # one consistent snapshot, even under a concurrent consolidate
+            excluded = (sorted(self._key(v) for v in self._model.variables if self._exclude(v))
+                        if self._model.built else [])
+            contents = ewc_file.EWCFile(
+                mode=self.mode, lam=self.lam, gamma=self.gamma, num_tasks=self.num_tasks,
+                const=float(self._const.numpy()), state=self.state(), excluded=excluded)
+        ewc_file.write(path, contents)
 
     @classmethod
     def load(cls, path, model, *, exclude=None):
@@ -614,6 +766,22 @@ class EWC(tf.Module):
                 raise ValueError(f"Variable '{v.path}' has EWC state in {path!r} but is excluded.")
         ewc._track_new_variables(initial=contents.state)
         return ewc
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _overflow_error(path, fisher_max, state_max, *, a_overflows):
+    """The merge of a finite, non-negative Fisher overflows float32 (A, or the variable's
+    share of c: Σ_i A_i F_i / A'_i · (μ_i − θ_i)², anchors far apart)."""
+    what = ("A = Σ_t F_t goes beyond" if a_overflows else
+            "its share of the separate-mode constant c, Σ A·F/(A + F)·(μ − θ)² (anchors far "
+            "apart), goes beyond")
+    return ValueError(
+        f"`fisher`: adding the Fisher of variable '{path}' would overflow the float32 EWC "
+        f"state: {what} float32's largest value {_FLOAT32_MAX:.4g}. The state is unchanged. "
+        f"Received: Fisher values up to {fisher_max:.3g} on a state A up to {state_max:.3g} "
+        "(rescale the loss or the weights, or use mode='online').")
 
 
 def _is_real(value):

@@ -46,7 +46,8 @@ _CACHE_ATTRIBUTE = "_fastewc_fisher_estimators"
 
 
 def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch_size=256,
-                    num_samples=1, seed=None, jit_compile=None, verbose=0, rules=None):
+                    num_samples=1, seed=None, jit_compile=None, verbose=0, rules=None,
+                    max_examples=None):
     """Diagonal Fisher of ``model`` over ``data``: a list of float32 tensors, one per
     ``model.trainable_variables`` entry, with the same shapes.
 
@@ -65,13 +66,18 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
       jit_compile: XLA on/off; None picks the faster measured default for the device.
       verbose: 0 silent, 1 a progress bar and the method chosen.
       rules: a :class:`fastewc.Rules` registry for the factored engine (None: the default).
+      max_examples: the most examples read: None reads all of ``data``, except that a
+        ``tf.data.Dataset`` of unknown cardinality (which may be endless, e.g.
+        ``ds.repeat().filter(f)``) is read up to ``fastewc.data.UNKNOWN_CARDINALITY_MAX_EXAMPLES``
+        examples, with a warning if it had more; n reads the first n (an infinite dataset
+        needs it).
 
     Returns:
       list of float32 ``tf.Tensor``: F = (1/N) Σ_n E_y[g_n(y)²] for each variable.
     """
     return estimator_for(model, loss=loss, kind=kind, method=method, batch_size=batch_size,
                          num_samples=num_samples, jit_compile=jit_compile, rules=rules)(
-        data, seed=seed, verbose=verbose)
+        data, seed=seed, verbose=verbose, max_examples=max_examples)
 
 
 def estimator_for(model, **config):

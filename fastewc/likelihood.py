@@ -349,6 +349,47 @@ def drop_score_direction(u, w):
     return b[:-1] - b[-1:] * coefficient[tuple(grow)], tf.ones_like(w[:-1])
 
 
+def probability_activation(out):
+    """``"softmax"`` or ``"sigmoid"`` if ``out`` was produced by that Keras activation (it
+    then carries ``_keras_logits``, the logits before it, which Keras' cross-entropies read
+    and warn about when told ``from_logits=True``), else None.  ``out`` is an eager tensor
+    or a traced one; a cast (mixed precision) or ``tf.identity`` loses the mark."""
+    logits = getattr(out, "_keras_logits", None)
+    if logits is None:
+        op = getattr(out, "op", None) if not tf.executing_eagerly() else None
+        kind = getattr(op, "type", None)
+        return {"Softmax": "softmax", "Sigmoid": "sigmoid"}.get(kind)
+    if not tf.executing_eagerly():
+        return "sigmoid" if getattr(getattr(out, "op", None), "type", None) == "Sigmoid" else "softmax"
+    out, logits = tf.cast(out, tf.float32), tf.cast(logits, tf.float32)
+    close = bool(tf.reduce_all(tf.abs(out - tf.sigmoid(logits)) <= 1e-3))
+    return "sigmoid" if close else "softmax"
+
+
+def describe_output(model):
+    """"the output of model 'm' (layer 'probs')": the layer that produces a functional or
+    Sequential model's single output (a nested model's, recursively), else the model."""
+    where, layer = f"the output of model '{model.name}'", model
+    for _ in range(8):                         # nested models, a few levels deep
+        outputs = getattr(layer, "outputs", None)
+        if not isinstance(layer, keras.Model) or not outputs or len(outputs) != 1:
+            break
+        producer = None
+        for candidate in reversed(layer.layers):
+            try:
+                if candidate.output is outputs[0]:
+                    producer = candidate
+                    break
+            except (AttributeError, ValueError, RuntimeError):   # never called, or called twice
+                continue
+        if producer is None:
+            break
+        layer = producer
+    if layer is not model:
+        where += f" (layer '{layer.name}', {type(layer).__name__})"
+    return where
+
+
 def _repeat(out, k):
     """``out`` (N, ...) broadcast to (k, N, ...)."""
     return tf.broadcast_to(out[None], tf.concat([[k], tf.shape(out)], 0))

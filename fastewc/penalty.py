@@ -282,18 +282,32 @@ def merge_all(fisher_sums, means, fishers, thetas, online, gamma):
     elementwise work it speeds up.
 
     Returns the float32 (A', μ') lists, the separate-mode constant's increment Σ_j Δc_j
-    (float64; 0 when online) and, per variable, whether its new Fisher has a negative or
-    non-finite value and whether its anchor θ has a non-finite value (bool, shape (n, 2)).
+    (float64; 0 when online) and, per variable, two flags (bool, shape (n, 2)): [0] the
+    merge cannot take its new Fisher -- F has a negative or non-finite value, or the result
+    is not finite in float32 (A' = A + F, μ' or the variable's share Δc_j overflows float32's
+    range, 3.4e38, although F and θ are finite); [1] its anchor θ has a non-finite value.
+    The caller (:meth:`fastewc.EWC.add_task`) refuses a flagged merge, so the stored state
+    is always finite.  Whether the total c + Σ_j Δc_j fits float32 is the caller's check (it
+    holds c).
     """
     a_out, mu_out, bad, dc = [], [], [], tf.constant(0.0, tf.float64)
+    max32 = tf.constant(np.finfo(np.float32).max, tf.float64)
+
+    def overflows(t):                      # not finite once stored as float32
+        return tf.reduce_any(tf.logical_not(tf.abs(t) <= max32))
+
     for a, mu, f, theta in zip(fisher_sums, means, fishers, thetas):
-        bad.append(tf.stack([tf.reduce_any(tf.logical_not(tf.math.is_finite(f)) | (f < 0)),
-                             tf.reduce_any(tf.logical_not(tf.math.is_finite(theta)))]))
         if online:
             a_new, mu_new = merge_online(a, mu, f, theta, gamma)
+            dc_new = tf.constant(0.0, tf.float64)
         else:
             a_new, mu_new, dc_new = merge_separate(a, mu, f, theta)
             dc += dc_new
+        bad_f = tf.reduce_any(tf.logical_not(tf.math.is_finite(f)) | (f < 0))
+        bad_theta = tf.reduce_any(tf.logical_not(tf.math.is_finite(theta)))
+        bad.append(tf.stack([bad_f | (tf.logical_not(bad_theta) & (
+                                 overflows(a_new) | overflows(mu_new) | overflows(dc_new))),
+                             bad_theta]))
         a_out.append(tf.cast(a_new, tf.float32))
         mu_out.append(tf.cast(mu_new, tf.float32))
     return a_out, mu_out, dc, tf.stack(bad) if bad else tf.zeros([0, 2], tf.bool)

@@ -39,7 +39,10 @@ optimizer update run outside XLA.
 
 Tracing.  Every compiled function is traced once per input structure and dtype, with the
 batch dimension left unknown: a final partial batch or a new batch size does not retrace
-(XLA still compiles one executable per distinct shape, cached).
+(XLA still compiles one executable per distinct shape, cached).  A step is traced again
+when what it trains changed: the EWC started tracking new variables, or a layer's
+``trainable`` flag was set (frozen variables are no longer updated; a variable that became
+trainable needs a new step and optimizer, and the call says so).
 """
 import contextlib
 import warnings
@@ -50,9 +53,13 @@ import tensorflow as tf
 
 from fastewc import _keras_compat as compat
 from fastewc import _policy
+from fastewc import data as data_lib
 from fastewc import distribute as distribute_lib
+from fastewc import likelihood as likelihood_lib
 from fastewc._checks import check_jit_compile, check_model, check_positive_int
-from fastewc._penalty_term import add_penalty, check_penalty_source, tracking_token, uses_float16
+from fastewc._penalty_term import (add_penalty, check_penalty_source, tracking_token, uses_float16,
+                                   variable_paths)
+from fastewc.engines.base import IdGuard, embedding_layers
 
 __all__ = ["make_train_step", "TrainStep", "default_jit_compile"]
 
@@ -144,6 +151,7 @@ class TrainStep:
         self.steps_per_call = steps_per_call
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self._variables = list(model.trainable_variables)
+        self._optimizer_variables = {id(v) for v in self._variables}   # what it was built for
         self._signatures = set()
         self._retired_traces = 0
         self._dv_function = None
@@ -170,8 +178,10 @@ class TrainStep:
         if sample_weight is not None:
             sample_weight = tf.nest.map_structure(_to_tensor, sample_weight)
         self._check_inputs(x, y, sample_weight)
-        self._ensure_traced(x, y, sample_weight)
-        result = self._function(x, y, sample_weight)
+        concrete = self._ensure_traced(x, y, sample_weight)
+        # The concrete function of this signature, called with its flat inputs: the
+        # polymorphic dispatch would bind every argument again (host time on every step).
+        result = compat.call_concrete(concrete, (x, y) if sample_weight is None else (x, y, sample_weight))
         if self.stop_on_nonfinite:
             _raise_if_nonfinite(result)
         return result
@@ -184,15 +194,42 @@ class TrainStep:
         return count
 
     def _refresh_if_ewc_grew(self):
-        """A consolidation that started tracking new variables (a grown model) changes what
-        the penalty reads: build the compiled step again (one new trace)."""
+        """Build the compiled step again (one new trace) when what it was traced for changed:
+        the EWC started tracking new variables (a consolidation of a grown model), or the
+        model's trainable variables changed (a layer's ``trainable`` flag was set).  A
+        frozen variable is then no longer updated, as in Keras after ``compile()``; a
+        variable that became trainable raises (:meth:`_check_trainable`)."""
         token = tracking_token(self.ewc)
-        if token != self._ewc_token:
+        trainable = self.model.trainable_variables
+        changed = len(trainable) != len(self._variables) or any(
+            a is not b for a, b in zip(trainable, self._variables))
+        if changed:
+            self._check_trainable(trainable)
+            self._variables = list(trainable)
+        if changed or token != self._ewc_token:
             self._retired_traces = self.tracing_count()
             self._ewc_token = token
             self._signatures = set()
             self._dv_function = None
             self._function = self._compile()
+
+    def _check_trainable(self, trainable):
+        """The model's trainable variables changed since the step was made: fine while they
+        are among those the optimizer was built for (layers frozen); otherwise a ValueError
+        saying what changed and the fix (a new step with a new optimizer)."""
+        ids = {id(v) for v in trainable}
+        added = [v for v in trainable if id(v) not in self._optimizer_variables]
+        if trainable and not added:
+            return
+        removed = [v for v in self._variables if id(v) not in ids]
+        what = (f"now trainable: {variable_paths(added)}" if trainable
+                else "no variable is trainable any more")
+        raise ValueError(
+            f"The trainable variables of `model` '{self.model.name}' changed since this step "
+            f"was made ({what}; no longer trainable: {variable_paths(removed)}): a layer's "
+            "`trainable` flag was set. The step's optimizer was built for the variables "
+            "trainable when the step was made; make a new step for the new ones: "
+            "fastewc.make_train_step(model, optimizer, loss, ewc=ewc) with a new optimizer.")
 
     def __repr__(self):
         return (f"<fastewc.TrainStep model='{self.model.name}' jit_compile={self.jit_compile} "
@@ -225,10 +262,58 @@ class TrainStep:
                              f"Received batch sizes {got}")
         if next(iter(rows.values())) == 0:
             raise ValueError("The batch is empty. Received: a batch of 0 examples")
+        self._check_ids(x)
+
+    def _check_ids(self, x):
+        """Embedding ids that a model input feeds directly (functional and Sequential
+        models) must lie in the table, as Keras ``fit`` finds (TensorFlow's CPU gather
+        raises); under XLA the gather would clamp them to the first or last row silently.
+        One host min/max of each such input per call, before the step runs (a NumPy view
+        of a host tensor: no device sync for host data)."""
+        feeds = getattr(self, "_id_feeds", None)
+        if feeds is None:
+            feeds = self._id_feeds = _direct_id_inputs(self.model)
+        if not feeds:
+            return
+        flat = None if isinstance(x, dict) else tf.nest.flatten(x)
+        for position, name, count, layer in feeds:
+            if flat is None:
+                t = x.get(name)
+            else:
+                t = flat[position] if len(flat) == count else None
+            if t is None or not (t.dtype.is_integer or t.dtype.is_floating) or not t.shape.num_elements():
+                continue
+            ids = t.numpy()
+            if t.dtype.is_floating:               # Embedding casts float ids to int32
+                ids = np.trunc(ids[np.isfinite(ids)])
+                if not ids.size:
+                    continue
+            low, high, n = ids.min(), ids.max(), int(layer.input_dim)
+            if low < -n or high >= n:
+                raise data_lib.id_range_error(layer, int(low), int(high), argument="x")
 
     def _ensure_traced(self, x, y, sample_weight):
-        """Trace once per structure/dtype with the batch dimension unknown."""
+        """The concrete function for this call: traced once per signature -- the input
+        structure (tuple, list, dict and keys), dtypes and per-example shapes, the batch
+        dimension unknown -- and looked up by a key built without tensor specs.
+
+        One compiled function per RANK signature: ``tf.function``'s ``reduce_retracing``
+        would relax a rank it has not seen ((8,) after (8, 1)) to an unknown rank, which
+        Keras losses cannot trace; the Fisher keeps one plan per signature likewise.  The
+        first rank signature uses ``self._function``; the traces of the others are counted
+        in :meth:`tracing_count` (as retired traces) when they happen."""
+        if getattr(self, "_traced_for", None) is not self._function:    # a new compiled step
+            self._traced_for, self._concretes, self._rank_functions = self._function, {}, {}
         batch_axis = 0 if self.steps_per_call == 1 else 1
+        key = _signature_key(x, y, sample_weight, batch_axis)
+        concrete = self._concretes.get(key)
+        if concrete is not None:
+            return concrete
+        rank_key = (key[0], tuple(len(shape) for _, shape in key[1]))
+        function = self._rank_functions.get(rank_key)
+        if function is None:
+            function = self._function if not self._rank_functions else self._compile()
+            self._rank_functions[rank_key] = function
 
         def relax(t):
             shape = t.shape.as_list()
@@ -237,13 +322,50 @@ class TrainStep:
 
         specs = (tf.nest.map_structure(relax, x), tf.nest.map_structure(relax, y),
                  None if sample_weight is None else tf.nest.map_structure(relax, sample_weight))
-        key = repr(specs)
-        if key not in self._signatures:
-            # Traced here, not at the call: the trace's custom gradients (Keras optimizers
-            # register one) are released with this step (see _keras_compat).
-            with compat.release_custom_gradients_with(self) as graphs:
-                graphs.append(self._function.get_concrete_function(*specs).graph)
-            self._signatures.add(key)
+        before = function.experimental_get_tracing_count()
+        # Traced here, not at the call: the trace's custom gradients (Keras optimizers
+        # register one) are released with this step (see _keras_compat).
+        with compat.release_custom_gradients_with(self) as graphs:
+            concrete = function.get_concrete_function(*specs)
+            graphs.append(concrete.graph)
+        if function is not self._function:
+            self._retired_traces += function.experimental_get_tracing_count() - before
+        if not getattr(self, "_probabilities_checked", False):
+            self._probabilities_checked = True
+            self._warn_if_probabilities(x)
+        self._signatures.add(key)
+        self._concretes[key] = concrete
+        return concrete
+
+    def _warn_if_probabilities(self, x):
+        """A loss with ``from_logits=True`` on outputs a softmax or sigmoid produced: Keras'
+        cross-entropy warns itself when it sees them (the activation's ``_keras_logits``),
+        but not when the output is cast first (a float16 / bfloat16 output, converted to the
+        loss's float32), and then applies the activation a second time.  Warn then, once
+        per step, at the first trace: one eager forward pass of one example, for such
+        losses on such models only."""
+        try:
+            lik = likelihood_lib.resolve_loss(self.loss)
+        except ValueError:
+            return
+        narrow = ("float16", "bfloat16")
+        if not lik.from_logits or not any(
+                getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) in narrow
+                for layer in compat.all_layers(self.model)):
+            return
+        pick = (lambda t: t[:1]) if self.steps_per_call == 1 else (lambda t: t[0][:1])
+        with IdGuard(self.model):
+            out = tf.nest.flatten(self.model(tf.nest.map_structure(pick, x), training=False))[0]
+        activation = likelihood_lib.probability_activation(out)
+        if activation is None or tf.as_dtype(out.dtype) == tf.as_dtype(getattr(self.loss, "dtype", None) or "float32"):
+            return              # none, or Keras' loss sees it and warns itself
+        warnings.warn(
+            f"fastewc.TrainStep: `loss` {type(self.loss).__name__} has from_logits=True, but "
+            f"{likelihood_lib.describe_output(self.model)} comes from a {activation} activation, "
+            f"so it holds probabilities, not logits. The output is {out.dtype.name} and is cast "
+            f"for the loss, which hides the activation from Keras' check: the loss applies "
+            f"{activation} a second time. Pass from_logits=False, or remove the activation.",
+            stacklevel=4)
 
     # -- building ------------------------------------------------------------------------
     def _num_replicas(self):
@@ -353,6 +475,37 @@ def _raise_if_nonfinite(losses):
 
 def _to_tensor(t):
     return t if isinstance(t, tf.Tensor) else tf.convert_to_tensor(t)
+
+
+def _signature_key(x, y, sample_weight, batch_axis):
+    """(structures, ((dtype, shape without the batch axis), ...)): what a trace of the step
+    depends on, hashable and cheap to build on every call."""
+    nests = (x, y) if sample_weight is None else (x, y, sample_weight)
+    structure = tuple(data_lib.structure_key(n) for n in nests) + (sample_weight is None,)
+    leaves = []
+    for t in tf.nest.flatten(nests):
+        shape = tuple(t.shape)
+        leaves.append((t.dtype, shape[:batch_axis] + shape[batch_axis + 1:]))
+    return structure, tuple(leaves)
+
+
+def _direct_id_inputs(model):
+    """[(position in model.inputs, input name, number of inputs, Embedding layer)] for each
+    Embedding whose input is a model input itself (functional and Sequential models; the
+    public ``layer.input``: the tensor of its first call)."""
+    inputs = list(getattr(model, "inputs", None) or []) if isinstance(model, keras.Model) else []
+    feeds = []
+    if not inputs:
+        return feeds
+    for layer in embedding_layers(model):
+        try:
+            source = layer.input
+        except (AttributeError, ValueError, RuntimeError):   # never called symbolically
+            continue
+        for position, ref in enumerate(inputs):
+            if source is ref:
+                feeds.append((position, getattr(ref, "name", None), len(inputs), layer))
+    return feeds
 
 
 def _any_distributed(x):

@@ -172,3 +172,35 @@ def test_auto_steps_down_once_on_a_layer_configuration_its_rule_does_not_cover()
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match=r"uses LoRA or quantization"):
         fastewc.FisherEstimator(model, loss=LOGITS, method="factored")((x, y))
+
+
+def test_estimators_on_one_model_in_several_threads_each_get_their_own_fisher():
+    """Planning and tracing swap the layers' calls; a second thread must neither see the
+    swap nor have its own layers recorded by the first (it used to raise SharedLayerError)."""
+    import threading
+
+    model = mlp()
+    x, y = data()
+    want = {kind: reference(model, x, y, kind) for kind in ("exact", "empirical")}
+    configs = [("exact", "factored"), ("empirical", "factored"), ("exact", "auto"), ("empirical", "vmap")]
+    barrier = threading.Barrier(len(configs))
+    results, errors = {}, []
+
+    def work(kind, method):
+        try:
+            estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind=kind, method=method)
+            barrier.wait()
+            results[(kind, method)] = [estimator((x, y)) for _ in range(2)]
+        except Exception as err:          # noqa: BLE001 -- reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=config) for config in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (kind, _), calls in results.items():
+        for got in calls:
+            assert_matches(got, want[kind])
+    assert all("call" not in layer.__dict__ for layer in model.layers)

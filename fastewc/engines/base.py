@@ -12,15 +12,25 @@ whole call one host sync.  Engines differ only in how they get the squares (see
 * ``rows_per_call(batch_size, num_cotangents, probe_floats)``: examples per compiled call
   (a memory bound: per-example gradients or deltas held at once);
 * ``default_jit_compile(model)``: the XLA setting ``jit_compile=None`` means;
-* ``batch_sums(x, y, mask, noise)``: the sums of one batch (traced once per plan);
+* ``batch_sums(x, y, mask, noise)``: the sums of one batch (traced once per plan), then
+  one count per Embedding layer (``id_layers``) of the ids outside its table, then the
+  output's (min, max);
 * ``run(batch, noise, state)``: one batch through the compiled function, the new state.
+
+Embedding ids are checked where they are used, on the compiled side (:class:`IdGuard`):
+every engine's forward pass clamps them to the table, as XLA's gather would silently do,
+and counts those outside it; the counts ride in ``FisherState.checks``, read once at the
+end of a call, so the check costs no host sync per batch and covers every Embedding,
+wherever it sits in the model and whatever feeds it.
 
 An engine belongs to one :class:`fastewc.FisherEstimator` plan (one model, variable list,
 input signature and registry) and owns its compiled and concrete functions: they live as
 long as the estimator.
 """
+import threading
 import typing
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -37,7 +47,9 @@ UNROLL_COTANGENTS = 16
 class FisherState(typing.NamedTuple):
     """The streamed accumulation: float64 totals, the output (min, max), the examples seen
     (float64), the running float32 mean, and ``checks`` = [min, max, finite_1, ...,
-    finite_V] (float32) so that the end of a call reads ONE tensor back to the host."""
+    finite_V, bad_ids_1, ..., bad_ids_E] (float32: V variables, E Embedding layers, the
+    running count of ids outside each table) so that the end of a call reads ONE tensor
+    back to the host."""
     totals: list
     output_range: tf.Tensor
     examples: tf.Tensor
@@ -45,25 +57,30 @@ class FisherState(typing.NamedTuple):
     checks: tf.Tensor
 
 
-def initial_state(variables):
+def initial_state(variables, num_id_layers=0):
     shapes = [tuple(v.shape) for v in variables]
     return FisherState(
         [tf.zeros(s, tf.float64) for s in shapes], tf.constant([np.inf, -np.inf], tf.float32),
         tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
-        tf.constant([np.inf, -np.inf] + [1.0] * len(shapes), tf.float32))
+        tf.constant([np.inf, -np.inf] + [1.0] * len(shapes) + [0.0] * num_id_layers, tf.float32))
 
 
 def fold(batch, count, state):
-    """Add a batch's float32 sums (and output range) into the float64 state and return the
-    new state with the running mean F = total / examples."""
-    *sums, batch_range = batch
+    """Add a batch's float32 sums (and output range, and counts of ids outside each
+    Embedding's table) into the float64 state and return the new state with the running
+    mean F = total / examples."""
+    num_vars = len(state.totals)
+    sums, bad_ids, batch_range = batch[:num_vars], batch[num_vars:-1], batch[-1]
     totals = [t + tf.cast(s, tf.float64) for t, s in zip(state.totals, sums)]
     out_range = tf.stack([tf.minimum(state.output_range[0], batch_range[0]),
                           tf.maximum(state.output_range[1], batch_range[1])])
     seen = state.examples + tf.cast(count, tf.float64)
     fisher = [tf.cast(t / seen, tf.float32) for t in totals]
     finite = tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in fisher])
-    return FisherState(totals, out_range, seen, fisher, tf.concat([out_range, tf.cast(finite, tf.float32)], 0))
+    checks = [out_range, tf.cast(finite, tf.float32)]
+    if bad_ids:
+        checks.append(state.checks[2 + num_vars:] + tf.stack(bad_ids))
+    return FisherState(totals, out_range, seen, fisher, tf.concat(checks, 0))
 
 
 fold_compiled = tf.function(fold, autograph=False, reduce_retracing=True)
@@ -93,6 +110,115 @@ def dense_gradients(grads, variables):
             for g, v in zip(grads, variables)]
 
 
+def embedding_layers(model):
+    """Every ``keras.layers.Embedding`` (subclasses included) nested in ``model``, once."""
+    seen, out = set(), []
+    for layer in compat.nested_layers(model):
+        if isinstance(layer, keras.layers.Embedding) and id(layer) not in seen:
+            seen.add(id(layer))
+            out.append(layer)
+    return out
+
+
+def swap_lock(model):
+    """The per-model lock held while layers' ``call`` are swapped for a Fisher pass: the one
+    :func:`fastewc.capture.capture` holds (re-entrant, so a guard nests inside a capture)."""
+    from fastewc import capture          # noqa: PLC0415 -- capture imports the rules, lazily
+    return capture.model_lock(model)
+
+
+class IdGuard:
+    """Within this context each Embedding of ``model`` (or ``layers``) reads its ids clamped
+    to its table, [-input_dim, input_dim) as ``keras.ops.take`` reads them (what XLA's
+    gather does silently; TensorFlow's CPU kernel would raise mid-pass instead), and, until
+    :meth:`freeze`, counts the ids outside it (:meth:`counts`, traced with the pass) or,
+    with ``ranges=True`` (eager), records their (min, max) (:meth:`offending`).
+
+    Only integer or floating dense ids are read (floats are cast to int32, as Embedding
+    does); a call with other arguments (keras_hub's ``ReversibleEmbedding(reverse=True)``
+    projects hidden states) or other inputs (ragged, sparse) passes through unchanged.
+    The swap is an instance ``call`` attribute set and restored around the pass, under the
+    model's :func:`swap_lock`, and applies to the thread that opened the context only; it
+    nests inside :func:`fastewc.capture.capture` (it then wraps the rule's call).  Without
+    Embedding layers it does nothing."""
+
+    def __init__(self, model, layers=None, *, ranges=False):
+        self.model = model
+        self.layers = embedding_layers(model) if layers is None else list(layers)
+        self._counts = [[] for _ in self.layers]
+        self._ranges = [[] for _ in self.layers] if ranges else None
+        self._counting = True
+        self._saved = []
+        self._lock = None
+
+    def __enter__(self):
+        if self.layers:
+            self._lock = swap_lock(self.model)
+            self._lock.acquire()
+            thread = threading.get_ident()
+            for i, layer in enumerate(self.layers):
+                self._saved.append((layer, "call" in layer.__dict__, layer.__dict__.get("call")))
+                object.__setattr__(layer, "call", self._wrap(i, layer, layer.call, thread))
+        return self
+
+    def __exit__(self, *exc_info):
+        for layer, had, call in reversed(self._saved):
+            if had:
+                object.__setattr__(layer, "call", call)
+            else:
+                layer.__dict__.pop("call", None)
+        self._saved = []
+        if self._lock is not None:
+            self._lock, lock = None, self._lock
+            lock.release()
+        return False
+
+    def freeze(self):
+        """Stop counting (later passes, e.g. inside ``vectorized_map``, only clamp)."""
+        self._counting = False
+
+    def counts(self):
+        """One float32 scalar per layer: the ids seen outside its table (0 if not called)."""
+        return [tf.add_n(c) if c else tf.constant(0.0) for c in self._counts]
+
+    def offending(self):
+        """(layer, min id, max id) of the first layer that saw ids outside its table, else
+        None (``ranges=True`` only)."""
+        for layer, seen in zip(self.layers, self._ranges or []):
+            if seen:
+                low, high = min(lo for lo, _ in seen), max(hi for _, hi in seen)
+                if low < -layer.input_dim or high >= layer.input_dim:
+                    return layer, low, high
+        return None
+
+    def _wrap(self, i, layer, previous, thread):
+        def call(inputs, *args, **kwargs):
+            ids = _dense_ids(inputs, args, kwargs) if threading.get_ident() == thread else None
+            if ids is not None:
+                n = int(layer.input_dim)
+                if self._counting:
+                    outside = tf.logical_or(ids < -n, ids >= n)
+                    self._counts[i].append(tf.reduce_sum(tf.cast(outside, tf.float32)))
+                    if self._ranges is not None and int(tf.size(ids)):
+                        self._ranges[i].append((int(tf.reduce_min(ids)), int(tf.reduce_max(ids))))
+                inputs = tf.clip_by_value(ids, tf.cast(-n, ids.dtype), tf.cast(n - 1, ids.dtype))
+            return previous(inputs, *args, **kwargs)
+        return call
+
+
+def _dense_ids(inputs, args, kwargs):
+    """The ids an Embedding call reads, or None (see :class:`IdGuard`)."""
+    if args or kwargs.get("reverse"):
+        return None
+    if not isinstance(inputs, tf.Tensor):
+        return None
+    if inputs.dtype.is_integer:
+        return inputs
+    if inputs.dtype.is_floating:
+        return tf.cast(inputs, tf.int32)
+    return None
+
+
 def is_distributed():
     return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
@@ -110,6 +236,7 @@ class Engine:
         self.num_samples = num_samples
         self.rules = rules
         self.variables = list(model.trainable_variables)
+        self.id_layers = embedding_layers(model)      # checked by IdGuard in every pass
         self.jit_compile = jit_compile
         self._function = None       # fold(batch_sums(...)): one dispatch per batch
         self._concrete = {}         # rows per batch -> its concrete function

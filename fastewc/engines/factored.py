@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from fastewc import capture as capture_lib
 from fastewc import pooling
-from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, cotangent_scale, output_range,
+from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale, output_range,
                                   weighted_cotangents)
 
 MAX_ROWS = 4096
@@ -53,7 +53,7 @@ class FactoredEngine(Engine):
     def batch_sums(self, x, y, mask, noise):
         model, variables = self.model, self.variables
         with tf.name_scope("fastewc/fisher"):
-            with capture_lib.capture(model, self.rules) as recorder:
+            with capture_lib.capture(model, self.rules) as recorder, IdGuard(model, self.id_layers) as ids:
                 with tf.GradientTape(persistent=True) as tape:
                     out = model(x, training=False)
             u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise)
@@ -74,4 +74,4 @@ class FactoredEngine(Engine):
             missing = [v.path for v in variables if id(v) not in sums]
             if missing:
                 raise ValueError(f"The factored rules returned no value for variables {missing}.")
-            return [sums[id(v)] for v in variables] + [output_range(out)]
+            return [sums[id(v)] for v in variables] + ids.counts() + [output_range(out)]

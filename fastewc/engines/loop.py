@@ -4,7 +4,7 @@ reference twin of every other engine (float32, like them); N·K eager passes."""
 import numpy as np
 import tensorflow as tf
 
-from fastewc.engines.base import Engine, cotangent_scale, dense_gradients, fold_compiled
+from fastewc.engines.base import Engine, IdGuard, cotangent_scale, dense_gradients, fold_compiled
 
 
 class LoopEngine(Engine):
@@ -16,9 +16,10 @@ class LoopEngine(Engine):
         count = int(np.sum(mask.numpy()))      # the real rows come first
         sums = [np.zeros(v.shape, np.float32) for v in variables]
         low, high = np.inf, -np.inf
+        ids = IdGuard(model, self.id_layers)
         for n in range(count):
             xn = tf.nest.map_structure(lambda t: t[n:n + 1], x)
-            with tf.GradientTape(persistent=True) as tape:
+            with ids, tf.GradientTape(persistent=True) as tape:
                 out = model(xn, training=False)
             low, high = min(low, float(tf.reduce_min(out))), max(high, float(tf.reduce_max(out)))
             u, w = lik.cotangents(out, y[n:n + 1], kind, noise[:, n:n + 1] if kind == "sampled" else None)
@@ -28,7 +29,7 @@ class LoopEngine(Engine):
                 for i, g in enumerate(dense_gradients(grads, variables)):
                     sums[i] += float(w[k, 0]) * np.square(tf.cast(g, tf.float32).numpy() / scale)
             del tape
-        return [tf.constant(s) for s in sums] + [tf.constant([low, high], tf.float32)]
+        return [tf.constant(s) for s in sums] + ids.counts() + [tf.constant([low, high], tf.float32)]
 
     def run(self, batch, noise, state, *, distributed=False):
         return fold_compiled(self.batch_sums(batch.x, batch.y, batch.mask, noise),

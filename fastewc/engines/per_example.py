@@ -15,8 +15,8 @@ examples split evenly); the streaming loop does the chunking.
 import numpy as np
 import tensorflow as tf
 
-from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, cotangent_scale, dense_gradients,
-                                  output_range, weighted_cotangents)
+from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale,
+                                  dense_gradients, output_range, weighted_cotangents)
 
 CHUNK_FLOATS = 2**26
 
@@ -58,8 +58,9 @@ class VmapEngine(_PerExampleEngine):
         def squared(grads, scale):
             return [tf.square(tf.cast(g, tf.float32) / scale) for g in dense_gradients(grads, variables)]
 
-        with tf.name_scope("fastewc/fisher"):
+        with tf.name_scope("fastewc/fisher"), IdGuard(self.model, self.id_layers) as ids:
             out, u, w, scale = _forward_and_cotangents(self, x, y, mask, noise)
+            ids.freeze()                 # the per-example passes below only clamp
             k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
             u = tf.cast(u, out.dtype)
             if not self._pairs(k):
@@ -85,7 +86,7 @@ class VmapEngine(_PerExampleEngine):
                     return [wi * q for q in squared(tape.gradient(oi, variables, output_gradients=ui[None]), scale)]
 
             sq = tf.vectorized_map(per_item, items, fallback_to_while_loop=False)
-            return [tf.reduce_sum(q, axis=0) for q in sq] + [output_range(out)]
+            return [tf.reduce_sum(q, axis=0) for q in sq] + ids.counts() + [output_range(out)]
 
 
 class JacobianEngine(_PerExampleEngine):
@@ -97,8 +98,9 @@ class JacobianEngine(_PerExampleEngine):
 
     def batch_sums(self, x, y, mask, noise):
         model, variables = self.model, self.variables
-        with tf.name_scope("fastewc/fisher"):
+        with tf.name_scope("fastewc/fisher"), IdGuard(self.model, self.id_layers) as ids:
             out, u, w, scale = _forward_and_cotangents(self, x, y, mask, noise)
+            ids.freeze()                 # the tiled pass below only clamps
             k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
             u_pairs = tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0))
             with tf.GradientTape() as tape:
@@ -109,4 +111,4 @@ class JacobianEngine(_PerExampleEngine):
             jac = [tf.zeros([k * b] + list(v.shape), tf.float32) if j is None else j
                    for j, v in zip(jac, variables)]
             return [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1)
-                    for j in jac] + [output_range(out)]
+                    for j in jac] + ids.counts() + [output_range(out)]

@@ -41,8 +41,11 @@ def embedding_rule(layer, inputs, *args, **kwargs):
         raise UnsupportedLayerError(
             f"Layer '{layer.name}' (Embedding) received {type(inputs).__name__} ids; the "
             "factored Fisher rule supports dense id tensors only. Use method='vmap'.")
-    outputs = keras.layers.Embedding.call(layer, inputs)
+    # Ids outside the table are clamped to it (as XLA's gather would): the engines count and
+    # report them (fastewc.engines.base.IdGuard), so the planning pass does not fail on them.
     ids = tf.cast(inputs, tf.int32)
+    ids = tf.clip_by_value(ids, -layer.input_dim, layer.input_dim - 1)
+    outputs = keras.layers.Embedding.call(layer, ids)
     ids = tf.where(ids < 0, ids + layer.input_dim, ids)       # as keras.ops.take
     table = layer.embeddings
 
