@@ -37,6 +37,7 @@ base class in the MRO, unless that rule was registered with ``subclasses=False``
 subclass overrides ``call`` (the rule would replace a forward pass it does not know, so
 such a subclass has no rule: ``method="auto"`` uses vmap for it, ``"factored"`` raises).
 """
+import collections.abc
 import inspect
 import typing
 
@@ -85,9 +86,10 @@ def _check_entry(layer_class, rule):
         raise TypeError(f"`rule` must be callable. Received: rule={rule!r}")
 
 
-class Rules:
-    """An immutable registry ``layer class -> rule``.  Equal registries (same classes,
-    rules and subclass flags) compare and hash equal."""
+class Rules(collections.abc.Mapping):
+    """An immutable registry ``layer class -> rule`` (a read-only Mapping of the classes'
+    own rules).  Equal registries (same classes, rules and subclass flags) compare and hash
+    equal."""
 
     __slots__ = ("_entries", "_hash")
 
@@ -127,8 +129,8 @@ class Rules:
                 return rule
         return None
 
-    def __contains__(self, layer_class):
-        return layer_class in self._entries
+    def __getitem__(self, layer_class):
+        return self._entries[layer_class][0]
 
     def __len__(self):
         return len(self._entries)
