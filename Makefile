@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# keras-hub without its tensorflow-text requirement (setup.py says why), at setup.py's bounds.
+KERAS_HUB := $(shell sed -n 's/^KERAS_HUB = "\(.*\)".*/\1/p' setup.py)
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The suites are benchmarks/bench_*.py (pytest collects test_*.py by default).
@@ -16,7 +18,8 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e ".[tf-cpu,dev]"
+	$(PY) -m pip install --quiet -e ".[tf-cpu,dev,hub]"
+	$(PY) -m pip install --quiet --no-deps "$(KERAS_HUB)"
 	touch $(STAMP)
 
 test: $(STAMP)

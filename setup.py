@@ -3,10 +3,18 @@
 TensorFlow is an extra, not a hard requirement (as in tensorflow-probability): pick
 ``fastewc[tf-cpu]`` on a CPU-only machine, ``fastewc[tf]`` for the standard build, or
 ``fastewc[cuda]`` for the CUDA wheels.  Bounds are the versions we have tested.
+
+``fastewc[hub]`` holds what keras_hub needs at run time, except ``tensorflow-text``:
+that wheel requires the ``tensorflow`` distribution unconditionally, which pip would
+install over ``tensorflow-cpu`` (two distributions writing one ``tensorflow`` package).
+keras_hub imports ``tensorflow_text`` only for its tokenizers, lazily, so keras_hub
+itself is installed with ``pip install --no-deps "keras-hub<KERAS_HUB bounds>"`` (the
+Makefile does it); its models and layers then run on ``tensorflow-cpu``.
 """
 from setuptools import find_packages, setup
 
 TF_BOUNDS = ">=2.21,<2.22"
+KERAS_HUB = "keras-hub>=0.32,<0.33"      # installed with --no-deps (see above)
 
 setup(
     name="fastewc",
@@ -21,6 +29,16 @@ setup(
         "tf": [f"tensorflow{TF_BOUNDS}", "keras>=3.15,<3.16"],
         "tf-cpu": [f"tensorflow-cpu{TF_BOUNDS}", "keras>=3.15,<3.16"],
         "cuda": [f"tensorflow[and-cuda]{TF_BOUNDS}", "keras>=3.15,<3.16"],
+        "hub": [
+            "regex>=2024.4,<2027",
+            "tokenizers>=0.21,<0.24",
+            "huggingface-hub>=0.30,<3",
+            "sentencepiece>=0.2,<0.3",
+            "kagglehub>=0.3,<2,!=1.0.1",
+            "kagglesdk==0.1.28",
+            "packaging>=23,<27",
+            "rich>=13,<16",
+        ],
         "dev": [
             "pytest>=9.0,<10",
             "pytest-benchmark>=5.3,<6",

@@ -52,6 +52,11 @@ def nested_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def child_layers(layer):
+    """The layers directly nested in ``layer`` (its sublayers, not theirs)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
 def owned_trainable_variables(layer):
     """The trainable variables a layer created itself, not those of its sublayers
     (``layer.trainable_weights`` includes sublayers; ``_trainable_variables`` is the

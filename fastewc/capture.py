@@ -15,6 +15,7 @@ planning or tracing on one model from two threads do not see each other's layers
 import contextlib
 import threading
 
+import keras
 import numpy as np
 
 from fastewc import _cache
@@ -24,20 +25,50 @@ from fastewc import pooling, registry
 _CAPTURE_LOCK = "_fastewc_capture"
 
 
-def weighted_layers(model):
-    """Every layer (model included) that owns trainable variables, in model order."""
+def weighted_layers(model, rules=None):
+    """The layers the factored engine takes one rule each for, in model order: a layer
+    with a rule and trainable variables of its own or of its sublayers (the rule accounts
+    for all of them: an LSTM's rule for its cell's weights), else each layer that owns
+    trainable variables (the model included).  ``rules`` None: the default registry."""
+    rules = registry.check_rules(rules)
     seen, out = set(), []
-    for layer in compat.all_layers(model):
+
+    def visit(layer):
         if id(layer) in seen:
-            continue
+            return
         seen.add(id(layer))
+        if layer is not model and rules.get(layer) is not None and layer.trainable_weights:
+            out.append(layer)
+            return
         if compat.owned_trainable_variables(layer):
             out.append(layer)
+        for child in compat.child_layers(layer):
+            visit(child)
+
+    visit(model)
     return out
 
 
+def outer_layers(model):
+    """{id(layer): the outermost layer (not a Model) it is nested in} for every layer of
+    ``model`` nested inside another layer: the layer the user wrote (the LSTM of an
+    LSTMCell, the MultiHeadAttention of an EinsumDense)."""
+    found = {}
+
+    def visit(layer, outer):
+        for child in compat.child_layers(layer):
+            if id(child) in found:
+                continue
+            if outer is not None:
+                found[id(child)] = outer
+            visit(child, outer if outer is not None or isinstance(child, keras.Model) else child)
+
+    visit(model, None)
+    return found
+
+
 def layers_without_rule(model, rules):
-    return [layer for layer in weighted_layers(model) if rules.get(layer) is None]
+    return [layer for layer in weighted_layers(model, rules) if rules.get(layer) is None]
 
 
 class SharedLayerError(registry.UnsupportedLayerError):
@@ -84,9 +115,17 @@ class Recorder:
                 "method='vmap' for this model.")
 
 
-def describe(layers):
-    """"'dense' (Dense), 'scale' (LayerScale)": layers as the warnings name them."""
-    return ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)
+def describe(layers, model=None):
+    """"'dense' (Dense), 'lstm_cell' (LSTMCell) in 'lstm' (LSTM)": layers as the warnings
+    name them; with ``model``, a nested layer also names the layer the user wrote."""
+    outer = outer_layers(model) if model is not None else {}
+
+    def one(layer):
+        text = f"'{layer.name}' ({type(layer).__name__})"
+        if id(layer) in outer:
+            text += f" in '{outer[id(layer)].name}' ({type(outer[id(layer)]).__name__})"
+        return text
+    return ", ".join(one(layer) for layer in layers)
 
 
 def model_lock(model):
@@ -110,7 +149,7 @@ def _swapped_calls(model, rules):
     patched = []
     thread = threading.get_ident()
     try:
-        for layer in weighted_layers(model):
+        for layer in weighted_layers(model, rules):
             rule = rules.get(layer)
             if rule is None:
                 raise registry.UnsupportedLayerError(

@@ -255,7 +255,7 @@ class FisherEstimator:
             missing = capture_lib.layers_without_rule(self.model, rules)
             if missing:
                 self._warn_once(("no-rule", tuple(type(layer).__name__ for layer in missing)),
-                                f"fastewc: no factored Fisher rule for {capture_lib.describe(missing)}; "
+                                f"fastewc: no factored Fisher rule for {capture_lib.describe(missing, self.model)}; "
                                 "method='auto' uses 'vmap' (per-example vectorized gradients) for this model.")
                 return "vmap", None
         try:
