@@ -36,7 +36,11 @@ need the compiled pass are judged, in this order: Embedding ids outside their ta
 weights, inputs, a forward or backward overflow in the dtype where it happened), outputs
 outside [0, 1] for a loss that reads probabilities.
 """
+import contextlib
 import dataclasses
+import logging
+import re
+import traceback
 import typing
 import warnings
 
@@ -55,6 +59,12 @@ from fastewc.engines import ENGINES, initial_state
 from fastewc.engines.base import IdGuard, is_distributed
 
 METHODS = ("auto",) + tuple(ENGINES)
+# What ``method="auto"`` tries, in order.  Factored needs a rule for every weighted layer
+# (else the plan starts at vmap); an engine whose function cannot be traced for the model
+# (``tf.vectorized_map``'s pfor has no converter for an op; an op with no graph form) hands
+# over to the next, at the plan's first batch, down to the eager loop, which runs whatever
+# runs eagerly.  ``jacobian`` vectorizes with pfor's while-loop fallback.
+LADDER = ("factored", "vmap", "jacobian", "loop")
 
 
 class Plan(typing.NamedTuple):
@@ -125,6 +135,7 @@ class FisherEstimator:
         self._plans_valid_for = None     # (rules, trainable variable ids) of self._plans
         self._initial_states = {}
         self._warned = set()
+        self._confirmed = set()      # id(engine) of plans whose first batch ran
         self._noise_functions = {}
         self._retired_traces = 0
 
@@ -156,21 +167,14 @@ class FisherEstimator:
         source = data_lib.Source(data, max_examples)
         distributed = is_distributed()
         plan = self._plan_for(source, distributed)
-        if verbose:
-            print(f"fastewc.fisher_diagonal: kind={self.kind!r}, method={self.method!r} -> {plan.method!r}")
         if self.kind == "sampled" and seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-        lik, out_dim = plan.likelihood, plan.out_tail[-1]
-        progbar = keras.utils.Progbar(source.steps(plan.rows), verbose=verbose, unit_name="batch") \
-            if verbose else None
-        state = self._initial_state(plan.engine)
-        check_labels = lambda y: lik.check_labels(y, out_dim, out_tail=list(plan.out_tail))  # noqa: E731
-        for batch in source.batches(plan.rows, plan.cast, check_labels):
-            noise = self._noise(seed, batch, plan)
-            with _explained_input_errors(model, source, plan.method):
-                state = plan.engine.run(batch, noise, state, distributed=distributed)
-            if progbar is not None:
-                progbar.add(1)
+        while True:
+            try:
+                state = self._stream(plan, source, seed, verbose, distributed)
+                break
+            except _CannotTrace as failure:      # the first batch of an `auto` plan only
+                plan = self._step_down(source, distributed, plan, failure.error)
         checks = state.checks.numpy()                          # the one host sync
         num_vars = len(plan.engine.variables)
         finite, bad_ids = checks[2:2 + num_vars], checks[2 + num_vars:]
@@ -178,8 +182,63 @@ class FisherEstimator:
             _raise_bad_ids(model, plan, source, [layer for layer, bad in zip(plan.engine.id_layers, bad_ids) if bad])
         if not finite.all():
             _raise_not_finite(model, plan, state.fisher, finite.tolist(), source, checks[:2])
-        lik.check_output_range(float(checks[0]), float(checks[1]))
+        plan.likelihood.check_output_range(float(checks[0]), float(checks[1]))
         return state.fisher
+
+    def _stream(self, plan, source, seed, verbose, distributed):
+        """Every batch of ``source`` through ``plan``'s engine: the final FisherState.
+        Raises :class:`_CannotTrace` from the first batch of an unconfirmed plan that
+        ``method="auto"`` chose, when its engine cannot trace the model (before anything
+        was accumulated)."""
+        if verbose:
+            print(f"fastewc.fisher_diagonal: kind={self.kind!r}, method={self.method!r} -> {plan.method!r}")
+        lik, out_dim = plan.likelihood, plan.out_tail[-1]
+        progbar = keras.utils.Progbar(source.steps(plan.rows), verbose=verbose, unit_name="batch") \
+            if verbose else None
+        state = self._initial_state(plan.engine)
+        check_labels = lambda y: lik.check_labels(y, out_dim, out_tail=list(plan.out_tail))  # noqa: E731
+        model = self.model
+        for batch in source.batches(plan.rows, plan.cast, check_labels):
+            noise = self._noise(seed, batch, plan)
+            with _explained_input_errors(model, source, plan.method):
+                if id(plan.engine) in self._confirmed:
+                    state = plan.engine.run(batch, noise, state, distributed=distributed)
+                else:
+                    state = self._first_run(plan, batch, noise, state, distributed)
+            if progbar is not None:
+                progbar.add(1)
+        return state
+
+    def _first_run(self, plan, batch, noise, state, distributed):
+        """A plan's first batch.  For a plan ``method="auto"`` chose, its function is traced
+        first, and a failure there (pfor without a converter for an op, an op with no graph
+        form) becomes :class:`_CannotTrace`: the step down the :data:`LADDER`."""
+        if self.method == "auto" and plan.method != LADDER[-1] and not distributed:
+            try:
+                # pfor logs the op it could not convert at ERROR level before raising; the
+                # step down warns with the error instead.
+                with _tf_logs_silenced():
+                    plan.engine.trace(batch, noise, state)
+            except Exception as err:           # noqa: BLE001 -- every rung below takes the model
+                raise _CannotTrace(err) from err
+        state = plan.engine.run(batch, noise, state, distributed=distributed)
+        self._confirmed.add(id(plan.engine))
+        return state
+
+    def _step_down(self, source, distributed, plan, error):
+        """Replace ``plan`` by one with the next rung of :data:`LADDER`, warning once with
+        the error, the layers without a rule and the method chosen."""
+        method = LADDER[LADDER.index(plan.method) + 1]
+        key = (source.signature, distributed)
+        self._retired_traces += plan.engine.tracing_count()
+        new = self._plans[key] = self._make_plan(source, self.rules, method=method)
+        suspects = capture_lib.layers_without_rule(self.model, self.rules)
+        where = f" (layers without a factored rule: {capture_lib.describe(suspects, self.model)})" if suspects else ""
+        what = "cannot vectorize" if _is_vectorization_failure(error) else "could not trace"
+        self._warn_once(("step-down", plan.method), (
+            f"fastewc: method={plan.method!r} {what} model '{self.model.name}'{where}: "
+            f"{_error_line(error)} method='auto' uses {method!r} for it."))
+        return new
 
     def plan(self, data):
         """The :class:`Plan` this estimator uses for ``data`` (made now if needed)."""
@@ -196,7 +255,7 @@ class FisherEstimator:
         valid_for = (rules, tuple(id(v) for v in self.model.trainable_variables))
         if valid_for != self._plans_valid_for:
             self._retired_traces = self.tracing_count()
-            self._plans, self._initial_states = {}, {}
+            self._plans, self._initial_states, self._confirmed = {}, {}, set()
             self._plans_valid_for = valid_for
         key = (source.signature, distributed)
         plan = self._plans.get(key)
@@ -204,8 +263,9 @@ class FisherEstimator:
             plan = self._plans[key] = self._make_plan(source, rules)
         return plan
 
-    def _make_plan(self, source, rules):
-        """The one eager planning pass: cast, output shape, engine, probe sizes."""
+    def _make_plan(self, source, rules, method=None):
+        """The one eager planning pass: cast, output shape, engine, probe sizes.
+        ``method``: an engine name that overrides the choice (a step down the ladder)."""
         model = self.model
         first_x = source.first_x
         cast = data_lib.input_caster(model, first_x, source.is_dataset)
@@ -214,7 +274,7 @@ class FisherEstimator:
         # Eager passes on one example: Embedding ids outside a table are clamped here and
         # reported by the compiled pass, with the layer and the range.
         with _explained_input_errors(model, source, self.method), IdGuard(model):
-            method, probe_floats = self._choose_method(x1, rules)
+            method, probe_floats = self._choose_method(x1, rules) if method is None else (method, None)
             likelihood = self._read_likelihood(x1)
         engine_cls = ENGINES[method]
         jit = engine_cls.default_jit_compile(model) if self.jit_compile is None else self.jit_compile
@@ -297,6 +357,45 @@ class FisherEstimator:
             fn = self._noise_functions[key] = tf.function(
                 lambda seed: lik.noise(seed, k, list(shape)), jit_compile=False, autograph=False)
         return fn(tf.constant([seed, batch.index], tf.int32))
+
+
+@contextlib.contextmanager
+def _tf_logs_silenced():
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _CannotTrace(Exception):
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_vectorization_failure(err):
+    """Whether ``err`` comes from pfor (``tf.vectorized_map`` / ``jacobian``) failing to
+    vectorize an op, as opposed to an error in the user's model or data."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if any("parallel_for" in frame.filename for frame in frames):
+        return True
+    text = str(err)
+    return "pfor" in text or "vectoriz" in text.lower()
+
+
+def _error_line(err):
+    """The message of ``err`` in one line (a traced error's text starts with "in user
+    code:" and the frames; its last line is the message)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("Arguments received by")[0]
+    found = re.search(r"No (?:pfor vectorization|converter) defined for \w+", text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = found.group(0) if found else lines[-1] if lines else type(err).__name__
+    if not re.match(r"\w+(Error|Exception):", line):
+        line = f"{type(err).__name__}: {line}"
+    return (line if len(line) <= 240 else line[:237] + "...").rstrip(".") + "."
 
 
 def _output_tail(model, x):

@@ -267,17 +267,27 @@ class Engine:
                                                batch.x, batch.y, batch.mask, noise)
             return fold_compiled(sums, count, state)
         args = (batch.x, batch.y, batch.mask, noise, count, state)
+        return FisherState(*compat.call_concrete(self._concrete_for(args), args))
+
+    def trace(self, batch, noise, state):
+        """Trace (without running) the compiled function ``run`` would call for ``batch``:
+        where a model the engine cannot take fails (pfor without a converter, an op that
+        has no graph form).  A no-op for engines that run eagerly."""
+        count = tf.constant(batch.count, tf.int32)
+        self._concrete_for((batch.x, batch.y, batch.mask, noise, count, state))
+
+    def _concrete_for(self, args):
         # The concrete function of this batch size, called directly with its flat inputs:
         # the polymorphic dispatch and the argument binding are host time on every call.
         # Within a plan only the rows vary (inputs, labels, noise and state are fixed by it).
-        rows = int(batch.mask.shape[0])
+        rows = int(args[2].shape[0])
         concrete = self._concrete.get(rows)
         if concrete is None:
             with compat.release_custom_gradients_with(self) as graphs:
                 concrete = self._compiled().get_concrete_function(*args)
                 graphs.append(concrete.graph)
             self._concrete[rows] = concrete
-        return FisherState(*compat.call_concrete(concrete, args))
+        return concrete
 
     def _compiled(self):
         if self._function is None:

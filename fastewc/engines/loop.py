@@ -31,6 +31,9 @@ class LoopEngine(Engine):
             del tape
         return [tf.constant(s) for s in sums] + ids.counts() + [tf.constant([low, high], tf.float32)]
 
+    def trace(self, batch, noise, state):
+        """Nothing to trace: the loop runs eagerly."""
+
     def run(self, batch, noise, state, *, distributed=False):
         return fold_compiled(self.batch_sums(batch.x, batch.y, batch.mask, noise),
                              tf.constant(batch.count, tf.int32), state)

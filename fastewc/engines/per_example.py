@@ -30,6 +30,13 @@ def _forward_and_cotangents(engine, x, y, mask, noise):
     return out, u * scale, w, scale
 
 
+def _batch_rows(x):
+    """The batch dimension of ``x``: a Python int when static, else a scalar tensor (a
+    concrete function relaxed by ``reduce_retracing`` to any number of rows)."""
+    first = tf.nest.flatten(x)[0]
+    return first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+
+
 def _tile_pairs(x, k):
     return tf.nest.map_structure(
         lambda t: tf.tile(t, tf.concat([[k], tf.ones([tf.rank(t) - 1], tf.int32)], 0)), x)
@@ -61,7 +68,7 @@ class VmapEngine(_PerExampleEngine):
         with tf.name_scope("fastewc/fisher"), IdGuard(self.model, self.id_layers) as ids:
             out, u, w, scale = _forward_and_cotangents(self, x, y, mask, noise)
             ids.freeze()                 # the per-example passes below only clamp
-            k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
+            k, b = u.shape[0], _batch_rows(x)
             u = tf.cast(u, out.dtype)
             if not self._pairs(k):
                 items = (x, tf.einsum("kn...->nk...", u), tf.transpose(w))      # per example
@@ -101,14 +108,14 @@ class JacobianEngine(_PerExampleEngine):
         with tf.name_scope("fastewc/fisher"), IdGuard(self.model, self.id_layers) as ids:
             out, u, w, scale = _forward_and_cotangents(self, x, y, mask, noise)
             ids.freeze()                 # the tiled pass below only clamps
-            k, b = u.shape[0], tf.nest.flatten(x)[0].shape[0]
+            k, b = u.shape[0], _batch_rows(x)
             u_pairs = tf.reshape(u, tf.concat([[k * b], tf.shape(u)[2:]], 0))
             with tf.GradientTape() as tape:
                 o = tf.cast(model(_tile_pairs(x, k), training=False), tf.float32)
                 s = tf.reduce_sum(tf.reshape(o * u_pairs, [k * b, -1]), axis=1)
             jac = tape.jacobian(s, variables, experimental_use_pfor=True)
             w_pairs = tf.reshape(w, [k * b])
-            jac = [tf.zeros([k * b] + list(v.shape), tf.float32) if j is None else j
+            jac = [tf.zeros(tf.concat([[k * b], v.shape], 0), tf.float32) if j is None else j
                    for j, v in zip(jac, variables)]
             return [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1)
                     for j in jac] + ids.counts() + [output_range(out)]

@@ -1,0 +1,135 @@
+"""``method="auto"`` walks factored -> vmap -> jacobian -> loop and never raises on a model
+the eager per-example loop can handle: one test per rung, each against the float64
+per-example oracle, each step down with one warning naming the layer and the method.
+Also: a second call with a different number of examples on every per-example engine."""
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from fastewc.testing import reference_fisher_of
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@keras.saving.register_keras_serializable(package="test_auto_ladder")
+class Scale(keras.layers.Layer):
+    """A weighted layer without a factored rule: vmap takes it."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+@keras.saving.register_keras_serializable(package="test_auto_ladder")
+class TanhCell(keras.layers.Layer):
+    """A custom RNN cell: no rule, and pfor cannot vectorize the RNN's while loop inside
+    vmap's per-example function (a TensorList variant); jacobian takes it."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units))
+        self.u = self.add_weight(shape=(self.units, self.units))
+
+    def call(self, x, states):
+        h = tf.tanh(x @ self.w + states[0] @ self.u)
+        return h, [h]
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="test_auto_ladder")
+class EagerOnly(keras.layers.Layer):
+    """A layer that reads a value on the host: it has no graph form, only the eager loop
+    takes it."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def compute_output_shape(self, shape):
+        return shape
+
+    def call(self, x):
+        return x * self.w / float(np.max(np.abs(np.asarray(x))))
+
+
+def _mlp(middle):
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(5, activation="tanh")] + middle
+                            + [keras.layers.Dense(4)])
+
+
+def _rnn():
+    return keras.Sequential([keras.Input((4, 3)), keras.layers.RNN(TanhCell(4)), keras.layers.Dense(4)])
+
+
+RUNGS = {
+    "factored": (lambda: _mlp([]), (5,), []),
+    "vmap": (lambda: _mlp([Scale()]), (5,), ["'scale' (Scale)"]),
+    "jacobian": (_rnn, (4, 3), ["'rnn' (RNN)", "method='vmap' cannot vectorize"]),
+    "loop": (lambda: _mlp([EagerOnly()]), (5,), ["method='vmap' could not trace",
+                                                "method='jacobian' could not trace"]),
+}
+
+
+@pytest.mark.parametrize("rung", list(RUNGS))
+def test_auto_takes_each_rung(rung):
+    build, shape, expected = RUNGS[rung]
+    keras.utils.set_random_seed(0)
+    model = build()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6,) + shape).astype(np.float32)
+    y = rng.integers(0, 4, 6)
+    estimator = fastewc.FisherEstimator(model, loss=LOSS, kind="exact")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = estimator((x, y))
+        again = estimator((x[:3], y[:3]))               # the plan stays on its rung
+    messages = [str(w.message) for w in caught if "fastewc" in str(w.message)]
+    assert estimator.plan((x, y)).method == rung
+    for text in expected:
+        assert any(text in m for m in messages), (text, messages)
+    if rung != "factored":
+        assert any(f"method='auto' uses '{rung}'" in m for m in messages), messages
+    assert len(messages) == len(set(messages))          # each step down warns once
+    reference = reference_fisher_of(model, x, y, loss=LOSS, kind="exact")
+    for g, r in zip(got, reference):
+        np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-6 * np.max(np.abs(r)))
+    reference = reference_fisher_of(model, x[:3], y[:3], loss=LOSS, kind="exact")
+    for g, r in zip(again, reference):
+        np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-6 * np.max(np.abs(r)))
+
+
+def test_explicit_method_does_not_step_down():
+    keras.utils.set_random_seed(0)
+    model = _mlp([EagerOnly()])
+    x = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    with pytest.raises(NotImplementedError, match="symbolic"):
+        fastewc.fisher_diagonal(model, (x, np.arange(4) % 4), loss=LOSS, method="vmap")
+
+
+@pytest.mark.parametrize("method,classes", [("jacobian", 5), ("vmap", 20), ("vmap", 5)])
+def test_new_example_counts_reuse_the_estimator(method, classes):
+    """Per-example engines on 8, then 128, 3 and 37 examples (the second concrete function
+    is shape-relaxed: its batch dimension is unknown), exact kind: K = classes - 1, above
+    the unrolled 16 for 20 classes."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(classes)])
+    estimator = fastewc.FisherEstimator(model, loss=LOSS, kind="exact", method=method)
+    rng = np.random.default_rng(0)
+    for n in (8, 128, 3, 37):
+        x = rng.normal(size=(n, 5)).astype(np.float32)
+        y = rng.integers(0, classes, n)
+        got = estimator((x, y))
+        for g, r in zip(got, reference_fisher_of(model, x, y, loss=LOSS, kind="exact")):
+            np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-7 * np.max(np.abs(r)))
