@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastewc import _keras_compat as compat
+from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import data as data_lib
 from fastewc import likelihood as likelihood_lib
@@ -84,7 +85,7 @@ class Config(typing.NamedTuple):
     kind: str
     method: str
     rules: object                # a fastewc.Rules, or None: follow the default registry
-    batch_size: int
+    batch_size: typing.Optional[int]
     num_samples: int
     jit_compile: object          # None, True or False
 
@@ -94,7 +95,8 @@ def make_config(*, loss, kind, method, rules, batch_size, num_samples, jit_compi
     likelihood = likelihood_lib.resolve_loss(loss)
     check_one_of("kind", kind, likelihood_lib.KINDS)
     check_one_of("method", method, METHODS)
-    check_positive_int("batch_size", batch_size)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
     check_positive_int("num_samples", num_samples)
     check_jit_compile(jit_compile)
     rules = None if rules is None else registry.check_rules(rules)
@@ -114,13 +116,15 @@ class FisherEstimator:
       method: ``"auto"``, ``"factored"``, ``"vmap"``, ``"jacobian"`` or ``"loop"``.
       rules: a :class:`fastewc.Rules` registry for the factored engine; None follows
         :func:`fastewc.default_rules` (re-planning when it changes).
-      batch_size: the most examples per compiled call (a memory cap: engines may take
-        fewer, the result is the mean over all examples whatever the batching).
+      batch_size: None: as many examples per compiled call as the engine's memory budget
+        holds (:mod:`fastewc._memory`, read when a plan is made); n: at most n (a memory
+        cap: engines may take fewer; the result is the mean over all examples whatever the
+        batching).
       num_samples: draws per example for ``kind="sampled"``.
       jit_compile: XLA on/off; None: the engine's default for the model and device.
     """
 
-    def __init__(self, model, *, loss, kind="empirical", method="auto", rules=None, batch_size=256,
+    def __init__(self, model, *, loss, kind="empirical", method="auto", rules=None, batch_size=None,
                  num_samples=1, jit_compile=None):
         check_model(model, built=False)
         config = make_config(loss=loss, kind=kind, method=method, rules=rules, batch_size=batch_size,
@@ -280,7 +284,7 @@ class FisherEstimator:
         jit = engine_cls.default_jit_compile(model) if self.jit_compile is None else self.jit_compile
         engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
         k = likelihood.num_cotangents(self.kind, self.num_samples, out_tail)
-        rows = engine.rows_per_call(self.batch_size, k, probe_floats)
+        rows = engine.rows_per_call(self.batch_size, k, probe_floats, _memory.budget_bytes())
         return Plan(method, engine, rows, tuple(out_tail), k, cast, likelihood)
 
     def _read_likelihood(self, x1):

@@ -515,7 +515,7 @@ class EWC(tf.Module):
         return out
 
     # -- consolidation ---------------------------------------------------------------
-    def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=256, rules=None,
+    def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=None, rules=None,
                     num_samples=1, seed=None, jit_compile=None, verbose=0, max_examples=None):
         """Consolidate the task ``data``: its diagonal Fisher at the current weights, then
         the current weights become this task's anchor (see :meth:`add_task`).

@@ -45,7 +45,7 @@ from fastewc.estimator import FisherEstimator, make_config
 _CACHE_ATTRIBUTE = "_fastewc_fisher_estimators"
 
 
-def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch_size=256,
+def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch_size=None,
                     num_samples=1, seed=None, jit_compile=None, verbose=0, rules=None,
                     max_examples=None):
     """Diagonal Fisher of ``model`` over ``data``: a list of float32 tensors, one per
@@ -59,8 +59,9 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
       kind: ``"empirical"`` (true labels), ``"sampled"`` (``num_samples`` labels drawn from
         the model per example) or ``"exact"`` (full expectation over the outcomes).
       method: ``"auto"``, ``"factored"``, ``"vmap"``, ``"jacobian"`` or ``"loop"``.
-      batch_size: the most examples per compiled step (memory, not result: the result is
-        the mean over all examples whatever the batching).
+      batch_size: None (default): the engine takes as many examples per compiled call as
+        its memory budget holds (:mod:`fastewc._memory`); n: at most n (a memory cap; the
+        result is the mean over all examples whatever the batching).
       num_samples: draws per example for ``kind="sampled"``.
       seed: int for reproducible sampled labels (same seed and batch_size, same result).
       jit_compile: XLA on/off; None picks the faster measured default for the device.

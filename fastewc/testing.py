@@ -29,7 +29,7 @@ def float64_twin(model):
 
 
 def reference_fisher_of(model, x, y, *, loss, kind="empirical", num_samples=1, seed=0,
-                        batch_size=256):
+                        batch_size=None):
     """:func:`reference_fisher` on ``model``'s float64 twin; for ``kind="sampled"`` the
     labels fastewc draws with ``num_samples``, ``seed`` and ``batch_size``."""
     twin = float64_twin(model)
@@ -154,12 +154,16 @@ def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size)
 
     Batch b uses ``tf.random.stateless_uniform([num_samples, B], seed=[seed, b],
     alg="philox")`` and the inverse CDF of p(·|x_n): label = #{c : cdf_c < u}.  B is
-    ``batch_size``, or the next power of two ≥ N when N < batch_size (the last batch padded).
+    ``batch_size``, or the next power of two ≥ N when N < batch_size (the last batch padded);
+    ``batch_size=None`` reads all N examples as one batch, as fastewc does whenever the rows
+    its memory budget allows are at least N.
     """
     family, from_logits, _ = _family(loss)
     assert family == "categorical"
     x = np.asarray(x)
     n_total = x.shape[0]
+    if batch_size is None:                       # one batch, padded to its power of two
+        batch_size = 1 << max(0, (n_total - 1).bit_length())
     b = batch_size if n_total >= batch_size else min(batch_size, 2 ** int(np.ceil(np.log2(n_total))))
     labels = np.zeros((num_samples, n_total), np.int64)
     for index, start in enumerate(range(0, n_total, b)):

@@ -9,8 +9,9 @@ An engine turns one fixed-size batch into per-variable sums
 whole call one host sync.  Engines differ only in how they get the squares (see
 :mod:`fastewc.fisher` for the table); the interface is
 
-* ``rows_per_call(batch_size, num_cotangents, probe_floats)``: examples per compiled call
-  (a memory bound: per-example gradients or deltas held at once);
+* ``rows_per_call(batch_size, num_cotangents, probe_floats, budget)``: examples per
+  compiled call, what ``budget`` bytes hold of the per-example gradients or deltas the
+  engine keeps at once (:mod:`fastewc._memory`), capped by ``batch_size`` unless None;
 * ``default_jit_compile(model)``: the XLA setting ``jit_compile=None`` means;
 * ``batch_sums(x, y, mask, noise)``: the sums of one batch (traced once per plan), then
   one count per Embedding layer (``id_layers``) of the ids outside its table, then the
@@ -42,6 +43,8 @@ FLOAT16_COTANGENT_SCALE = 2.0**8
 # graph (factored: K passes over the batch; vmap: K passes inside the per-example
 # function); above it, the K are vectorized too.
 UNROLL_COTANGENTS = 16
+# Rows per batch of an engine that holds nothing per row (the eager loop).
+DEFAULT_ROWS = 256
 
 
 class FisherState(typing.NamedTuple):
@@ -248,8 +251,8 @@ class Engine:
     def default_jit_compile(cls, model):
         return _policy.default_jit_compile(model, xla_capable=cls.xla_capable)
 
-    def rows_per_call(self, batch_size, num_cotangents, probe_floats):
-        return batch_size
+    def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
+        return DEFAULT_ROWS if batch_size is None else batch_size
 
     def batch_sums(self, x, y, mask, noise):
         raise NotImplementedError

@@ -12,19 +12,31 @@ deltas of all N examples come from one backward pass per cotangent: cost about o
 forward and K backward passes of the batch, memory K · rows · (probe floats) for the
 deltas, and no N × P per-example tensor unless a rule needs one.
 
-Rows per call: at most ``MAX_ROWS`` (a rule's float32 contraction over the rows of one
-call is where rounding grows, ≈ rows · 2⁻²⁴; the float64 fold takes over between calls),
-and at most ``CHUNK_FLOATS`` floats of deltas, rounded down to a power of two.
+Rows per call (``batch_size=None``), each bound measured (README, "Rows per call"):
+
+* at most ``MAX_ROWS``: a rule's float32 contraction over the rows of one call is where
+  rounding grows, ≈ rows · 2⁻²⁴ (the float64 fold takes over between calls);
+* deltas of at most ``CACHE_FLOATS`` floats per call (K · probe floats per row): beyond,
+  on CPU, the temporaries of the K backward passes outgrow the caches and a call gets
+  slower per example (the reference CNN, exact: 16 rows 1.4× faster than 256);
+* but at least ``MIN_ROWS``: a model of many layers pays a fixed cost per call (one
+  dispatch per op), which 2 rows per call (ResNet50, exact) do not amortise;
+* and never more than the memory budget holds (:mod:`fastewc._memory`).
+
+Rounded down to a power of two; an explicit ``batch_size`` lowers them further (a
+memory cap).
 """
 import tensorflow as tf
 
+from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import pooling
 from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale, output_range,
                                   weighted_cotangents)
 
 MAX_ROWS = 4096
-CHUNK_FLOATS = 2**24
+CACHE_FLOATS = 2**24
+MIN_ROWS = 16
 
 
 def cotangent_deltas(tape, out, probes, u, *, unroll=True):
@@ -43,12 +55,11 @@ def cotangent_deltas(tape, out, probes, u, *, unroll=True):
 class FactoredEngine(Engine):
     name = "factored"
 
-    def rows_per_call(self, batch_size, num_cotangents, probe_floats):
-        rows = min(batch_size, MAX_ROWS)
-        if probe_floats:
-            cap = max(1, CHUNK_FLOATS // (num_cotangents * probe_floats))
-            rows = min(rows, 1 << (cap.bit_length() - 1))
-        return rows
+    def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
+        per_row = num_cotangents * (probe_floats or 1)
+        cached = max(MIN_ROWS, 1 << (max(1, CACHE_FLOATS // per_row).bit_length() - 1))
+        cap = min(MAX_ROWS, cached) if batch_size is None else min(batch_size, MAX_ROWS, cached)
+        return _memory.rows_within(budget, 4 * per_row, cap)
 
     def batch_sums(self, x, y, mask, noise):
         model, variables = self.model, self.variables

@@ -1,8 +1,9 @@
 """Engines that form per-example gradients of the whole model: vmap and jacobian.
 
-Both hold rows · (per-example floats) at once, so their rows per call are capped at
-``CHUNK_FLOATS`` floats of per-example gradients, rounded down to a power of two (2^k
-examples split evenly); the streaming loop does the chunking.
+Both hold rows · (per-example floats) at once, so their rows per call are what the memory
+budget holds per-example gradients for (:mod:`fastewc._memory`), at most ``MAX_ROWS``,
+rounded down to a power of two; an explicit ``batch_size`` caps them.  The streaming loop
+does the chunking.
 
 * vmap: ``tf.vectorized_map`` with ``fallback_to_while_loop=False``.  Up to
   ``UNROLL_COTANGENTS`` cotangents, one vectorized function per example runs one forward
@@ -15,10 +16,12 @@ examples split evenly); the streaming loop does the chunking.
 import numpy as np
 import tensorflow as tf
 
+from fastewc import _memory
+
 from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale,
                                   dense_gradients, output_range, weighted_cotangents)
 
-CHUNK_FLOATS = 2**26
+MAX_ROWS = 4096
 
 
 def _forward_and_cotangents(engine, x, y, mask, noise):
@@ -46,11 +49,11 @@ class _PerExampleEngine(Engine):
     def _pairs(self, num_cotangents):
         raise NotImplementedError
 
-    def rows_per_call(self, batch_size, num_cotangents, probe_floats):
+    def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
         num_params = sum(int(np.prod(v.shape)) for v in self.variables)
         per_example = num_params * (num_cotangents if self._pairs(num_cotangents) else 1)
-        cap = max(1, CHUNK_FLOATS // per_example)
-        return min(batch_size, 1 << (cap.bit_length() - 1))
+        cap = MAX_ROWS if batch_size is None else min(batch_size, MAX_ROWS)
+        return _memory.rows_within(budget, 4 * per_example, cap)
 
 
 class VmapEngine(_PerExampleEngine):
