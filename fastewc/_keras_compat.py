@@ -5,6 +5,7 @@ the only module to change; each falls back to the closest public behaviour where
 exists.
 """
 import contextlib
+import os
 import weakref
 
 import keras
@@ -190,3 +191,33 @@ def release_custom_gradients_with(owner):
 
 
 __all__ = ["AutocastScope", "LossFunctionWrapper", "unscale_loss_for_distribution", "keras"]
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs its CPU kernels through oneDNN (the default on x86 Linux,
+    off with ``TF_ENABLE_ONEDNN_OPTS=0``); ``_pywrap_util_port.IsMklEnabled`` is the build
+    flag TensorFlow itself reads."""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False"):
+        return False
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover
+        return False
+
+
+def graph_operations(graph):
+    """Every op of ``graph`` and of the functions in its library (while-loop bodies, the
+    functions pfor and custom gradients create): ``FuncGraph._functions`` is private."""
+    seen, stack, ops = set(), [graph], []
+    while stack:
+        g = stack.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        ops.extend(g.get_operations())
+        for fn in getattr(g, "_functions", {}).values():
+            inner = getattr(fn, "graph", None)
+            if inner is not None:
+                stack.append(inner)
+    return ops

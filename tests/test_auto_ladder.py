@@ -133,3 +133,54 @@ def test_new_example_counts_reuse_the_estimator(method, classes):
         got = estimator((x, y))
         for g, r in zip(got, reference_fisher_of(model, x, y, loss=LOSS, kind="exact")):
             np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-7 * np.max(np.abs(r)))
+
+
+def test_onednn_broadcast_matmul_is_found_in_a_traced_graph():
+    """The shapes oneDNN's batched matmul gets wrong (TF 2.21, x86): found by tracing only,
+    never run here."""
+    from fastewc import _keras_compat
+    from fastewc.engines.per_example import onednn_broadcast_matmuls
+
+    @tf.function(autograph=False)
+    def f(a, b, c):
+        return tf.matmul(a, b), tf.matmul(c, b)
+
+    graph = f.get_concrete_function(tf.TensorSpec([8, 1, 10, 64]), tf.TensorSpec([64, 64]),
+                                    tf.TensorSpec([8, 3, 10, 64])).graph
+    found = onednn_broadcast_matmuls(graph)
+    if _keras_compat.onednn_enabled():
+        assert [op.inputs[0].shape.as_list() for op in found] == [[8, 1, 10, 64]]
+    else:
+        assert found == []
+
+
+def test_keras_hub_transformer_under_vmap_never_runs_the_crashing_kernel():
+    """keras_hub GPT-2 (tiny): explicit vmap without XLA raises instead of crashing the
+    process; `auto` without a PositionEmbedding rule steps down to jacobian, which agrees
+    with factored (itself checked against float64 in tests/test_hub.py)."""
+    keras_hub = pytest.importorskip("keras_hub")
+    from fastewc import _keras_compat
+    from fastewc.engines.per_example import UnsafeKernelError
+    if not _keras_compat.onednn_enabled():
+        pytest.skip("oneDNN is off: the kernel is not used")
+    keras.utils.set_random_seed(0)
+    length, n = 10, 8
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                             hidden_dim=64, intermediate_dim=128, max_sequence_length=32)
+    inputs = {"token_ids": keras.Input((length,), dtype="int32", name="token_ids"),
+              "padding_mask": keras.Input((length,), dtype="int32", name="padding_mask")}
+    model = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling1D()(backbone(inputs))))
+    x = {"token_ids": np.random.default_rng(0).integers(0, 100, (n, length)).astype("int32"),
+         "padding_mask": np.ones((n, length), "int32")}
+    y = np.arange(n) % 5
+    with pytest.raises(UnsafeKernelError, match="oneDNN"):
+        fastewc.fisher_diagonal(model, (x, y), loss=LOSS, method="vmap", jit_compile=False)
+    rules = fastewc.default_rules().without_rule(keras_hub.layers.PositionEmbedding)
+    estimator = fastewc.FisherEstimator(model, loss=LOSS, rules=rules, jit_compile=False)
+    with pytest.warns(UserWarning, match="method='auto' uses 'jacobian'"):
+        got = estimator((x, y))
+    assert estimator.plan((x, y)).method == "jacobian"
+    want = fastewc.fisher_diagonal(model, (x, y), loss=LOSS, method="factored")
+    scale = max(float(np.max(w.numpy())) for w in want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-7 * scale)

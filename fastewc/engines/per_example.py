@@ -16,6 +16,7 @@ does the chunking.
 import numpy as np
 import tensorflow as tf
 
+from fastewc import _keras_compat as compat
 from fastewc import _memory
 
 from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale,
@@ -56,8 +57,57 @@ class _PerExampleEngine(Engine):
         return _memory.rows_within(budget, 4 * per_example, cap)
 
 
+class UnsafeKernelError(RuntimeError):
+    """The traced function would run a TensorFlow kernel known to crash or to corrupt
+    memory on these shapes."""
+
+
+def onednn_broadcast_matmuls(graph):
+    """The ``BatchMatMul`` ops of ``graph`` that oneDNN's brgemm kernel (TensorFlow 2.21,
+    x86 CPU) gets wrong: a first operand of rank ≥ 4 with a size-1 (or unknown) batch
+    dimension against a broadcast second operand, e.g. (8, 1, 10, 64) × (64, 64).  It
+    returns garbage or kills the process (SIGSEGV, heap corruption) from inside the
+    runtime; TF_ENABLE_ONEDNN_OPTS=0 or one intra-op thread avoid it.  vmap produces
+    exactly these shapes from Keras' EinsumDense ("abc,cde->abde" becomes a matmul of
+    (1, T, d) by (d, u), vectorized to (N, 1, T, d)), so a keras_hub transformer under
+    ``method="vmap"`` without XLA crashed.  Empty when oneDNN is off."""
+    if not compat.onednn_enabled():
+        return []
+    risky = []
+    for op in compat.graph_operations(graph):
+        if not op.type.startswith("BatchMatMul") or len(op.inputs) < 2:
+            continue
+        a, b = op.inputs[0].shape, op.inputs[1].shape
+        if a.rank is None or b.rank is None or a.rank < 4:
+            continue
+        batch_a = a.as_list()[:-2]
+        batch_b = b.as_list()[:-2] if b.rank > 2 else []
+        broadcast = not batch_b or all(d == 1 for d in batch_b)
+        if broadcast and any(d in (1, None) for d in batch_a[1:]):
+            risky.append(op)
+    return risky
+
+
 class VmapEngine(_PerExampleEngine):
     name = "vmap"
+
+    def _concrete_for(self, args):
+        new = int(args[2].shape[0]) not in self._concrete
+        concrete = super()._concrete_for(args)
+        if new and not self.jit_compile:
+            risky = onednn_broadcast_matmuls(concrete.graph)
+            if risky:
+                rows = int(args[2].shape[0])
+                del self._concrete[rows]
+                op = risky[0]
+                raise UnsafeKernelError(
+                    f"method='vmap' without XLA would run {len(risky)} batched matmuls that "
+                    f"TensorFlow's oneDNN kernel computes wrongly or crashes on (e.g. "
+                    f"{op.type} of shapes {op.inputs[0].shape} x {op.inputs[1].shape}, from "
+                    f"'{op.name.split('/pfor')[0]}'), so it does not run them. Use method='auto' "
+                    "or 'factored' (or 'jacobian'), or set TF_ENABLE_ONEDNN_OPTS=0 before "
+                    "TensorFlow is imported.")
+        return concrete
 
     def _pairs(self, num_cotangents):
         return num_cotangents > UNROLL_COTANGENTS

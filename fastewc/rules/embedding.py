@@ -36,30 +36,44 @@ def _segments(ids):
 
 
 def embedding_rule(layer, inputs, *args, **kwargs):
-    check_plain(layer, "Embedding")
+    return lookup_rule(layer, inputs, keras.layers.Embedding.call, "Embedding")
+
+
+def lookup_rule(layer, inputs, forward, family):
+    """The Embedding rule with ``forward(layer, ids)`` as the lookup (a subclass's own
+    forward, e.g. ReversibleEmbedding's, which also sets the padding mask)."""
+    check_plain(layer, family)
     if isinstance(inputs, (tf.SparseTensor, tf.RaggedTensor)):
         raise UnsupportedLayerError(
-            f"Layer '{layer.name}' (Embedding) received {type(inputs).__name__} ids; the "
+            f"Layer '{layer.name}' ({family}) received {type(inputs).__name__} ids; the "
             "factored Fisher rule supports dense id tensors only. Use method='vmap'.")
     # Ids outside the table are clamped to it (as XLA's gather would): the engines count and
     # report them (fastewc.engines.base.IdGuard), so the planning pass does not fail on them.
     ids = tf.cast(inputs, tf.int32)
     ids = tf.clip_by_value(ids, -layer.input_dim, layer.input_dim - 1)
-    outputs = keras.layers.Embedding.call(layer, ids)
+    outputs = forward(layer, ids)
     ids = tf.where(ids < 0, ids + layer.input_dim, ids)       # as keras.ops.take
     table = layer.embeddings
 
     def sum_sq(delta, weight):
-        (k, n), dim = leading_dims(delta), delta.shape[-1]
-        flat_ids = tf.reshape(ids, [n, -1])                                   # (N, T)
-        seg, token, num = _segments(flat_ids)
-        d = tf.transpose(tf.reshape(delta, [k, n, -1, dim]), [1, 2, 0, 3])    # (N, T, K, D)
-        g = tf.math.unsorted_segment_sum(d, seg, num)                         # (N·T, K, D)
-        w = tf.repeat(tf.transpose(weight), tf.shape(flat_ids)[1], axis=0)    # (N·T, K)
-        rows = tf.einsum("sk,skd->sd", w, tf.square(g))
-        return [(table, tf.math.unsorted_segment_sum(rows, token, layer.input_dim))]
+        return [(table, row_square_sums(ids, delta, weight, layer.input_dim))]
 
     return RuleOutput(outputs, outputs, sum_sq=sum_sq)
+
+
+def row_square_sums(ids, delta, weight, num_rows):
+    """Σ_k Σ_n weight[k, n] · g_kn[v]² for every row v of a (num_rows, D) table read at
+    ``ids`` (N, ...) in [0, num_rows), with δ (K, N, ..., D) the gradients of the rows
+    read: g_kn[v] = Σ_{positions p of example n with ids[n, p] = v} δ_knp, summed before
+    squaring.  Returns (num_rows, D) float32.  Also used by :mod:`fastewc.rules.hub`."""
+    (k, n), dim = leading_dims(delta), delta.shape[-1]
+    flat_ids = tf.reshape(ids, [n, -1])                                   # (N, T)
+    seg, token, num = _segments(flat_ids)
+    d = tf.transpose(tf.reshape(delta, [k, n, -1, dim]), [1, 2, 0, 3])    # (N, T, K, D)
+    g = tf.math.unsorted_segment_sum(d, seg, num)                         # (N·T, K, D)
+    w = tf.repeat(tf.transpose(weight), tf.shape(flat_ids)[1], axis=0)    # (N·T, K)
+    rows = tf.einsum("sk,skd->sd", w, tf.square(g))
+    return tf.math.unsorted_segment_sum(rows, token, num_rows)
 
 
 register_rule(keras.layers.Embedding, embedding_rule)
