@@ -69,12 +69,12 @@ def _mlp(middle):
 
 
 def _rnn():
-    return keras.Sequential([keras.Input((4, 3)), keras.layers.RNN(TanhCell(4)), keras.layers.Dense(4)])
+    return keras.Sequential([keras.Input((4, 3)), keras.layers.RNN(TanhCell(4), name="rnn"), keras.layers.Dense(4)])
 
 
 RUNGS = {
     "factored": (lambda: _mlp([]), (5,), []),
-    "vmap": (lambda: _mlp([Scale()]), (5,), ["'scale' (Scale)"]),
+    "vmap": (lambda: _mlp([Scale(name="scale")]), (5,), ["'scale' (Scale)"]),
     "jacobian": (_rnn, (4, 3), ["'rnn' (RNN)", "method='vmap' cannot vectorize"]),
     "loop": (lambda: _mlp([EagerOnly()]), (5,), ["method='vmap' could not trace",
                                                 "method='jacobian' could not trace"]),
@@ -119,7 +119,7 @@ def test_explicit_method_does_not_step_down():
 
 @pytest.mark.parametrize("method,classes", [("jacobian", 5), ("vmap", 20), ("vmap", 5)])
 def test_new_example_counts_reuse_the_estimator(method, classes):
-    """Per-example engines on 8, then 128, 3 and 37 examples (the second concrete function
+    """Per-example engines on 8, then 33 and 3 examples (the second concrete function
     is shape-relaxed: its batch dimension is unknown), exact kind: K = classes - 1, above
     the unrolled 16 for 20 classes."""
     keras.utils.set_random_seed(0)
@@ -127,7 +127,7 @@ def test_new_example_counts_reuse_the_estimator(method, classes):
                               keras.layers.Dense(classes)])
     estimator = fastewc.FisherEstimator(model, loss=LOSS, kind="exact", method=method)
     rng = np.random.default_rng(0)
-    for n in (8, 128, 3, 37):
+    for n in (8, 33, 3):
         x = rng.normal(size=(n, 5)).astype(np.float32)
         y = rng.integers(0, classes, n)
         got = estimator((x, y))

@@ -1,0 +1,198 @@
+"""Markdown tables of one ``bench_models.py`` run (a pytest-benchmark JSON file).
+
+    python -m benchmarks.report_models models.json
+
+The main table, one row per model (and device, when more than one was benchmarked):
+
+* **auto picks**: the method ``method="auto"`` chose, and the rows per compiled call
+  (empirical / exact when they differ);
+* **K**: the exact kind's cotangents per example (``plan.num_cotangents``);
+* **empirical / exact × floor**: the member's median over the rotation rounds / the
+  median of the faster floor of the SAME rotation (floor = compiled forward+backward of
+  the mean loss over the same examples, with or without XLA);
+* **loop × floor (per example)**: the eager per-example loop's seconds per example × N /
+  the floor, i.e. what the loop would cost on the floor's N examples;
+* **first call**: trace + compile + one run of a fresh function / estimator: the floor
+  (the variant that was faster when steady) → empirical / exact;
+* **params**: trainable parameters.
+
+A member that failed shows its exception type (``bench_models.py`` fails that test with
+the error and keeps the others).  A second table lists absolute times and the peak
+memory of the first calls.
+"""
+import argparse
+import json
+import platform
+import sys
+
+KINDS = ("empirical", "exact")
+FLOORS = ("floor_xla", "floor_noxla")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _fmt(seconds):
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _by_model(doc):
+    """{(model, device): {"steady": bench or None, "loop": bench or None}} in run order."""
+    rows = {}
+    for bench in doc.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        role = info.get("role")
+        if role not in ("models", "models-loop"):
+            continue
+        device = (bench.get("group") or "").rpartition("[")[2].rstrip("]")
+        row = rows.setdefault((info["model"], device), {"steady": None, "loop": None})
+        row["steady" if role == "models" else "loop"] = bench
+    return rows
+
+
+def best_floor(info):
+    """(member name, median seconds) of the faster floor, or (None, None)."""
+    medians = info.get("medians", {})
+    floors = [(medians[f], f) for f in FLOORS if f in medians]
+    if not floors:
+        return None, None
+    median, name = min(floors)
+    return name, median
+
+
+def _failed(info, member):
+    error = info.get("errors", {}).get(member)
+    return f"**{error.split(':', 1)[0]}**" if error else None
+
+
+def _ratio(info, member):
+    failed = _failed(info, member)
+    if failed:
+        return failed
+    _, floor = best_floor(info)
+    median = info.get("medians", {}).get(member)
+    return "–" if floor is None or median is None else f"{median / floor:.2f}×"
+
+
+def _auto(info):
+    plans = info.get("plans", {})
+    if not plans:
+        return "–"
+    methods = [plans[k]["method"] for k in KINDS if k in plans]
+    rows = [str(plans[k]["rows"]) for k in KINDS if k in plans]
+    method = methods[0] if len(set(methods)) == 1 else " / ".join(methods)
+    rows = rows[0] if len(set(rows)) == 1 else " / ".join(rows)
+    return f"{method} ({rows} rows)"
+
+
+def _loop(steady, loop):
+    if loop is None:
+        return "–"
+    per_example = loop["extra_info"].get("per_example_s")
+    info = steady["extra_info"] if steady else {}
+    _, floor = best_floor(info)
+    if per_example is None or floor is None:
+        return "–"
+    return f"{per_example * info['examples'] / floor:.0f}×"
+
+
+def _seconds(value):
+    return "–" if value is None else (f"{value:.1f} s" if value >= 0.95 else f"{value:.2f} s")
+
+
+def _first(info):
+    first = info.get("first_call_s", {})
+    name, _ = best_floor(info)
+    if name is None:
+        name = next((f for f in FLOORS if f in first), None)
+    floor = f"{_seconds(first.get(name))} ({name.split('_', 1)[1]})" if name else "–"
+    kinds = " / ".join(_failed(info, k) or _seconds(first.get(k)) for k in KINDS)
+    return f"{floor} → {kinds}"
+
+
+def _params(n):
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+def _mib(value):
+    return "–" if value is None else f"{value / 2**20:.0f}"
+
+
+def model_table(doc):
+    rows = _by_model(doc)
+    several_devices = len({device for _, device in rows}) > 1
+    lines = ["| model | auto picks | K | empirical × floor | exact × floor | loop × floor (per example) "
+             "| first call: floor → empirical / exact | params |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for (model, device), pair in rows.items():
+        steady, loop = pair["steady"], pair["loop"]
+        info = steady["extra_info"] if steady else {}
+        label = f"{model} ({device})" if several_devices else model
+        k = info.get("plans", {}).get("exact", {}).get("K", "–")
+        lines.append(f"| {label} | {_auto(info)} | {k} | {_ratio(info, 'empirical')} | {_ratio(info, 'exact')} "
+                     f"| {_loop(steady, loop)} | {_first(info) if steady else '–'} | {_params(info.get('params'))} |")
+    return "\n".join(lines)
+
+
+def detail_table(doc):
+    lines = ["| model | N | floor xla / noxla | empirical | exact | loop per example | rounds "
+             "| first-call peak MiB: floor xla / noxla / empirical / exact |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (model, device), pair in _by_model(doc).items():
+        steady, loop = pair["steady"], pair["loop"]
+        info = steady["extra_info"] if steady else {}
+        med = info.get("medians", {})
+        cell = lambda m: _failed(info, m) or ("–" if m not in med else _fmt(med[m]))   # noqa: E731
+        peaks = info.get("first_call_peak_bytes", {})
+        per_example = loop["extra_info"].get("per_example_s") if loop else None
+        lines.append(f"| {model} | {info.get('examples', '–')} | {cell('floor_xla')} / {cell('floor_noxla')} "
+                     f"| {cell('empirical')} | {cell('exact')} | {'–' if per_example is None else _fmt(per_example)} "
+                     f"| {info.get('rounds', '–')} | {' / '.join(_mib(peaks.get(m)) for m in FLOORS + KINDS)} |")
+    return "\n".join(lines)
+
+
+def errors(doc):
+    out = []
+    for (model, _), pair in _by_model(doc).items():
+        for member, error in ((pair["steady"] or {}).get("extra_info", {}).get("errors") or {}).items():
+            out.append(f"- {model} / {member}: `{error}`")
+    return "\n".join(out)
+
+
+def render(doc):
+    info = doc.get("machine_info", {})
+    commit = doc.get("commit_info", {}).get("id", "")[:10]
+    header = (f"Measured {doc.get('datetime', '')[:10]} on {_cpu_model()} "
+              f"({info.get('cpu', {}).get('count', '?')} cores), Python {info.get('python_version', '?')}"
+              + (f", commit {commit}" if commit else "") + ".")
+    parts = [header, "", model_table(doc), "",
+             "Ratios: median of the rotation rounds / the faster floor's median (same rotation). "
+             "Loop: seconds per example × N / floor. First call: trace + compile + one run.",
+             "", detail_table(doc)]
+    failed = errors(doc)
+    if failed:
+        parts += ["", "Failed:", "", failed]
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_file")
+    args = parser.parse_args(argv)
+    with open(args.json_file) as fh:
+        print(render(json.load(fh)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

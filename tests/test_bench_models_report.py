@@ -1,0 +1,72 @@
+"""benchmarks/report_models.py: the Markdown table of a bench_models.py run (no TF)."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import report_models  # noqa: E402
+
+
+def _steady(model, *, medians, first, plans, errors=None, examples=64, params=2_300_000):
+    return {"name": f"test_model[CPU:0-{model}]", "group": f"models-{model}[CPU:0]", "stats": {"median": 1.0},
+            "extra_info": {"role": "models", "model": model, "examples": examples, "params": params,
+                           "medians": medians, "first_call_s": first, "plans": plans, "errors": errors or {},
+                           "rounds": 7, "first_call_peak_bytes": {"floor_xla": 2**20 * 300, "exact": 2**20 * 512}}}
+
+
+def _loop(model, per_example):
+    return {"name": f"test_loop[CPU:0-{model}]", "group": f"models-{model}[CPU:0]",
+            "stats": {"median": 4 * per_example},
+            "extra_info": {"role": "models-loop", "model": model, "examples": 4, "kind": "empirical",
+                           "per_example_s": per_example}}
+
+
+def _doc():
+    factored = {"empirical": {"method": "factored", "K": 1, "rows": 256, "jit_compile": False},
+                "exact": {"method": "factored", "K": 9, "rows": 64, "jit_compile": False}}
+    return {"datetime": "2026-12-01T00:00:00", "machine_info": {"cpu": {"count": 2}, "python_version": "3.11"},
+            "benchmarks": [
+                # XLA floor 0.10 s is the faster: empirical 0.15 → 1.50×, exact 0.45 → 4.50×
+                _steady("mobilenet_v2", examples=64,
+                        medians={"floor_xla": 0.10, "floor_noxla": 0.20, "empirical": 0.15, "exact": 0.45},
+                        first={"floor_xla": 12.0, "floor_noxla": 3.0, "empirical": 5.0, "exact": 0.5},
+                        plans=factored),
+                # the exact kind failed; auto picked vmap; the noxla floor is the faster
+                _steady("bert", examples=32, params=140_106,
+                        medians={"floor_xla": 0.05, "floor_noxla": 0.04, "empirical": 0.40},
+                        first={"floor_xla": 4.0, "floor_noxla": 1.2, "empirical": 9.5},
+                        plans={"empirical": {"method": "vmap", "K": 1, "rows": 32, "jit_compile": True}},
+                        errors={"exact": "ValueError: No pfor vectorization defined for XlaDynamicUpdateSlice"}),
+                _loop("mobilenet_v2", 0.25),   # 0.25 s × 64 examples / 0.10 s = 160×
+                {"name": "test_floor[CPU:0-mlp-xla]", "group": "mlp-fisher[CPU:0]", "stats": {"median": 0.01},
+                 "extra_info": {"role": "floor", "problem": "mlp"}},          # another suite: ignored
+            ]}
+
+
+def test_model_table_rows():
+    text = report_models.render(_doc())
+    assert ("| model | auto picks | K | empirical × floor | exact × floor | loop × floor (per example) "
+            "| first call: floor → empirical / exact | params |") in text
+    assert ("| mobilenet_v2 | factored (256 / 64 rows) | 9 | 1.50× | 4.50× | 160× "
+            "| 12.0 s (xla) → 5.0 s / 0.50 s | 2.3 M |") in text
+    assert ("| bert | vmap (32 rows) | – | 10.00× | **ValueError** | – "
+            "| 1.2 s (noxla) → 9.5 s / **ValueError** | 140 k |") in text
+    assert "mlp" not in text
+    assert "- bert / exact: `ValueError: No pfor vectorization defined for XlaDynamicUpdateSlice`" in text
+
+
+def test_detail_table_and_main(tmp_path, capsys):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(_doc()))
+    assert report_models.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("| mobilenet_v2 | 64 | 100.0 ms / 200.0 ms | 150.0 ms | 450.0 ms | 250.0 ms | 7 "
+            "| 300 / – / – / 512 |") in out
+    assert "| bert | 32 | 50.0 ms / 40.0 ms | 400.0 ms | **ValueError** | – | 7 |" in out
+
+
+def test_empty_run_renders_headers_only():
+    text = report_models.render({"benchmarks": []})
+    assert "| model | auto picks |" in text and "Failed" not in text
