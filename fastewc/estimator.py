@@ -180,12 +180,11 @@ class FisherEstimator:
             except _CannotTrace as failure:      # the first batch of an `auto` plan only
                 plan = self._step_down(source, distributed, plan, failure.error)
         checks = state.checks.numpy()                          # the one host sync
-        num_vars = len(plan.engine.variables)
-        finite, bad_ids = checks[2:2 + num_vars], checks[2 + num_vars:]
+        all_finite, bad_ids = bool(checks[2]), checks[3:]
         if bad_ids.any():
             _raise_bad_ids(model, plan, source, [layer for layer, bad in zip(plan.engine.id_layers, bad_ids) if bad])
-        if not finite.all():
-            _raise_not_finite(model, plan, state.fisher, finite.tolist(), source, checks[:2])
+        if not all_finite:
+            _raise_not_finite(model, plan, state.fisher, source, checks[:2])
         plan.likelihood.check_output_range(float(checks[0]), float(checks[1]))
         return state.fisher
 
@@ -483,7 +482,7 @@ def _compute_dtype(model):
 _LARGEST = {"float16": "65504", "bfloat16": "3.4e38", "float32": "3.4e38"}
 
 
-def _raise_not_finite(model, plan, fisher, finite, source, out_range):
+def _raise_not_finite(model, plan, fisher, source, out_range):
     """A non-finite Fisher raises, naming the variable and the likely cause, in the dtype
     where it happened: the model's weights, its inputs, its forward pass (outputs not
     finite), else the backward pass: for a float16 model that is float16 (the factored
@@ -491,7 +490,7 @@ def _raise_not_finite(model, plan, fisher, finite, source, out_range):
     gradients in float32; the per-example engines form those in float16 too), else
     float32."""
     variables = plan.engine.variables
-    i = finite.index(False)
+    i = next(j for j, f in enumerate(fisher) if not bool(tf.reduce_all(tf.math.is_finite(f))))
     bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(fisher[i])), tf.int32)))
     weights = [getattr(v, "path", v.name) for v in model.variables
                if tf.as_dtype(v.dtype).is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))]

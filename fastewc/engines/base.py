@@ -48,12 +48,17 @@ DEFAULT_ROWS = 256
 
 
 class FisherState(typing.NamedTuple):
-    """The streamed accumulation: float64 totals, the output (min, max), the examples seen
-    (float64), the running float32 mean, and ``checks`` = [min, max, finite_1, ...,
-    finite_V, bad_ids_1, ..., bad_ids_E] (float32: V variables, E Embedding layers, the
-    running count of ids outside each table) so that the end of a call reads ONE tensor
-    back to the host."""
-    totals: list
+    """The streamed accumulation: the float64 totals of every variable in ONE flat vector
+    (P floats, variables in order), the output (min, max), the examples seen (float64),
+    the running float32 mean (a list shaped like the variables), and ``checks`` = [min,
+    max, finite, bad_ids_1, ..., bad_ids_E] (float32: whether the whole mean is finite,
+    then the running count of ids outside each of E Embedding tables) so that the end of a
+    call reads ONE tensor back to the host.
+
+    Flat, because the per-batch fold then costs a handful of ops (concatenate, add,
+    divide, cast, one finiteness check, split) instead of five per variable: on
+    MobileNetV2 (158 variables, no XLA) those were ~8% of a Fisher call."""
+    totals: tf.Tensor
     output_range: tf.Tensor
     examples: tf.Tensor
     fisher: list
@@ -62,27 +67,32 @@ class FisherState(typing.NamedTuple):
 
 def initial_state(variables, num_id_layers=0):
     shapes = [tuple(v.shape) for v in variables]
+    size = sum(int(np.prod(s)) for s in shapes)
     return FisherState(
-        [tf.zeros(s, tf.float64) for s in shapes], tf.constant([np.inf, -np.inf], tf.float32),
+        tf.zeros([size], tf.float64), tf.constant([np.inf, -np.inf], tf.float32),
         tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
-        tf.constant([np.inf, -np.inf] + [1.0] * len(shapes) + [0.0] * num_id_layers, tf.float32))
+        tf.constant([np.inf, -np.inf, 1.0] + [0.0] * num_id_layers, tf.float32))
 
 
 def fold(batch, count, state):
     """Add a batch's float32 sums (and output range, and counts of ids outside each
     Embedding's table) into the float64 state and return the new state with the running
     mean F = total / examples."""
-    num_vars = len(state.totals)
+    num_vars = len(state.fisher)
     sums, bad_ids, batch_range = batch[:num_vars], batch[num_vars:-1], batch[-1]
-    totals = [t + tf.cast(s, tf.float64) for t, s in zip(state.totals, sums)]
+    flat = tf.concat([tf.reshape(s, [-1]) for s in sums], 0) if num_vars > 1 else tf.reshape(sums[0], [-1])
+    totals = state.totals + tf.cast(flat, tf.float64)
     out_range = tf.stack([tf.minimum(state.output_range[0], batch_range[0]),
                           tf.maximum(state.output_range[1], batch_range[1])])
     seen = state.examples + tf.cast(count, tf.float64)
-    fisher = [tf.cast(t / seen, tf.float32) for t in totals]
-    finite = tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in fisher])
-    checks = [out_range, tf.cast(finite, tf.float32)]
+    mean = tf.cast(totals / seen, tf.float32)
+    sizes = [int(np.prod(f.shape)) for f in state.fisher]
+    pieces = tf.split(mean, sizes) if num_vars > 1 else [mean]
+    fisher = [tf.reshape(p, f.shape) for p, f in zip(pieces, state.fisher)]
+    finite = tf.reduce_all(tf.math.is_finite(mean))
+    checks = [out_range, tf.cast(finite, tf.float32)[None]]
     if bad_ids:
-        checks.append(state.checks[2 + num_vars:] + tf.stack(bad_ids))
+        checks.append(state.checks[3:] + tf.stack(bad_ids))
     return FisherState(totals, out_range, seen, fisher, tf.concat(checks, 0))
 
 
