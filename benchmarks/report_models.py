@@ -14,7 +14,14 @@ The main table, one row per model (and device, when more than one was benchmarke
   the floor, i.e. what the loop would cost on the floor's N examples;
 * **first call**: trace + compile + one run of a fresh function / estimator: the floor
   (the variant that was faster when steady) → empirical / exact;
-* **params**: trainable parameters.
+* **params**: trainable parameters;
+* **max rel. err vs float64 (empirical / exact)**: ``test_fidelity``'s worst relative
+  error per variable, max_v max|F_v − F64_v| / max|F64_v|, of the default estimator against
+  the float64 per-example oracle (variables whose Fisher is ~0 are judged against 1e-7 of
+  the largest entry instead); "(float32 limit)" where float32 itself misses the bound (the
+  float32 loop is as far from float64) and fastewc is held to the loop's distance instead,
+  "(sampled)" where sampled replaced exact (the exact oracle too slow); bold: beyond the
+  bound.  Notes below the table say why.
 
 A member that failed shows its exception type (``bench_models.py`` fails that test with
 the error and keeps the others).  A second table lists absolute times and the peak
@@ -22,22 +29,13 @@ memory of the first calls.
 """
 import argparse
 import json
-import platform
 import sys
+
+from benchmarks.report import _cpu_model      # one CPU description for both reports
 
 KINDS = ("empirical", "exact")
 FLOORS = ("floor_xla", "floor_noxla")
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+ROLES = {"models": "steady", "models-loop": "loop", "models-fidelity": "fidelity"}
 
 
 def _fmt(seconds):
@@ -45,16 +43,16 @@ def _fmt(seconds):
 
 
 def _by_model(doc):
-    """{(model, device): {"steady": bench or None, "loop": bench or None}} in run order."""
+    """{(model, device): {"steady": bench or None, "loop": ..., "fidelity": ...}} in run order."""
     rows = {}
     for bench in doc.get("benchmarks", []):
         info = bench.get("extra_info", {})
         role = info.get("role")
-        if role not in ("models", "models-loop"):
+        if role not in ROLES:
             continue
         device = (bench.get("group") or "").rpartition("[")[2].rstrip("]")
-        row = rows.setdefault((info["model"], device), {"steady": None, "loop": None})
-        row["steady" if role == "models" else "loop"] = bench
+        row = rows.setdefault((info["model"], device), {"steady": None, "loop": None, "fidelity": None})
+        row[ROLES[role]] = bench
     return rows
 
 
@@ -128,19 +126,65 @@ def _mib(value):
     return "–" if value is None else f"{value / 2**20:.0f}"
 
 
+def _fidelity_record(info, kind):
+    """(record, label) of ``kind`` in a fidelity bench's extra_info; exact falls back on
+    sampled (what replaced it)."""
+    records = info.get("fidelity") or {}
+    if kind in records:
+        return records[kind], ""
+    if kind == "exact" and "sampled" in records:
+        return records["sampled"], " (sampled)"
+    return None, ""
+
+
+def _fidelity(bench):
+    if bench is None:
+        return "–"
+    info = bench["extra_info"]
+    bound, floor = info.get("bound", 1e-4), info.get("zero_floor", 1e-7)
+    cells = []
+    for kind in KINDS:
+        record, label = _fidelity_record(info, kind)
+        if record is None:
+            cells.append("–")
+            continue
+        cell = f"{record['error']:.1e}"
+        if record["error"] > record.get("bound", bound) or record.get("zero_error", 0.0) > floor:
+            cell = f"**{cell}**"
+        if record.get("reference", "float64") != "float64":
+            cell += f" ({record['reference']})"
+        cells.append(cell + label)
+    return " / ".join(cells)
+
+
+def fidelity_notes(doc):
+    """Why a model's fidelity was held to the float32 limit, or sampled replaced exact."""
+    out = []
+    for (model, _), row in _by_model(doc).items():
+        info = (row["fidelity"] or {}).get("extra_info", {})
+        replaced = info.get("replaced")
+        if replaced:
+            out.append(f"- {model}: sampled instead of exact: {replaced.get('reason', '')}")
+        for kind, record in (info.get("fidelity") or {}).items():
+            if record.get("reference", "float64") != "float64":
+                out.append(f"- {model} / {kind}: {record['reference']}: {record.get('reason', '')}")
+    return "\n".join(out)
+
+
 def model_table(doc):
     rows = _by_model(doc)
     several_devices = len({device for _, device in rows}) > 1
     lines = ["| model | auto picks | K | empirical × floor | exact × floor | loop × floor (per example) "
-             "| first call: floor → empirical / exact | params |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+             "| first call: floor → empirical / exact | params | max rel. err vs float64 (empirical / exact) |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for (model, device), pair in rows.items():
         steady, loop = pair["steady"], pair["loop"]
         info = steady["extra_info"] if steady else {}
         label = f"{model} ({device})" if several_devices else model
         k = info.get("plans", {}).get("exact", {}).get("K", "–")
         lines.append(f"| {label} | {_auto(info)} | {k} | {_ratio(info, 'empirical')} | {_ratio(info, 'exact')} "
-                     f"| {_loop(steady, loop)} | {_first(info) if steady else '–'} | {_params(info.get('params'))} |")
+                     f"| {_loop(steady, loop)} | {_first(info) if steady else '–'} | {_params(info.get('params'))} "
+                     f"| {_fidelity(pair['fidelity'])} |")
     return "\n".join(lines)
 
 
@@ -177,8 +221,12 @@ def render(doc):
               + (f", commit {commit}" if commit else "") + ".")
     parts = [header, "", model_table(doc), "",
              "Ratios: median of the rotation rounds / the faster floor's median (same rotation). "
-             "Loop: seconds per example × N / floor. First call: trace + compile + one run.",
-             "", detail_table(doc)]
+             "Loop: seconds per example × N / floor. First call: trace + compile + one run. "
+             "Fidelity: worst relative error per variable against the float64 per-example oracle."]
+    notes = fidelity_notes(doc)
+    if notes:
+        parts += ["", "Fidelity notes:", "", notes]
+    parts += ["", detail_table(doc)]
     failed = errors(doc)
     if failed:
         parts += ["", "Failed:", "", failed]

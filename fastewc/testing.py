@@ -17,15 +17,54 @@ import tensorflow as tf
 
 def float64_twin(model):
     """A float64 copy of a Sequential/functional ``model`` (nested models included) with
-    the same weights."""
-    def clone(layer):
-        config = layer.get_config()
-        config["dtype"] = "float64"
-        return layer.__class__.from_config(config)
+    the same weights.
+
+    Every Keras ``Layer`` is re-created from its config with ``dtype="float64"``; the
+    other operations a functional graph can hold (``keras.ops`` calls on symbolic tensors,
+    e.g. the ``NotEqual`` of ``Embedding(mask_zero=True)`` or the ``GetItem`` of keras_hub's
+    BertBackbone) have no dtype and are re-created from their own config.  Nested
+    functional models (a keras_hub Backbone is one) and Sequential models are cloned
+    recursively, so their layers are float64 too (a nested functional subclass such as
+    ``BertBackbone`` comes back as a plain functional ``keras.Model``, as
+    ``keras.models.clone_model`` makes it).
+    """
+    def clone(operation):
+        config = operation.get_config()
+        if isinstance(operation, keras.layers.Layer):
+            config["dtype"] = "float64"
+        return operation.__class__.from_config(config)
 
     twin = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    twin.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+    weights = model.get_weights()
+    twin_variables = twin.weights
+    if len(twin_variables) != len(weights):
+        raise ValueError(f"float64_twin: the clone of {model.name!r} has {len(twin_variables)} weights, "
+                         f"the model {len(weights)}")
+    for variable, value in zip(twin_variables, weights):
+        if tuple(variable.shape) != tuple(np.shape(value)):
+            raise ValueError(f"float64_twin: weight {variable.path} has shape {tuple(variable.shape)} in the "
+                             f"clone, {np.shape(value)} in the model")
+        variable.assign(np.asarray(value, variable.dtype))
+    bad = [v.path for v in twin.trainable_variables if v.dtype != "float64"]
+    if bad:
+        raise ValueError(f"float64_twin: trainable variables not float64 in the clone: {bad[:5]}")
     return twin
+
+
+def _slice(x, start, stop):
+    """Rows ``start:stop`` of every array in ``x`` (an array, or a dict/list/tuple of
+    arrays), floating ones as float64."""
+    def one(a):
+        a = np.asarray(a)[start:stop]
+        return tf.constant(a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a)
+    return tf.nest.map_structure(one, x)
+
+
+def _num_examples(x):
+    sizes = {np.shape(a)[0] for a in tf.nest.flatten(x)}
+    if len(sizes) != 1:
+        raise ValueError(f"reference_fisher: inputs disagree on the number of examples: {sorted(sizes)}")
+    return sizes.pop()
 
 
 def reference_fisher_of(model, x, y, *, loss, kind="empirical", num_samples=1, seed=0,
@@ -74,6 +113,9 @@ def _log_probs(family, from_logits, o):
 def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=None):
     """Float64 per-example reference: one tape per example and outcome.
 
+    ``x`` is an array, or a dict (list, tuple) of arrays sliced per example entry by entry
+    (floating entries cast to float64), as the model takes it.
+
     ``sampled_labels`` (num_samples, N) class ids are required for ``kind="sampled"``
     (categorical losses): the reference then averages the squared gradients over them.
     Returns a list of float64 NumPy arrays aligned with ``model64.trainable_variables``.
@@ -81,9 +123,9 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
     family, from_logits, sparse = _family(loss)
     variables = model64.trainable_variables
     sums = [np.zeros(v.shape, np.float64) for v in variables]
-    x = np.asarray(x)
+    x = tf.nest.map_structure(np.asarray, x)
     y = np.asarray(y)
-    n_total = x.shape[0]
+    n_total = _num_examples(x)
 
     def accumulate(weight, tape, target):
         grads = tape.gradient(target, variables)
@@ -92,7 +134,7 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
                 sums[i] += weight * np.square(tf.convert_to_tensor(g).numpy().astype(np.float64))  # IndexedSlices too
 
     for n in range(n_total):
-        xn = tf.constant(x[n:n + 1].astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x[n:n + 1])
+        xn = _slice(x, n, n + 1)
         with tf.GradientTape(persistent=True) as tape:
             o = tf.cast(model64(xn, training=False), tf.float64)[0]
             if family == "categorical":
@@ -160,8 +202,8 @@ def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size)
     """
     family, from_logits, _ = _family(loss)
     assert family == "categorical"
-    x = np.asarray(x)
-    n_total = x.shape[0]
+    x = tf.nest.map_structure(np.asarray, x)
+    n_total = _num_examples(x)
     if batch_size is None:                       # one batch, padded to its power of two
         batch_size = 1 << max(0, (n_total - 1).bit_length())
     b = batch_size if n_total >= batch_size else min(batch_size, 2 ** int(np.ceil(np.log2(n_total))))
@@ -170,7 +212,7 @@ def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size)
         stop = min(start + b, n_total)
         u = tf.random.stateless_uniform([num_samples, b], seed=[seed, index], alg="philox").numpy()
         u = u[:, :stop - start]
-        o = tf.cast(model64(tf.constant(x[start:stop]), training=False), tf.float64)
+        o = tf.cast(model64(_slice(x, start, stop), training=False), tf.float64)
         p = np.exp(_log_probs(family, from_logits, o).numpy())
         cdf = np.cumsum(p, axis=-1)
         ids = (cdf[None] < u[..., None]).sum(-1)

@@ -23,6 +23,25 @@ def _loop(model, per_example):
                            "per_example_s": per_example}}
 
 
+def _fidelity(model, records, replaced=None):
+    info = {"role": "models-fidelity", "model": model, "examples": 4, "bound": 1e-4, "zero_floor": 1e-7,
+            "fidelity": records}
+    if replaced:
+        info["replaced"] = replaced
+    return {"name": f"test_fidelity[CPU:0-{model}]", "group": f"models-{model}[CPU:0]", "stats": {"median": 9.0},
+            "extra_info": info}
+
+
+def _record(error, zero_error=0.0, reference="float64", reason=None, bound=None):
+    record = {"method": "factored", "error": error, "zero_error": zero_error, "reference": reference,
+              "worst": [["dense/kernel", error]]}
+    if bound is not None:
+        record["bound"] = bound
+    if reason:
+        record["reason"] = reason
+    return record
+
+
 def _doc():
     factored = {"empirical": {"method": "factored", "K": 1, "rows": 256, "jit_compile": False},
                 "exact": {"method": "factored", "K": 9, "rows": 64, "jit_compile": False}}
@@ -40,6 +59,12 @@ def _doc():
                         plans={"empirical": {"method": "vmap", "K": 1, "rows": 32, "jit_compile": True}},
                         errors={"exact": "ValueError: No pfor vectorization defined for XlaDynamicUpdateSlice"}),
                 _loop("mobilenet_v2", 0.25),   # 0.25 s × 64 examples / 0.10 s = 160×
+                # sampled replaced exact (the exact oracle too slow)
+                _fidelity("mobilenet_v2", {"empirical": _record(2.1e-06), "sampled": _record(3.44e-06)},
+                          replaced={"exact": "sampled", "reason": "the exact float64 oracle would take ~90 s"}),
+                # empirical beyond the bound (near-zero variables); exact held to the float32 limit
+                _fidelity("bert", {"empirical": _record(8.5e-07, zero_error=3e-7),
+                                   "exact": _record(5.2e-03, reference="float32 limit", bound=6.0e-03, reason="float32 itself is 3.0e-03")}),
                 {"name": "test_floor[CPU:0-mlp-xla]", "group": "mlp-fisher[CPU:0]", "stats": {"median": 0.01},
                  "extra_info": {"role": "floor", "problem": "mlp"}},          # another suite: ignored
             ]}
@@ -48,11 +73,13 @@ def _doc():
 def test_model_table_rows():
     text = report_models.render(_doc())
     assert ("| model | auto picks | K | empirical × floor | exact × floor | loop × floor (per example) "
-            "| first call: floor → empirical / exact | params |") in text
+            "| first call: floor → empirical / exact | params | max rel. err vs float64 (empirical / exact) |") in text
     assert ("| mobilenet_v2 | factored (256 / 64 rows) | 9 | 1.50× | 4.50× | 160× "
-            "| 12.0 s (xla) → 5.0 s / 0.50 s | 2.3 M |") in text
+            "| 12.0 s (xla) → 5.0 s / 0.50 s | 2.3 M | 2.1e-06 / 3.4e-06 (sampled) |") in text
     assert ("| bert | vmap (32 rows) | – | 10.00× | **ValueError** | – "
-            "| 1.2 s (noxla) → 9.5 s / **ValueError** | 140 k |") in text
+            "| 1.2 s (noxla) → 9.5 s / **ValueError** | 140 k | **8.5e-07** / 5.2e-03 (float32 limit) |") in text
+    assert "- mobilenet_v2: sampled instead of exact: the exact float64 oracle would take ~90 s" in text
+    assert "- bert / exact: float32 limit: float32 itself is 3.0e-03" in text
     assert "mlp" not in text
     assert "- bert / exact: `ValueError: No pfor vectorization defined for XlaDynamicUpdateSlice`" in text
 
@@ -69,4 +96,11 @@ def test_detail_table_and_main(tmp_path, capsys):
 
 def test_empty_run_renders_headers_only():
     text = report_models.render({"benchmarks": []})
-    assert "| model | auto picks |" in text and "Failed" not in text
+    assert "| model | auto picks |" in text and "Failed" not in text and "Fidelity notes" not in text
+
+
+def test_fidelity_only_run():
+    """A ``-k fidelity`` run: the fidelity column filled, the timing cells empty."""
+    doc = {"benchmarks": [_fidelity("lstm", {"empirical": _record(1.234e-06), "exact": _record(2e-4)})]}
+    text = report_models.render(doc)
+    assert "| lstm | – | – | – | – | – | – | – | 1.2e-06 / **2.0e-04** |" in text

@@ -22,15 +22,16 @@ TINY = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=64, inter
 KEYS = {"bert": ("token_ids", "segment_ids", "padding_mask"), "gpt2": ("token_ids", "padding_mask")}
 
 
-def _classifier(which, dtype):
+def _classifier(which):
+    """The backbone nested as a layer (its float64 twin: fastewc.testing.float64_twin)."""
     backbone_class = keras_hub.models.BertBackbone if which == "bert" else keras_hub.models.GPT2Backbone
-    backbone = backbone_class(**TINY, dtype=dtype)
+    backbone = backbone_class(**TINY)
     inputs = {k: keras.Input((T,), dtype="int32", name=k) for k in KEYS[which]}
     if which == "bert":
         features = backbone(inputs)["pooled_output"]
     else:
-        features = keras.layers.GlobalAveragePooling1D(dtype=dtype)(backbone(inputs))
-    return keras.Model(inputs, keras.layers.Dense(CLASSES, dtype=dtype)(features))
+        features = keras.layers.GlobalAveragePooling1D()(backbone(inputs))
+    return keras.Model(inputs, keras.layers.Dense(CLASSES)(features))
 
 
 def _data(which, seed=0):
@@ -43,33 +44,15 @@ def _data(which, seed=0):
     return x, rng.integers(0, CLASSES, N)
 
 
-class _Packed(keras.Model):
-    """One int tensor (N, len(keys), T) in, the dict model's output out: the oracle
-    (fastewc.testing.reference_fisher) slices its inputs as one array."""
-
-    def __init__(self, inner, keys):
-        super().__init__(dtype=inner.dtype_policy)
-        self.inner, self.keys = inner, keys
-
-    def call(self, packed):
-        return self.inner({k: packed[:, i] for i, k in enumerate(self.keys)})
-
-
 @pytest.fixture(scope="module")
 def hub_models():
     """which -> (float32 model, x, y, {kind: float64 reference})."""
     out = {}
     for i, which in enumerate(("bert", "gpt2")):
         keras.utils.set_random_seed(10 + i)
-        model = _classifier(which, "float32")
-        # BertBackbone's graph holds keras ops (GetItem) that fastewc.testing.float64_twin
-        # cannot re-create with a dtype, so the twin is built with dtype="float64".
-        twin = _classifier(which, "float64")
-        twin.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+        model = _classifier(which)
         x, y = _data(which, seed=i)
-        packed = np.stack([x[k] for k in KEYS[which]], axis=1)
-        refs = {kind: ft.reference_fisher(_Packed(twin, KEYS[which]), packed, y, loss=LOSS, kind=kind)
-                for kind in ("empirical", "exact")}
+        refs = {kind: ft.reference_fisher_of(model, x, y, loss=LOSS, kind=kind) for kind in ("empirical", "exact")}
         out[which] = (model, x, y, refs)
     return out
 

@@ -86,9 +86,12 @@ def fold(batch, count, state):
                           tf.maximum(state.output_range[1], batch_range[1])])
     seen = state.examples + tf.cast(count, tf.float64)
     mean = tf.cast(totals / seen, tf.float32)
-    sizes = [int(np.prod(f.shape)) for f in state.fisher]
-    pieces = tf.split(mean, sizes) if num_vars > 1 else [mean]
-    fisher = [tf.reshape(p, f.shape) for p, f in zip(pieces, state.fisher)]
+    if all(f.shape.is_fully_defined() for f in state.fisher):
+        sizes, shapes = [int(np.prod(f.shape)) for f in state.fisher], [f.shape for f in state.fisher]
+    else:          # fold_compiled's shape-relaxed trace (reduce_retracing), for the loop engine
+        sizes, shapes = tf.stack([tf.size(f) for f in state.fisher]), [tf.shape(f) for f in state.fisher]
+    pieces = tf.split(mean, sizes, num=num_vars) if num_vars > 1 else [mean]
+    fisher = [tf.reshape(p, shape) for p, shape in zip(pieces, shapes)]
     finite = tf.reduce_all(tf.math.is_finite(mean))
     checks = [out_range, tf.cast(finite, tf.float32)[None]]
     if bad_ids:
