@@ -31,7 +31,7 @@ def float64_twin(model):
     def clone(operation):
         config = operation.get_config()
         if isinstance(operation, keras.layers.Layer):
-            config["dtype"] = "float64"
+            config = _float64_config(config)
         return operation.__class__.from_config(config)
 
     twin = keras.models.clone_model(model, clone_function=clone, recursive=True)
@@ -49,6 +49,22 @@ def float64_twin(model):
     if bad:
         raise ValueError(f"float64_twin: trainable variables not float64 in the clone: {bad[:5]}")
     return twin
+
+
+def _float64_config(config):
+    """``config`` with ``dtype="float64"``, and so the serialized layers nested in it (an
+    RNN's ``cell``, a Bidirectional's ``layer``), which their owner re-creates from their
+    own config."""
+    def nested(value):
+        if isinstance(value, dict) and isinstance(value.get("config"), dict) and "class_name" in value \
+                and "dtype" in value["config"]:
+            return {**value, "config": _float64_config(value["config"])}
+        if isinstance(value, list):
+            return [nested(v) for v in value]
+        return value
+    out = {key: nested(value) for key, value in config.items()}
+    out["dtype"] = "float64"
+    return out
 
 
 def _slice(x, start, stop):
