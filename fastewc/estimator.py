@@ -11,8 +11,10 @@ long as its owner, no longer):
 
 * the resolved likelihood of ``loss`` (:mod:`fastewc.likelihood`);
 * one :class:`Plan` per input signature, made by ONE eager planning pass before the
-  stream starts: the engine (``method="auto"`` walks factored → vmap once, warning once
-  and naming the layers when it steps down; nothing falls back mid-stream), the probe
+  stream starts: the engine (``method="auto"`` picks factored when every weighted layer
+  has a rule, else vmap; a plan whose function cannot be traced steps down
+  factored → vmap → jacobian → loop at its first batch, before anything is accumulated,
+  warning once per step and naming the layers; nothing falls back mid-stream), the probe
   sizes that bound the factored engine's rows per call, the input cast, the output shape
   (one output: the likelihood's parameters), and the likelihood itself: a loss with
   ``from_logits=True`` on outputs a softmax or sigmoid produced is read as probabilities,
