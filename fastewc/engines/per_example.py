@@ -18,7 +18,6 @@ import tensorflow as tf
 
 from fastewc import _keras_compat as compat
 from fastewc import _memory
-
 from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale,
                                   dense_gradients, output_range, weighted_cotangents)
 
