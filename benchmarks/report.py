@@ -70,13 +70,17 @@ def _fmt(seconds):
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def render(doc):
+def header(doc):
+    """"Measured <date> on <CPU> (<n> cores), Python <v>, commit <id>." of a run."""
     info = doc.get("machine_info", {})
     commit = doc.get("commit_info", {}).get("id", "")[:10]
-    header = (f"Measured {doc.get('datetime', '')[:10]} on {_cpu_model()} "
-              f"({info.get('cpu', {}).get('count', '?')} cores), Python {info.get('python_version', '?')}"
-              + (f", commit {commit}" if commit else "") + ".")
-    parts = [header]
+    return (f"Measured {doc.get('datetime', '')[:10]} on {_cpu_model()} "
+            f"({info.get('cpu', {}).get('count', '?')} cores), Python {info.get('python_version', '?')}"
+            + (f", commit {commit}" if commit else "") + ".")
+
+
+def render(doc):
+    parts = [header(doc)]
     for group, benches in sorted(rows_by_group(doc).items()):
         table = scaling_table(benches) if _is_scaling(benches) else ratio_table(benches)
         parts.append(f"\n### {group}\n\n{table}")

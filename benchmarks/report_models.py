@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 
-from benchmarks.report import _cpu_model      # one CPU description for both reports
+from benchmarks.report import header        # one run description for both reports
 
 KINDS = ("empirical", "exact")
 FLOORS = ("floor_xla", "floor_noxla")
@@ -214,12 +214,7 @@ def errors(doc):
 
 
 def render(doc):
-    info = doc.get("machine_info", {})
-    commit = doc.get("commit_info", {}).get("id", "")[:10]
-    header = (f"Measured {doc.get('datetime', '')[:10]} on {_cpu_model()} "
-              f"({info.get('cpu', {}).get('count', '?')} cores), Python {info.get('python_version', '?')}"
-              + (f", commit {commit}" if commit else "") + ".")
-    parts = [header, "", model_table(doc), "",
+    parts = [header(doc), "", model_table(doc), "",
              "Ratios: median of the rotation rounds / the faster floor's median (same rotation). "
              "Loop: seconds per example × N / floor. First call: trace + compile + one run. "
              "Fidelity: worst relative error per variable against the float64 per-example oracle."]
