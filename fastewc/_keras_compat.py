@@ -190,8 +190,6 @@ def release_custom_gradients_with(owner):
                 weakref.finalize(owner, _release, new)
 
 
-__all__ = ["AutocastScope", "LossFunctionWrapper", "unscale_loss_for_distribution", "keras"]
-
 
 def onednn_enabled():
     """Whether TensorFlow runs its CPU kernels through oneDNN (the default on x86 Linux,
@@ -221,3 +219,6 @@ def graph_operations(graph):
             if inner is not None:
                 stack.append(inner)
     return ops
+
+
+__all__ = ["AutocastScope", "LossFunctionWrapper", "unscale_loss_for_distribution", "keras"]

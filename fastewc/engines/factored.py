@@ -12,7 +12,8 @@ deltas of all N examples come from one backward pass per cotangent: cost about o
 forward and K backward passes of the batch, memory K · rows · (probe floats) for the
 deltas, and no N × P per-example tensor unless a rule needs one.
 
-Rows per call (``batch_size=None``), each bound measured (README, "Rows per call"):
+Rows per call (``batch_size=None``), each bound from a measurement (README, "Rows per
+compiled call capped"):
 
 * at most ``MAX_ROWS``: a rule's float32 contraction over the rows of one call is where
   rounding grows, ≈ rows · 2⁻²⁴ (the float64 fold takes over between calls);
@@ -20,7 +21,8 @@ Rows per call (``batch_size=None``), each bound measured (README, "Rows per call
   on CPU, the temporaries of the K backward passes outgrow the caches and a call gets
   slower per example (the reference CNN, exact: 16 rows 1.4× faster than 256);
 * but at least ``MIN_ROWS``: a model of many layers pays a fixed cost per call (one
-  dispatch per op), which 2 rows per call (ResNet50, exact) do not amortise;
+  dispatch per op); under the 2²⁴ cap alone ResNet50 and DenseNet121 (exact) got 2 rows,
+  and raising the cap took MobileNetV2 exact from 25.6× to 15.3× the floor (issue 15);
 * and never more than the memory budget holds (:mod:`fastewc._memory`).
 
 Rounded down to a power of two; an explicit ``batch_size`` lowers them further (a
