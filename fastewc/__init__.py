@@ -9,7 +9,8 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
         f"Original error: {_err}") from _err
 
 from fastewc import rules as _rules  # noqa: F401  (registers the built-in rules)
-from fastewc.fisher import fisher_diagonal
+from fastewc.fisher import fisher_diagonal, kfac_fisher
+from fastewc.curvature import KroneckerBlock, KroneckerFisher
 from fastewc.estimator import FisherEstimator
 from fastewc.registry import RuleOutput, Rules, default_rules, register_rule, unregister_rule
 from fastewc.ewc import EWC
@@ -19,7 +20,7 @@ from fastewc.train import TrainStep, make_train_step
 from fastewc.keras_fit import EWCModel
 
 __version__ = "0.1.0"
-__all__ = ["fisher_diagonal", "FisherEstimator", "Rules", "RuleOutput", "default_rules",
+__all__ = ["fisher_diagonal", "kfac_fisher", "KroneckerFisher", "KroneckerBlock", "FisherEstimator", "Rules", "RuleOutput", "default_rules",
            "register_rule", "unregister_rule",
            "EWC", "ewc_penalty", "ewc_penalty_gradients", "ewc_penalty_and_gradients",
            "merge_separate", "merge_online",

@@ -187,6 +187,13 @@ def survey(model, x, rules):
     size (floats the K deltas of one example take), or raises
     :class:`fastewc.registry.UnsupportedLayerError` (no rule, a shared layer, a layer
     configuration its rule does not cover)."""
+    return recorded(model, x, rules)[1]
+
+
+def recorded(model, x, rules):
+    """``(records, probe floats per example)`` of one eager forward pass of ``x`` under
+    :func:`capture`, ``records`` the (layer, RuleOutput) of each weighted layer; raises as
+    :func:`survey`."""
     recorder = None
     try:
         with capture(model, rules) as recorder:
@@ -195,4 +202,4 @@ def survey(model, x, rules):
         if recorder is not None and recorder.unsupported is not None:
             raise recorder.unsupported from None      # the rule's own message
         raise
-    return sum(int(np.prod(result.probe.shape[1:])) for _, result in recorder.records)
+    return recorder.records, sum(int(np.prod(result.probe.shape[1:])) for _, result in recorder.records)

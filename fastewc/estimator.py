@@ -53,6 +53,7 @@ import tensorflow as tf
 from fastewc import _keras_compat as compat
 from fastewc import _memory
 from fastewc import capture as capture_lib
+from fastewc import curvature as curvature_lib
 from fastewc import data as data_lib
 from fastewc import likelihood as likelihood_lib
 from fastewc import registry
@@ -90,20 +91,28 @@ class Config(typing.NamedTuple):
     batch_size: typing.Optional[int]
     num_samples: int
     jit_compile: object          # None, True or False
+    curvature: str = "diagonal"
 
 
-def make_config(*, loss, kind, method, rules, batch_size, num_samples, jit_compile):
+def make_config(*, loss, kind, method, rules, batch_size, num_samples, jit_compile,
+                curvature="diagonal"):
     """Check the arguments of an estimator (Keras style errors) into a :class:`Config`."""
     likelihood = likelihood_lib.resolve_loss(loss)
     check_one_of("kind", kind, likelihood_lib.KINDS)
     check_one_of("method", method, METHODS)
+    check_one_of("curvature", curvature, curvature_lib.CURVATURES)
+    if curvature == "kfac" and method not in ("auto", "factored"):
+        raise ValueError(
+            "`method` must be 'auto' or 'factored' with curvature='kfac': the Kronecker factors "
+            "come from the factored rules' layer inputs and deltas, which the per-example "
+            f"methods do not form. Received: method={method!r}")
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     check_positive_int("num_samples", num_samples)
     check_jit_compile(jit_compile)
     rules = None if rules is None else registry.check_rules(rules)
     return Config(likelihood, kind, method, rules, batch_size,
-                  num_samples if kind == "sampled" else 1, jit_compile)
+                  num_samples if kind == "sampled" else 1, jit_compile, curvature)
 
 
 class FisherEstimator:
@@ -127,16 +136,17 @@ class FisherEstimator:
     """
 
     def __init__(self, model, *, loss, kind="empirical", method="auto", rules=None, batch_size=None,
-                 num_samples=1, jit_compile=None):
+                 num_samples=1, jit_compile=None, curvature="diagonal"):
         check_model(model, built=False)
         config = make_config(loss=loss, kind=kind, method=method, rules=rules, batch_size=batch_size,
-                             num_samples=num_samples, jit_compile=jit_compile)
+                             num_samples=num_samples, jit_compile=jit_compile, curvature=curvature)
         self.model = model
         self.config = config
         self._loss_name = loss if isinstance(loss, str) else type(loss).__name__
         self.likelihood, self.kind, self.method = config.likelihood, config.kind, config.method
         self.batch_size, self.num_samples, self.jit_compile = config.batch_size, config.num_samples, config.jit_compile
         self._rules = config.rules
+        self.curvature = config.curvature
         self._plans = {}
         self._plans_valid_for = None     # (rules, trainable variable ids) of self._plans
         self._initial_states = {}
@@ -188,7 +198,7 @@ class FisherEstimator:
         if not all_finite:
             _raise_not_finite(model, plan, state.fisher, source, checks[:2])
         plan.likelihood.check_output_range(float(checks[0]), float(checks[1]))
-        return state.fisher
+        return curvature_lib.assemble(plan.engine.layout, state.fisher, plan.engine.variables)
 
     def _stream(self, plan, source, seed, verbose, distributed):
         """Every batch of ``source`` through ``plan``'s engine: the final FisherState.
@@ -218,7 +228,8 @@ class FisherEstimator:
         """A plan's first batch.  For a plan ``method="auto"`` chose, its function is traced
         first, and a failure there (pfor without a converter for an op, an op with no graph
         form) becomes :class:`_CannotTrace`: the step down the :data:`LADDER`."""
-        if self.method == "auto" and plan.method != LADDER[-1] and not distributed:
+        if self.method == "auto" and self.curvature == "diagonal" and plan.method != LADDER[-1] \
+                and not distributed:
             try:
                 # pfor logs the op it could not convert at ERROR level before raising; the
                 # step down warns with the error instead.
@@ -279,11 +290,19 @@ class FisherEstimator:
         # Eager passes on one example: Embedding ids outside a table are clamped here and
         # reported by the compiled pass, with the layer and the range.
         with _explained_input_errors(model, source, self.method), IdGuard(model):
-            method, probe_floats = self._choose_method(x1, rules) if method is None else (method, None)
+            layout = None
+            if self.curvature == "kfac":
+                method, (layout, probe_floats) = "factored", self._kronecker_layout(x1, rules)
+            elif method is None:
+                method, probe_floats = self._choose_method(x1, rules)
+            else:
+                probe_floats = None
             likelihood = self._read_likelihood(x1)
         engine_cls = ENGINES[method]
         jit = engine_cls.default_jit_compile(model) if self.jit_compile is None else self.jit_compile
         engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
+        if layout is not None:
+            engine.layout = layout
         k = likelihood.num_cotangents(self.kind, self.num_samples, out_tail)
         rows = engine.rows_per_call(self.batch_size, k, probe_floats, _memory.budget_bytes())
         return Plan(method, engine, rows, tuple(out_tail), k, cast, likelihood)
@@ -309,6 +328,18 @@ class FisherEstimator:
             "outputs as probabilities (from_logits=False) likewise. Pass from_logits=False, or "
             "remove the activation, if you meant it."))
         return dataclasses.replace(lik, from_logits=False)
+
+    def _kronecker_layout(self, x1, rules):
+        """``curvature="kfac"``: (layout, probe floats) from one eager pass under the rules
+        (:func:`fastewc.curvature.kronecker_layout`); every weighted layer needs a rule."""
+        missing = capture_lib.layers_without_rule(self.model, rules)
+        if missing:
+            raise registry.UnsupportedLayerError(
+                f"curvature='kfac' needs a factored Fisher rule for every weighted layer; "
+                f"{capture_lib.describe(missing, self.model)} {'has' if len(missing) == 1 else 'have'} none. "
+                + registry.registration_hint(type(missing[0]).__name__).replace(
+                    ", or use method='vmap'", ", or use curvature='diagonal'"))
+        return curvature_lib.kronecker_layout(self.model, x1, rules, self.model.trainable_variables)
 
     def _choose_method(self, x1, rules):
         """(engine name, probe floats per example or None).  ``auto``: factored when every
@@ -342,7 +373,7 @@ class FisherEstimator:
         key = id(engine)
         state = self._initial_states.get(key)
         if state is None:
-            state = self._initial_states[key] = initial_state(engine.variables, len(engine.id_layers))
+            state = self._initial_states[key] = initial_state(engine.layout.shapes, len(engine.id_layers))
         return state
 
     def _noise(self, seed, batch, plan):
@@ -491,7 +522,7 @@ def _raise_not_finite(model, plan, fisher, source, out_range):
     engine back-propagates the output gradients in float16 and forms the parameter
     gradients in float32; the per-example engines form those in float16 too), else
     float32."""
-    variables = plan.engine.variables
+    names = plan.engine.layout.names
     i = next(j for j, f in enumerate(fisher) if not bool(tf.reduce_all(tf.math.is_finite(f))))
     bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(fisher[i])), tf.int32)))
     weights = [getattr(v, "path", v.name) for v in model.variables
@@ -517,5 +548,5 @@ def _raise_not_finite(model, plan, fisher, source, out_range):
     else:
         cause = f"the per-example gradients overflowed {dtype}: {fix}"
     raise ValueError(
-        f"The Fisher of variable '{getattr(variables[i], 'path', variables[i].name)}' is not finite "
+        f"The Fisher of variable '{names[i]}' is not finite "
         f"({bad} of {int(np.prod(fisher[i].shape))} entries are NaN or Inf): {cause}.")

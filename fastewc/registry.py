@@ -21,7 +21,14 @@ Rule contract::
 * ``sum_sq(delta, weight)`` (the optional fast override) receives ``weight`` float32 (K, N)
   as well and returns ``(variable, Σ_k Σ_n weight[k, n] · g_kn²)`` pairs directly, for
   rules that never need to hold K·N·|θ| floats (a Dense layer: one matmul of squares).
-  When both are given the engine uses ``sum_sq``.  A plain 3-tuple
+  When both are given the engine uses ``sum_sq``.
+* ``kron(delta, weight, mask)`` (optional: Kronecker-factored curvature, see
+  :mod:`fastewc.curvature`) receives ``mask`` float32 (N,) as well (1 for an example, 0
+  for a padding row) and returns a list of :class:`KroneckerSums`, one per block of the
+  layer's weights that has a Kronecker form (a Dense or convolution kernel with its bias);
+  the layer's other variables, if any, still come from ``sum_sq`` / ``per_example``.  A
+  rule returns ``kron=None`` for a configuration without a Kronecker form (a grouped
+  convolution): the layer then keeps its diagonal.  A plain 3-tuple
   ``(outputs, probe, sum_sq)`` is read as ``RuleOutput(outputs, probe, sum_sq=sum_sq)``.
 
 Registries are values (:class:`Rules`): ``default_rules().with_rule(MyLayer, my_rule)``
@@ -48,12 +55,30 @@ class UnsupportedLayerError(ValueError):
     configuration its rule does not cover.  ``method="auto"`` steps down to vmap on it."""
 
 
+class KroneckerSums(typing.NamedTuple):
+    """One Kronecker block of a layer, summed over the rows of a batch (the engine divides
+    by the examples seen).  For input rows ā_nl = [a_nl, 1] (the 1 only with a bias) at the
+    L positions l of example n (L = 1 for a plain Dense layer) and deltas δ_knl:
+
+        a = Σ_n mask_n · (1/L) Σ_l ā_nl ā_nlᵀ              (d', d')
+        g = Σ_k Σ_n weight_kn Σ_l δ_knl δ_knlᵀ             (u, u)
+
+    (the "expand" convention of Eschenhagen et al. 2023, KFC's for convolutions: positions
+    are treated as examples).  ``variables`` is (kernel, bias) or (kernel,): the block's
+    weight matrix is the kernel reshaped to (d, u) with the bias as its last row
+    (:func:`fastewc.kronecker.weight_matrix`)."""
+    variables: tuple
+    a: typing.Any
+    g: typing.Any
+
+
 class RuleOutput(typing.NamedTuple):
     """What a rule returns (see the module docstring)."""
     outputs: typing.Any
     probe: typing.Any
     per_example: typing.Optional[typing.Callable] = None
     sum_sq: typing.Optional[typing.Callable] = None
+    kron: typing.Optional[typing.Callable] = None
 
     def square_sums(self, delta, weight):
         """``[(variable, Σ_k Σ_n weight[k, n] · g_kn²)]``: the fast override if the rule

@@ -136,7 +136,6 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
     (categorical losses): the reference then averages the squared gradients over them.
     Returns a list of float64 NumPy arrays aligned with ``model64.trainable_variables``.
     """
-    family, from_logits, sparse = _family(loss)
     variables = model64.trainable_variables
     sums = [np.zeros(v.shape, np.float64) for v in variables]
     x = tf.nest.map_structure(np.asarray, x)
@@ -151,60 +150,96 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
 
     for n in range(n_total):
         xn = _slice(x, n, n + 1)
+        draws = None if sampled_labels is None else sampled_labels[:, n]
         with tf.GradientTape(persistent=True) as tape:
             o = tf.cast(model64(xn, training=False), tf.float64)[0]
-            if family == "categorical":
-                logp = _log_probs(family, from_logits, o)
-            elif family == "binary":
-                log1, log0 = _log_probs(family, from_logits, o)
-        if family == "categorical":
-            p = np.exp(logp.numpy())
-            if kind == "empirical":
-                label = int(y[n]) if sparse else int(np.argmax(y[n]))
-                with tape:
-                    target = -logp[label]
-                accumulate(1.0, tape, target)
-            elif kind == "exact":
-                for c in range(p.shape[-1]):
-                    with tape:
-                        target = -logp[c]
-                    accumulate(p[c], tape, target)
-            else:
-                draws = sampled_labels[:, n]
-                for label in draws:
-                    with tape:
-                        target = -logp[int(label)]
-                    accumulate(1.0 / len(draws), tape, target)
-        elif family == "binary":
-            units = o.shape[-1]
-            if kind == "empirical":
-                with tape:
-                    target = -tf.reduce_sum(y[n] * log1 + (1.0 - y[n]) * log0)
-                accumulate(1.0, tape, target)
-            elif kind == "exact":
-                p1 = np.exp(log1.numpy())
-                for j in range(units):
-                    for outcome, logq, weight in ((1, log1, p1[j]), (0, log0, 1.0 - p1[j])):
-                        with tape:
-                            target = -logq[j]
-                        accumulate(weight, tape, target)
-            else:
-                raise ValueError("reference_fisher: sampled is only written out for categorical losses")
-        else:
-            if kind == "empirical":
-                with tape:
-                    residual = tf.reshape(y[n].astype(np.float64), [-1]) - tf.reshape(o, [-1])
-                    target = 0.5 * tf.reduce_sum(tf.square(residual))
-                accumulate(1.0, tape, target)
-            elif kind == "exact":
-                for j in range(int(np.prod(o.shape))):
-                    with tape:
-                        target = tf.reshape(o, [-1])[j]
-                    accumulate(1.0, tape, target)
-            else:
-                raise ValueError("reference_fisher: sampled is only written out for categorical losses")
+            outcomes = _outcomes(loss, kind, o, y[n], draws)
+        for weight, target in outcomes:
+            accumulate(weight, tape, target)
         del tape
     return [s / n_total for s in sums]
+
+
+def _outcomes(loss, kind, o, y_n, draws):
+    """[(weight, −log q(outcome))] for one example's output ``o`` (call inside the tape):
+    E_y[g(y)²] = Σ weight · (∂ target/∂θ)².  Categorical: the true label (empirical), each
+    class c with p_c (exact), each draw with 1/S (sampled).  Binary: the summed true-label
+    terms, or each unit's two outcomes.  Gaussian (unit variance): ½‖y − o‖², or each output
+    coordinate (exact: diag(JᵀJ))."""
+    family, from_logits, sparse = _family(loss)
+    if family == "categorical":
+        logp = _log_probs(family, from_logits, o)
+        if kind == "empirical":
+            return [(1.0, -logp[int(y_n) if sparse else int(np.argmax(y_n))])]
+        if kind == "exact":
+            p = np.exp(logp.numpy())
+            return [(p[c], -logp[c]) for c in range(p.shape[-1])]
+        return [(1.0 / len(draws), -logp[int(label)]) for label in draws]
+    if kind == "sampled":
+        raise ValueError("reference: sampled is only written out for categorical losses")
+    if family == "binary":
+        log1, log0 = _log_probs(family, from_logits, o)
+        if kind == "empirical":
+            return [(1.0, -tf.reduce_sum(y_n * log1 + (1.0 - y_n) * log0))]
+        p1 = np.exp(log1.numpy())
+        return [(weight, -logq[j]) for j in range(o.shape[-1])
+                for logq, weight in ((log1, p1[j]), (log0, 1.0 - p1[j]))]
+    flat = tf.reshape(o, [-1])
+    if kind == "empirical":
+        return [(1.0, 0.5 * tf.reduce_sum(tf.square(tf.reshape(y_n.astype(np.float64), [-1]) - flat)))]
+    return [(1.0, flat[j]) for j in range(int(flat.shape[0]))]
+
+
+def reference_kronecker_factors(model64, x, y, *, loss, kind="empirical", sampled_labels=None):
+    """Float64 per-example reference of the Kronecker factors of each Dense and
+    (ungrouped) convolution layer of a Sequential ``model64``:
+
+        A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,     G = (1/N) Σ_n Σ_y w_y Σ_l δ_nl(y) δ_nl(y)ᵀ
+
+    with ā = [a, 1] (bias last).  Nothing comes from the fast path: the input rows ā_nl are
+    read off a tape as the Jacobian ∂z_nl[0]/∂W[:, 0] of the layer's pre-activation (for
+    z = W̄ᵀ ā that IS the row, patches included), z comes from a linear copy of the layer,
+    and δ_nl(y) = ∂(−log q(y))/∂z_nl from one tape per example and outcome
+    (:func:`_outcomes`).  Returns ``{layer name: (A, G)}`` as float64 NumPy arrays.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    n_total = x.shape[0]
+    layers = list(model64.layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
+                                  keras.layers.Conv3D)) or getattr(layer, "groups", 1) != 1 \
+                or type(layer).__name__.endswith("Transpose"):
+            continue
+        linear = layer.__class__.from_config({**layer.get_config(), "activation": "linear"})
+        a_sum, g_sum = 0.0, 0.0
+        for n in range(n_total):
+            draws = None if sampled_labels is None else sampled_labels[:, n]
+            h = _slice(x, n, n + 1)
+            for previous in layers[:i]:
+                h = previous(h, training=False)
+            if not linear.built:
+                linear.build(h.shape)
+                linear.set_weights(layer.get_weights())
+            with tf.GradientTape(persistent=True) as tape:
+                z = linear(h)
+                first = tf.reshape(z[..., 0], [-1])
+                o = layer.activation(z)
+                for following in layers[i + 1:]:
+                    o = following(o, training=False)
+                outcomes = _outcomes(loss, kind, tf.cast(o, tf.float64)[0], y[n], draws)
+            units = z.shape[-1]
+            rows = tape.jacobian(first, linear.kernel).numpy()[..., 0].reshape(first.shape[0], -1)
+            if layer.use_bias:
+                rows = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
+            a_sum = a_sum + rows.T @ rows / rows.shape[0]
+            for weight, target in outcomes:
+                delta = tape.gradient(target, z).numpy().reshape(-1, units)
+                g_sum = g_sum + weight * delta.T @ delta
+            del tape
+        out[layer.name] = (a_sum / n_total, g_sum / n_total)
+    return out
 
 
 def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size):

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastewc import _keras_compat as compat
-from fastewc import _policy
+from fastewc import _policy, curvature
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
 # Up to this many cotangents per example an engine unrolls the K backward passes in the
@@ -65,8 +65,9 @@ class FisherState(typing.NamedTuple):
     checks: tf.Tensor
 
 
-def initial_state(variables, num_id_layers=0):
-    shapes = [tuple(v.shape) for v in variables]
+def initial_state(shapes, num_id_layers=0):
+    """The zero state for quantities of ``shapes`` (a layout's, :mod:`fastewc.curvature`)."""
+    shapes = [tuple(s) for s in shapes]
     size = sum(int(np.prod(s)) for s in shapes)
     return FisherState(
         tf.zeros([size], tf.float64), tf.constant([np.inf, -np.inf], tf.float32),
@@ -252,6 +253,9 @@ class Engine:
         self.num_samples = num_samples
         self.rules = rules
         self.variables = list(model.trainable_variables)
+        # What batch_sums returns, in order: one diagonal per variable, unless the factored
+        # engine's plan asks for Kronecker factors (fastewc.curvature).
+        self.layout = curvature.diagonal_layout(self.variables)
         self.id_layers = embedding_layers(model)      # checked by IdGuard in every pass
         self.jit_compile = jit_compile
         self._function = None       # fold(batch_sums(...)): one dispatch per batch

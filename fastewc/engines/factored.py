@@ -77,14 +77,24 @@ class FactoredEngine(Engine):
             recorder.mask_pooling = k is None or k >= pooling.MIN_COTANGENTS
             deltas = cotangent_deltas(tape, out, probes, u, unroll=not self.jit_compile)
             del tape
+            mask = tf.cast(mask, tf.float32)
+            kronecker = self.layout.kronecker
             sums = {}
-            for (_, result), delta in zip(recorder.records, deltas):
+            for (layer, result), delta in zip(recorder.records, deltas):
                 if delta is None:
                     delta = tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(result.probe)], 0), tf.float32)
                 delta = tf.cast(delta, tf.float32) / scale
-                for var, value in result.square_sums(delta, w):
-                    sums[id(var)] = value
-            missing = [v.path for v in variables if id(v) not in sums]
+                covered = set()
+                if kronecker and result.kron is not None:
+                    for block in result.kron(delta, w, mask):
+                        sums[("a", id(block.variables[0]))] = block.a
+                        sums[("g", id(block.variables[0]))] = block.g
+                        covered.update(id(v) for v in block.variables)
+                if any(id(v) not in covered for v in layer.trainable_variables):
+                    for var, value in result.square_sums(delta, w):
+                        if id(var) not in covered:
+                            sums[id(var)] = value
+            missing = [name for key, name in zip(self.layout.keys, self.layout.names) if key not in sums]
             if missing:
-                raise ValueError(f"The factored rules returned no value for variables {missing}.")
-            return [sums[id(v)] for v in variables] + ids.counts() + [output_range(out)]
+                raise ValueError(f"The factored rules returned no value for {missing}.")
+            return [sums[key] for key in self.layout.keys] + ids.counts() + [output_range(out)]

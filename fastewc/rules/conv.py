@@ -27,6 +27,13 @@ N·L·kernel_size·C_in floats for the patches plus N·|W| per cotangent.
   ⟨δ, Cᵀ_W x⟩ = ⟨C_W δ, x⟩ and g_kn(W)[a, f, c] = Σ_l patch(δ_kn)_l[a, f] x_nl[c]: the
   patches are taken from δ (K·N of them) over the x positions.
 
+Kronecker factors (``kron``, ungrouped Conv1D/2D/3D only; Grosse & Martens 2016, KFC):
+the rows are the patches ā_nl = [a_nl, 1] and the deltas δ_knl at the L output positions,
+positions treated as examples (:class:`fastewc.registry.KroneckerSums`): A over patches
+divided by L, G summed over positions.  The patch tensor (N·L·kernel_size·C_in floats)
+is built once.  Depthwise, separable, grouped and transposed convolutions keep their
+diagonal (their weights are not one matrix between input rows and output rows).
+
 The forward pass is the layer's own op, so the outputs are bit-identical.  Depthwise,
 separable, grouped and 3-D (transposed) convolutions route their gradient through ops that
 ``tf.vectorized_map`` can vectorize with a shared weight (see :func:`_with_gradient`);
@@ -44,7 +51,7 @@ import tensorflow as tf
 
 from fastewc._keras_compat import causal_padding
 from fastewc.registry import RuleOutput, register_rule
-from fastewc.rules._common import (check_channels_last, check_plain, leading_dims,
+from fastewc.rules._common import (check_channels_last, check_plain, kronecker_sums, leading_dims,
                                    static_or_dynamic_shape, weighted_square_sum)
 
 
@@ -342,11 +349,14 @@ def conv_rule(layer, inputs, *args, **kwargs):
     kernel_size = tuple(layer.kernel_size)
     groups = layer.groups
 
-    def sum_sq(delta, weight):
+    def geometry_of(delta):
         out_sizes = _spatial(delta, 2)
         pads = _pads(_spatial(a, 1), out_sizes, kernel_size, layer.strides, layer.dilation_rate,
                      padding)
-        geometry = (kernel_size, layer.strides, layer.dilation_rate, pads, out_sizes)
+        return (kernel_size, layer.strides, layer.dilation_rate, pads, out_sizes)
+
+    def sum_sq(delta, weight):
+        geometry = geometry_of(delta)
         if groups == 1:
             sq_kernel = _dense_patch_square_sum(a, delta, weight, geometry)
         else:
@@ -358,7 +368,14 @@ def conv_rule(layer, inputs, *args, **kwargs):
             sq_kernel = weighted_square_sum(tf.einsum("nlagc,knlgo->knacgo", p, d), weight)
         return _with_bias(layer, delta, weight, (layer.kernel, tf.reshape(sq_kernel, layer.kernel.shape)))
 
-    return RuleOutput(outputs, z, sum_sq=sum_sq)
+    def kron(delta, weight, mask):
+        k, n = leading_dims(delta)
+        rows = tf.reshape(extract_patches(a, *geometry_of(delta)), [n, -1, math.prod(kernel_size) * a.shape[-1]])
+        deltas = tf.reshape(delta, [k, n, -1, delta.shape[-1]])
+        block = (layer.kernel, layer.bias) if layer.use_bias else (layer.kernel,)
+        return [kronecker_sums(block, rows, deltas, weight, mask, bias=layer.use_bias)]
+
+    return RuleOutput(outputs, z, sum_sq=sum_sq, kron=kron if groups == 1 else None)
 
 
 # -- DepthwiseConv1D / DepthwiseConv2D ----------------------------------------------------

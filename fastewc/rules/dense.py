@@ -10,12 +10,19 @@ per example weighted by w_kn:
 one (d × N)(N × units) matmul: no per-example tensor.  Inputs of rank > 2 (a Dense over a
 sequence, (N, T, d)) sum over positions before squaring, g_kn(W) = Σ_t a_nt ⊗ δ_knt, so
 that case forms the per-example gradients (K·N·d·units floats) explicitly.
+
+Kronecker factors (``kron``, :class:`fastewc.registry.KroneckerSums`): the rows ā = [a, 1]
+and the deltas, positions of a sequence treated as examples (the "expand" convention of
+Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for Modern Neural
+Network Architectures", NeurIPS: it needs no per-example sum over positions, and it is
+KFC's convention for convolutions, so a Dense over positions and a 1×1 convolution give
+the same factors).
 """
 import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, register_rule
-from fastewc.rules._common import check_plain
+from fastewc.rules._common import check_plain, kronecker_sums
 
 
 def dense_rule(layer, inputs, training=None):
@@ -42,7 +49,16 @@ def dense_rule(layer, inputs, training=None):
             pairs.append((layer.bias, sq_bias))
         return pairs
 
-    return RuleOutput(outputs, z, sum_sq=sum_sq)
+    def kron(delta, weight, mask):
+        positions = a.shape[1:-1].num_elements() if a.shape.rank > 2 else 1
+        positions = tf.reduce_prod(tf.shape(a)[1:-1]) if positions is None else positions
+        rows = tf.reshape(a, [-1, positions, a.shape[-1]])
+        deltas = tf.reshape(delta, [tf.shape(delta)[0], -1, positions, delta.shape[-1]])
+        block = (layer.kernel,) if layer.bias is None else (layer.kernel, layer.bias)
+        return [kronecker_sums(block, rows, deltas, weight, mask, bias=layer.bias is not None)]
+
+    return RuleOutput(outputs, z, sum_sq=sum_sq, kron=kron)
+
 
 
 register_rule(keras.layers.Dense, dense_rule)

@@ -1,0 +1,136 @@
+"""What a Fisher estimator accumulates: the diagonal, or Kronecker factors per layer.
+
+``curvature="diagonal"`` (the default) keeps one F_i per parameter (:mod:`fastewc.fisher`).
+``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense and
+convolution kernels with their bias: ``kron`` in :class:`fastewc.registry.RuleOutput`),
+the two factors of its Fisher block (Martens & Grosse 2015; Grosse & Martens 2016 for
+convolutions; Ritter, Botev & Barber 2018 for their use in continual learning):
+
+    F_W̄ ≈ A ⊗ G,    A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,    G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
+
+for the block's weight matrix W̄ (the kernel reshaped to (d, u), the bias as its last
+row; :func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
+positions l of example n and the output deltas δ = ∂ℓ/∂z, with y as the kind says
+(true label, sampled, or the full expectation through the K weighted cotangents).  For
+one example at one position A ⊗ G IS the Fisher block E_y[vec(ā δᵀ) vec(ā δᵀ)ᵀ]; in
+general it assumes the input rows independent of the deltas.  Every other variable (norms,
+embeddings, depthwise and grouped convolutions) keeps its diagonal.
+
+Both are streamed like the diagonal: each batch's sums (Σ over rows, not yet divided by N)
+are folded into one float64 total (:class:`fastewc.engines.base.FisherState`), so a Kronecker
+block costs d'² + u² floats of state, and the result is float32.
+
+A :class:`Layout` says which quantities an estimator's plan accumulates, in order, and
+turns the accumulated means back into what the user gets (:func:`assemble`).
+"""
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from fastewc import capture as capture_lib
+
+CURVATURES = ("diagonal", "kfac")
+
+
+class KroneckerBlock(typing.NamedTuple):
+    """One layer's Kronecker-factored Fisher block, A ⊗ G (float32, symmetric PSD)."""
+    layer: str              # the layer's name
+    variables: tuple        # (kernel, bias) or (kernel,): the model variables it covers
+    a: tf.Tensor            # (d', d'), d' = kernel rows (+1 with a bias)
+    g: tf.Tensor            # (u, u), u = kernel.shape[-1]
+
+
+class KroneckerFisher(typing.NamedTuple):
+    """The result of a ``curvature="kfac"`` Fisher: the Kronecker blocks, and the diagonal
+    of every trainable variable no block covers (``diagonal`` is aligned with
+    ``variables``, the model's trainable variables, with None where a block covers one)."""
+    blocks: list
+    diagonal: list
+    variables: list
+
+    def full_diagonal(self):
+        """The diagonal of the whole approximation, one float32 tensor per variable: for a
+        block, diag(A ⊗ G) = diag(A) ⊗ diag(G) split into its kernel and bias."""
+        out = {id(v): f for v, f in zip(self.variables, self.diagonal) if f is not None}
+        for block in self.blocks:
+            diag = tf.tensordot(tf.linalg.diag_part(block.a), tf.linalg.diag_part(block.g), 0)
+            kernel = block.variables[0]
+            rows = int(np.prod(kernel.shape[:-1]))
+            out[id(kernel)] = tf.reshape(diag[:rows], kernel.shape)
+            if len(block.variables) > 1:
+                out[id(block.variables[1])] = diag[rows]
+        return [out[id(v)] for v in self.variables]
+
+
+class Layout(typing.NamedTuple):
+    """The quantities a plan accumulates: ``keys`` (the engine's names for them: id(variable)
+    for a diagonal, ("a" | "g", id(kernel)) for a factor), their ``shapes`` and ``names``
+    (for messages), and ``blocks`` = (layer name, variables, index of a, index of g)."""
+    curvature: str
+    keys: list
+    shapes: list
+    names: list
+    blocks: list
+
+    @property
+    def kronecker(self):
+        return self.curvature == "kfac"
+
+
+def _path(variable):
+    return getattr(variable, "path", None) or variable.name
+
+
+def diagonal_layout(variables):
+    """One quantity per variable, its own shape."""
+    return Layout("diagonal", [id(v) for v in variables], [tuple(v.shape) for v in variables],
+                  [_path(v) for v in variables], [])
+
+
+def kronecker_layout(model, x, rules, variables):
+    """``(layout, probe floats per example)`` from ONE eager forward pass of ``x`` (one
+    example) under :func:`fastewc.capture.capture`: which layers' rules give Kronecker
+    blocks, and their factor shapes (each ``kron`` is called once on zero deltas).  Raises
+    :class:`fastewc.registry.UnsupportedLayerError` as :func:`fastewc.capture.survey` does."""
+    records, probe_floats = capture_lib.recorded(model, x, rules)
+    factors = {}
+    for layer, result in records:
+        if result.kron is None:
+            continue
+        probe = result.probe
+        delta = tf.zeros((1,) + tuple(probe.shape), tf.float32)
+        for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]])):
+            factors[id(sums.variables[0])] = (layer.name, tuple(sums.variables),
+                                              tuple(sums.a.shape), tuple(sums.g.shape))
+    covered = {id(v) for _, block, _, _ in factors.values() for v in block}
+    keys, shapes, names, blocks = [], [], [], []
+    for v in variables:
+        if id(v) in factors:
+            name, block, a_shape, g_shape = factors[id(v)]
+            blocks.append((name, block, len(keys), len(keys) + 1))
+            keys += [("a", id(v)), ("g", id(v))]
+            shapes += [a_shape, g_shape]
+            names += [f"{_path(v)} (Kronecker factor A)", f"{_path(v)} (Kronecker factor G)"]
+        elif id(v) not in covered:
+            keys.append(id(v))
+            shapes.append(tuple(v.shape))
+            names.append(_path(v))
+    return Layout("kfac", keys, shapes, names, blocks), probe_floats
+
+
+def assemble(layout, values, variables):
+    """The estimator's result from the accumulated means ``values`` (aligned with
+    ``layout.keys``): the list itself for the diagonal, else a :class:`KroneckerFisher`
+    (factors symmetrized: (A + Aᵀ)/2 removes the rounding asymmetry of the matmuls)."""
+    if not layout.kronecker:
+        return values
+    index = {key: i for i, key in enumerate(layout.keys)}
+    blocks = [KroneckerBlock(name, block, _symmetric(values[a]), _symmetric(values[g]))
+              for name, block, a, g in layout.blocks]
+    diagonal = [values[index[id(v)]] if id(v) in index else None for v in variables]
+    return KroneckerFisher(blocks, diagonal, list(variables))
+
+
+def _symmetric(m):
+    return 0.5 * (m + tf.transpose(m))
