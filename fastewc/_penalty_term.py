@@ -86,9 +86,13 @@ def variable_paths(variables):
 
 
 def tracking_token(ewc):
-    """A value that changes when ``ewc`` starts penalizing more variables (None without
-    an EWC): a trainer retraces its compiled step when it changes."""
-    return None if ewc is None else len(ewc.tracked_paths)
+    """A value that changes when ``ewc`` starts penalizing more variables, or when its
+    penalty otherwise changes structure (``structure_token``, if it has one: an EWC with
+    Kronecker terms gets a term per task); None without an EWC.  A trainer retraces its
+    compiled step when it changes."""
+    if ewc is None:
+        return None
+    return getattr(ewc, "structure_token", None) or len(ewc.tracked_paths)
 
 
 def uses_float16(model):

@@ -57,7 +57,12 @@ import numpy as np
 import tensorflow as tf
 
 from fastewc import _cache, ewc_file
+from fastewc._state_table import StateTable as _StateTable
+from fastewc import kfac_penalty, kronecker
 from fastewc import penalty as penalty_lib
+from fastewc._kfac_state import KroneckerState
+from fastewc.curvature import CURVATURES, KroneckerFisher
+from fastewc.kfac_penalty import KFAC_SUMS
 from fastewc._checks import as_float32, check_lam, check_model, check_one_of
 
 MODES = ("separate", "online")
@@ -72,6 +77,24 @@ def _check_gamma(gamma, mode):
             "`gamma` only applies to mode='online' (the decay of older tasks); with "
             f"mode='separate' leave it at 1.0. Received: gamma={gamma!r}")
     return float(gamma)
+
+
+def _check_kfac_options(curvature, damping, kfac_sum, mode):
+    """Check ``curvature``, ``damping`` and ``kfac_sum`` together; returns damping."""
+    check_one_of("curvature", curvature, CURVATURES)
+    check_one_of("kfac_sum", kfac_sum, KFAC_SUMS)
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < np.inf:
+        raise ValueError(f"`damping` must be a finite number >= 0. Received: damping={damping!r}")
+    if curvature == "diagonal" and (damping != 0 or kfac_sum != "exact"):
+        what = f"damping={damping!r}" if damping != 0 else f"kfac_sum={kfac_sum!r}"
+        raise ValueError(f"`damping` and `kfac_sum` apply to curvature='kfac' only. Received: "
+                         f"{what} with curvature='diagonal'")
+    if kfac_sum == "nearest" and mode == "separate":
+        raise ValueError(
+            "`kfac_sum`='nearest' applies to mode='online' only: separate-mode tasks keep their "
+            "own anchors, and their Kronecker terms are summed exactly. Received: "
+            "kfac_sum='nearest' with mode='separate'")
+    return float(damping)
 
 
 def _check_any_model(model):
@@ -97,9 +120,10 @@ class PenaltyPlan(NamedTuple):
     anchors: list     # μ of each, same order
     position: dict    # id(model variable) -> its index in `variables`
     trainable: list   # model.trainable_variables: the order gradients are returned in
+    kronecker: list   # [(model variables of a block, its Kronecker terms)]
 
 
-_NO_PLAN = PenaltyPlan([], [], [], {}, [])
+_NO_PLAN = PenaltyPlan([], [], [], {}, [], [])
 
 
 class _Task(NamedTuple):
@@ -117,65 +141,6 @@ class _Update(NamedTuple):
     new: list
     delta_c: tf.Tensor
     fresh: set        # keys of variables that enter the state with this task
-
-
-class _StateTable(tf.Module):
-    """One kind of per-variable state (A or μ): ``{key: tf.Variable}``, checkpointed by key
-    (the layout of a plain dict attribute: ``ewc/_fisher/<key>``).
-
-    A checkpoint restore looks every saved key up with :meth:`_lookup_dependency`.  A key
-    that is not here is asked of the owning EWC (``resolve(key)``), which creates its state
-    from the model or raises: TF never holds a deferred restoration for EWC state (it would
-    assign the saved value whenever the variable is created later, over newer state).
-    """
-
-    _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_resolve"})
-
-    def __init__(self, name, resolve):
-        super().__init__(name=name)
-        object.__setattr__(self, "_items", {})        # found by tf.Module.variables
-        object.__setattr__(self, "_resolve", resolve)
-
-    # -- the checkpoint view -------------------------------------------------------------
-    def _trackable_children(self, *args, **kwargs):
-        return dict(self._items)
-
-    def _lookup_dependency(self, name, cached_dependencies=None):
-        if name not in self._items:
-            self._resolve(name)                      # creates the state or raises
-        return self._items[name]
-
-    # -- a dict ----------------------------------------------------------------------------
-    def __getitem__(self, key):
-        return self._items[key]
-
-    def __setitem__(self, key, value):
-        self._items[key] = value
-
-    def __delitem__(self, key):
-        del self._items[key]
-
-    def __contains__(self, key):
-        return key in self._items
-
-    def __iter__(self):
-        return iter(self._items)
-
-    def __len__(self):
-        return len(self._items)
-
-    def get(self, key, default=None):
-        return self._items.get(key, default)
-
-    def keys(self):
-        return self._items.keys()
-
-    def values(self):
-        return self._items.values()
-
-    def items(self):
-        return self._items.items()
 
 
 class EWC(tf.Module):
@@ -205,17 +170,21 @@ class EWC(tf.Module):
     _TF_MODULE_IGNORED_PROPERTIES = frozenset(
         tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", "_lock", _ESTIMATORS})
 
-    def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None):
+    def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None, curvature="diagonal",
+                 damping=0.0, kfac_sum="exact"):
         super().__init__(name="ewc")
-        self._configure(model, lam=lam, mode=mode, gamma=gamma, exclude=exclude)
+        self._configure(model, lam=lam, mode=mode, gamma=gamma, exclude=exclude, curvature=curvature,
+                        damping=damping, kfac_sum=kfac_sum)
         if model.built:
             self._track_new_variables()
 
-    def _configure(self, model, *, lam, mode, gamma, exclude, num_tasks=0, const=0.0):
+    def _configure(self, model, *, lam, mode, gamma, exclude, num_tasks=0, const=0.0,
+                   curvature="diagonal", damping=0.0, kfac_sum="exact"):
         """Check the arguments and create the scalar state; no per-variable state yet."""
         check_one_of("mode", mode, MODES)
         lam = check_lam(lam)
         gamma = _check_gamma(gamma, mode)
+        damping = _check_kfac_options(curvature, damping, kfac_sum, mode)
         object.__setattr__(self, "_model", _check_any_model(model))  # not a checkpoint dependency
         object.__setattr__(self, "_exclude", self._exclude_predicate(exclude))
         object.__setattr__(self, "_lock", threading.RLock())
@@ -224,13 +193,22 @@ class EWC(tf.Module):
         self._mode_index = tf.Variable(MODES.index(mode), dtype=tf.int32, trainable=False, name="mode")
         self._num_tasks = tf.Variable(num_tasks, dtype=tf.int64, trainable=False, name="num_tasks")
         self._const = tf.Variable(const, dtype=tf.float64, trainable=False, name="const")
+        self._curvature_index = tf.Variable(CURVATURES.index(curvature), dtype=tf.int32, trainable=False,
+                                            name="curvature")
+        self._kfac_sum_index = tf.Variable(KFAC_SUMS.index(kfac_sum), dtype=tf.int32, trainable=False,
+                                           name="kfac_sum")
+        self._damping = tf.Variable(damping, dtype=tf.float64, trainable=False, name="damping")
         owner = weakref.ref(self)                # the tables must not keep the EWC alive
 
         def resolve(key):
             return owner()._state_for_restore(key)
 
+        def variable_of(key):
+            return owner()._variable_for_restore(key)
+
         self._fisher = _StateTable("fisher", resolve)   # key -> A (float32 tf.Variable)
         self._anchor = _StateTable("anchor", resolve)   # key -> μ
+        self._kronecker = KroneckerState(variable_of)   # block -> Kronecker terms (curvature="kfac")
         self._invalidate_plan()
 
     # -- configuration ---------------------------------------------------------------
@@ -272,6 +250,24 @@ class EWC(tf.Module):
         return float(self._gamma.numpy())
 
     @property
+    def curvature(self):
+        """``"diagonal"`` or ``"kfac"``: what :meth:`consolidate` computes for each task."""
+        return CURVATURES[int(self._curvature_index.numpy())]
+
+    @property
+    def kfac_sum(self):
+        return KFAC_SUMS[int(self._kfac_sum_index.numpy())]
+
+    @property
+    def damping(self):
+        """δ ≥ 0, the factored Tikhonov damping of the Kronecker terms (settable)."""
+        return float(self._damping.numpy())
+
+    @damping.setter
+    def damping(self, value):
+        self._damping.assign(_check_kfac_options(self.curvature, value, self.kfac_sum, self.mode))
+
+    @property
     def num_tasks(self):
         """Number of consolidated tasks (an int; a tensor inside ``tf.function``)."""
         if tf.executing_eagerly():
@@ -289,13 +285,28 @@ class EWC(tf.Module):
         with self._lock:
             return {k: (self._fisher[k].numpy(), self._anchor[k].numpy()) for k in self._fisher}
 
+    def kronecker_state(self):
+        """``{(kernel path, bias path or None): [(c, A, G, W̄*)]}``: copies of the Kronecker
+        terms (``curvature="kfac"``) as float32 NumPy arrays (:mod:`fastewc.kfac_penalty`)."""
+        with self._lock:
+            return self._kronecker.snapshot()
+
+    @property
+    def structure_token(self):
+        """Changes when the penalty's structure does (more tracked variables, more
+        Kronecker terms): a compiled step that penalizes the state retraces then."""
+        return (len(self._fisher), self._kronecker.num_terms)
+
     @property
     def state_bytes(self):
-        """Bytes of per-parameter state: 2 float32 (A, μ) per tracked parameter."""
-        return sum(int(np.prod(v.shape)) * 4 * 2 for v in self._fisher.values())
+        """Bytes of state: 2 float32 (A, μ) per tracked parameter, plus the Kronecker
+        terms (c, A, G, W̄*: 1 + d'² + u² + d'u float32 each)."""
+        return sum(int(np.prod(v.shape)) * 4 * 2 for v in self._fisher.values()) + self._kronecker.state_bytes
 
     def __repr__(self):
-        return (f"<fastewc.EWC mode={self.mode!r} lam={self.lam:g} gamma={self.gamma:g} "
+        kfac = (f" curvature='kfac' kfac_sum={self.kfac_sum!r} damping={self.damping:g}"
+                if self.curvature == "kfac" else "")
+        return (f"<fastewc.EWC mode={self.mode!r} lam={self.lam:g} gamma={self.gamma:g}{kfac} "
                 f"num_tasks={self.num_tasks} variables={len(self._fisher)}>")
 
     # -- variables -------------------------------------------------------------------
@@ -405,6 +416,20 @@ class EWC(tf.Module):
             self._create_state(key, zeros, zeros)
             self._invalidate_plan()
 
+    def _variable_for_restore(self, key):
+        """The model variable of ``key``, for a checkpoint restore of Kronecker terms (their
+        shapes follow the kernel's); raise as :meth:`_state_for_restore` does."""
+        model = self._model
+        v = self._model_variables_by_key().get(key) if model.built else None
+        if v is None:
+            raise ValueError(
+                f"Cannot restore the EWC Kronecker state of variable '{key}' from the checkpoint: "
+                f"model '{model.name}' " + ("has no variable with that path. Add it to the model "
+                                             "before restoring." if model.built else
+                                             "is not built. Build the model first, then restore."))
+        self._invalidate_plan()
+        return v
+
     def _model_variables_by_key(self):
         out = {}
         for v in self._model.variables:
@@ -438,18 +463,21 @@ class EWC(tf.Module):
         """The :class:`PenaltyPlan`, cached until the model's variables or the tracked set
         change."""
         signature = (tuple(id(v) for v in self._model.variables),
-                     tuple(id(v) for v in self._model.trainable_variables), len(self._fisher))
+                     tuple(id(v) for v in self._model.trainable_variables), self.structure_token)
         cache = self._plan_cache
         if cache is not None and cache[0] == signature:
             return cache[1]
         if not self._model.built:
             plan = _NO_PLAN
         else:
-            found = self._check_tracked_present(self._model_variables_by_key())
+            by_key = self._model_variables_by_key()
+            found = self._check_tracked_present(by_key)
+            kronecker = [(tuple(by_key[k] for k in block if k is not None), terms)
+                         for block, terms in self._kronecker.blocks.items()]
             plan = PenaltyPlan(variables=found, fisher=list(self._fisher.values()),
                                anchors=list(self._anchor.values()),
                                position={id(v): i for i, v in enumerate(found)},
-                               trainable=list(self._model.trainable_variables))
+                               trainable=list(self._model.trainable_variables), kronecker=kronecker)
         object.__setattr__(self, "_plan_cache", (signature, plan))
         return plan
 
@@ -466,15 +494,37 @@ class EWC(tf.Module):
         return self._lock if tf.executing_eagerly() else contextlib.nullcontext()
 
     def _value_and_grads(self, inline=False):
-        """(value, grads of the penalized variables, plan) from one compiled function."""
+        """(value, grads along ``model.trainable_variables``): the diagonal part from one
+        compiled function, plus the Kronecker terms' from another."""
         with self._eager_lock():
             plan = self._plan()
-            if not plan.variables:
-                return tf.cast(0.5 * self._lam * self._const, tf.float32), [], plan
-            value, grads = penalty_lib.ewc_penalty_and_gradients(
-                plan.variables, plan.fisher, plan.anchors, tf.cast(self._lam, tf.float32),
-                const=tf.cast(self._const, tf.float32), inline=inline)
-            return value, grads, plan
+            lam = tf.cast(self._lam, tf.float32)
+            if plan.variables:
+                value, grads = penalty_lib.ewc_penalty_and_gradients(
+                    plan.variables, plan.fisher, plan.anchors, lam,
+                    const=tf.cast(self._const, tf.float32), inline=inline)
+            else:
+                value, grads = tf.cast(0.5 * self._lam * self._const, tf.float32), []
+            grads = self._align(grads, plan)
+            if plan.kronecker:
+                value, grads = self._add_kronecker(plan, value, grads, lam, inline)
+            return value, grads
+
+    def _add_kronecker(self, plan, value, grads, lam, inline):
+        """``value`` and ``grads`` plus the Kronecker terms' penalty and gradients
+        (:func:`fastewc.kfac_penalty.kfac_penalty_and_gradients`)."""
+        blocks = [([penalty_lib.read_float32(v) for v in variables], [term.values() for term in terms])
+                  for variables, terms in plan.kronecker]
+        k_value, k_grads = kfac_penalty.kfac_penalty_and_gradients(
+            blocks, lam, tf.cast(self._damping, tf.float32), inline=inline)
+        index = {id(v): i for i, v in enumerate(plan.trainable)}
+        grads = list(grads)
+        flat = [v for variables, _ in plan.kronecker for v in variables]
+        for variable, g in zip(flat, k_grads):
+            i = index.get(id(variable))
+            if i is not None:                 # a frozen block variable needs no gradient
+                grads[i] = grads[i] + g
+        return value + k_value, grads
 
     def penalty(self):
         """λ/2 Σ_i A_i (θ_i − μ_i)² + λc/2: a float32 scalar, differentiable w.r.t. the model's
@@ -491,14 +541,15 @@ class EWC(tf.Module):
         differentiable as in :meth:`penalty`).  ``inline=True`` traces the computation into
         the calling graph without the custom gradient: for train steps that add the
         gradients themselves (:func:`fastewc.penalty.ewc_penalty_and_gradients`)."""
-        value, grads, plan = self._value_and_grads(inline=inline)
-        return value, self._align(grads, plan)
+        return self._value_and_grads(inline=inline)
 
     def penalty_gradients(self):
         """λ·A·(θ − μ) for each of ``model.trainable_variables`` (float32; zeros for variables
         not penalized), computed without a tape: add them to a train step's gradients."""
         with self._eager_lock():
             plan = self._plan()
+            if plan.kronecker:
+                return self._value_and_grads()[1]
             if not plan.variables:
                 return [tf.zeros(v.shape, tf.float32) for v in plan.trainable]
             grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors,
@@ -532,7 +583,8 @@ class EWC(tf.Module):
         one EWC run one after the other (the EWC's lock is held from the Fisher to the
         commit: the estimator's plan and traces are not shared between threads, and one
         Fisher already uses every core).  Returns the Fisher (list aligned with
-        ``model.trainable_variables``).
+        ``model.trainable_variables``; with ``curvature="kfac"`` the
+        :class:`fastewc.KroneckerFisher`, and ``method`` must be "auto" or "factored").
         """
         self._require_eager("consolidate")
         with self._lock:
@@ -540,7 +592,8 @@ class EWC(tf.Module):
                 self._check_tracked_present(self._model_variables_by_key())
             estimator = self._estimator(loss=loss, kind=kind, method=method,
                                         batch_size=batch_size, rules=rules,
-                                        num_samples=num_samples, jit_compile=jit_compile)
+                                        num_samples=num_samples, jit_compile=jit_compile,
+                                        curvature=self.curvature)
             fisher = estimator(data, seed=seed, verbose=verbose, max_examples=max_examples)
             self.add_task(fisher)
             return fisher
@@ -573,9 +626,91 @@ class EWC(tf.Module):
         """
         self._require_eager("add_task")
         with self._lock:
+            blocks = None
+            if isinstance(fisher, KroneckerFisher):
+                fisher, blocks = self._split_kronecker(fisher)
+            elif self.curvature == "kfac":
+                raise TypeError(
+                    "`fisher` must be a fastewc.KroneckerFisher (fastewc.kfac_fisher's result) for "
+                    f"an EWC with curvature='kfac'. Received: fisher of type {type(fisher).__name__}")
             task = self._validate_task(fisher, anchors)
             update = self._merge_task(task)
-            self._commit(update)
+            pending = self._merge_kronecker(blocks, task) if blocks is not None else {}
+            undo = self._kronecker.commit(pending)
+            try:
+                self._commit(update)
+            except BaseException:
+                undo()
+                raise
+
+    # -- Kronecker terms (curvature="kfac") -------------------------------------------
+    def _split_kronecker(self, result):
+        """A :class:`fastewc.KroneckerFisher` → (the diagonal list, zeros for the variables
+        its blocks cover; ``{block: (layer name, A, G)}`` of the blocks this EWC penalizes)."""
+        if self.curvature != "kfac":
+            raise ValueError(
+                "`fisher` is a fastewc.KroneckerFisher, but this EWC has curvature='diagonal'. "
+                "Build it with fastewc.EWC(model, lam=..., curvature='kfac'), or pass the diagonal "
+                "(fastewc.fisher_diagonal). Received: a KroneckerFisher")
+        trainable = list(check_model(self._model, trainable=False).trainable_variables)
+        if [id(v) for v in result.variables] != [id(v) for v in trainable]:
+            raise ValueError(
+                f"`fisher` was computed for other trainable variables than model '{self._model.name}' "
+                f"has now ({len(result.variables)} then, {len(trainable)} now). Received: a "
+                "KroneckerFisher of another model or an older state of this one")
+        diagonal = [tf.zeros(v.shape, tf.float32) if f is None else f
+                    for v, f in zip(trainable, result.diagonal)]
+        blocks = {}
+        for block in result.blocks:
+            excluded = [self._exclude(v) for v in block.variables]
+            if all(excluded):
+                continue
+            if any(excluded):
+                raise ValueError(
+                    f"`exclude` covers part of layer '{block.layer}''s Kronecker block "
+                    f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
+            keys = tuple(self._key(v) for v in block.variables)
+            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g)
+        return diagonal, blocks
+
+    def _merge_kronecker(self, blocks, task):
+        """Every block's new terms (:func:`fastewc.kfac_penalty.merge_block`, nothing
+        assigned): the task's blocks at the task's weights, and the blocks it has no factors
+        for decayed (:func:`fastewc.kfac_penalty.decay_block`).  Raises for factors that
+        are not finite or have a negative diagonal, and for a merge that is not finite in
+        float32, naming the layer."""
+        mode, kfac_sum, gamma = self.mode, self.kfac_sum, self.gamma
+        pending = {}
+
+        def anchor_of(block):
+            return kronecker.weight_matrix([task.theta[k] if k in task.theta else
+                                            penalty_lib.read_float32(task.by_key[k])
+                                            for k in block if k is not None])
+
+        for block, (layer, a, g) in blocks.items():
+            for label, factor in (("A", a), ("G", g)):
+                if not (bool(tf.reduce_all(tf.math.is_finite(factor)))
+                        and bool(tf.reduce_all(tf.linalg.diag_part(factor) >= 0))):
+                    raise ValueError(
+                        f"`fisher`: the Kronecker factor {label} of layer '{layer}' must be finite "
+                        "with a non-negative diagonal. Received: NaN, Inf or a negative diagonal")
+            current = [kfac_penalty.Term(*(v.read_value() for v in t.values()))
+                       for t in self._kronecker.blocks.get(block, [])]
+            pending[block], _ = kfac_penalty.merge_block(
+                current, (tf.cast(a, tf.float32), tf.cast(g, tf.float32), anchor_of(block)),
+                mode=mode, kfac_sum=kfac_sum, gamma=gamma)
+        for block, terms in self._kronecker.blocks.items():
+            if block not in pending:
+                current = [kfac_penalty.Term(*(v.read_value() for v in t.values())) for t in terms]
+                pending[block] = kfac_penalty.decay_block(current, anchor_of(block), mode=mode, gamma=gamma)
+        for block, terms in pending.items():
+            values = [v for term in terms for v in term.values()]
+            if not all(bool(tf.reduce_all(tf.math.is_finite(tf.cast(v, tf.float32)))) for v in values):
+                raise ValueError(
+                    f"`fisher`: adding this task would make the Kronecker terms of '{block[0]}' not "
+                    "finite in float32 (the weights or the factors are too large). The state is "
+                    "unchanged.")
+        return pending
 
     def _validate_task(self, fisher, anchors):
         """Argument checks (types, lengths, dtypes, shapes) → the new per-key F and θ."""

@@ -43,6 +43,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from fastewc.penalty import read_float32
+
 __all__ = ["weight_matrix", "split_matrix", "quadratic_form", "damped_factors",
            "nearest_kronecker"]
 
@@ -50,7 +52,10 @@ __all__ = ["weight_matrix", "split_matrix", "quadratic_form", "damped_factors",
 # -- dtypes and shapes ------------------------------------------------------------------
 def _as_float(value, dtype=None):
     """``value`` as a tensor of ``dtype``; with None, float64 stays float64 and anything
-    else becomes float32 (no copy when it already has the target dtype)."""
+    else becomes float32 (no copy when it already has the target dtype).  Python numbers
+    are converted straight to ``dtype`` (no float32 rounding on the way to float64)."""
+    if dtype is not None and isinstance(value, numbers.Real):
+        return tf.constant(value, dtype)
     value = tf.convert_to_tensor(value)
     if dtype is None:
         dtype = tf.float64 if value.dtype == tf.float64 else tf.float32
@@ -84,12 +89,14 @@ def weight_matrix(values):
         W̄ = reshape(kernel, (-1, u))                  without a bias,   d' = prod(kernel.shape[:-1])
         W̄ = [reshape(kernel, (-1, u)); biasᵀ]          with a bias,      d' = prod(kernel.shape[:-1]) + 1
 
-    The reshape is row-major (C order), the bias is the last row.  ``values`` are tensors,
-    variables or arrays of any float dtype (cast to float32).  A reshape and at most one
-    concatenation: O(d'u) time and memory.  Inverse: :func:`split_matrix`.
+    The reshape is row-major (C order), the bias is the last row.  ``values`` are Keras
+    variables, tf.Variables, tensors or arrays of any float dtype, read as float32 (Keras
+    variables without the ``mixed_float16`` autocast, as :func:`fastewc.penalty.read_float32`).
+    A reshape and at most one concatenation: O(d'u) time and memory.
+    Inverse: :func:`split_matrix`.
     """
     values = _check_values(values)
-    kernel = _as_float(values[0], tf.float32)
+    kernel = read_float32(values[0])
     if kernel.shape.rank is not None and kernel.shape.rank < 1:
         raise ValueError("`values[0]` (the kernel) must have rank >= 1, shape (..., u). "
                          f"Received: shape {tuple(kernel.shape)}")
@@ -97,7 +104,7 @@ def weight_matrix(values):
     matrix = tf.reshape(kernel, [-1, units])
     if len(values) == 1:
         return matrix
-    bias = _as_float(values[1], tf.float32)
+    bias = read_float32(values[1])
     if bias.shape.rank is not None and (bias.shape.rank != 1 or (
             bias.shape[0] is not None and kernel.shape[-1] is not None
             and bias.shape[0] != kernel.shape[-1])):
@@ -175,8 +182,8 @@ def quadratic_form(delta, a, g):
 
 # -- damping ----------------------------------------------------------------------------
 def _check_damping(damping):
-    if isinstance(damping, (tf.Tensor, tf.Variable)):
-        return damping          # checking its value would cost a host sync
+    if not isinstance(damping, numbers.Real) and hasattr(damping, "dtype"):
+        return damping          # a tensor or variable: checking it would cost a host sync
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not np.isfinite(damping):
         raise ValueError(f"`damping` must be a finite number >= 0. Received: damping={damping!r}")
     if damping < 0:
@@ -209,8 +216,8 @@ def damped_factors(a, g, damping):
 
         A_δ ⊗ G_δ = A ⊗ G + √δ (π I ⊗ G + A ⊗ I / π) + δ I,
 
-    i.e. the exact Tikhonov term δ I plus a cross term; π minimises the cross term's size
-    (its two parts get equal mean-eigenvalue weight).  π = 1 when either trace is ≤ 0 or
+    i.e. the exact Tikhonov term δ I plus a cross term; π minimises the cross term's trace
+    (its nuclear norm for PSD factors), √δ (π d' tr(G) + u tr(A) / π).  π = 1 when either trace is ≤ 0 or
     the ratio is not finite, so a zero or singular factor never produces NaN/Inf; with
     δ > 0 both damped factors are then positive definite whenever A and G are PSD.
 
@@ -234,26 +241,40 @@ def damped_factors(a, g, damping):
 
 
 # -- nearest Kronecker product ----------------------------------------------------------
+def _coefficient_vector(coefficients):
+    """c as a float64 tensor; a list may mix Python numbers (kept exact) and tensors."""
+    if isinstance(coefficients, (list, tuple)) and coefficients:
+        return tf.stack([_as_float(c, tf.float64) for c in coefficients])
+    if isinstance(coefficients, (list, tuple)):
+        return tf.zeros([0], tf.float64)
+    return _as_float(coefficients, tf.float64)
+
+
 def _check_terms(coefficients, a_list, g_list):
     for label, values in (("a_list", a_list), ("g_list", g_list)):
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise TypeError(f"`{label}` must be a list of square matrices, one per term. "
                             f"Received: {label} of type {type(values).__name__}")
-    a_list, g_list = list(a_list), list(g_list)
-    coefficients = tf.convert_to_tensor(coefficients)
+    a_list = [_as_float(a, tf.float64) for a in a_list]
+    g_list = [_as_float(g, tf.float64) for g in g_list]
+    coefficients = _coefficient_vector(coefficients)
     static = coefficients.shape
-    num = static[0] if static.rank == 1 else None
-    if static.rank != 1 or num != len(a_list) or len(a_list) != len(g_list) or not a_list:
+    if static.rank != 1 or static[0] != len(a_list) or len(a_list) != len(g_list) or not a_list:
+        received = tuple(static) if static.rank is not None else None
         raise ValueError(
             "`coefficients`, `a_list` and `g_list` must have the same length T >= 1, one "
-            f"entry per term. Received: coefficients of shape {tuple(static) if static.rank is not None else None}, "
+            f"entry per term. Received: coefficients of shape {received}, "
             f"{len(a_list)} a_list and {len(g_list)} g_list")
     for label, values in (("a_list", a_list), ("g_list", g_list)):
-        shapes = [tuple(tf.convert_to_tensor(v).shape) for v in values]
-        for i, shape in enumerate(shapes):
-            if len(shape) != 2 or shape[0] != shape[1] or shape != shapes[0]:
+        first = values[0].shape
+        for i, value in enumerate(values):
+            shape = value.shape
+            if shape.rank is None:
+                continue
+            if shape.rank != 2 or shape[0] != shape[1] or not shape.is_compatible_with(first):
                 raise ValueError(f"`{label}` must hold square matrices of one shape. Received: "
-                                 f"{label}[{i}] of shape {shape}, {label}[0] of shape {shapes[0]}")
+                                 f"{label}[{i}] of shape {tuple(shape)}, {label}[0] of shape "
+                                 f"{tuple(first) if first.rank is not None else None}")
     return coefficients, a_list, g_list
 
 
@@ -312,9 +333,9 @@ def nearest_kronecker(coefficients, a_list, g_list):
     """The Kronecker product A ⊗ G nearest to S = Σ_t c_t A_t ⊗ G_t in Frobenius norm.
 
     Van Loan & Pitsianis (1993): the rearrangement R maps X ⊗ Y to vec(X) vec(Y)ᵀ and
-    preserves the Frobenius norm, so
+    preserves the Frobenius norm, so with R(S) = Σ_t c_t vec(A_t) vec(G_t)ᵀ
 
-        min_{A,G} ‖S − A ⊗ G‖_F = min_{x,y} ‖R(S) − x yᵀ‖_F,   R(S) = Σ_t c_t vec(A_t) vec(G_t)ᵀ,
+        min_{A,G} ‖S − A ⊗ G‖_F = min_{x,y} ‖R(S) − x yᵀ‖_F,
 
     a rank-1 approximation of R(S) (its leading singular triple).  R(S) = U_A C U_Gᵀ with
     U_A = [vec A_1 … vec A_T] (d'² × T), U_G = [vec G_1 … vec G_T] (u² × T) and
@@ -324,7 +345,7 @@ def nearest_kronecker(coefficients, a_list, g_list):
       Q_ts = tr(G_t G_s) (A, G symmetric; the derivation itself only uses ⟨·,·⟩_F).
     * With P = P^{1/2} P^{1/2}, Q = Q^{1/2} Q^{1/2} (symmetric PSD roots),
       R(S)ᵀ R(S) = U_G C P C U_Gᵀ has the same non-zero eigenvalues as
-      M ᵀM, M = P^{1/2} C Q^{1/2} (T × T): R(S) and M share their singular values σ_i.
+      MᵀM, M = P^{1/2} C Q^{1/2} (T × T): R(S) and M share their singular values σ_i.
     * If b is M's leading right singular vector, β = Q^{+1/2} b (pseudo-inverse root) gives
       y = U_G β, a unit vector (βᵀQβ = ‖b‖² = 1) and R(S)'s leading right singular vector.
       The best x for that y is R(S) y / ‖y‖² = U_A C Q β / (βᵀ Q β).  Hence
@@ -360,16 +381,13 @@ def nearest_kronecker(coefficients, a_list, g_list):
     T × T SVD, and T-term sums for A and G; memory: the float64 copies of the inputs plus
     A and G.  T is static (the length of the lists): one trace per T.
     """
-    coefficients, a_list, g_list = _check_terms(coefficients, a_list, g_list)
+    c, a_list, g_list = _check_terms(coefficients, a_list, g_list)
     with tf.name_scope("fastewc/nearest_kronecker"):
         num = len(a_list)
-        c = tf.reshape(_as_float(coefficients, tf.float64), [num])
-        a_list = [_as_float(a, tf.float64) for a in a_list]
-        g_list = [_as_float(g, tf.float64) for g in g_list]
         p, q = _gram(a_list), _gram(g_list)
         p_root, _ = _psd_roots(p)
         q_root, q_inv_root = _psd_roots(q)
-        m = tf.matmul(p_root * c[tf.newaxis, :], q_root)              # P^{1/2} C Q^{1/2}
+        m = tf.matmul(p_root * c[tf.newaxis, :], q_root)          # P^{1/2} C Q^{1/2}
         sigma, _, right = tf.linalg.svd(m)
         top = tf.argmax(sigma)
         beta = tf.linalg.matvec(q_inv_root, tf.gather(right, top, axis=1))

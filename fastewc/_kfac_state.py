@@ -1,0 +1,135 @@
+"""The Kronecker part of a ``curvature="kfac"`` EWC's state: each block's terms as
+tf.Variables, their merge with a task (pure, then committed or undone) and their
+checkpoint keys.  The maths is :mod:`fastewc.kfac_penalty`'s.
+
+A block is keyed by its variables' EWC keys, ``(kernel key, bias key or None)``.  Its
+t-th term lives in four non-trainable float32 variables, checkpointed under
+``"<kernel key>|<bias key>|<t>|<field>"`` (field: coef, a, g, anchor), so that a restore
+creates them from the key and the model's kernel shape (:meth:`KroneckerState.resolve`)
+and never defers a value (:class:`fastewc._state_table.StateTable`).
+"""
+import numpy as np
+import tensorflow as tf
+
+from fastewc import kfac_penalty
+from fastewc._state_table import StateTable
+
+FIELDS = ("coef", "a", "g", "anchor")
+
+
+def block_shapes(kernel_shape, has_bias):
+    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape``."""
+    rows = int(np.prod(kernel_shape[:-1])) + (1 if has_bias else 0)
+    units = int(kernel_shape[-1])
+    return (), (rows, rows), (units, units), (rows, units)
+
+
+def term_key(block, t, field):
+    kernel, bias = block
+    return f"{kernel}|{bias or ''}|{t}|{field}"
+
+
+def parse_term_key(key):
+    """``(block, t, field)`` of a checkpoint key, or None if it is not one."""
+    parts = key.split("|")
+    if len(parts) != 4 or parts[3] not in FIELDS or not parts[2].isdigit():
+        return None
+    return (parts[0], parts[1] or None), int(parts[2]), parts[3]
+
+
+class KroneckerState(tf.Module):
+    """``{block: [Term of tf.Variables]}`` with a checkpoint view by key.
+
+    ``variable_of(key)`` returns the model variable of an EWC key (or raises a ValueError
+    naming it); a restore uses it for the shapes of the terms it creates."""
+
+    _TF_MODULE_IGNORED_PROPERTIES = frozenset(
+        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_variable_of", "_blocks"})
+
+    def __init__(self, variable_of):
+        super().__init__(name="kronecker")
+        object.__setattr__(self, "_variable_of", variable_of)
+        object.__setattr__(self, "_blocks", {})
+        self._terms = StateTable("terms", self.resolve)
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def blocks(self):
+        """``{block: [Term]}`` (the live variables; do not assign them)."""
+        return self._blocks
+
+    @property
+    def num_terms(self):
+        return sum(len(terms) for terms in self._blocks.values())
+
+    @property
+    def state_bytes(self):
+        return sum(4 * int(np.prod(v.shape)) for terms in self._blocks.values() for term in terms
+                   for v in term.values())
+
+    def snapshot(self):
+        """``{block: [(c, A, G, W̄*)]}`` as float32 NumPy arrays."""
+        return {block: [tuple(np.asarray(v.numpy(), np.float32) for v in term.values()) for term in terms]
+                for block, terms in self._blocks.items()}
+
+    # -- writing ------------------------------------------------------------------------
+    def commit(self, pending):
+        """Assign ``pending`` = ``{block: [Term of tensors]}`` (a block's list never
+        shrinks), creating the variables of new terms; returns ``undo()``, which puts the
+        previous values back and drops the created variables."""
+        saved, created = [], []
+        try:
+            for block, new_terms in pending.items():
+                terms = self._blocks.setdefault(block, [])
+                for t, new in enumerate(new_terms):
+                    if t < len(terms):
+                        saved.append((terms[t], tuple(v.read_value() for v in terms[t].values())))
+                        for variable, value in zip(terms[t].values(), new.values()):
+                            variable.assign(value)
+                    else:
+                        terms.append(self._create(block, t, [tf.convert_to_tensor(v) for v in new.values()]))
+                        created.append((block, t))
+        except BaseException:
+            self._undo(saved, created)
+            raise
+        return lambda: self._undo(saved, created)
+
+    def _undo(self, saved, created):
+        for term, values in saved:
+            for variable, value in zip(term.values(), values):
+                variable.assign(value)
+        for block, t in reversed(created):
+            terms = self._blocks[block]
+            if len(terms) == t + 1:
+                terms.pop()
+            for field in FIELDS:
+                key = term_key(block, t, field)
+                if key in self._terms:
+                    del self._terms[key]
+            if not terms:
+                del self._blocks[block]
+
+    def _create(self, block, t, values):
+        variables = []
+        with tf.init_scope():
+            for field, value in zip(FIELDS, values):
+                variable = tf.Variable(value, dtype=tf.float32, trainable=False, name=f"kfac_{field}")
+                self._terms[term_key(block, t, field)] = variable
+                variables.append(variable)
+        return kfac_penalty.Term(*variables)
+
+    def resolve(self, key):
+        """Create the term ``key`` names (and the block's earlier terms) with zeros shaped
+        from the model's kernel, for a checkpoint restore; raise for a key that is not a
+        term's or a kernel the model does not have."""
+        parsed = parse_term_key(key)
+        if parsed is None:
+            raise ValueError(f"Cannot restore EWC Kronecker state '{key}': not a Kronecker term key.")
+        block, t, _ = parsed
+        kernel = self._variable_of(block[0])
+        if block[1] is not None:
+            self._variable_of(block[1])
+        shapes = block_shapes(tuple(kernel.shape), block[1] is not None)
+        terms = self._blocks.setdefault(block, [])
+        while len(terms) <= t:
+            terms.append(self._create(block, len(terms), [np.zeros(s, np.float32) for s in shapes]))
