@@ -60,7 +60,7 @@ from fastewc import _cache, ewc_file
 from fastewc._state_table import StateTable as _StateTable
 from fastewc import kfac_penalty, kronecker
 from fastewc import penalty as penalty_lib
-from fastewc._kfac_state import KroneckerState
+from fastewc._kfac_state import KroneckerState, block_shapes
 from fastewc.curvature import CURVATURES, KroneckerFisher
 from fastewc.kfac_penalty import KFAC_SUMS
 from fastewc._checks import as_float32, check_lam, check_model, check_one_of
@@ -853,7 +853,9 @@ class EWC(tf.Module):
                         if self._model.built else [])
             contents = ewc_file.EWCFile(
                 mode=self.mode, lam=self.lam, gamma=self.gamma, num_tasks=self.num_tasks,
-                const=float(self._const.numpy()), state=self.state(), excluded=excluded)
+                const=float(self._const.numpy()), state=self.state(), excluded=excluded,
+                curvature=self.curvature, damping=self.damping, kfac_sum=self.kfac_sum,
+                kronecker=self._kronecker.snapshot())
         ewc_file.write(path, contents)
 
     @classmethod
@@ -876,6 +878,8 @@ class EWC(tf.Module):
             gamma = _check_gamma(contents.gamma, contents.mode)
             num_tasks = int(contents.num_tasks)
             const = float(contents.const)
+            damping = _check_kfac_options(contents.curvature, contents.damping, contents.kfac_sum,
+                                          contents.mode)
         except (ValueError, TypeError) as err:
             raise ValueError(f"EWC file {path!r} has an invalid header: {err}") from None
         check_model(model, trainable=False)
@@ -885,7 +889,8 @@ class EWC(tf.Module):
         ewc = cls.__new__(cls)
         super(EWC, ewc).__init__(name="ewc")
         ewc._configure(model, lam=lam, mode=contents.mode, gamma=gamma, exclude=exclude,
-                       num_tasks=num_tasks, const=const)
+                       num_tasks=num_tasks, const=const, curvature=contents.curvature,
+                       damping=damping, kfac_sum=contents.kfac_sum)
         by_key = ewc._model_variables_by_key()
         for key, (a, _) in contents.state.items():
             v = by_key.get(key)
@@ -900,7 +905,30 @@ class EWC(tf.Module):
             if ewc._exclude(v):
                 raise ValueError(f"Variable '{v.path}' has EWC state in {path!r} but is excluded.")
         ewc._track_new_variables(initial=contents.state)
+        ewc._load_kronecker(path, contents.kronecker or {}, by_key)
         return ewc
+
+    def _load_kronecker(self, path, blocks, by_key):
+        """Create the Kronecker terms a file holds, each block checked against the model
+        (its variables exist, the terms' shapes follow its kernel) before any is created."""
+        pending = {}
+        for block, terms in blocks.items():
+            kernel = by_key.get(block[0])
+            missing = [k for k in block if k is not None and k not in by_key]
+            if missing:
+                raise ValueError(
+                    f"Cannot load EWC state from {path!r} onto model '{self._model.name}': the file "
+                    f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
+            shapes = block_shapes(tuple(kernel.shape), block[1] is not None)
+            for term in terms:
+                if tuple(np.shape(v) for v in term) != shapes:
+                    raise ValueError(
+                        f"Cannot load EWC state from {path!r} onto model '{self._model.name}': the "
+                        f"Kronecker terms of '{block[0]}' have shapes {[np.shape(v) for v in term]}, "
+                        f"the model's kernel {tuple(kernel.shape)} needs {list(shapes)}.")
+            pending[block] = [kfac_penalty.Term(*term) for term in terms]
+        self._kronecker.commit(pending)
+        self._invalidate_plan()
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -1,11 +1,17 @@
 """The EWC file format: one ``.npz`` holding an EWC's state, verified on read.
 
-Layout (``FORMAT = "fastewc.EWC"``, ``FORMAT_VERSION = 1``):
+Layout (``FORMAT = "fastewc.EWC"``, version 1; version 2 below):
 
 * ``header``: UTF-8 JSON as a uint8 array: ``format``, ``version``, ``mode``, ``lam``,
   ``gamma``, ``num_tasks``, ``const`` (c), ``variables`` (a list of ``{"path", "shape"}``
   in state order), ``excluded`` (paths excluded when saved) and ``sha256``;
 * ``fisher_i`` and ``anchor_i``: A and μ of the i-th variable, float32 of its shape.
+
+Version 2 (written when the EWC has ``curvature="kfac"``; version 1 files still read) adds
+to the header ``curvature``, ``damping``, ``kfac_sum`` and ``kronecker``: a list of
+``{"kernel", "bias", "coefficients", "rows", "units"}``, one per block (its variables' paths,
+bias None without one, the terms' c), and for the j-th term over all blocks the arrays
+``kfaca_j`` (rows × rows), ``kfacg_j`` (units × units) and ``kfacw_j`` (rows × units).
 
 ``sha256`` is the SHA-256 of the header without it (canonical JSON) followed by, for each
 array in (i, name) order, its name and its little-endian float32 bytes: a flipped bit in
@@ -33,9 +39,11 @@ from typing import NamedTuple
 import numpy as np
 
 FORMAT = "fastewc.EWC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
 _REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
 _KINDS = ("fisher", "anchor")
+_TERM_KINDS = ("kfaca", "kfacg", "kfacw")
 
 
 class EWCFile(NamedTuple):
@@ -48,13 +56,18 @@ class EWCFile(NamedTuple):
     const: float
     state: dict
     excluded: list
+    curvature: str = "diagonal"
+    damping: float = 0.0
+    kfac_sum: str = "exact"
+    kronecker: dict = None       # {(kernel path, bias path or None): [(c, A, G, W̄*)]}
 
 
 def write(path, contents):
     """Write ``contents`` (an :class:`EWCFile`) to ``path``, atomically."""
     path = os.fspath(path)
+    kfac = contents.curvature != "diagonal"
     header = {
-        "format": FORMAT, "version": FORMAT_VERSION, "mode": contents.mode,
+        "format": FORMAT, "version": 2 if kfac else 1, "mode": contents.mode,
         "lam": contents.lam, "gamma": contents.gamma, "num_tasks": contents.num_tasks,
         "const": contents.const,
         "variables": [{"path": key, "shape": list(np.shape(a))}
@@ -65,6 +78,18 @@ def write(path, contents):
     for i, (a, mu) in enumerate(contents.state.values()):
         arrays[f"fisher_{i}"] = np.asarray(a, np.float32)
         arrays[f"anchor_{i}"] = np.asarray(mu, np.float32)
+    if kfac:
+        header.update(curvature=contents.curvature, damping=contents.damping, kfac_sum=contents.kfac_sum,
+                      kronecker=[])
+        j = 0
+        for (kernel, bias), terms in (contents.kronecker or {}).items():
+            rows, units = (np.shape(terms[0][3]) if terms else (0, 0))
+            header["kronecker"].append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
+                                        "coefficients": [float(t[0]) for t in terms]})
+            for _, a, g, anchor in terms:
+                for kind, value in zip(_TERM_KINDS, (a, g, anchor)):
+                    arrays[f"{kind}_{j}"] = np.asarray(value, np.float32)
+                j += 1
     header["sha256"] = digest(header, arrays)
     header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
     directory = os.path.dirname(os.path.abspath(path))
@@ -89,9 +114,18 @@ def read(path):
     state = {}
     for i, entry in enumerate(header["variables"]):
         state[str(entry["path"])] = (arrays[f"fisher_{i}"], arrays[f"anchor_{i}"])
+    kronecker, j = {}, 0
+    for block in header.get("kronecker", []):
+        terms = []
+        for c in block["coefficients"]:
+            terms.append((np.float32(c),) + tuple(arrays[f"{kind}_{j}"] for kind in _TERM_KINDS))
+            j += 1
+        kronecker[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = terms
     return EWCFile(mode=header["mode"], lam=header["lam"], gamma=header["gamma"],
                    num_tasks=header["num_tasks"], const=header["const"], state=state,
-                   excluded=list(header.get("excluded", [])))
+                   excluded=list(header.get("excluded", [])),
+                   curvature=header.get("curvature", "diagonal"), damping=header.get("damping", 0.0),
+                   kfac_sum=header.get("kfac_sum", "exact"), kronecker=kronecker)
 
 
 def digest(header, arrays):
@@ -124,6 +158,18 @@ def fsync_directory(directory):
         os.close(dir_fd)
 
 
+def _term_shapes(header):
+    """{array name: shape} of the Kronecker terms a version-2 header lists."""
+    shapes, j = {}, 0
+    for block in header.get("kronecker", []) if header.get("version") == 2 else []:
+        rows, units = int(block["rows"]), int(block["units"])
+        for _ in block["coefficients"]:
+            shapes.update({f"kfaca_{j}": (rows, rows), f"kfacg_{j}": (units, units),
+                           f"kfacw_{j}": (rows, units)})
+            j += 1
+    return shapes
+
+
 def _read_verified(path):
     """(header, arrays) from an EWC file, verified; ValueError for anything malformed."""
     with open(path, "rb") as f:
@@ -145,9 +191,9 @@ def _read_verified(path):
         raise corrupt(f"unreadable header ({type(err).__name__}: {err})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise corrupt(f"format is not {FORMAT!r}")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in _READABLE:
         raise ValueError(f"{path!r} has EWC file version {header.get('version')!r}; this fastewc "
-                         f"reads version {FORMAT_VERSION}.")
+                         f"reads versions {list(_READABLE)}.")
     missing = [k for k in _REQUIRED if k not in header]
     if missing:
         raise corrupt(f"header lacks {missing}")
@@ -157,14 +203,17 @@ def _read_verified(path):
         raise corrupt(f"bad variable list ({type(err).__name__}: {err})") from None
     if len({key for key, _ in entries}) != len(entries):
         raise corrupt("a variable path is listed twice")
-    expected = {f"{kind}_{i}" for i in range(len(entries)) for kind in _KINDS}
-    if set(contents) != expected:
-        raise corrupt(f"arrays {sorted(set(contents) ^ expected)} missing or unexpected")
-    for i, (key, shape) in enumerate(entries):
-        for kind in _KINDS:
-            arr = contents[f"{kind}_{i}"]
-            if arr.dtype != np.float32 or arr.shape != shape:
-                raise corrupt(f"array for '{key}' has {arr.dtype} {arr.shape}, expected float32 {shape}")
+    expected = {f"{kind}_{i}": shape for i, (_, shape) in enumerate(entries) for kind in _KINDS}
+    try:
+        expected.update(_term_shapes(header))
+    except Exception as err:     # noqa: BLE001
+        raise corrupt(f"bad Kronecker block list ({type(err).__name__}: {err})") from None
+    if set(contents) != set(expected):
+        raise corrupt(f"arrays {sorted(set(contents) ^ set(expected))} missing or unexpected")
+    for name, shape in expected.items():
+        arr = contents[name]
+        if arr.dtype != np.float32 or arr.shape != shape:
+            raise corrupt(f"array {name!r} has {arr.dtype} {arr.shape}, expected float32 {shape}")
     if digest(header, contents) != header["sha256"]:
         raise corrupt("SHA-256 checksum mismatch")
     return header, contents
