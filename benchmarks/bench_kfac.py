@@ -1,0 +1,211 @@
+"""Kronecker-factored EWC (issue 17): the factors against the floor, the penalty against the
+diagonal's, and the train step with each.
+
+* ``test_factors[problem-kind]``: on the reference MLP (512 examples) and CNN (256), one
+  rotation of ``floor`` (compiled forward+backward of the mean loss, no XLA and XLA: the
+  faster is the floor), ``diagonal`` (:func:`fastewc.fisher_diagonal`) and ``kfac``
+  (:func:`fastewc.kfac_fisher`), default arguments; plus each one's first call (trace and
+  compile) in a fresh estimator, before the rotation.
+* ``test_penalty[T]``: the reference MLP's penalty and gradient
+  (``ewc.penalty_and_gradients()`` in a tf.function) for an EWC holding T = 1, 5, 20 tasks:
+  diagonal (separate), KFAC separate (T terms per layer), KFAC online with
+  ``kfac_sum="nearest"`` (one term per layer); ``T`` rotated within one test.
+* ``test_train_step[batch]``: ``fastewc.make_train_step`` (defaults) on the reference MLP at
+  batch 32 and 256: no EWC, diagonal EWC, KFAC separate with 5 tasks, KFAC online-nearest;
+  10 optimizer steps per timed call (``steps_per_call=10``).
+
+Every member is warmed up, then timed in rounds whose order reverses each round (the
+machine drifts); each member's median is in ``extra_info["medians"]``.  The smoke pass
+(``--benchmark-disable``, in ``make test``) runs the exact kind, T = 1 and 5 and batch 32.
+
+    .venv/bin/python -m pytest benchmarks/bench_kfac.py --benchmark-only -q \\
+        -o python_files=bench_*.py --benchmark-json=benchmarks/results/kfac.json
+    .venv/bin/python -m benchmarks.bench_kfac benchmarks/results/kfac.json     # the tables
+"""
+import json
+import statistics
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from benchmarks import problems
+from benchmarks.conftest import rotate
+
+KINDS = ("empirical", "sampled", "exact")
+TASKS = (1, 5, 20)
+BATCHES = (32, 256)
+LAM = 100.0
+STEPS = 10
+
+
+def _medians(times):
+    return None if times is None else {name: statistics.median(t) for name, t in times.items()}
+
+
+def _floor_fn(model, x, y, jit):
+    @tf.function(jit_compile=jit)
+    def forward_backward(x, y):
+        with tf.GradientTape() as tape:
+            value = problems.LOSS(y, model(x, training=False))
+        return tape.gradient(value, model.trainable_variables)
+    return lambda: forward_backward(x, y)[-1].numpy()
+
+
+def _first_call(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_factors(benchmark, smoke, device, name, kind):
+    if smoke and kind != "exact":
+        pytest.skip("smoke subset: the exact kind")
+    model, x, y = problems.make(name, small=smoke)
+    benchmark.group = f"kfac-factors[{device}]"
+    fisher_args = dict(loss=problems.LOSS, kind=kind)
+    members = {
+        "floor_noxla": _floor_fn(model, x, y, False),
+        "floor_xla": _floor_fn(model, x, y, True),
+        "diagonal": lambda: fastewc.FisherEstimator(model, **fisher_args),
+        "kfac": lambda: fastewc.FisherEstimator(model, curvature="kfac", **fisher_args),
+    }
+    first = {}
+    for label in ("floor_noxla", "floor_xla"):
+        first[label] = _first_call(members[label])
+    for label in ("diagonal", "kfac"):
+        estimator = members[label]()
+        first[label] = _first_call(lambda e=estimator: e((x, y), seed=0))
+        members[label] = lambda e=estimator: e((x, y), seed=0) and None
+    times = rotate(benchmark, members, rounds=3 if smoke else 15)
+    benchmark.extra_info.update(problem=name, kind=kind, first_call=first, medians=_medians(times))
+
+
+class PenaltyProblem:
+    """The reference MLP with a diagonal EWC and two KFAC EWCs advanced task by task."""
+
+    def __init__(self, smoke):
+        self.model, x, y = problems.make("mlp", small=smoke)
+        factors = fastewc.kfac_fisher(self.model, (x, y), loss=problems.LOSS, kind="empirical")
+        self.fisher = [tf.abs(f) for f in factors.full_diagonal()]
+        self.factors = factors
+        self.ewcs = {
+            "diagonal": fastewc.EWC(self.model, lam=LAM),
+            "kfac_separate": fastewc.EWC(self.model, lam=LAM, curvature="kfac"),
+            "kfac_online_nearest": fastewc.EWC(self.model, lam=LAM, curvature="kfac", mode="online",
+                                               kfac_sum="nearest"),
+        }
+
+    def advance_to(self, num_tasks):
+        for label, ewc in self.ewcs.items():
+            while ewc.num_tasks < num_tasks:
+                t = ewc.num_tasks
+                anchors = [v + 0.01 * tf.random.stateless_normal(v.shape, seed=[t, i])
+                           for i, v in enumerate(self.model.trainable_variables)]
+                ewc.add_task(self.fisher if label == "diagonal" else self.factors, anchors)
+
+    def penalty_fn(self, label):
+        fn = tf.function(lambda: self.ewcs[label].penalty_and_gradients())
+        return lambda: fn()[1][0].numpy()
+
+
+@pytest.mark.parametrize("num_tasks", TASKS)
+def test_penalty(benchmark, smoke, device, num_tasks, _penalty_problems={}):
+    if smoke and num_tasks == TASKS[-1]:
+        pytest.skip("smoke subset: the fewer tasks")
+    key = (smoke, device)
+    if key not in _penalty_problems:
+        _penalty_problems[key] = PenaltyProblem(smoke)
+    problem = _penalty_problems[key]
+    problem.advance_to(num_tasks)
+    benchmark.group = f"kfac-penalty[{device}]"
+    members = {label: problem.penalty_fn(label) for label in problem.ewcs}
+    times = rotate(benchmark, members, rounds=3 if smoke else 30)
+    benchmark.extra_info.update(tasks=num_tasks, medians=_medians(times),
+                                state_bytes={k: e.state_bytes for k, e in problem.ewcs.items()})
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_train_step(benchmark, smoke, device, batch):
+    if smoke and batch != BATCHES[0]:
+        pytest.skip("smoke subset: one batch size")
+    batch = 4 if smoke else batch
+    model, x, y = problems.make("mlp", small=True)
+    rng = np.random.default_rng(0)
+    xs = tf.constant(rng.normal(size=(STEPS, batch, 784)).astype(np.float32))
+    ys = tf.constant(rng.integers(0, problems.CLASSES, size=(STEPS, batch)).astype(np.int32))
+    factors = fastewc.kfac_fisher(model, (x, y), loss=problems.LOSS)
+    diagonal = [tf.abs(f) for f in factors.full_diagonal()]
+    members = {}
+    for label in ("none", "diagonal", "kfac_separate_5", "kfac_online_nearest"):
+        keras.utils.set_random_seed(0)
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        ewc = None
+        if label == "diagonal":
+            ewc = fastewc.EWC(copy, lam=LAM)
+            ewc.add_task(diagonal)
+        elif label != "none":
+            online = label == "kfac_online_nearest"
+            ewc = fastewc.EWC(copy, lam=LAM, curvature="kfac", mode="online" if online else "separate",
+                              kfac_sum="nearest" if online else "exact")
+            for _ in range(1 if online else 5):
+                ewc.add_task(fastewc.kfac_fisher(copy, (x, y), loss=problems.LOSS))
+        step = fastewc.make_train_step(copy, keras.optimizers.Adam(1e-3), problems.LOSS, ewc=ewc,
+                                       steps_per_call=STEPS)
+        members[label] = lambda s=step: s(xs, ys).numpy()
+    benchmark.group = f"kfac-train-step[{device}]"
+    times = rotate(benchmark, members, rounds=3 if smoke else 25)
+    benchmark.extra_info.update(batch=batch, medians=_medians(times))
+
+
+# -- the report -----------------------------------------------------------------------------
+def report(doc):
+    """Markdown tables from a pytest-benchmark JSON of this suite."""
+    benches = [b for b in doc["benchmarks"] if b["extra_info"].get("medians")]
+    lines = []
+    factors = [b for b in benches if b["name"].startswith("test_factors")]
+    if factors:
+        lines += ["| problem | kind | diagonal × floor | KFAC × floor | KFAC / diagonal | first call: floor → diagonal / KFAC |",
+                  "|---|---|---:|---:|---:|---|"]
+        for b in factors:
+            m, first, info = b["extra_info"]["medians"], b["extra_info"]["first_call"], b["extra_info"]
+            floor = min(m["floor_noxla"], m["floor_xla"])
+            floor_first = first["floor_xla" if m["floor_xla"] < m["floor_noxla"] else "floor_noxla"]
+            lines.append(f"| {info['problem']} | {info['kind']} | {m['diagonal'] / floor:.2f} | "
+                         f"{m['kfac'] / floor:.2f} | {m['kfac'] / m['diagonal']:.2f} | "
+                         f"{floor_first:.2f} s → {first['diagonal']:.2f} / {first['kfac']:.2f} s |")
+        lines.append("")
+    penalty = [b for b in benches if b["name"].startswith("test_penalty")]
+    if penalty:
+        lines += ["| tasks | diagonal | KFAC separate | KFAC online nearest | state MiB: diagonal / separate / nearest |",
+                  "|---:|---:|---:|---:|---|"]
+        for b in sorted(penalty, key=lambda b: b["extra_info"]["tasks"]):
+            m, size = b["extra_info"]["medians"], b["extra_info"]["state_bytes"]
+            mib = " / ".join(f"{size[k] / 2**20:.1f}" for k in ("diagonal", "kfac_separate", "kfac_online_nearest"))
+            lines.append(f"| {b['extra_info']['tasks']} | {m['diagonal'] * 1e3:.2f} ms | "
+                         f"{m['kfac_separate'] * 1e3:.2f} ms ({m['kfac_separate'] / m['diagonal']:.1f}×) | "
+                         f"{m['kfac_online_nearest'] * 1e3:.2f} ms ({m['kfac_online_nearest'] / m['diagonal']:.1f}×) | {mib} |")
+        lines.append("")
+    steps = [b for b in benches if b["name"].startswith("test_train_step")]
+    if steps:
+        lines += ["| batch | step, no EWC | diagonal EWC | KFAC separate, 5 tasks | KFAC online nearest |",
+                  "|---:|---:|---:|---:|---:|"]
+        for b in sorted(steps, key=lambda b: b["extra_info"]["batch"]):
+            m = b["extra_info"]["medians"]
+            base = m["none"]
+            cells = [f"{m[k] / STEPS * 1e3:.2f} ms ({m[k] / base:.2f}×)" for k in
+                     ("diagonal", "kfac_separate_5", "kfac_online_nearest")]
+            lines.append(f"| {b['extra_info']['batch']} | {base / STEPS * 1e3:.2f} ms | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as fh:
+        print(report(json.load(fh)))
