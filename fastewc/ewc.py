@@ -13,6 +13,14 @@ Memory: 2 float32 per penalized parameter (A and μ) plus a few scalars, for ANY
 tasks — O(P), where the per-task form holds 2·T·P floats.  Time: O(P), one compiled
 function over the penalized variables for the value and the analytic gradient λ·A·(θ − μ).
 
+``curvature="kfac"`` (Ritter, Botev & Barber 2018) replaces the diagonal of each Dense and
+convolution layer (kernel and bias) by a Kronecker-factored block A ⊗ G
+(:func:`fastewc.kfac_fisher`); the other variables keep the diagonal quadratic above (the
+block's own variables keep A = 0 there).  The blocks' terms, their merges (exact per-task
+sums, or online with one nearest Kronecker product per layer: ``kfac_sum``) and their
+penalty are :mod:`fastewc.kfac_penalty`'s; they live in :class:`fastewc._kfac_state.KroneckerState`
+and add their value and gradient to the diagonal's (a second compiled function).
+
 Variables are tracked by path (``variable.path`` with the model's own name stripped, so a
 model that is rebuilt under another auto-generated name still matches).  The tracked set
 is the model's trainable variables, minus ``exclude``, when the state is created (at
@@ -155,8 +163,23 @@ class EWC(tf.Module):
       gamma: γ ∈ [0, 1], the online decay of older tasks (only with ``mode="online"``).
       exclude: variables never penalized: a list of variables or paths, or a predicate
         ``fn(variable) -> bool``.
+      curvature: ``"diagonal"`` (the diagonal Fisher) or ``"kfac"``: Kronecker-factored
+        blocks A ⊗ G for Dense and convolution layers (:func:`fastewc.kfac_fisher`), the
+        diagonal for the other variables.
+      damping: δ ≥ 0 (``"kfac"`` only), factored Tikhonov damping of every Kronecker term,
+        (A + π√δ I) ⊗ (G + √δ/π I) (:func:`fastewc.kronecker.damped_factors`): a prior
+        precision of about δ on the block's weights.  Default 0: the penalty is the
+        Kronecker-factored Fisher itself; nothing is inverted, so it needs no damping to
+        stay finite.  Settable later (``ewc.damping = 1e-3``).
+      kfac_sum: how tasks add up in ``mode="online"`` (``"kfac"`` only): ``"exact"`` keeps a
+        term per task (cost growing with the tasks), ``"nearest"`` one term per layer, the
+        nearest Kronecker product to the decayed sum (:mod:`fastewc.kfac_penalty`).
+        ``mode="separate"`` is always exact.
 
-    Memory: 2 float32 per penalized parameter for any number of tasks (``state_bytes``).
+    Memory: 2 float32 per penalized parameter for any number of tasks (``state_bytes``);
+    with ``curvature="kfac"`` each Kronecker term adds d'² + u² + d'u floats (d' = kernel
+    rows + 1, u = units): one per task and layer, or one per layer with
+    ``kfac_sum="nearest"``.
 
     Example::
 
