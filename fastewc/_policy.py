@@ -9,6 +9,9 @@ The defaults come from the benchmarks (``benchmarks/bench_fisher.py``,
 * CPU, the Fisher's ``jacobian`` and ``loop`` methods: never (open XLA bugs / eager).
 * CPU, the standalone fused penalty: none (XLA's CPU reduction to a scalar is slower
   than TensorFlow's kernel for large P).
+* CPU, Kronecker factors (``curvature="kfac"``): none (XLA's CPU dot for the factors'
+  XᵀX is slower than oneDNN's: reference MLP, empirical, 20.3 ms with XLA against 14.9 ms
+  without, measured side by side; ``benchmarks/bench_kfac.py``).
 """
 import tensorflow as tf
 
@@ -38,13 +41,16 @@ def has_convolution(model):
     return any(isinstance(layer, _convolutions()) for layer in compat.all_layers(model))
 
 
-def default_jit_compile(model=None, *, xla_capable=True):
+def default_jit_compile(model=None, *, xla_capable=True, kronecker=False):
     """``jit_compile=None`` resolved: XLA on GPU; on CPU XLA when ``xla_capable`` and
-    ``model`` (if any) has no convolution.  ``model=None`` is the standalone penalty."""
+    ``model`` (if any) has no convolution, and not for Kronecker factors (``kronecker``).
+    ``model=None`` is the standalone penalty."""
     if not xla_capable:
         return False
     if has_gpu():
         return True
+    if kronecker:
+        return False
     if model is None:
         return False
     return not has_convolution(model)

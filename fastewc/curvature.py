@@ -122,15 +122,12 @@ def kronecker_layout(model, x, rules, variables):
 def assemble(layout, values, variables):
     """The estimator's result from the accumulated means ``values`` (aligned with
     ``layout.keys``): the list itself for the diagonal, else a :class:`KroneckerFisher`
-    (factors symmetrized: (A + Aᵀ)/2 removes the rounding asymmetry of the matmuls)."""
+    (factors symmetric up to the rounding of their matmuls, XᵀX: symmetrizing the reference
+    CNN's 9217² A would cost 0.4 s, and the penalty's gradient 2AΔG is off by that rounding
+    only)."""
     if not layout.kronecker:
         return values
     index = {key: i for i, key in enumerate(layout.keys)}
-    blocks = [KroneckerBlock(name, block, _symmetric(values[a]), _symmetric(values[g]))
-              for name, block, a, g in layout.blocks]
+    blocks = [KroneckerBlock(name, block, values[a], values[g]) for name, block, a, g in layout.blocks]
     diagonal = [values[index[id(v)]] if id(v) in index else None for v in variables]
     return KroneckerFisher(blocks, diagonal, list(variables))
-
-
-def _symmetric(m):
-    return 0.5 * (m + tf.transpose(m))

@@ -191,6 +191,7 @@ class FisherEstimator:
                 break
             except _CannotTrace as failure:      # the first batch of an `auto` plan only
                 plan = self._step_down(source, distributed, plan, failure.error)
+        state = plan.engine.finish(state)
         checks = state.checks.numpy()                          # the one host sync
         all_finite, bad_ids = bool(checks[2]), checks[3:]
         if bad_ids.any():
@@ -299,7 +300,8 @@ class FisherEstimator:
                 probe_floats = None
             likelihood = self._read_likelihood(x1)
         engine_cls = ENGINES[method]
-        jit = engine_cls.default_jit_compile(model) if self.jit_compile is None else self.jit_compile
+        jit = (engine_cls.default_jit_compile(model, kronecker=layout is not None) if self.jit_compile is None
+               else self.jit_compile)
         engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
         if layout is not None:
             engine.layout = layout

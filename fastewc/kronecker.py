@@ -399,6 +399,10 @@ def nearest_kronecker(coefficients, a_list, g_list):
         alpha = _safe_div(c * q_beta, tf.reduce_sum(beta * q_beta))
         alpha = tf.where(nonneg, tf.maximum(alpha, 0.0), alpha)
         a, g = _balance(_combine(alpha, a_list), _combine(beta, g_list))
+        # S = 0 (e.g. every A_t = 0): both factors 0, not a zero A beside an arbitrary G
+        # (damping would read that G).
+        nonzero = tf.reduce_max(sigma) > 0
+        a, g = tf.where(nonzero, a, tf.zeros_like(a)), tf.where(nonzero, g, tf.zeros_like(g))
         squares = tf.square(sigma)
         rest = tf.reduce_sum(tf.where(tf.one_hot(top, num, on_value=True, off_value=False),
                                       tf.zeros_like(squares), squares))

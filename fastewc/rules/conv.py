@@ -52,7 +52,7 @@ import tensorflow as tf
 from fastewc._keras_compat import causal_padding
 from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import (check_channels_last, check_plain, kronecker_sums, leading_dims,
-                                   static_or_dynamic_shape, weighted_square_sum)
+                                   masked_rows, static_or_dynamic_shape, weighted_square_sum)
 
 
 # -- geometry ---------------------------------------------------------------------------
@@ -370,7 +370,8 @@ def conv_rule(layer, inputs, *args, **kwargs):
 
     def kron(delta, weight, mask):
         k, n = leading_dims(delta)
-        rows = tf.reshape(extract_patches(a, *geometry_of(delta)), [n, -1, math.prod(kernel_size) * a.shape[-1]])
+        rows = tf.reshape(extract_patches(masked_rows(a, mask), *geometry_of(delta)),
+                          [n, -1, math.prod(kernel_size) * a.shape[-1]])
         deltas = tf.reshape(delta, [k, n, -1, delta.shape[-1]])
         block = (layer.kernel, layer.bias) if layer.use_bias else (layer.kernel,)
         return [kronecker_sums(block, rows, deltas, weight, mask, bias=layer.use_bias)]

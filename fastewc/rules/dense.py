@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, register_rule
-from fastewc.rules._common import check_plain, kronecker_sums
+from fastewc.rules._common import check_plain, kronecker_sums, masked_rows
 
 
 def dense_rule(layer, inputs, training=None):
@@ -52,7 +52,7 @@ def dense_rule(layer, inputs, training=None):
     def kron(delta, weight, mask):
         positions = a.shape[1:-1].num_elements() if a.shape.rank > 2 else 1
         positions = tf.reduce_prod(tf.shape(a)[1:-1]) if positions is None else positions
-        rows = tf.reshape(a, [-1, positions, a.shape[-1]])
+        rows = tf.reshape(masked_rows(a, mask), [-1, positions, a.shape[-1]])
         deltas = tf.reshape(delta, [tf.shape(delta)[0], -1, positions, delta.shape[-1]])
         block = (layer.kernel,) if layer.bias is None else (layer.kernel, layer.bias)
         return [kronecker_sums(block, rows, deltas, weight, mask, bias=layer.bias is not None)]
