@@ -39,3 +39,14 @@ def data(n=13, d_in=6, classes=5, seed=0):
     x = rng.normal(size=(n, d_in)).astype(np.float32)
     y = rng.integers(0, classes, size=n)
     return x, y
+
+
+def perturb(model, seed, scale=0.3):
+    """Stand-in for training on a task: move every weight."""
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:
+        v.assign(v.numpy() + scale * rng.normal(size=v.shape).astype(np.float32))
+
+
+def weights64(model):
+    return [v.numpy().astype(np.float64) for v in model.trainable_variables]

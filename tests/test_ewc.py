@@ -10,6 +10,8 @@ import fastewc
 from fastewc import penalty as penalty_lib
 from fastewc.testing import float64_twin, reference_fisher
 
+from conftest import perturb, weights64
+
 LOSS = "sparse_categorical_crossentropy"
 LAM = 3.0
 
@@ -28,15 +30,6 @@ def task_data(seed, n=8, d_in=6, classes=4):
     return rng.normal(size=(n, d_in)).astype(np.float32), rng.integers(0, classes, size=n)
 
 
-def perturb(model, seed, scale=0.3):
-    """Stand-in for training on a task: move every weight."""
-    rng = np.random.default_rng(seed)
-    for v in model.trainable_variables:
-        v.assign(v.numpy() + scale * rng.normal(size=v.shape).astype(np.float32))
-
-
-def weights64(model):
-    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
 
 
 def naive_value(thetas, tasks, lam=LAM):

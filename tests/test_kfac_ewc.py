@@ -20,6 +20,8 @@ import tensorflow as tf
 import fastewc
 from fastewc.curvature import KroneckerFisher
 
+from conftest import perturb, weights64
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LAM = 2.0
 GAMMA = 0.5
@@ -53,15 +55,6 @@ def task_data(model, seed, n=6):
     return x, rng.integers(0, classes, size=n)
 
 
-def perturb(model, seed, scale=0.3):
-    """Stand-in for training on a task: move every weight."""
-    rng = np.random.default_rng(seed)
-    for v in model.trainable_variables:
-        v.assign(v.numpy() + scale * rng.normal(size=v.shape).astype(np.float32))
-
-
-def weights64(model):
-    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
 
 
 @contextlib.contextmanager

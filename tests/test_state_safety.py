@@ -17,7 +17,7 @@ import fastewc
 from fastewc import ewc_file as ewc_file_lib
 from fastewc import penalty as penalty_lib
 
-from conftest import data, mlp
+from conftest import data, mlp, weights64
 
 LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 F32_MAX = float(np.finfo(np.float32).max)
@@ -29,9 +29,6 @@ def named_mlp(extra_head=False, built=True):
         layers.append(keras.layers.Dense(3, name="extra"))
     return keras.Sequential(([keras.Input((6,))] if built else []) + layers)
 
-
-def weights64(model):
-    return [v.numpy().astype(np.float64) for v in model.trainable_variables]
 
 
 def run_together(n, target):
