@@ -114,3 +114,36 @@ def test_bad_arguments():
         fastewc.EWCModel(_mlp(seed=3), ewc)
     with pytest.raises(NotImplementedError, match=r"save its `inner_model`"):
         fastewc.EWCModel(model, ewc).get_config()
+
+
+def test_fit_with_kfac_matches_custom_step_and_penalizes_new_terms():
+    """curvature="kfac": fit (XLA) gives the weights of make_train_step, and after a second
+    consolidation (a second Kronecker term per layer) the next fit's first logged penalty
+    is the EWC's penalty with both terms."""
+    def setup():
+        model = _mlp()
+        x_a, y_a = _data(20, seed=5)
+        ewc = fastewc.EWC(model, lam=5.0, curvature="kfac")
+        ewc.consolidate((x_a, y_a), loss=LOSS)
+        for v in model.trainable_variables:
+            v.assign(v + 0.1)
+        return model, ewc
+
+    x, y = _data(40)
+    ref_model, ref_ewc = setup()
+    step = fastewc.make_train_step(ref_model, keras.optimizers.Adam(0.01), LOSS, ewc=ref_ewc, jit_compile=False)
+    for i in range(0, 40, 8):
+        step(x[i:i + 8], y[i:i + 8])
+    model, ewc = setup()
+    wrapped = fastewc.EWCModel(model, ewc)
+    wrapped.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS, jit_compile=True)
+    wrapped.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.trainable_variables, ref_model.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    ewc.consolidate((x, y), loss=LOSS)
+    for v in model.trainable_variables:
+        v.assign(v - 0.2)
+    expected = float(ewc.penalty())
+    recorder = _Recorder()
+    wrapped.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
+    np.testing.assert_allclose(recorder.batches[0][1]["ewc_penalty"], expected, rtol=1e-5)
