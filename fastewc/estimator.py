@@ -133,6 +133,10 @@ class FisherEstimator:
         batching).
       num_samples: draws per example for ``kind="sampled"``.
       jit_compile: XLA on/off; None: the engine's default for the model and device.
+      curvature: ``"diagonal"`` (a list like the variables) or ``"kfac"``: Kronecker factors
+        per Dense and convolution layer and the diagonal of the rest, a
+        :class:`fastewc.KroneckerFisher` (:mod:`fastewc.curvature`); factored engine only
+        (``method`` "auto" or "factored"), every weighted layer needs a rule.
     """
 
     def __init__(self, model, *, loss, kind="empirical", method="auto", rules=None, batch_size=None,
@@ -167,7 +171,8 @@ class FisherEstimator:
     # -- the call -----------------------------------------------------------------------
     def __call__(self, data, *, seed=None, verbose=0, max_examples=None):
         """F = (1/N) Σ_n E_y[g_n(y)²] over ``data``: a list of float32 tensors, one per
-        ``model.trainable_variables`` entry, with the same shapes.
+        ``model.trainable_variables`` entry, with the same shapes (``curvature="kfac"``: a
+        :class:`fastewc.KroneckerFisher`).
 
         ``data`` is ``(x, y)`` arrays/tensors or a ``tf.data.Dataset`` of ``(x, y)`` batches;
         ``seed`` makes ``kind="sampled"`` reproducible (same seed and batching, same draws);
