@@ -40,7 +40,7 @@ def _seed(text):
 
 
 def build_parser():
-    from fastewc.demo.run import KINDS
+    from fastewc.demo.run import CURVATURES, KFAC_SUMS, KINDS
     from fastewc.demo.scenarios import SCENARIOS
 
     parser = argparse.ArgumentParser(
@@ -52,7 +52,8 @@ def build_parser():
         description="Train fine-tuning, EWC (separate) and EWC (online) on a sequence of "
                     "digit tasks; print the accuracy matrices, average accuracy, forgetting, "
                     "timings and the live Fisher speed-up; write results.json, accuracy.png "
-                    "and TensorBoard scalars into --out.")
+                    "and TensorBoard scalars into --out. --curvature kfac adds KFAC-EWC "
+                    "(separate and online) to the comparison.")
     demo.add_argument("--scenario", choices=SCENARIOS, default="permuted",
                       help="permuted digits (shared 10-way head; default) or split digits "
                            "(shared 2-way head, label = digit mod 2)")
@@ -66,6 +67,20 @@ def build_parser():
                       help="online EWC decay gamma in [0, 1] (default 1.0)")
     demo.add_argument("--kind", choices=KINDS, default="exact",
                       help="Fisher kind for consolidation and the speed-up (default exact)")
+    demo.add_argument("--curvature", choices=CURVATURES, default="diagonal",
+                      help="diagonal: fine-tuning and diagonal EWC (default); kfac: also "
+                           "KFAC-EWC (Kronecker-factored Fisher blocks, Ritter et al. 2018) in "
+                           "both modes, kfac_separate and kfac_online, on the same batches")
+    demo.add_argument("--kfac-lam", type=_float_in(0.0), default=None,
+                      help="KFAC-EWC strength lambda >= 0 (default 30 for permuted, 100 for "
+                           "split, tuned on validation; --curvature kfac only)")
+    demo.add_argument("--damping", type=_float_in(0.0), default=None,
+                      help="KFAC-EWC factored Tikhonov damping >= 0 (default 0; "
+                           "--curvature kfac only)")
+    demo.add_argument("--kfac-sum", choices=KFAC_SUMS, default=None,
+                      help="how kfac_online adds a task: exact (a Kronecker term per task; "
+                           "default) or nearest (one term per layer, the nearest Kronecker "
+                           "product; --curvature kfac only)")
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     demo.add_argument("--out", default=None, metavar="DIR",
                       help="output folder (default runs/demo-<timestamp>/)")
@@ -94,11 +109,21 @@ def main(argv=None):
         if args.scenario == "split" and args.tasks is not None and args.tasks > MAX_SPLIT_TASKS:
             parser.error(f"argument --tasks: must be <= {MAX_SPLIT_TASKS} with --scenario split "
                          f"(10 digits, 2 per task). Received: {args.tasks}")
+        if args.curvature != "kfac":
+            for option, value in (("--kfac-lam", args.kfac_lam), ("--damping", args.damping),
+                                  ("--kfac-sum", args.kfac_sum)):
+                if value is not None:
+                    parser.error(f"argument {option}: applies to --curvature kfac only "
+                                 f"(KFAC-EWC). Received: {option} {value} with --curvature "
+                                 f"{args.curvature}")
         if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
             parser.error(f"argument --out: {args.out!r} exists and is not a directory")
         config = DemoConfig(scenario=args.scenario, tasks=args.tasks, epochs=args.epochs,
                             lam=args.lam, gamma=args.gamma, kind=args.kind, seed=args.seed,
-                            out=args.out, quick=args.quick)
+                            out=args.out, quick=args.quick, curvature=args.curvature,
+                            kfac_lam=args.kfac_lam,
+                            damping=0.0 if args.damping is None else args.damping,
+                            kfac_sum=args.kfac_sum or "exact")
         run_demo(config, log=lambda line: print(line, flush=True))
         return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover

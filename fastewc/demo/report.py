@@ -5,7 +5,13 @@ import os
 import numpy as np
 
 LABELS = {"finetune": "fine-tuning", "ewc_separate": "EWC (separate)",
-          "ewc_online": "EWC (online)"}
+          "ewc_online": "EWC (online)", "kfac_separate": "KFAC-EWC (separate)",
+          "kfac_online": "KFAC-EWC (online)"}
+COLORS = {"finetune": "tab:red", "ewc_separate": "tab:blue", "ewc_online": "tab:green",
+          "kfac_separate": "tab:purple", "kfac_online": "tab:orange"}
+# Diagonal EWC solid, KFAC-EWC dashed (the same mode in a related colour family would be
+# too subtle in a small panel).
+STYLES = {"kfac_separate": "--", "kfac_online": "--"}
 
 
 def format_matrix(acc, task_names=None):
@@ -21,11 +27,12 @@ def format_matrix(acc, task_names=None):
 
 
 def format_summary(results):
-    lines = [f"{'method':<14}{'avg acc':>9}{'forgetting':>12}{'learning acc':>14}"
+    w = max(14, *(len(name) + 2 for name in results["methods"]))
+    lines = [f"{'method':<{w}}{'avg acc':>9}{'forgetting':>12}{'learning acc':>14}"
              f"{'train s':>9}{'fisher s':>10}"]
     for name in results["methods"]:
         r = results[name]
-        lines.append(f"{name:<14}{100 * r['average_accuracy']:8.1f}%"
+        lines.append(f"{name:<{w}}{100 * r['average_accuracy']:8.1f}%"
                      f"{100 * r['average_forgetting']:9.1f} pts"
                      f"{100 * r['learning_accuracy']:13.1f}%"
                      f"{r['timings']['train_seconds']:9.1f}{r['timings']['fisher_seconds']:10.2f}")
@@ -81,14 +88,13 @@ def plot(path, results):
                              sharey=True, squeeze=False)
     axes = axes.ravel()
     steps = np.arange(1, T + 1)
-    colors = {"finetune": "tab:red", "ewc_separate": "tab:blue", "ewc_online": "tab:green"}
     for k in range(T):
         ax = axes[k]
         ax.axvspan(k + 0.5, k + 1.5, color="0.92", zorder=0)
         for name in names:
             acc = np.asarray(results[name]["accuracy_matrix"])
-            ax.plot(steps[k:], 100 * acc[k:, k], marker="o", ms=3,
-                    color=colors.get(name), label=LABELS.get(name, name))
+            ax.plot(steps[k:], 100 * acc[k:, k], marker="o", ms=3, ls=STYLES.get(name, "-"),
+                    color=COLORS.get(name), label=LABELS.get(name, name))
         ax.set_title(f"task {k + 1}: {task_names[k]}", fontsize=9)
         ax.set_xticks(steps)
         ax.set_ylim(0, 102)
@@ -97,7 +103,8 @@ def plot(path, results):
     for name in names:
         acc = np.asarray(results[name]["accuracy_matrix"])
         seen = [100 * acc[t, :t + 1].mean() for t in range(T)]
-        ax.plot(steps, seen, marker="o", ms=3, color=colors.get(name), label=LABELS.get(name, name))
+        ax.plot(steps, seen, marker="o", ms=3, ls=STYLES.get(name, "-"), color=COLORS.get(name),
+                label=LABELS.get(name, name))
     ax.set_title("average over tasks seen", fontsize=9)
     ax.set_xticks(steps)
     ax.grid(alpha=0.3)
@@ -109,8 +116,12 @@ def plot(path, results):
         ax.set_xlabel("after training task", fontsize=8)
     axes[T].legend(fontsize=8, loc="lower left")
     cfg = results["config"]
+    kfac = ""
+    if cfg.get("curvature") == "kfac":
+        kfac = (f" (KFAC-EWC: lam={cfg['kfac_lam']:g}, damping {cfg['damping']:g}, "
+                f"{cfg['kfac_sum']} sum)")
     fig.suptitle(f"fastewc demo: {results['scenario']['name']} digits, {T} tasks, "
-                 f"{cfg['epochs']} epochs/task, lam={cfg['lam']:g}, {cfg['kind']} Fisher\n"
+                 f"{cfg['epochs']} epochs/task, lam={cfg['lam']:g}{kfac}, {cfg['kind']} Fisher\n"
                  "test accuracy on each task after each training stage "
                  "(shaded: while the task is trained)", fontsize=10)
     fig.tight_layout()

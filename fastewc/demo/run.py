@@ -1,5 +1,6 @@
-"""The demo's experiment: train fine-tuning, EWC (separate) and EWC (online) on a task
-sequence, measure forgetting and time, and measure the Fisher speed-up live.
+"""The demo's experiment: train fine-tuning, EWC (separate) and EWC (online) -- and with
+``curvature="kfac"`` also KFAC-EWC (separate) and KFAC-EWC (online) -- on a task sequence,
+measure forgetting and time, and measure the Fisher speed-up live.
 
 Protocol (the same for every method, so that only the penalty differs):
 
@@ -11,6 +12,15 @@ Protocol (the same for every method, so that only the penalty differs):
 * after each task: the test accuracy on every task (a row of the accuracy matrix), then,
   for EWC, ``ewc.consolidate(task's training set, kind=..., method="auto")`` (the exact
   Fisher by default) at the weights just reached.
+
+KFAC-EWC (Ritter, Botev & Barber 2018; ``fastewc.EWC(..., curvature="kfac")``) is added
+NEXT TO the diagonal EWC, not instead of it: the point of the demo is the comparison on
+the same batches.  It mirrors the diagonal pair: ``kfac_separate`` (one Kronecker term per
+task and layer) and ``kfac_online`` (precision Σ_t A_t ⊗ G_t at the latest weights; with
+``kfac_sum="nearest"`` one term per layer).  Every layer of the demo's MLP is Dense, so
+every weight gets a Kronecker block.  KFAC-EWC has its own λ (``kfac_lam``): the
+Kronecker-factored quadratic form is not on the diagonal's scale (see
+``python -m fastewc.demo.compare_curvature``, which tunes both on a held-out split).
 
 Everything is seeded (``keras.utils.set_random_seed``, NumPy generators seeded by (seed,
 task, epoch), the Fisher's ``seed``): on CPU the same seed gave bit-identical accuracy
@@ -27,7 +37,23 @@ import numpy as np
 from fastewc.demo import metrics, report, scenarios
 
 METHODS = ("finetune", "ewc_separate", "ewc_online")
+KFAC_METHODS = ("kfac_separate", "kfac_online")        # added with curvature="kfac"
 KINDS = ("exact", "empirical", "sampled")
+CURVATURES = ("diagonal", "kfac")
+KFAC_SUMS = ("exact", "nearest")
+
+
+def methods_for(curvature):
+    """The methods a run trains, in order: the diagonal ones, plus KFAC-EWC's for "kfac"."""
+    return METHODS + (KFAC_METHODS if curvature == "kfac" else ())
+
+
+def method_spec(method):
+    """``(mode, curvature)`` of an EWC method, None for fine-tuning."""
+    if method == "finetune":
+        return None
+    family, mode = method.split("_", 1)
+    return mode, ("kfac" if family == "kfac" else "diagonal")
 
 # Tuned on seeds 0-2 (MLP 64-256-256, Adam 1e-3, batch 32).  Permuted digits: with 5
 # epochs per task fine-tuning ends near 50 % average accuracy and EWC near 70-77 %.  Split
@@ -36,6 +62,13 @@ KINDS = ("exact", "empirical", "sampled")
 # EWC then halves forgetting (about 18 -> 5-8 points) but the average accuracy gains only
 # 1-4 points (each new task is learnt less well).
 DEFAULT_LAM = {"permuted": 300.0, "split": 30000.0}
+# KFAC-EWC's λ, chosen on a held-out validation split (20 % of each task's training data,
+# seeds 0-2, 5 tasks; python -m fastewc.demo.compare_curvature, README): permuted 30 (grid
+# 1..3000; the diagonal's validation optimum there was 300, as above), split 100 (grid
+# 3..100000; the diagonal's: 30000).  KFAC needs a 10-300x smaller λ: its Kronecker blocks
+# keep the correlations of a layer's inputs, and the weight changes that a new task makes
+# lie where A ⊗ G is ~30x stiffer than the diagonal (same trace, README).
+DEFAULT_KFAC_LAM = {"permuted": 30.0, "split": 100.0}
 DEFAULT_EPOCHS = {"permuted": 5, "split": 5}
 QUICK = {"tasks": 3, "epochs": 3, "speedup_examples": 16}
 
@@ -52,6 +85,10 @@ class DemoConfig:
     out: str = None
     quick: bool = False
     gamma: float = 1.0
+    curvature: str = "diagonal"   # "kfac": KFAC-EWC next to the diagonal EWC
+    kfac_lam: float = None        # KFAC-EWC's λ (None: DEFAULT_KFAC_LAM of the scenario)
+    damping: float = 0.0          # KFAC-EWC's factored Tikhonov damping δ
+    kfac_sum: str = "exact"       # kfac_online's merge: "exact" (a term per task) or "nearest"
     hidden: tuple = (256, 256)
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -71,8 +108,21 @@ class DemoConfig:
         if c.kind not in KINDS:
             raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}. "
                              f"Received: kind={c.kind!r}")
-        if c.lam is not None and not (isinstance(c.lam, (int, float)) and 0 <= c.lam < float("inf")):
-            raise ValueError(f"`lam` must be a finite number >= 0. Received: lam={c.lam!r}")
+        if c.curvature not in CURVATURES:
+            raise ValueError(f"`curvature` must be one of {', '.join(map(repr, CURVATURES))}. "
+                             f"Received: curvature={c.curvature!r}")
+        if c.kfac_sum not in KFAC_SUMS:
+            raise ValueError(f"`kfac_sum` must be one of {', '.join(map(repr, KFAC_SUMS))}. "
+                             f"Received: kfac_sum={c.kfac_sum!r}")
+        for name in ("lam", "kfac_lam", "damping"):
+            value = getattr(c, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and 0 <= value < float("inf")):
+                raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
+        if c.curvature == "diagonal" and (c.kfac_lam is not None or c.damping != 0 or c.kfac_sum != "exact"):
+            raise ValueError("`kfac_lam`, `damping` and `kfac_sum` apply to curvature='kfac' only. "
+                             f"Received: kfac_lam={c.kfac_lam!r}, damping={c.damping!r}, "
+                             f"kfac_sum={c.kfac_sum!r} with curvature='diagonal'")
         for name, low in (("tasks", 2), ("epochs", 1)):
             value = getattr(c, name)
             if value is not None and (not isinstance(value, int) or value < low):
@@ -84,6 +134,8 @@ class DemoConfig:
             c.epochs = quick.get("epochs", DEFAULT_EPOCHS[c.scenario])
         if c.lam is None:
             c.lam = DEFAULT_LAM[c.scenario]
+        if c.kfac_lam is None and c.curvature == "kfac":
+            c.kfac_lam = DEFAULT_KFAC_LAM[c.scenario]
         if c.speedup_examples is None:
             c.speedup_examples = quick.get("speedup_examples", 64)
         if c.out is None:
@@ -91,6 +143,15 @@ class DemoConfig:
             c.out = _unique(os.path.join("runs", f"demo-{stamp}"))
         c.hidden = tuple(c.hidden)
         return c
+
+    @property
+    def methods(self):
+        return methods_for(self.curvature)
+
+    def lam_of(self, method):
+        """λ of ``method``: ``kfac_lam`` for KFAC-EWC, ``lam`` otherwise."""
+        spec = method_spec(method)
+        return self.kfac_lam if spec is not None and spec[1] == "kfac" else self.lam
 
 
 def _unique(path):
@@ -115,13 +176,14 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def evaluate(model, tasks):
-    """Test accuracy (fraction) of ``model`` on each task."""
+def evaluate(model, tasks, split="test"):
+    """Accuracy (fraction) of ``model`` on each task's ``split`` ("test" or "val")."""
     out = []
     for task in tasks:
-        logits = model(task.x_test, training=False)
+        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        logits = model(x, training=False)
         pred = np.argmax(np.asarray(logits), axis=-1)
-        out.append(float(np.mean(pred == task.y_test)))
+        out.append(float(np.mean(pred == y)))
     return out
 
 
@@ -134,11 +196,16 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
     model = build_model(scenarios.INPUT_DIM, config.hidden, scenario.num_classes)
     model.set_weights(init_weights)
     loss = _loss()
-    ewc = None
-    if method != "finetune":
-        mode = method.split("_", 1)[1]
-        ewc = fastewc.EWC(model, lam=config.lam, mode=mode,
-                          gamma=config.gamma if mode == "online" else 1.0)
+    ewc, spec = None, method_spec(method)
+    if spec is not None:
+        mode, curvature = spec
+        kfac = {}
+        if curvature == "kfac":
+            kfac = {"curvature": "kfac", "damping": config.damping,
+                    "kfac_sum": config.kfac_sum if mode == "online" else "exact"}
+        ewc = fastewc.EWC(model, lam=config.lam_of(method), mode=mode,
+                          gamma=config.gamma if mode == "online" else 1.0, **kfac)
+    width = max(12, *(len(m) for m in config.methods))
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     B = config.batch_size
     n_min = min(len(t.y_train) for t in scenario.tasks)
@@ -151,6 +218,8 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
 
     T = len(scenario.tasks)
     acc = np.zeros((T, T))
+    validate = scenario.tasks[0].x_val is not None
+    val_acc = np.zeros((T, T)) if validate else None
     train_s, fisher_s, eval_s, epoch_losses = [], [], [], []
     for t, task in enumerate(scenario.tasks):
         n = len(task.y_train)
@@ -168,6 +237,8 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
 
         t0 = time.perf_counter()
         acc[t] = evaluate(model, scenario.tasks)
+        if validate:
+            val_acc[t] = evaluate(model, scenario.tasks, "val")
         eval_s.append(time.perf_counter() - t0)
         tb.scalars(method, t, {**{f"accuracy/task_{k + 1}": acc[t, k] for k in range(T)},
                                "accuracy/average_seen": acc[t, :t + 1].mean()})
@@ -181,15 +252,13 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
             fisher_s.append(time.perf_counter() - t0)
             fisher_note = f" | Fisher ({config.kind}) {fisher_s[-1]:.2f}s"
         seen = " ".join(f"{100 * a:5.1f}" for a in acc[t, :t + 1])
-        log(f"[{method:<12}] task {t + 1}/{T} ({task.name}): trained {config.epochs} epochs "
+        log(f"[{method:<{width}}] task {t + 1}/{T} ({task.name}): trained {config.epochs} epochs "
             f"in {train_s[-1]:.1f}s, loss {losses[-1]:.3f} | acc on tasks 1..{t + 1}: {seen} "
             f"| avg {100 * acc[t, :t + 1].mean():.1f}%{fisher_note}")
 
     result = {
         "label": report.LABELS[method],
-        "ewc": None if ewc is None else {"mode": ewc.mode, "lam": float(config.lam),
-                                         "gamma": float(ewc.gamma),
-                                         "num_tasks": int(ewc.num_tasks)},
+        "ewc": None if ewc is None else _ewc_summary(ewc),
         "accuracy_matrix": [[float(a) for a in row] for row in acc],
         "average_accuracy": metrics.average_accuracy(acc),
         "average_forgetting": metrics.average_forgetting(acc),
@@ -205,7 +274,25 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
             "jit_compile": bool(getattr(step, "jit_compile", False)),
         },
     }
+    if validate:
+        result["validation"] = {
+            "accuracy_matrix": [[float(a) for a in row] for row in val_acc],
+            "average_accuracy": metrics.average_accuracy(val_acc),
+            "average_forgetting": metrics.average_forgetting(val_acc),
+        }
     return result, model
+
+
+def _ewc_summary(ewc):
+    out = {"mode": ewc.mode, "lam": float(ewc.lam), "gamma": float(ewc.gamma),
+           "num_tasks": int(ewc.num_tasks), "curvature": ewc.curvature}
+    if ewc.curvature == "kfac":
+        blocks = ewc.kronecker_state()
+        out.update(damping=float(ewc.damping), kfac_sum=ewc.kfac_sum,
+                   kronecker_blocks=len(blocks),
+                   kronecker_terms_per_block=max((len(t) for t in blocks.values()), default=0),
+                   state_bytes=int(ewc.state_bytes))
+    return out
 
 
 def fisher_speedup(model, task, config):
@@ -265,10 +352,14 @@ def run_demo(config=None, log=print):
     log(f"  head: {scenario.head}; model: {model_desc}")
     log(f"  {config.epochs} epochs per task, lam={config.lam:g}, {config.kind} Fisher, "
         f"seed {config.seed}; output: {config.out}")
+    if config.curvature == "kfac":
+        log(f"  KFAC-EWC: lam={config.kfac_lam:g}, damping={config.damping:g}, "
+            f"kfac_sum={config.kfac_sum!r} for kfac_online (kfac_separate: a term per task)")
+    methods = config.methods
 
     tb = report.TensorBoardLog(config.out)
     results = {
-        "methods": list(METHODS),
+        "methods": list(methods),
         "scenario": scenario.summary(),
         "config": {**dataclasses.asdict(config), "hidden": list(config.hidden),
                    "model": model_desc, "optimizer": "adam",
@@ -277,8 +368,10 @@ def run_demo(config=None, log=print):
     }
     model = None
     try:
-        for method in METHODS:
-            results[method], model = train_sequence(method, scenario, config, init, log, tb)
+        for method in methods:
+            results[method], trained = train_sequence(method, scenario, config, init, log, tb)
+            if method in METHODS:
+                model = trained      # the speed-up runs on the last diagonal method's model
         t0 = time.perf_counter()
         results["fisher_speedup"] = fisher_speedup(model, scenario.tasks[0], config)
         speedup_s = time.perf_counter() - t0
@@ -286,13 +379,13 @@ def run_demo(config=None, log=print):
         tb.close()
 
     results["timings"] = {
-        "train_seconds": sum(results[m]["timings"]["train_seconds"] for m in METHODS),
-        "fisher_seconds": sum(results[m]["timings"]["fisher_seconds"] for m in METHODS),
+        "train_seconds": sum(results[m]["timings"]["train_seconds"] for m in methods),
+        "fisher_seconds": sum(results[m]["timings"]["fisher_seconds"] for m in methods),
         "speedup_measurement_seconds": speedup_s,
     }
     results["files"] = {"json": "results.json", "plot": "accuracy.png", "tensorboard": "tensorboard"}
 
-    for method in METHODS:
+    for method in methods:
         log("")
         log(f"Accuracy matrix, {method} (%, row: after task t, column: task k):")
         log(report.format_matrix(results[method]["accuracy_matrix"]))

@@ -37,6 +37,8 @@ class Task:
     y_train: np.ndarray   # (n,) int32
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray = None   # a held-out part of the training split (with_validation)
+    y_val: np.ndarray = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,29 @@ def split_digits(num_tasks, seed):
                      "label = first or second digit of the pair"),
         head="shared 2-way head (domain-incremental: label = digit mod 2)",
         num_classes=2, tasks=tuple(tasks))
+
+
+def with_validation(scenario, fraction, seed):
+    """``scenario`` with a class-stratified ``fraction`` of each task's TRAINING set moved
+    to ``x_val``/``y_val`` (for tuning λ; the test split is untouched).  The held-out rows
+    are drawn from (seed, task size, labels) only, so the permuted tasks, which share their
+    images and labels, hold out the same images in every task."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"`fraction` must be in (0, 1). Received: fraction={fraction!r}")
+    tasks = []
+    for task in scenario.tasks:
+        keep, held = train_test_split(np.arange(len(task.y_train)), test_size=fraction,
+                                      random_state=seed, stratify=task.y_train)
+        keep, held = np.sort(keep), np.sort(held)
+        tasks.append(dataclasses.replace(
+            task, x_train=task.x_train[keep], y_train=task.y_train[keep],
+            x_val=task.x_train[held], y_val=task.y_train[held]))
+    return dataclasses.replace(
+        scenario, tasks=tuple(tasks),
+        description=scenario.description + f"; {fraction:g} of each task's training split "
+                                           "held out for validation")
 
 
 def load_scenario(name, num_tasks, seed):

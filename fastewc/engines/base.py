@@ -75,11 +75,14 @@ def initial_state(shapes, num_id_layers=0):
         tf.constant([np.inf, -np.inf, 1.0] + [0.0] * num_id_layers, tf.float32))
 
 
-def fold(batch, count, state):
+def fold(batch, count, state, *, with_mean=True):
     """Add a batch's float32 sums (and output range, and counts of ids outside each
-    Embedding's table) into the float64 state.  The mean is not formed here but once per
-    call, by :func:`finish`: a per-batch mean costs five passes over every quantity (on the
-    reference CNN's 85M-float Kronecker factor, 0.5 s a batch)."""
+    Embedding's table) into the float64 state and, ``with_mean``, return it with its mean
+    (:func:`finish`) formed in the same compiled function.  Without it the mean is left to
+    one :func:`finish` per call: Kronecker factors are large, and a per-batch mean costs
+    five passes over every quantity (the reference CNN's 85M-float A: 0.5 s a batch); for a
+    diagonal the passes fuse into the batch's compiled function, where a separate call
+    would cost more host time than they do (0.9 ms on the reference MLP)."""
     num_vars = len(state.fisher)
     sums, bad_ids, batch_range = batch[:num_vars], batch[num_vars:-1], batch[-1]
     flat = tf.concat([tf.reshape(s, [-1]) for s in sums], 0) if num_vars > 1 else tf.reshape(sums[0], [-1])
@@ -90,12 +93,13 @@ def fold(batch, count, state):
     checks = [out_range, state.checks[2:3]]
     if bad_ids:
         checks.append(state.checks[3:] + tf.stack(bad_ids))
-    return FisherState(totals, out_range, seen, state.fisher, tf.concat(checks, 0))
+    folded = FisherState(totals, out_range, seen, state.fisher, tf.concat(checks, 0))
+    return finish(folded) if with_mean else folded
 
 
 def finish(state):
     """The state with its mean F = total / examples (float32, shaped like ``state.fisher``)
-    and ``checks[2]`` = whether all of it is finite: once, after the last batch."""
+    and ``checks[2]`` = whether all of it is finite (see :func:`fold` for when)."""
     num_vars = len(state.fisher)
     mean = tf.cast(state.totals / state.examples, tf.float32)
     if all(f.shape.is_fully_defined() for f in state.fisher):
@@ -300,11 +304,15 @@ class Engine:
         return FisherState(*compat.call_concrete(self._concrete_for(args), args))
 
     def finish(self, state):
-        """The final state of a call: its mean and finiteness (:func:`finish`), compiled
-        once per engine (no XLA: one pass, not worth a compile)."""
+        """The final state of a call: with a Kronecker layout its mean and finiteness
+        (:func:`finish`), one concrete function per engine (the state's shapes are the
+        plan's) called with its flat inputs like :meth:`run` (no XLA: one pass, not worth a
+        compile); else ``state`` itself (each batch's fold formed the mean)."""
+        if not self.layout.kronecker:
+            return state
         if self._finish is None:
-            self._finish = tf.function(finish, autograph=False, jit_compile=False, reduce_retracing=True)
-        return self._finish(state)
+            self._finish = tf.function(finish, autograph=False, jit_compile=False).get_concrete_function(state)
+        return FisherState(*compat.call_concrete(self._finish, (state,)))
 
     def trace(self, batch, noise, state):
         """Trace (without running) the compiled function ``run`` would call for ``batch``:
@@ -330,7 +338,8 @@ class Engine:
         if self._function is None:
             sums = self.batch_sums
             self._function = tf.function(
-                lambda x, y, mask, noise, count, state: fold(sums(x, y, mask, noise), count, state),
+                lambda x, y, mask, noise, count, state: fold(sums(x, y, mask, noise), count, state,
+                                                             with_mean=not self.layout.kronecker),
                 jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
         return self._function
 
