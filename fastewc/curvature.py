@@ -119,6 +119,27 @@ def kronecker_layout(model, x, rules, variables):
     return Layout("kfac", keys, shapes, names, blocks), probe_floats
 
 
+# Bytes a call holds per accumulated float of a Kronecker layout: the float64 total (8), the
+# batch's float32 sum and its flattened copy (4 + 4), the float64 mean and its float32 cast
+# at the end (8 + 4).
+BYTES_PER_FACTOR_FLOAT = 28
+
+
+def check_factor_memory(layout, device_bytes):
+    """Raise before any pass when the factors alone would take more than half of the
+    device's memory (A is d'² floats: a Dense layer with 25 088 inputs, VGG16's first, has
+    a 2.5 GB A in float32), naming the layer with the largest factor."""
+    need = BYTES_PER_FACTOR_FLOAT * sum(int(np.prod(shape)) for shape in layout.shapes)
+    if not layout.blocks or need <= device_bytes // 2:
+        return
+    name, _, a, _ = max(layout.blocks, key=lambda block: int(np.prod(layout.shapes[block[2]])))
+    raise ValueError(
+        f"curvature='kfac' needs about {need / 2**30:.1f} GiB for its Kronecker factors, more than "
+        f"half of this device's {device_bytes / 2**30:.1f} GiB: layer '{name}' alone has an A of "
+        f"shape {layout.shapes[a]} (A is d'² floats for d' inputs). Use curvature='diagonal' for "
+        "this model, or reduce the layer's inputs (e.g. pool before it).")
+
+
 def assemble(layout, values, variables):
     """The estimator's result from the accumulated means ``values`` (aligned with
     ``layout.keys``): the list itself for the diagonal, else a :class:`KroneckerFisher`

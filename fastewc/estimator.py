@@ -346,7 +346,10 @@ class FisherEstimator:
                 f"{capture_lib.describe(missing, self.model)} {'has' if len(missing) == 1 else 'have'} none. "
                 + registry.registration_hint(type(missing[0]).__name__).replace(
                     ", or use method='vmap'", ", or use curvature='diagonal'"))
-        return curvature_lib.kronecker_layout(self.model, x1, rules, self.model.trainable_variables)
+        layout, probe_floats = curvature_lib.kronecker_layout(self.model, x1, rules,
+                                                              self.model.trainable_variables)
+        curvature_lib.check_factor_memory(layout, _memory.device_bytes())
+        return layout, probe_floats
 
     def _choose_method(self, x1, rules):
         """(engine name, probe floats per example or None).  ``auto``: factored when every

@@ -171,3 +171,13 @@ def test_a_layer_without_rule_is_named():
     x = np.ones((2, 3), "float32")
     with pytest.raises(ValueError, match=r"curvature='kfac' needs a factored Fisher rule.*'my_scale' \(Scale\)"):
         fastewc.kfac_fisher(model, (x, np.zeros(2, int)), loss=LOGITS)
+
+
+def test_factors_too_large_for_the_device_raise_before_any_pass(monkeypatch):
+    from fastewc import _memory
+    model = _cnn()
+    x = np.zeros((2, 7, 7, 2), "float32")
+    monkeypatch.setattr(_memory, "device_bytes", lambda: 2**12)      # 4 KiB of "memory"
+    with pytest.raises(ValueError, match=r"needs about .* GiB for its Kronecker factors.*layer 'dense' alone "
+                                         r"has an A of shape \(37, 37\)"):
+        fastewc.kfac_fisher(model, (x, np.zeros(2, int)), loss=LOGITS)
