@@ -1,4 +1,4 @@
-"""tf.distribute: make_train_step, fisher_diagonal and EWC.consolidate on 2 replicas.
+"""tf.distribute: make_train_step, fisher_diagonal, kfac_fisher and EWC.consolidate on 2 replicas.
 
 Logical devices must be configured before TensorFlow runs any op, and a
 MultiWorkerMirroredStrategy must be created at program start, so every case runs in its
@@ -61,6 +61,8 @@ COMMON = textwrap.dedent('''
         if MODE == "mirrored":   # the multi-worker case is kept lighter (two processes, 2 cores)
             out["fisher_sampled"] = [f.numpy().tolist() for f in fastewc.fisher_diagonal(
                 model, (x, y), loss=LOSS, kind="sampled", num_samples=2, seed=3, batch_size=5)]
+            factors = fastewc.kfac_fisher(model, (x, y), loss=LOSS, kind="exact", batch_size=5)
+            out["kfac"] = [m.numpy().tolist() for block in factors.blocks for m in (block.a, block.g)]
         ewc = fastewc.EWC(model, lam=3.0)
         out["fisher_exact"] = [f.numpy().tolist() for f in ewc.consolidate((x, y), loss=LOSS, batch_size=5)]
         for v in model.trainable_variables:
@@ -105,7 +107,7 @@ def _check(result):
 
     single, dist = result["single"], result["distributed"]
     assert single["replicas"] == 1 and dist["replicas"] == 2
-    for key in ("fisher_sampled", "fisher_exact"):
+    for key in ("fisher_sampled", "fisher_exact", "kfac"):
         assert (key in single) == (key in dist)
         for a, b in zip(single.get(key, []), dist.get(key, [])):
             a, b = np.asarray(a), np.asarray(b)
