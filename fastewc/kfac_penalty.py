@@ -32,7 +32,7 @@ not a Kronecker product):
 """
 import tensorflow as tf
 
-from fastewc import kronecker
+from fastewc import _policy, kronecker
 from fastewc._checks import as_float32
 
 KFAC_SUMS = ("exact", "nearest")
@@ -70,13 +70,17 @@ _COMPILED = {}
 
 
 def _compiled(jit_compile):
+    """The shared compiled body (every input an argument, so one trace per structure of
+    shapes); ``jit_compile`` None: :func:`fastewc._policy.default_jit_compile` with no model
+    (XLA on GPU, not on CPU, as the diagonal's standalone penalty)."""
+    jit_compile = _policy.default_jit_compile() if jit_compile is None else bool(jit_compile)
     fn = _COMPILED.get(jit_compile)
     if fn is None:
         fn = _COMPILED[jit_compile] = tf.function(_body, jit_compile=jit_compile, autograph=False)
     return fn
 
 
-def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_compile=False):
+def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_compile=None):
     """``(value, grads)`` of the Kronecker-factored penalty (module docstring).
 
     Args:
@@ -88,6 +92,7 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
       inline: trace into the caller's graph without a custom gradient (train steps that
         add ``grads`` themselves); else one compiled function whose value's gradient is
         ``grads`` (``tf.custom_gradient``).
+      jit_compile: XLA for that compiled function; None: XLA on GPU only.
 
     Returns the float32 value and one gradient per theta, blocks in order.
     """
