@@ -16,9 +16,17 @@ one example at one position A ⊗ G IS the Fisher block E_y[vec(ā δᵀ) vec(ā
 general it assumes the input rows independent of the deltas.  Every other variable (norms,
 embeddings, depthwise and grouped convolutions) keeps its diagonal.
 
+Positions count as examples (the "expand" convention of Eschenhagen et al. 2023, KFC's for
+convolutions): A divides by L, G sums over l, so no per-example sum over positions is
+formed.
+
 Both are streamed like the diagonal: each batch's sums (Σ over rows, not yet divided by N)
 are folded into one float64 total (:class:`fastewc.engines.base.FisherState`), so a Kronecker
-block costs d'² + u² floats of state, and the result is float32.
+block costs d'² + u² floats of state, and the result is float32.  Cost per batch on top of
+the factored engine's forward and K backward passes: N·L·d'² multiply-adds for A and
+K·N·L·u² for G per block.  A is what dominates where d' is large (a Dense after Flatten:
+the reference CNN's 9217² A costs more than the whole forward+backward; README), and
+:func:`check_factor_memory` refuses factors that would not fit the device.
 
 A :class:`Layout` says which quantities an estimator's plan accumulates, in order, and
 turns the accumulated means back into what the user gets (:func:`assemble`).
