@@ -336,3 +336,11 @@ def test_penalty_shape_measures_each_dense_block():
     assert total["q_kfac"] > 3 * total["q_diag"]
     for row in out["layers"]:
         assert row["a_top_over_mean_diag"] > 10         # A = E[āāᵀ] is uncentred
+
+
+def test_the_demo_copies_of_the_library_choices_agree():
+    """The demo keeps its own CURVATURES and KFAC_SUMS (no TensorFlow import for --help)."""
+    from fastewc.curvature import CURVATURES
+    from fastewc.demo import run
+    from fastewc.kfac_penalty import KFAC_SUMS
+    assert run.CURVATURES == CURVATURES and run.KFAC_SUMS == KFAC_SUMS
