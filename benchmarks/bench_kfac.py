@@ -48,15 +48,6 @@ def _medians(times):
     return None if times is None else {name: statistics.median(t) for name, t in times.items()}
 
 
-def _floor_fn(model, x, y, jit):
-    @tf.function(jit_compile=jit)
-    def forward_backward(x, y):
-        with tf.GradientTape() as tape:
-            value = problems.LOSS(y, model(x, training=False))
-        return tape.gradient(value, model.trainable_variables)
-    return lambda: forward_backward(x, y)[-1].numpy()
-
-
 def _first_call(fn):
     start = time.perf_counter()
     fn()
@@ -72,8 +63,8 @@ def test_factors(benchmark, smoke, device, name, kind):
     benchmark.group = f"kfac-factors[{device}]"
     fisher_args = dict(loss=problems.LOSS, kind=kind)
     members = {
-        "floor_noxla": _floor_fn(model, x, y, False),
-        "floor_xla": _floor_fn(model, x, y, True),
+        "floor_noxla": lambda f=problems.floor_function(model, False): f(x, y),
+        "floor_xla": lambda f=problems.floor_function(model, True): f(x, y),
         "diagonal": lambda: fastewc.FisherEstimator(model, **fisher_args),
         "kfac": lambda: fastewc.FisherEstimator(model, curvature="kfac", **fisher_args),
     }

@@ -70,7 +70,7 @@ import pytest
 import tensorflow as tf
 
 import fastewc
-from benchmarks import models
+from benchmarks import models, problems
 from fastewc import testing
 from benchmarks.conftest import rotate
 from benchmarks.memory import peak_bytes
@@ -109,16 +109,6 @@ def problem(name, smoke, device):
     return _CACHE[key]
 
 
-def floor_function(model, jit):
-    """A fresh compiled forward+backward of the mean loss (its last gradient read back)."""
-    @tf.function(jit_compile=jit)
-    def forward_backward(x, y):
-        with tf.GradientTape() as tape:
-            value = models.LOSS(y, model(x, training=False))
-        return tape.gradient(value, model.trainable_variables)
-    return lambda x, y: forward_backward(x, y)[-1].numpy()
-
-
 def _error(err):
     return f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
 
@@ -131,7 +121,7 @@ def test_model(benchmark, smoke, device, name):
     info.update(role="models", model=name, examples=len(y), params=models.num_params(model))
 
     chosen = lambda member: not smoke or member in SMOKE_MEMBERS   # noqa: E731
-    floors = {member: floor_function(model, jit) for member, jit in FLOORS.items() if chosen(member)}
+    floors = {member: problems.floor_function(model, jit) for member, jit in FLOORS.items() if chosen(member)}
     estimators = {kind: fastewc.FisherEstimator(model, loss=models.LOSS, kind=kind)
                   for kind in KINDS if chosen(kind)}
     members = {member: (lambda f=f: f(x, y)) for member, f in floors.items()}

@@ -10,6 +10,7 @@ Synthetic data (timing does not depend on values), softmax over 10 classes, logi
 """
 import keras
 import numpy as np
+import tensorflow as tf
 
 CLASSES = 10
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -63,3 +64,14 @@ def make(name, *, small=False, seed=0):
     x = sample_x(rng, n)
     y = rng.integers(0, CLASSES, size=n).astype(np.int32)
     return model, x, y
+
+
+def floor_function(model, jit, loss=LOSS):
+    """The floor: a fresh compiled forward+backward of the mean loss, ``(x, y) ->`` its last
+    gradient read back (the whole compiled function runs)."""
+    @tf.function(jit_compile=jit)
+    def forward_backward(x, y):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x, training=False))
+        return tape.gradient(value, model.trainable_variables)
+    return lambda x, y: forward_backward(x, y)[-1].numpy()

@@ -91,8 +91,9 @@ def _check_kfac_options(curvature, damping, kfac_sum, mode):
     """Check ``curvature``, ``damping`` and ``kfac_sum`` together; returns damping."""
     check_one_of("curvature", curvature, CURVATURES)
     check_one_of("kfac_sum", kfac_sum, KFAC_SUMS)
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < np.inf:
+    if not isinstance(damping, numbers.Real):
         raise ValueError(f"`damping` must be a finite number >= 0. Received: damping={damping!r}")
+    damping = kronecker.check_damping(damping)
     if curvature == "diagonal" and (damping != 0 or kfac_sum != "exact"):
         what = f"damping={damping!r}" if damping != 0 else f"kfac_sum={kfac_sum!r}"
         raise ValueError(f"`damping` and `kfac_sum` apply to curvature='kfac' only. Received: "

@@ -181,13 +181,12 @@ def quadratic_form(delta, a, g):
 
 
 # -- damping ----------------------------------------------------------------------------
-def _check_damping(damping):
+def check_damping(damping):
+    """``damping`` as a float ≥ 0 (Keras-style ValueError otherwise); a tensor passes unchecked."""
     if not isinstance(damping, numbers.Real) and hasattr(damping, "dtype"):
         return damping          # a tensor or variable: checking it would cost a host sync
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not np.isfinite(damping):
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < np.inf:
         raise ValueError(f"`damping` must be a finite number >= 0. Received: damping={damping!r}")
-    if damping < 0:
-        raise ValueError(f"`damping` must be >= 0. Received: damping={damping!r}")
     return float(damping)
 
 
@@ -230,7 +229,7 @@ def damped_factors(a, g, damping):
     Returns ``(A_δ, G_δ)`` in the dtypes of ``a`` and ``g`` (other float dtypes become
     float32); δ = 0 returns values equal to A and G.  O(d'² + u²) time (the identity adds).
     """
-    damping = _check_damping(damping)
+    damping = check_damping(damping)
     a, g = _as_float(a), _as_float(g)
     dtype = _common_dtype(a, g)
     pi = _pi_correction(a, g)

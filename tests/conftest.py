@@ -50,3 +50,11 @@ def perturb(model, seed, scale=0.3):
 
 def weights64(model):
     return [v.numpy().astype(np.float64) for v in model.trainable_variables]
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """max |actual − expected| ≤ rtol · max |expected| (float64): relative to the largest
+    entry, so entries that are analytically ~0 are judged against the scale of the rest."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(np.abs(expected).max(), 1e-30)
+    assert np.abs(actual - expected).max() <= rtol * scale, (np.abs(actual - expected).max(), scale)

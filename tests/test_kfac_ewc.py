@@ -20,7 +20,7 @@ import tensorflow as tf
 import fastewc
 from fastewc.curvature import KroneckerFisher
 
-from conftest import perturb, weights64
+from conftest import assert_close, perturb, weights64
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LAM = 2.0
@@ -67,12 +67,6 @@ def moved(model, seed, scale=0.3):
     finally:
         for v, s in zip(model.trainable_variables, saved):
             v.assign(s)
-
-
-def _close(actual, expected, rtol=1e-5):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = max(np.abs(expected).max(), 1e-30)
-    assert np.abs(actual - expected).max() <= rtol * scale, (np.abs(actual - expected).max(), scale)
 
 
 # -- the float64 reference ------------------------------------------------------------------
@@ -192,11 +186,11 @@ def assert_penalty_matches(ewc, terms, damping, rtol=1e-5, compiled=False):
     direct = ewc.penalty_gradients()
     for value, _ in results:
         assert value.shape == () and value.dtype == tf.float32
-        _close(value, want_value, rtol)
+        assert_close(value, want_value, rtol)
     for i, (v, want) in enumerate(zip(variables, want_grads)):
         for g in [grads[i] for _, grads in results] + [direct[i]]:
             assert tuple(g.shape) == tuple(v.shape) and g.dtype == tf.float32, v.path
-            _close(g, want, rtol)
+            assert_close(g, want, rtol)
 
 
 def run_tasks(ewc, num_tasks, seed=0, record_into=None):
@@ -245,7 +239,7 @@ def test_penalty_matches_explicit_kron(model_name, mode, kfac_sum, gamma):
                 np.testing.assert_array_equal(a, a_ref.astype(np.float32))
                 np.testing.assert_array_equal(g, g_ref.astype(np.float32))
             else:
-                _close(np.kron(a, g), np.kron(a_ref, g_ref))
+                assert_close(np.kron(a, g), np.kron(a_ref, g_ref))
     if mode == "online":                     # every anchor is the latest weights: P = 0
         assert ewc.penalty().numpy() == 0.0
         assert all(np.all(g.numpy() == 0.0) for g in ewc.penalty_gradients())
@@ -478,10 +472,10 @@ def _assert_step_matches(step, ewc, terms, x, y, lr):
     data_grads = tape.gradient(data_loss, model.trainable_variables)
     p_value, p_grads = reference_penalty(before, terms)
     returned = step(x, y)
-    _close(returned, float(data_loss) + p_value)
+    assert_close(returned, float(data_loss) + p_value)
     for v, w0, g, p in zip(model.trainable_variables, before, data_grads, p_grads):
         want = -lr * (g.numpy().astype(np.float64) + p)
-        _close(v.numpy().astype(np.float64) - w0, want, rtol=1e-4)
+        assert_close(v.numpy().astype(np.float64) - w0, want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

@@ -10,13 +10,9 @@ import tensorflow as tf
 import fastewc
 from fastewc import testing
 
+from conftest import assert_close
+
 LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _close(actual, expected, rtol=1e-5):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = max(np.abs(expected).max(), 1e-30)
-    assert np.abs(actual - expected).max() <= rtol * scale, (np.abs(actual - expected).max(), scale)
 
 
 def _cnn():
@@ -56,8 +52,8 @@ def _check_factors(model, x, y, loss, kind, **kwargs):
     for block in result.blocks:
         a, g = reference[block.layer]
         assert block.a.dtype == tf.float32 and block.g.dtype == tf.float32
-        _close(block.a, a)
-        _close(block.g, g)
+        assert_close(block.a, a)
+        assert_close(block.g, g)
     return result, twin
 
 
@@ -73,7 +69,7 @@ def test_cnn_factors_match_float64(kind):
     diagonal = testing.reference_fisher(twin, x, y, loss=LOGITS, kind=kind)
     for variable, mine, ref in zip(model.trainable_variables, result.diagonal, diagonal):
         if "batch_normalization" in variable.path:
-            _close(mine, ref)
+            assert_close(mine, ref)
         else:
             assert mine is None
 
@@ -119,7 +115,7 @@ def test_one_example_one_position_is_the_exact_fisher_block():
             g_kernel, g_bias = tape.gradient(target, [layer.kernel, layer.bias])
             g = np.concatenate([g_kernel.numpy(), g_bias.numpy()[None]], 0).reshape(-1)
             fisher = fisher + p[c] * np.outer(g, g)
-        _close(np.kron(block.a.numpy(), block.g.numpy()), fisher)
+        assert_close(np.kron(block.a.numpy(), block.g.numpy()), fisher)
 
 
 def test_full_diagonal_of_a_bias_is_the_diagonal_fisher():
@@ -135,7 +131,7 @@ def test_full_diagonal_of_a_bias_is_the_diagonal_fisher():
     for variable, mine, ref in zip(model.trainable_variables, full, reference):
         assert tuple(mine.shape) == tuple(variable.shape)
         if variable.path.endswith("dense_1/bias") or "batch_normalization" in variable.path:
-            _close(mine, ref)
+            assert_close(mine, ref)
 
 
 def test_a_second_call_does_not_retrace():
