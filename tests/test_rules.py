@@ -18,6 +18,7 @@ from fastewc import _keras_compat
 from fastewc import capture as capture_lib
 from fastewc import registry
 from fastewc.rules import conv as conv_rules
+from fastewc.rules import dense as dense_rules
 from fastewc.rules import scale as scale_rules
 from fastewc.testing import reference_fisher_of
 
@@ -72,6 +73,7 @@ def conv2d_problem():
         L.Conv2D(3, (2, 4), strides=(2, 3), padding="same", use_bias=False, activation="tanh")(inp),
         L.Conv2D(4, 3, dilation_rate=2, padding="same")(inp),
         L.Conv2D(4, 3, groups=2, padding="same")(inp),
+        L.Conv2D(16, 3, groups=8, strides=2, padding="same")(inp),       # one channel per group
         L.Conv2D(2, 1)(inp),
         L.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same")(inp),
         L.DepthwiseConv2D(3, strides=2, dilation_rate=2, use_bias=False)(inp),
@@ -93,6 +95,7 @@ def conv1d_problem():
         L.Conv1D(3, 4, strides=3, padding="same", activation="relu")(inp),
         L.Conv1D(4, 3, padding="causal", strides=2, use_bias=False)(inp),
         L.Conv1D(4, 3, padding="causal", groups=2)(inp),
+        L.Conv1D(8, 3, padding="causal", groups=8, dilation_rate=2)(inp),   # depthwise-shaped
         L.DepthwiseConv1D(3, depth_multiplier=2, dilation_rate=2, use_bias=False)(inp),
         L.SeparableConv1D(4, 3, strides=2, padding="same")(inp),
         L.Conv1DTranspose(3, 4, strides=3, padding="same")(inp),
@@ -290,6 +293,25 @@ def test_rule_forward_and_gradients_equal_the_layers_own(problem):
     for v, a, b in zip(model.trainable_variables + [x], swapped_grads, plain_grads):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4,
                                    atol=1e-6 * np.abs(b.numpy()).max(), err_msg=getattr(v, "path", "x"))
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["all-pairs", "all-per-example"])
+@pytest.mark.parametrize("name", ["conv2d", "conv1d", "layer_scale_sequence"])
+def test_position_pairs_and_per_example_twins_match_reference(monkeypatch, name, pairs):
+    """The rules pick pairs of positions or per-example gradients by size
+    (``use_position_pairs``); forced one way for every layer, each matches float64."""
+    if name not in PROBLEMS:
+        pytest.skip(f"{name}: this Keras lacks a layer of it")
+    def forced(positions, k, **_):
+        return pairs and isinstance(positions, int) and isinstance(k, int)
+    monkeypatch.setattr(conv_rules, "use_position_pairs", forced)
+    monkeypatch.setattr(dense_rules, "use_position_pairs", forced)
+    keras.utils.set_random_seed(0)
+    model, x = PROBLEMS[name]()
+    _randomise_batch_norm(model)
+    y = np.random.default_rng(10).integers(0, CLASSES, size=x.shape[0])
+    got = fisher(model, x, y, "exact", jit_compile=False)
+    assert_matches(model, got, reference(model, x, y, "exact", 3))
 
 
 def test_conv_rules_under_xla():

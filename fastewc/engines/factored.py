@@ -29,6 +29,7 @@ Rounded down to a power of two; an explicit ``batch_size`` lowers them further (
 memory cap).
 """
 import math
+import re
 
 import tensorflow as tf
 
@@ -54,6 +55,11 @@ def cotangent_deltas(tape, out, probes, u, *, unroll=True):
         return [None if per_probe[0] is None else tf.stack(per_probe) for per_probe in zip(*per_k)]
     return tf.vectorized_map(lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
                              fallback_to_while_loop=False)
+
+
+def _scope_name(layer):
+    """``rules/<layer name>``, with characters a graph name scope refuses replaced."""
+    return "rules/" + re.sub(r"[^A-Za-z0-9_.\-]", "_", layer.name)
 
 
 class FactoredEngine(Engine):
@@ -92,17 +98,18 @@ class FactoredEngine(Engine):
             for (layer, result), delta in zip(recorder.records, deltas):
                 if delta is None:
                     delta = tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(result.probe)], 0), tf.float32)
-                delta = tf.cast(delta, tf.float32) / scale
-                covered = set()
-                if kronecker and result.kron is not None:
-                    for block in result.kron(delta, w, mask):
-                        sums[("a", id(block.variables[0]))] = block.a
-                        sums[("g", id(block.variables[0]))] = block.g
-                        covered.update(id(v) for v in block.variables)
-                if any(id(v) not in covered for v in layer.trainable_variables):
-                    for var, value in result.square_sums(delta, w):
-                        if id(var) not in covered:
-                            sums[id(var)] = value
+                with tf.name_scope(_scope_name(layer)):      # a profile names the layer
+                    delta = tf.cast(delta, tf.float32) / scale
+                    covered = set()
+                    if kronecker and result.kron is not None:
+                        for block in result.kron(delta, w, mask):
+                            sums[("a", id(block.variables[0]))] = block.a
+                            sums[("g", id(block.variables[0]))] = block.g
+                            covered.update(id(v) for v in block.variables)
+                    if any(id(v) not in covered for v in layer.trainable_variables):
+                        for var, value in result.square_sums(delta, w):
+                            if id(var) not in covered:
+                                sums[id(var)] = value
             missing = [name for key, name in zip(self.layout.keys, self.layout.names) if key not in sums]
             if missing:
                 raise ValueError(f"The factored rules returned no value for {missing}.")

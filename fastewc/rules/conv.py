@@ -45,6 +45,7 @@ quantized kernels, and subclasses that override ``call`` (see :mod:`fastewc.regi
 """
 import itertools
 import math
+import typing
 
 import keras
 import tensorflow as tf
@@ -52,7 +53,9 @@ import tensorflow as tf
 from fastewc._keras_compat import causal_padding
 from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import (check_channels_last, check_plain, kronecker_sums, leading_dims,
-                                   masked_rows, static_or_dynamic_shape, weighted_square_sum)
+                                   masked_rows, pair_products, position_pair_square_sum,
+                                   static_or_dynamic_shape, use_position_pairs,
+                                   weighted_delta_pairs, weighted_square_sum)
 
 
 # -- geometry ---------------------------------------------------------------------------
@@ -164,7 +167,9 @@ _MIN_CHANNELS_PER_OFFSET = 8
 def _dense_patch_square_sum(a, delta, weight, geometry):
     """Σ_kn w_kn (Σ_l patch_nl ⊗ δ_knl)², shape (prod(kernel_size)·C_in, F).
 
-    K = 1 with enough input channels: one (C_in × L)(L × F) matmul per kernel offset on a
+    Few output positions L (:func:`use_position_pairs`): pairs of positions,
+    :func:`fastewc.rules._common.position_pair_square_sum`, no per-example gradient.
+    Else K = 1 with enough input channels: one (C_in × L)(L × F) matmul per kernel offset on a
     strided view of the input, so the (N, L, kk·C_in) patch tensor is never built (it is
     memory-bound: building it costs more than the matmul).  K > 1: the patches are built
     once and reused by one matmul per cotangent (memory N·|W| per cotangent, not K·N·|W|).
@@ -173,6 +178,10 @@ def _dense_patch_square_sum(a, delta, weight, geometry):
     k, n = delta.shape[0], leading_dims(delta)[1]        # k stays None when unknown
     c_in, filters = a.shape[-1], delta.shape[-1]
     d = tf.reshape(delta, [tf.shape(delta)[0] if k is None else k, n, -1, filters])   # (K, N, L, F)
+    positions = math.prod(out_sizes) if all(isinstance(o, int) for o in out_sizes) else None
+    if use_position_pairs(positions, k):        # few positions: no per-example gradient
+        p = tf.reshape(extract_patches(a, *geometry), [n, positions, math.prod(kernel_size) * c_in])
+        return position_pair_square_sum(p, d, weight)
     if k is None:                               # unknown K: one einsum, K·N·|W| memory
         p = tf.reshape(extract_patches(a, *geometry), [n, -1, math.prod(kernel_size) * c_in])
         return weighted_square_sum(tf.einsum("nli,knlo->knio", p, d), weight)
@@ -285,15 +294,27 @@ def _conv_grad(layer, padding, groups):
     return grad_fn
 
 
-def _depthwise_op(layer):
+class Window(typing.NamedTuple):
+    """How a convolution slides: kernel size, strides, dilation and padding mode."""
+    kernel_size: tuple
+    strides: tuple
+    dilation: tuple
+    padding: str
+
+    @classmethod
+    def of(cls, layer, padding=None):
+        return cls(tuple(layer.kernel_size), tuple(layer.strides), tuple(layer.dilation_rate),
+                   padding or layer.padding)
+
+
+def _depthwise_op(window):
     def native(x, kernel):
-        return keras.ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
-                                        dilation_rate=layer.dilation_rate,
-                                        data_format=layer.data_format)
+        return keras.ops.depthwise_conv(x, kernel, strides=window.strides, padding=window.padding,
+                                        dilation_rate=window.dilation, data_format="channels_last")
     return native
 
 
-def _depthwise_grads(layer, x, kernel, dy):
+def _depthwise_grads(window, x, kernel, dy):
     """(dx, dkernel) of a depthwise convolution from TensorFlow's own gradient, with input
     and kernel made to vary with ``dy`` (+ 0·dy[0]): the vectorized_map converters of the
     depthwise ops then apply (they fold the cotangents into channels).  Unused parts (the
@@ -302,8 +323,21 @@ def _depthwise_grads(layer, x, kernel, dy):
     x_v, kernel_v = x + tf.cast(zero, x.dtype), kernel + tf.cast(zero, kernel.dtype)
     with tf.GradientTape() as tape:
         tape.watch([x_v, kernel_v])
-        z = _depthwise_op(layer)(x_v, kernel_v)
+        z = _depthwise_op(window)(x_v, kernel_v)
     return tape.gradient(z, [x_v, kernel_v], output_gradients=dy)
+
+
+def _grouped_as_depthwise_grad(window, multiplier):
+    """grad_fn of a grouped convolution with one input channel per group (ConvNeXt's 7×7):
+    its kernel (*k, 1, C·M) is the depthwise kernel (*k, C, M) in the same order, so
+    TensorFlow's depthwise gradient applies (the per-offset einsums of :func:`_conv_grad`
+    become C tiny matmuls each here)."""
+    def grad_fn(x, params, dy):
+        (kernel,) = params
+        depthwise = tf.reshape(kernel, list(window.kernel_size) + [x.shape[-1], multiplier])
+        dx, dkernel = _depthwise_grads(window, x, depthwise, dy)
+        return [dx, tf.reshape(dkernel, kernel.shape)]
+    return grad_fn
 
 
 def _conv_transpose_grad(layer):
@@ -340,7 +374,11 @@ def conv_rule(layer, inputs, *args, **kwargs):
         def native(x, kernel):
             return keras.ops.conv(x, kernel, strides=list(layer.strides), padding="valid",
                                   dilation_rate=layer.dilation_rate, data_format=layer.data_format)
-    if layer.groups > 1 or layer.rank == 3:
+    depthwise = 1 < layer.groups == x.shape[-1] and layer.rank < 3    # one channel per group
+    if depthwise:
+        grad_fn = _grouped_as_depthwise_grad(Window.of(layer, padding), layer.filters // layer.groups)
+        z = _with_gradient(native, grad_fn, x, _value(layer.kernel))
+    elif layer.groups > 1 or layer.rank == 3:
         z = _with_gradient(native, _conv_grad(layer, padding, layer.groups), x, _value(layer.kernel))
     else:
         z = native(x, layer.kernel)
@@ -359,13 +397,11 @@ def conv_rule(layer, inputs, *args, **kwargs):
         geometry = geometry_of(delta)
         if groups == 1:
             sq_kernel = _dense_patch_square_sum(a, delta, weight, geometry)
+        elif depthwise:
+            sq_kernel = _depthwise_square_sum(a, delta, weight, Window.of(layer, padding),
+                                              layer.filters // groups)
         else:
-            k, n = leading_dims(delta)
-            c_in, filters = a.shape[-1], delta.shape[-1]
-            patches = extract_patches(a, *geometry)
-            p = tf.reshape(patches, [n, -1, math.prod(kernel_size), groups, c_in // groups])
-            d = tf.reshape(delta, [k, n, -1, groups, filters // groups])
-            sq_kernel = weighted_square_sum(tf.einsum("nlagc,knlgo->knacgo", p, d), weight)
+            sq_kernel = _grouped_square_sum(extract_patches(a, *geometry), delta, weight, groups)
         return _with_bias(layer, delta, weight, (layer.kernel, tf.reshape(sq_kernel, layer.kernel.shape)))
 
     def kron(delta, weight, mask):
@@ -379,40 +415,74 @@ def conv_rule(layer, inputs, *args, **kwargs):
     return RuleOutput(outputs, z, sum_sq=sum_sq, kron=kron if groups == 1 else None)
 
 
+def _grouped_square_sum(patches, delta, weight, groups):
+    """Σ_kn w_kn g_kn(W)² of a grouped convolution, (kk, C_in/G, G, F/G) for ``patches``
+    (N, *out, kk, C_in) and ``delta`` (K, N, *out, F): per group g, example n's gradient
+    is Σ_l patch_nl[·, g, ·] ⊗ δ_knl[g, ·].  Few positions: pairs of positions (as
+    :func:`fastewc.rules._common.position_pair_square_sum`, one matmul per group over
+    N·P rows); else the K·N·|W| per-example gradients."""
+    k, n = leading_dims(delta)
+    kk, c_in, filters = patches.shape[-2], patches.shape[-1], delta.shape[-1]
+    p = tf.reshape(patches, [n, -1, kk, groups, c_in // groups])          # (N, L, kk, G, Cg)
+    d = tf.reshape(delta, [k, n, -1, groups, filters // groups])          # (K, N, L, G, Fg)
+    positions = p.shape[1]
+    if use_position_pairs(positions, k, elementwise=c_in // groups * (filters // groups) < 64):
+        products, _ = pair_products(p, 1, positions)                       # (N, P, kk, G, Cg)
+        c = weighted_delta_pairs(d, weight)                                # (N, P, G, Fg)
+        if c_in == groups:           # depthwise: G × (kk × N·P)(N·P × Fg) is too small a matmul
+            return tf.reduce_sum(products[..., 0, None] * c[:, :, None], axis=[0, 1])[:, None]
+        return tf.einsum("npagc,npgo->acgo", products, c)
+    return weighted_square_sum(tf.einsum("nlagc,knlgo->knacgo", p, d), weight)
+
+
 # -- DepthwiseConv1D / DepthwiseConv2D ----------------------------------------------------
-def _depthwise_grad(a, delta, layer, kernel_size, multiplier):
+def _depthwise_grad(a, delta, window, multiplier):
     """Per-example depthwise kernel gradients (K, N, kk, C, M) from inputs ``a`` (N, *in, C):
     per kernel offset, Σ_l window(a)_nlc · δ_knlcm (elementwise, no matmul: C separate
     (kk × L)(L × M) products are too small for one)."""
     k, n = leading_dims(delta)
     out_sizes = _spatial(delta, 2)
-    pads = _pads(_spatial(a, 1), out_sizes, kernel_size, layer.strides, layer.dilation_rate,
-                 layer.padding)
+    pads = _pads(_spatial(a, 1), out_sizes, *window[:3], window.padding)
     ap, c = _pad(a, pads), a.shape[-1]
     d = tf.reshape(delta, [k, n, -1, c, multiplier])                           # (K, N, L, C, M)
     grads = []
-    for offsets in _offsets(kernel_size):
-        win = tf.reshape(_window(ap, offsets, layer.strides, layer.dilation_rate, out_sizes),
+    for offsets in _offsets(window.kernel_size):
+        win = tf.reshape(_window(ap, offsets, window.strides, window.dilation, out_sizes),
                          [n, -1, c, 1])                                        # (N, L, C, 1)
         grads.append(tf.reduce_sum(win * d, axis=2))                           # (K, N, C, M)
     return tf.stack(grads, axis=2)
 
 
+def _depthwise_square_sum(a, delta, weight, window, multiplier):
+    """Σ_kn w_kn g_kn² of a depthwise kernel, (kk, C, M) in the depthwise kernel's order
+    (also a grouped kernel's (kk, 1, C·M)): pairs of positions where few
+    (:func:`_grouped_square_sum`), else per-example gradients (:func:`_depthwise_grad`)."""
+    out_sizes = _spatial(delta, 2)
+    positions = math.prod(out_sizes) if all(isinstance(o, int) for o in out_sizes) else None
+    if use_position_pairs(positions, delta.shape[0], elementwise=True):
+        pads = _pads(_spatial(a, 1), out_sizes, *window[:3], window.padding)
+        patches = extract_patches(a, window.kernel_size, window.strides, window.dilation, pads,
+                                  out_sizes)
+        return _grouped_square_sum(patches, delta, weight, groups=a.shape[-1])
+    return weighted_square_sum(_depthwise_grad(a, delta, window, multiplier), weight)
+
+
 def depthwise_conv_rule(layer, inputs, *args, **kwargs):
     family = type(layer).__name__
     _check(layer, family)
-    def grad_fn(x, params, dy):
-        return list(_depthwise_grads(layer, x, params[0], dy))
+    window = Window.of(layer)
 
-    z = _with_gradient(_depthwise_op(layer), grad_fn, inputs, _value(layer.kernel))
+    def grad_fn(x, params, dy):
+        return list(_depthwise_grads(window, x, params[0], dy))
+
+    z = _with_gradient(_depthwise_op(window), grad_fn, inputs, _value(layer.kernel))
     channels = inputs.shape[-1] * layer.depth_multiplier
     z, outputs = _bias_and_activation(layer, z, channels)
     a = tf.cast(inputs, tf.float32)
-    kernel_size = tuple(layer.kernel_size)
 
     def sum_sq(delta, weight):
-        g = _depthwise_grad(a, delta, layer, kernel_size, layer.depth_multiplier)
-        return _with_bias(layer, delta, weight, _squared(layer.kernel, g, weight))
+        sq = _depthwise_square_sum(a, delta, weight, window, layer.depth_multiplier)
+        return _with_bias(layer, delta, weight, (layer.kernel, tf.reshape(sq, layer.kernel.shape)))
 
     return RuleOutput(outputs, z, sum_sq=sum_sq)
 
@@ -427,12 +497,14 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
                                         dilation_rate=layer.dilation_rate,
                                         data_format=layer.data_format)
 
+    window = Window.of(layer)
+
     def grad_fn(x, params, dy):
         depthwise_kernel, pointwise_kernel = params
-        mid = _depthwise_op(layer)(x, depthwise_kernel)
+        mid = _depthwise_op(window)(x, depthwise_kernel)
         pw = tf.reshape(pointwise_kernel, [mid.shape[-1], -1])                 # (C·M, F)
         d_mid = tf.tensordot(dy, tf.transpose(pw), 1)
-        dx, d_depthwise = _depthwise_grads(layer, x, depthwise_kernel, d_mid)
+        dx, d_depthwise = _depthwise_grads(window, x, depthwise_kernel, d_mid)
         d_pointwise = tf.matmul(_rows(mid, pw.shape[0]), _rows(dy, pw.shape[1]), transpose_a=True)
         return [dx, d_depthwise, tf.reshape(d_pointwise, pointwise_kernel.shape)]
 
@@ -441,7 +513,6 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
                        _value(layer.pointwise_kernel))
     z, outputs = _bias_and_activation(layer, z, layer.filters)
     a = tf.cast(inputs, tf.float32)
-    kernel_size = tuple(layer.kernel_size)
 
     def sum_sq(delta, weight):
         # The depthwise output (pointwise input); recomputed here, off the probe's path.
@@ -457,7 +528,7 @@ def separable_conv_rule(layer, inputs, *args, **kwargs):
         g_pw = tf.einsum("nlj,knlf->knjf", m, d)
         delta_mid = tf.reshape(tf.einsum("knlf,jf->knlj", d, pw),
                                static_or_dynamic_shape(delta)[:-1] + [pw.shape[0]])
-        g_dw = _depthwise_grad(a, delta_mid, layer, kernel_size, layer.depth_multiplier)
+        g_dw = _depthwise_grad(a, delta_mid, window, layer.depth_multiplier)
         return _with_bias(layer, delta, weight, _squared(layer.depthwise_kernel, g_dw, weight),
                           _squared(layer.pointwise_kernel, g_pw, weight))
 

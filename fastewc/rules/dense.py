@@ -9,7 +9,9 @@ per example weighted by w_kn:
 
 one (d × N)(N × units) matmul: no per-example tensor.  Inputs of rank > 2 (a Dense over a
 sequence, (N, T, d)) sum over positions before squaring, g_kn(W) = Σ_t a_nt ⊗ δ_knt, so
-that case forms the per-example gradients (K·N·d·units floats) explicitly.
+that case forms the per-example gradients (K·N·d·units floats) explicitly, unless there are
+few positions: then pairs of positions, :func:`fastewc.rules._common.position_pair_square_sum`
+(one matmul, no per-example tensor).
 
 Kronecker factors (``kron``, :class:`fastewc.registry.KroneckerSums`): the rows ā = [a, 1]
 and the deltas, positions of a sequence treated as examples (the "expand" convention of
@@ -22,7 +24,8 @@ import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, register_rule
-from fastewc.rules._common import check_plain, kronecker_sums, masked_rows
+from fastewc.rules._common import (check_plain, kronecker_sums, masked_rows, position_pair_square_sum,
+                                   use_position_pairs)
 
 
 def dense_rule(layer, inputs, training=None):
@@ -39,10 +42,15 @@ def dense_rule(layer, inputs, training=None):
             sq_kernel = tf.matmul(tf.square(a), d, transpose_a=True)
             sq_bias = tf.reduce_sum(d, axis=0)
         else:
-            a3 = tf.reshape(a, [tf.shape(a)[0], -1, a.shape[-1]])
-            d3 = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], -1, delta.shape[-1]])
-            g_kernel = tf.einsum("ntd,kntu->kndu", a3, d3)
-            sq_kernel = tf.einsum("kn,kndu->du", weight, tf.square(g_kernel))
+            positions = a.shape[1:-1].num_elements()
+            a3 = tf.reshape(a, [tf.shape(a)[0], positions or -1, a.shape[-1]])
+            d3 = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], positions or -1,
+                                    delta.shape[-1]])
+            if use_position_pairs(positions, delta.shape[0]):
+                sq_kernel = position_pair_square_sum(a3, d3, weight)
+            else:
+                g_kernel = tf.einsum("ntd,kntu->kndu", a3, d3)
+                sq_kernel = tf.einsum("kn,kndu->du", weight, tf.square(g_kernel))
             sq_bias = tf.einsum("kn,knu->u", weight, tf.square(tf.reduce_sum(d3, axis=2)))
         pairs = [(layer.kernel, sq_kernel)]
         if layer.bias is not None:
