@@ -39,11 +39,17 @@ def check_inference(layer, family, training):
 
 def weighted_square_sum(g, weight):
     """Σ_k Σ_n weight[k, n] · g[k, n]² for ``g`` of shape (K, N, *shape): shape ``shape``."""
-    g = tf.cast(g, tf.float32)
-    if g.shape[0] == 1:
-        return tf.tensordot(weight[0], tf.square(g[0]), 1)
-    flat = tf.reshape(tf.square(g), [-1] + static_or_dynamic_shape(g)[2:])
-    return tf.tensordot(tf.reshape(weight, [-1]), flat, 1)
+    return weighted_rows(weight, tf.square(tf.cast(g, tf.float32)), 2)
+
+
+def weighted_rows(weight, t, lead=1):
+    """Σ_r weight_r t_r over the ``lead`` leading axes of ``t`` (weight of those axes'
+    shape): one (1 × R)(R × S) matmul.  Fewer graph ops than ``tf.tensordot`` (whose
+    reshapes and shape arithmetic are most of a rule's trace time on a deep model)."""
+    tail = static_or_dynamic_shape(t)[lead:]
+    size = t.shape[lead:].num_elements()
+    flat = tf.reshape(t, [-1, size if size is not None else tf.reduce_prod(tf.shape(t)[lead:])])
+    return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
 
 
 # Position pairs against per-example gradients, measured (no XLA, 2-core CPU, N = 32,

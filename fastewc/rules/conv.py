@@ -55,7 +55,7 @@ from fastewc.registry import RuleOutput, register_rule
 from fastewc.rules._common import (check_channels_last, check_plain, kronecker_sums, leading_dims,
                                    masked_rows, pair_products, position_pair_square_sum,
                                    static_or_dynamic_shape, use_position_pairs,
-                                   weighted_delta_pairs, weighted_square_sum)
+                                   weighted_delta_pairs, weighted_rows, weighted_square_sum)
 
 
 # -- geometry ---------------------------------------------------------------------------
@@ -199,13 +199,13 @@ def _dense_patch_square_sum(a, delta, weight, geometry):
         for offsets in _offsets(kernel_size):
             view = tf.reshape(_window(a, offsets, strides, dilation, out_sizes), [n, -1, c_in])
             g = tf.matmul(view, d[0], transpose_a=True)                        # (N, C_in, F)
-            sums.append(tf.tensordot(weight[0], tf.square(g), 1))
+            sums.append(weighted_rows(weight[0], tf.square(g)))
         return tf.concat(sums, 0)
     p = _patch_columns(a, geometry)                                            # (N, I, L)
     total = None
     for i in range(k):
         g = tf.matmul(p, d[i])                                                 # (N, I, F)
-        term = tf.tensordot(weight[i], tf.square(g), 1)
+        term = weighted_rows(weight[i], tf.square(g))
         total = term if total is None else total + term
     return total
 
