@@ -33,16 +33,23 @@ _MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D)
 MIN_COTANGENTS = 4
 
 
+def covers(layer):
+    """Whether ``layer`` is a max pooling whose gradient the mask route can take:
+    non-overlapping windows, "valid" padding, channels_last, the Keras class's own call."""
+    base = next((cls for cls in _MAX_POOLING if isinstance(layer, cls)), None)
+    if base is None or type(layer).call is not base.call:     # a subclass's own call: keep it
+        return False
+    return (tuple(layer.pool_size) == tuple(layer.strides) and layer.padding == "valid"
+            and layer.data_format == "channels_last")
+
+
 def masked_max_pool_call(layer, use_mask):
     """A ``call`` for ``layer`` whose gradient is the mask route when ``use_mask()`` is
     true at gradient time (the mask is then built once, on the first backward pass, and
     reused by the others), TensorFlow's own otherwise; None if the layer is not covered."""
-    base = next((cls for cls in _MAX_POOLING if isinstance(layer, cls)), None)
-    if base is None or type(layer).call is not base.call:     # a subclass's own call: keep it
+    if not covers(layer):
         return None
-    pool, strides = tuple(layer.pool_size), tuple(layer.strides)
-    if pool != strides or layer.padding != "valid" or layer.data_format != "channels_last":
-        return None
+    pool = tuple(layer.pool_size)
     native = type(layer).call
 
     def call(inputs):

@@ -10,7 +10,9 @@ U_k (K, N, *output) to every probe at once, and lets each rule form
 (:meth:`fastewc.registry.RuleOutput.square_sums`).  Examples are independent, so the
 deltas of all N examples come from one backward pass per cotangent: cost about one
 forward and K backward passes of the batch, memory K · rows · (probe floats) for the
-deltas, and no N × P per-example tensor unless a rule needs one.
+deltas, and no N × P per-example tensor unless a rule needs one.  The K passes are one
+``tf.vectorized_map`` over the cotangents, or unrolled in the graph
+(:attr:`FactoredEngine.unroll_cotangents` says when).
 
 Rows per call (``batch_size=None``), each bound from a measurement (README, "Rows per
 compiled call capped"):
@@ -33,9 +35,11 @@ import re
 
 import tensorflow as tf
 
+from fastewc import _keras_compat as compat
 from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import pooling
+from fastewc.engines import per_example
 from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale, output_range,
                                   weighted_cotangents)
 
@@ -47,8 +51,8 @@ MIN_ROWS = 16
 def cotangent_deltas(tape, out, probes, u, *, unroll=True):
     """∂⟨u_k, out⟩/∂probe for each of the K cotangents ``u`` (K, *out.shape): for each
     probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``.
-    Up to ``UNROLL_COTANGENTS`` (and without XLA, ``unroll``) the K backward passes are
-    unrolled in the graph (no pfor converter needed); else one ``tf.vectorized_map``."""
+    With ``unroll`` and up to ``UNROLL_COTANGENTS`` the K backward passes are unrolled in
+    the graph (no pfor converter needed); else one ``tf.vectorized_map``."""
     k = u.shape[0]
     if k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS):
         per_k = [tape.gradient(out, probes, output_gradients=u[i]) for i in range(k)]
@@ -64,6 +68,8 @@ def _scope_name(layer):
 
 class FactoredEngine(Engine):
     name = "factored"
+    _unroll = None           # decided on first use: see unroll_cotangents
+    _vectorized = False      # the last trace vectorized its K backward passes
 
     def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
         per_row = num_cotangents * (probe_floats or 1)
@@ -78,6 +84,32 @@ class FactoredEngine(Engine):
         cap = min(MAX_ROWS, cached) if batch_size is None else min(batch_size, MAX_ROWS, cached)
         return _memory.rows_within(budget, 4 * per_row, cap)
 
+    @property
+    def unroll_cotangents(self):
+        """Whether the K backward passes are unrolled in the graph rather than vectorized
+        (one ``tf.vectorized_map`` backward pass over the K cotangents).  Vectorized by
+        default: the smaller graph traces and optimises faster, and on the Keras
+        Applications it also ran faster (README, "Real models").  Unrolled without XLA
+        where the model has a max pooling the mask route covers (:mod:`fastewc.pooling`:
+        the mask is built once and reused by the K passes, which the reference CNN measured
+        faster; its vectorized form is a rank-7 broadcast TensorFlow's CPU kernels refuse),
+        and where the vectorized graph would run a batched matmul oneDNN gets wrong
+        (:func:`fastewc.engines.per_example.onednn_broadcast_matmuls`): then traced again."""
+        if self._unroll is None:
+            self._unroll = not self.jit_compile and any(
+                pooling.covers(layer) for layer in compat.nested_layers(self.model))
+        return self._unroll
+
+    def _concrete_for(self, args):
+        new = int(args[2].shape[0]) not in self._concrete
+        concrete = super()._concrete_for(args)
+        if new and not self.jit_compile and self._vectorized \
+                and per_example.onednn_broadcast_matmuls(concrete.graph):
+            del self._concrete[int(args[2].shape[0])]
+            self._unroll, self._function, self._sums_function = True, None, None
+            concrete = super()._concrete_for(args)
+        return concrete
+
     def batch_sums(self, x, y, mask, noise):
         model, variables = self.model, self.variables
         with tf.name_scope("fastewc/fisher"):
@@ -89,8 +121,10 @@ class FactoredEngine(Engine):
             u = tf.cast(u * scale, out.dtype)
             probes = [result.probe for _, result in recorder.records]
             k = u.shape[0]
-            recorder.mask_pooling = k is None or k >= pooling.MIN_COTANGENTS
-            deltas = cotangent_deltas(tape, out, probes, u, unroll=not self.jit_compile)
+            unroll = self.unroll_cotangents
+            recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (unroll or self.jit_compile)
+            self._vectorized = not (k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS))
+            deltas = cotangent_deltas(tape, out, probes, u, unroll=unroll)
             del tape
             mask = tf.cast(mask, tf.float32)
             kronecker = self.layout.kronecker

@@ -52,10 +52,10 @@ def weighted_rows(weight, t, lead=1):
     return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
 
 
-# Position pairs against per-example gradients, measured (no XLA, 2-core CPU, N = 32,
-# (I, F) from (1024, 256) to (512, 2048)): with one cotangent the pairs win up to L = 8
-# positions (7.7-12x at L = 1, 1.6-3.7x at L = 4, 0.7-1.1x at L = 9); with 9 cotangents up
-# to L = 15 (25-110x at L = 1, 2.4-6.4x at L = 9, 0.9-2.4x at L = 16).
+# Where pairs of positions beat per-example gradients, from a side-by-side measurement
+# (README, "Real models": pairs of positions): with one cotangent up to L = 8 positions,
+# with 9 cotangents up to L = 15 (per-example cost is nearly flat in L: it is the K·N·I·F
+# memory traffic; the pairs' cost grows as L²).
 PAIR_BUDGET = 36                 # pairs always taken up to this many (L = 8)
 PAIR_BUDGET_PER_COTANGENT = 14   # ... and up to this many per cotangent (K = 9: L = 15)
 
