@@ -25,7 +25,8 @@ The main table, one row per model (and device, when more than one was benchmarke
 
 A member that failed shows its exception type (``bench_models.py`` fails that test with
 the error and keeps the others).  A second table lists absolute times and the peak
-memory of the first calls.
+memory of the first calls.  ``--before earlier.json`` adds a before → after table
+(:func:`comparison_table`).
 """
 import argparse
 import json
@@ -228,12 +229,49 @@ def render(doc):
     return "\n".join(parts)
 
 
+def _ratio_value(info, member):
+    _, floor = best_floor(info)
+    median = info.get("medians", {}).get(member)
+    return None if floor is None or median is None else median / floor
+
+
+def _first_ratio(info, member):
+    """A member's first call / the faster floor's first call."""
+    name, _ = best_floor(info)
+    first = info.get("first_call_s", {})
+    return first[member] / first[name] if name in first and member in first else None
+
+
+def comparison_table(before, after):
+    """Before → after, per model in both runs: each kind's steady ratio to its own run's
+    floor and its first call over that run's floor's first call (each run normalised by
+    its own floor, so two runs on a drifting machine compare)."""
+    old = {key: pair["steady"]["extra_info"] for key, pair in _by_model(before).items() if pair["steady"]}
+    lines = ["| model | empirical × floor | exact × floor | first call ÷ floor's: empirical | exact |",
+             "|---|---:|---:|---:|---:|"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}×"     # noqa: E731
+    for key, pair in _by_model(after).items():
+        if key not in old or not pair["steady"]:
+            continue
+        new = pair["steady"]["extra_info"]
+        cells = [f"{fmt(f(old[key], k))} → {fmt(f(new, k))}"
+                 for f in (_ratio_value, _first_ratio) for k in KINDS]
+        lines.append(f"| {key[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_file")
+    parser.add_argument("--before", help="an earlier run's JSON: print a before → after table too")
     args = parser.parse_args(argv)
     with open(args.json_file) as fh:
-        print(render(json.load(fh)))
+        doc = json.load(fh)
+    print(render(doc))
+    if args.before:
+        with open(args.before) as fh:
+            print("\nBefore → after (" + args.before + " → " + args.json_file + "):\n")
+            print(comparison_table(json.load(fh), doc))
     return 0
 
 

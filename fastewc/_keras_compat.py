@@ -121,6 +121,36 @@ def call_concrete(concrete, args):
     return call_flat(tf.nest.flatten(args), concrete.captured_inputs)
 
 
+_UNOPTIMIZED_CALL_OPTIONS = {}   # the thread's call options (serialized config) -> a copy without Grappler
+
+
+@contextlib.contextmanager
+def without_graph_optimizer():
+    """tf.function calls in this block, on this thread, instantiate their graphs with
+    Grappler's meta optimizer off.  Private API: ``context().function_call_options`` (per
+    thread; its ``config_proto`` goes with every call and is read when a function is
+    first instantiated).  Grappler spent 40% of a first Fisher call on a Keras
+    Application and changed no steady call time on CPU (README, "Real models"), so the
+    engines skip it there (:func:`fastewc._policy.skip_graph_optimizer`).  The options
+    must be the same on every call of a function, or it is instantiated again."""
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context as tf_context
+    ctx = tf_context.context()
+    old = ctx.function_call_options
+    key = (old.config_proto_serialized, old.executor_type)
+    new = _UNOPTIMIZED_CALL_OPTIONS.get(key)
+    if new is None:
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(old.config_proto_serialized or b"")
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        new = _UNOPTIMIZED_CALL_OPTIONS[key] = type(old)(old.executor_type, config)
+    ctx.function_call_options = new
+    try:
+        yield
+    finally:
+        ctx.function_call_options = old
+
+
 def _gradient_registry():
     registry = getattr(getattr(_tf_ops, "_gradient_registry", None), "_registry", None)
     return registry if isinstance(registry, dict) else None

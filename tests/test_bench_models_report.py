@@ -104,3 +104,20 @@ def test_fidelity_only_run():
     doc = {"benchmarks": [_fidelity("lstm", {"empirical": _record(1.234e-06), "exact": _record(2e-4)})]}
     text = report_models.render(doc)
     assert "| lstm | – | – | – | – | – | – | – | 1.2e-06 / **2.0e-04** |" in text
+
+
+def test_before_after_table_normalises_each_run_by_its_own_floor(tmp_path, capsys):
+    """Before: mobilenet_v2 as in _doc() (1.50× / 4.50×; first calls 5.0 and 0.5 s over the
+    faster floor's 12.0 s).  After: a floor twice as slow, the kinds 1.2× and 3.0× of it."""
+    after = {"benchmarks": [_steady(
+        "mobilenet_v2", medians={"floor_xla": 0.20, "floor_noxla": 0.30, "empirical": 0.24, "exact": 0.60},
+        first={"floor_xla": 2.0, "floor_noxla": 1.0, "empirical": 3.0, "exact": 5.0},
+        plans={})]}
+    text = report_models.comparison_table(_doc(), after)
+    assert "| mobilenet_v2 | 1.50× → 1.20× | 4.50× → 3.00× | 0.42× → 1.50× | 0.04× → 2.50× |" in text
+    assert "bert" not in text                                     # not in the after run
+    before_path, after_path = tmp_path / "before.json", tmp_path / "after.json"
+    before_path.write_text(json.dumps(_doc()))
+    after_path.write_text(json.dumps(after))
+    assert report_models.main([str(after_path), "--before", str(before_path)]) == 0
+    assert "Before → after" in capsys.readouterr().out

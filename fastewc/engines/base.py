@@ -28,6 +28,7 @@ An engine belongs to one :class:`fastewc.FisherEstimator` plan (one model, varia
 input signature and registry) and owns its compiled and concrete functions: they live as
 long as the estimator.
 """
+import contextlib
 import threading
 import typing
 
@@ -274,6 +275,7 @@ class Engine:
         self._function = None       # fold(batch_sums(...)): one dispatch per batch
         self._finish = None         # finish(state): the mean, once per call
         self._concrete = {}         # rows per batch -> its concrete function
+        self._unoptimized = {}      # id(concrete function) -> called without Grappler
         self._counts = {}           # real rows -> an int32 scalar tensor
         self._sums_function = None  # batch_sums alone: the per-replica function
         self._replicated = {}       # strategy id -> (strategy, replicated function)
@@ -301,7 +303,9 @@ class Engine:
                                                batch.x, batch.y, batch.mask, noise)
             return fold_compiled(sums, count, state)
         args = (batch.x, batch.y, batch.mask, noise, count, state)
-        return FisherState(*compat.call_concrete(self._concrete_for(args), args))
+        concrete = self._concrete_for(args)
+        with self._call_options(concrete):
+            return FisherState(*compat.call_concrete(concrete, args))
 
     def finish(self, state):
         """The final state of a call: with a Kronecker layout its mean and finiteness
@@ -312,7 +316,18 @@ class Engine:
             return state
         if self._finish is None:
             self._finish = tf.function(finish, autograph=False, jit_compile=False).get_concrete_function(state)
-        return FisherState(*compat.call_concrete(self._finish, (state,)))
+        with self._call_options(self._finish):
+            return FisherState(*compat.call_concrete(self._finish, (state,)))
+
+    def _call_options(self, concrete):
+        """The call options of a compiled function, the same on every call of it: Grappler
+        off where :func:`fastewc._policy.skip_graph_optimizer` says for its graph."""
+        key = id(concrete)
+        if key not in self._unoptimized:
+            self._unoptimized[key] = _policy.skip_graph_optimizer(concrete.graph)
+        if self._unoptimized[key]:
+            return compat.without_graph_optimizer()
+        return contextlib.nullcontext()
 
     def trace(self, batch, noise, state):
         """Trace (without running) the compiled function ``run`` would call for ``batch``:

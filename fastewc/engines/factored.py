@@ -133,7 +133,8 @@ class FactoredEngine(Engine):
                 if delta is None:
                     delta = tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(result.probe)], 0), tf.float32)
                 with tf.name_scope(_scope_name(layer)):      # a profile names the layer
-                    delta = tf.cast(delta, tf.float32) / scale
+                    delta = tf.cast(delta, tf.float32)
+                    delta = delta / scale if scale != 1.0 else delta
                     covered = set()
                     if kronecker and result.kron is not None:
                         for block in result.kron(delta, w, mask):

@@ -1,0 +1,51 @@
+"""Calling the compiled Fisher functions without Grappler (fastewc._keras_compat.
+without_graph_optimizer, fastewc._policy.skip_graph_optimizer): per thread, restored, and
+the Fisher unchanged."""
+import threading
+
+import keras
+import numpy as np
+from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.eager import context as tf_context
+
+import fastewc
+from fastewc import _keras_compat as compat
+from fastewc import _policy
+from fastewc.testing import reference_fisher_of
+
+LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _meta_optimizer_disabled():
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(tf_context.context().function_call_options.config_proto_serialized or b"")
+    return config.graph_options.rewrite_options.disable_meta_optimizer
+
+
+def test_without_graph_optimizer_is_per_thread_and_restored():
+    before = tf_context.context().function_call_options
+    seen = {}
+    with compat.without_graph_optimizer():
+        seen["inside"] = _meta_optimizer_disabled()
+        other = threading.Thread(target=lambda: seen.update(other=_meta_optimizer_disabled()))
+        other.start()
+        other.join()
+    assert seen == {"inside": True, "other": False}
+    assert tf_context.context().function_call_options is before and not _meta_optimizer_disabled()
+
+
+def test_fisher_called_without_graph_optimizer_matches_reference(monkeypatch):
+    monkeypatch.setattr(_policy, "GRAPH_OPTIMIZER_MAX_OPS", 0)       # every graph skips it
+    monkeypatch.setattr(_policy, "_HAS_GPU", False)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh"),
+                              keras.layers.Dense(4)])
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(9, 5)).astype(np.float32), rng.integers(0, 4, size=9)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", batch_size=4)
+    got = estimator((x, y))
+    engine = estimator.plan((x, y)).engine
+    assert engine._unoptimized and all(engine._unoptimized.values())
+    want = reference_fisher_of(model, x, y, loss=LOGITS, kind="exact", batch_size=4)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-7 * np.abs(w).max())
