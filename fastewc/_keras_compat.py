@@ -129,8 +129,8 @@ def without_graph_optimizer():
     """tf.function calls in this block, on this thread, instantiate their graphs with
     Grappler's meta optimizer off.  Private API: ``context().function_call_options`` (per
     thread; its ``config_proto`` goes with every call and is read when a function is
-    first instantiated).  Grappler spent 40% of a first Fisher call on a Keras
-    Application and changed no steady call time on CPU (README, "Real models"), so the
+    first instantiated).  On CPU Grappler was a large part of a first Fisher call on a
+    Keras Application and changed no steady call time (README, "Real models"), so the
     engines skip it there (:func:`fastewc._policy.skip_graph_optimizer`).  The options
     must be the same on every call of a function, or it is instantiated again."""
     from tensorflow.core.protobuf import config_pb2

@@ -57,15 +57,15 @@ def default_jit_compile(model=None, *, xla_capable=True, kronecker=False):
 
 
 # Graphs above this many operations skip Grappler on CPU (a Keras Application's Fisher
-# graph has 9-14 thousand; the reference MLP's a few hundred, where it costs little).
+# graph is several times larger; the reference MLP's far smaller, where it costs little).
 GRAPH_OPTIMIZER_MAX_OPS = 2000
 
 
 def skip_graph_optimizer(graph):
     """Whether a Fisher engine calls the compiled function of ``graph`` without Grappler
     (:func:`fastewc._keras_compat.without_graph_optimizer`): on CPU and for a graph of
-    more than ``GRAPH_OPTIMIZER_MAX_OPS`` operations, where Grappler was 40% of a Keras
-    Application's first call and changed no steady call (README, "Real models").  Kept on
+    more than ``GRAPH_OPTIMIZER_MAX_OPS`` operations, where Grappler was a large part of a
+    Keras Application's first call and changed no steady call (README, "Real models").  Kept on
     GPU, where its layout optimizer matters for convolutions."""
     global _HAS_GPU
     if _HAS_GPU is None:                          # the devices a process sees do not change

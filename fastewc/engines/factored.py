@@ -48,13 +48,18 @@ CACHE_FLOATS = 2**24
 MIN_ROWS = 16
 
 
+def vectorizes(k, unroll):
+    """Whether :func:`cotangent_deltas` runs K backward passes as one ``tf.vectorized_map``."""
+    return not (k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS))
+
+
 def cotangent_deltas(tape, out, probes, u, *, unroll=True):
     """∂⟨u_k, out⟩/∂probe for each of the K cotangents ``u`` (K, *out.shape): for each
     probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``.
     With ``unroll`` and up to ``UNROLL_COTANGENTS`` the K backward passes are unrolled in
     the graph (no pfor converter needed); else one ``tf.vectorized_map``."""
     k = u.shape[0]
-    if k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS):
+    if not vectorizes(k, unroll):
         per_k = [tape.gradient(out, probes, output_gradients=u[i]) for i in range(k)]
         return [None if per_probe[0] is None else tf.stack(per_probe) for per_probe in zip(*per_k)]
     return tf.vectorized_map(lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
@@ -123,7 +128,7 @@ class FactoredEngine(Engine):
             k = u.shape[0]
             unroll = self.unroll_cotangents
             recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (unroll or self.jit_compile)
-            self._vectorized = not (k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS))
+            self._vectorized = vectorizes(k, unroll)
             deltas = cotangent_deltas(tape, out, probes, u, unroll=unroll)
             del tape
             mask = tf.cast(mask, tf.float32)

@@ -129,6 +129,11 @@ def _patch_columns(x, geometry):
     return tf.reshape(tf.stack(columns, axis=1), [batch, len(columns) * channels, -1])
 
 
+def _static_positions(out_sizes):
+    """The number of output positions, or None where a spatial size is dynamic."""
+    return math.prod(out_sizes) if all(isinstance(o, int) for o in out_sizes) else None
+
+
 def _spatial(t, lead):
     """Spatial sizes of channels_last ``t`` with ``lead`` leading (batch) dims."""
     return static_or_dynamic_shape(t)[lead:-1]
@@ -186,7 +191,7 @@ def _dense_patch_square_sum(a, delta, weight, geometry):
     k, n = delta.shape[0], leading_dims(delta)[1]        # k stays None when unknown
     c_in, filters = a.shape[-1], delta.shape[-1]
     d = tf.reshape(delta, [tf.shape(delta)[0] if k is None else k, n, -1, filters])   # (K, N, L, F)
-    positions = math.prod(out_sizes) if all(isinstance(o, int) for o in out_sizes) else None
+    positions = _static_positions(out_sizes)
     if use_position_pairs(positions, k):        # few positions: no per-example gradient
         p = tf.reshape(extract_patches(a, *geometry), [n, positions, math.prod(kernel_size) * c_in])
         return position_pair_square_sum(p, d, weight)
@@ -474,7 +479,7 @@ def _depthwise_square_sum(a, delta, weight, window, multiplier):
     (also a grouped kernel's (kk, 1, C·M)): pairs of positions where few
     (:func:`_grouped_square_sum`), else per-example gradients (:func:`_depthwise_grad`)."""
     out_sizes = _spatial(delta, 2)
-    positions = math.prod(out_sizes) if all(isinstance(o, int) for o in out_sizes) else None
+    positions = _static_positions(out_sizes)
     if use_position_pairs(positions, delta.shape[0], elementwise=True):
         pads = _pads(_spatial(a, 1), out_sizes, *window[:3], window.padding)
         patches = extract_patches(a, window.kernel_size, window.strides, window.dilation, pads,
