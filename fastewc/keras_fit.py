@@ -28,22 +28,39 @@ next to it -- ``ewc_penalty`` (``val_ewc_penalty``) is P at the evaluated weight
 ``ewc.penalty()`` returns -- so the trained objective is ``loss + ewc_penalty``, and the
 data loss is not hidden under a penalty that grows with λ.  ``predict`` is Keras' own.
 
-``wrapped.save(path)`` (also what ``keras.callbacks.ModelCheckpoint(path)`` calls) saves what
-training changes: ``inner_model`` to ``path`` (``.keras`` or ``.h5``; reload it with
-``keras.models.load_model``) and the EWC state to ``path + ".ewc.npz"`` (``ewc.save``;
-reload it with ``fastewc.EWC.load(path + ".ewc.npz", model)``).  Each file is replaced
-atomically: the model is written to a temporary file in the same directory and renamed
-over ``path`` only once both are written, so an error leaves the previous ``path`` whole.
-The wrapper holds no weights of its own and is not serialized itself (``get_config``
-raises); its optimizer state is not in the file (use ``tf.train.Checkpoint`` to resume
-training).  A consolidation that only updates the state (the usual case) needs no
-recompilation; one that starts tracking new variables (a grown model) is detected at the
-next ``fit`` or ``evaluate`` (the train / test function is rebuilt).
+Saving and resuming (``save``, ``save_weights``, ``keras.callbacks.ModelCheckpoint`` with
+``save_weights_only`` True or False) keeps everything training needs: the model's weights,
+the optimizer's state (Adam's moments, the step count) and the EWC state (the wrapper's
+``save_own_variables`` adds it to Keras' weights store, one uint8 entry holding
+:meth:`fastewc.EWC.save`'s verified file):
+
+* ``wrapped.save("ckpt.keras")``: the wrapper itself (``inner_model``'s config, the
+  compile config, weights, optimizer, EWC).  ``keras.models.load_model("ckpt.keras")``
+  (after ``import fastewc``) returns a compiled :class:`EWCModel` that resumes where it
+  stopped; its ``inner_model`` is the plain Keras model and its ``ewc`` the restored EWC.
+  The file is written to a temporary file next to ``path`` and renamed over it: an error
+  leaves the previous file whole.  ``.h5`` and ``zipped=False`` keep Keras' legacy /
+  directory formats for ``inner_model`` alone with the EWC state in ``path + ".ewc.npz"``
+  (no optimizer state).
+* ``wrapped.save_weights("ckpt.weights.h5")``: weights, optimizer and EWC state in the one
+  file (atomically, as above).  ``wrapped.load_weights(...)`` on an :class:`EWCModel` built
+  and compiled like the saved one (same layers, same optimizer class) restores all three
+  in place: the EWC state is read and checked against ``inner_model`` before anything is
+  assigned, then copied into ``wrapped.ewc`` (the same object), and the optimizer is built
+  first if it was not, so that its saved state is loaded rather than skipped.
+
+A consolidation that only updates the state (the usual case) needs no recompilation; one
+that starts tracking new variables (a grown model, or a restore) is detected at the next
+``fit`` or ``evaluate`` (the train / test function is rebuilt).
 """
+import io
 import os
+import tempfile
 import uuid
+import zipfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from fastewc import _keras_compat as compat
@@ -53,9 +70,11 @@ from fastewc._penalty_term import add_penalty, check_penalty_source, tracking_to
 
 __all__ = ["EWCModel"]
 
-EWC_SUFFIX = ".ewc.npz"     # EWCModel.save(path) writes the EWC state to path + EWC_SUFFIX
+EWC_SUFFIX = ".ewc.npz"     # save(path) in the .h5 / directory formats: the EWC state's file
+EWC_KEY = "fastewc_ewc"     # the wrapper's entry in Keras' weights store: the EWC file's bytes
 
 
+@keras.saving.register_keras_serializable(package="fastewc")
 class EWCModel(keras.Model):
     """A Keras model that trains ``model`` with the EWC penalty of ``ewc`` added.
 
@@ -140,50 +159,178 @@ class EWCModel(keras.Model):
     def make_test_function(self, force=False):
         return super().make_test_function(force=self._ewc_grew("test") or force)
 
+    # -- saving and resuming (module docstring) ------------------------------------------
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):
-        """Save ``inner_model`` to ``filepath`` and the EWC state to ``filepath + ".ewc.npz"``.
+        """Save the wrapper -- ``inner_model``, the compile config, the optimizer's state and
+        the EWC state -- to ``filepath`` (``.keras``), atomically.
 
-        Keras' ``Model.save`` arguments (``overwrite``, ``zipped``, ``include_optimizer``
-        for ``.h5``).  The model is written to a temporary file next to ``filepath``, then
-        the EWC state (atomically, :meth:`fastewc.EWC.save`), then the temporary file is
-        renamed over ``filepath``: an error at any point leaves the previous ``filepath``
-        whole.  ``zipped=False`` (a directory) is delegated to Keras as it is, not atomic.
-        Reload with ``keras.models.load_model(filepath)`` and
-        ``fastewc.EWC.load(filepath + ".ewc.npz", model)``.
+        Keras' ``Model.save`` arguments.  The file is written to a temporary file next to
+        ``filepath`` and renamed over it only once complete: an error at any point leaves
+        the previous ``filepath`` whole.  Reload with ``keras.models.load_model(filepath)``
+        (an :class:`EWCModel`, compiled, ready to resume).  ``.h5`` (Keras' legacy format)
+        and ``zipped=False`` (a directory) save ``inner_model`` alone, without the optimizer,
+        and the EWC state to ``filepath + ".ewc.npz"`` (:meth:`fastewc.EWC.save`); neither
+        is atomic as a pair.
         """
-        path = os.fspath(filepath)
-        if not isinstance(path, str) or path.startswith("hf://"):
-            raise ValueError(
-                "`filepath` must be a local path: EWCModel.save writes the model and its EWC "
-                "state next to it. For the Hugging Face Hub save `inner_model` there and the "
-                f"state with ewc.save. Received: filepath={filepath!r}")
-        if zipped is False or not path.endswith((".keras", ".h5", ".hdf5")):
-            # A directory, or an extension Keras refuses (with its own error, before any write).
+        path = _local_path(filepath)
+        if zipped is False or path.endswith((".h5", ".hdf5")):
             self.inner_model.save(path, overwrite=overwrite, zipped=zipped, **kwargs)
             self._ewc.save(path + EWC_SUFFIX)
             return
-        if not overwrite and os.path.exists(path) and not _ask_to_overwrite(path):
-            return
-        directory = os.path.dirname(os.path.abspath(path))
-        extension = os.path.splitext(path)[1]
-        tmp = os.path.join(directory,
-                           f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp{extension}")
+        if not path.endswith(".keras"):
+            # Keras' own error for the extension, before any write
+            return keras.Model.save(self, path, overwrite=overwrite, zipped=zipped, **kwargs)
+        if overwrite or not os.path.exists(path) or _ask_to_overwrite(path):
+            _replace_atomically(path, ".keras", lambda tmp: keras.Model.save(
+                self, tmp, overwrite=True, zipped=zipped, **kwargs))
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Keras' ``save_weights`` (``.weights.h5``): the weights, the optimizer's state and
+        the EWC state in one file, written atomically as :meth:`save` writes.  Sharded
+        files (``max_shard_size``) are Keras' own, not atomic."""
+        path = _local_path(filepath)
+        if max_shard_size is not None or not path.endswith(".weights.h5"):
+            return super().save_weights(path, overwrite=overwrite, max_shard_size=max_shard_size)
+        if overwrite or not os.path.exists(path) or _ask_to_overwrite(path):
+            _replace_atomically(path, ".weights.h5", lambda tmp: keras.Model.save_weights(
+                self, tmp, overwrite=True))
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras' ``load_weights`` plus the optimizer's and the EWC state saved by
+        :meth:`save_weights` or :meth:`save`.
+
+        The EWC state is read and checked against ``inner_model`` (paths, shapes, checksum)
+        before any weight is assigned; it is then copied into ``self.ewc`` in place (the
+        same object).  A file without EWC state (``inner_model``'s own weights) raises a
+        ValueError.  A compiled wrapper's optimizer is built first if it is not, so that its
+        saved state is loaded (Keras skips the state of an unbuilt optimizer)."""
+        path = _local_path(filepath)
+        stored = _stored_ewc(path)
+        loaded = None if stored is None else self._ewc_from_bytes(stored, path)
+        if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        object.__setattr__(self, "_ewc_read_first", loaded is not None)
         try:
-            self.inner_model.save(tmp, overwrite=True, zipped=zipped, **kwargs)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            self._ewc.save(path + EWC_SUFFIX)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        ewc_file.fsync_directory(directory)
+            super().load_weights(path, skip_mismatch=skip_mismatch, **kwargs)
+        finally:
+            object.__setattr__(self, "_ewc_read_first", False)
+        if loaded is not None:
+            self._adopt_ewc(loaded)
+
+    def save_own_variables(self, store):
+        # The wrapper owns no variable (they are inner_model's, the optimizer's, the
+        # metrics'): its entry is the EWC state.
+        with tempfile.TemporaryDirectory() as directory:
+            file = os.path.join(directory, "ewc.npz")
+            self._ewc.save(file)
+            with open(file, "rb") as f:
+                store[EWC_KEY] = np.frombuffer(f.read(), np.uint8)
+
+    def load_own_variables(self, store):
+        if getattr(self, "_ewc_read_first", False):
+            return                                  # load_weights read and checked it already
+        if EWC_KEY not in store.keys():
+            raise ValueError(
+                f"The weights loaded into '{self.name}' hold no EWC state (saved by Keras for "
+                "`inner_model`, not by EWCModel.save_weights / save): load them into "
+                "`wrapped.inner_model` and the EWC state with fastewc.EWC.load.")
+        self._adopt_ewc(self._ewc_from_bytes(np.asarray(store[EWC_KEY]).tobytes(), "the file"))
+
+    def _ewc_from_bytes(self, data, source):
+        """The EWC on ``inner_model`` that ``data`` (an EWC file's bytes) holds, checked."""
+        from fastewc.ewc import EWC
+        with tempfile.TemporaryDirectory() as directory:
+            file = os.path.join(directory, "ewc.npz")
+            with open(file, "wb") as f:
+                f.write(data)
+            try:
+                return EWC.load(file, self.inner_model)
+            except ValueError as err:
+                raise ValueError(f"Cannot restore the EWC state of {source!r}: "
+                                 f"{str(err).replace(repr(file), 'the file')}") from None
+
+    def _adopt_ewc(self, loaded):
+        """Make ``loaded``'s state this wrapper's EWC state: in place (through a
+        ``tf.train.Checkpoint`` of it, so that ``self.ewc`` stays the user's object), or by
+        replacing the placeholder :meth:`from_config` made.  The compiled functions are
+        rebuilt at the next fit / evaluate (the tracked variables may differ)."""
+        if getattr(self, "_ewc_placeholder", False):
+            object.__setattr__(self, "_ewc", loaded)
+            object.__setattr__(self, "_ewc_placeholder", False)
+        else:
+            with tempfile.TemporaryDirectory() as directory:
+                prefix = os.path.join(directory, "ewc")
+                tf.train.Checkpoint(ewc=loaded).write(prefix)
+                tf.train.Checkpoint(ewc=self._ewc).read(prefix).assert_consumed()
+        self._ewc_tokens.update(train=None, test=None)
 
     def get_config(self):
-        raise NotImplementedError(
-            "EWCModel is a training wrapper and is not serialized: save its `inner_model` "
-            "(model.save) and the EWC state (ewc.save) instead; EWCModel.save(path) does both.")
+        return {"name": self.name,
+                "inner_model": keras.saving.serialize_keras_object(self.inner_model)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """The wrapper of ``keras.models.load_model``: ``inner_model`` from its config and a
+        placeholder EWC, replaced by the saved one when Keras loads the weights."""
+        from fastewc.ewc import EWC
+        model = keras.saving.deserialize_keras_object(config["inner_model"],
+                                                      custom_objects=custom_objects)
+        wrapped = cls(model, EWC(model, lam=0.0), name=config.get("name"))
+        object.__setattr__(wrapped, "_ewc_placeholder", True)
+        return wrapped
+
+
+def _local_path(filepath):
+    path = os.fspath(filepath)
+    if not isinstance(path, str) or "://" in path:
+        raise ValueError(
+            "`filepath` must be a local path: EWCModel writes its files atomically through a "
+            "temporary file next to it. For the Hugging Face Hub or a bucket save locally and "
+            f"upload. Received: filepath={filepath!r}")
+    return path
+
+
+def _replace_atomically(path, extension, write):
+    """``write(tmp)`` to a temporary file next to ``path`` (ending in ``extension``), fsync
+    it, rename it over ``path`` and fsync the directory; on any error remove it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp{extension}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    ewc_file.fsync_directory(directory)
+
+
+def _stored_ewc(path):
+    """The EWC bytes a ``.weights.h5`` or ``.keras`` file holds for the wrapper (Keras' H5
+    layout: the root's entry ``vars/<EWC_KEY>``), b"" for such a file without them, None for
+    another format (then ``load_own_variables`` reads them as Keras loads)."""
+    import h5py
+    if path.endswith(".weights.h5"):
+        with h5py.File(path, "r") as f:
+            return _h5_entry(f)
+    if path.endswith(".keras") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "model.weights.h5" in archive.namelist():
+                with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as f:
+                    return _h5_entry(f)
+    return None
+
+
+def _h5_entry(f):
+    entry = f.get(f"vars/{EWC_KEY}")
+    if entry is None:
+        raise ValueError(
+            f"`filepath` holds no EWC state (weights saved by Keras for `inner_model`, not by "
+            f"EWCModel.save_weights / save): load them into `wrapped.inner_model` and the EWC "
+            f"state with fastewc.EWC.load. Received: filepath={f.filename!r}")
+    return np.asarray(entry).tobytes()
 
 
 def _ask_to_overwrite(path):

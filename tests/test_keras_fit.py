@@ -112,8 +112,6 @@ def test_bad_arguments():
         fastewc.EWCModel(model, None)
     with pytest.raises(ValueError, match=r"`ewc` was built on model"):
         fastewc.EWCModel(_mlp(seed=3), ewc)
-    with pytest.raises(NotImplementedError, match=r"save its `inner_model`"):
-        fastewc.EWCModel(model, ewc).get_config()
 
 
 def test_fit_with_kfac_matches_custom_step_and_penalizes_new_terms():
