@@ -9,6 +9,14 @@ The defaults come from the benchmarks (``benchmarks/bench_fisher.py``,
 * CPU, the Fisher's ``jacobian`` and ``loop`` methods: never (open XLA bugs / eager).
 * CPU, the standalone fused penalty: none (XLA's CPU reduction to a scalar is slower
   than TensorFlow's kernel for large P).
+* Memory: TensorFlow keeps every XLA executable it compiles, for the life of the process
+  (the ``DeviceCompiler`` in the device's resource manager, keyed by function name and
+  shapes; no eviction, and neither ``context().clear_kernel_cache()`` nor removing the
+  function from the eager context frees it).  A new model's functions are new names, so
+  each model trained under these defaults keeps about 10 MiB after it is collected (its
+  Fisher, consolidation and train step; README, "Memory").  The default stays XLA for its
+  steady speed; a process that trains many models passes ``jit_compile=False`` (flat
+  memory, ``tests/test_leaks.py``).
 * CPU, Kronecker factors (``curvature="kfac"``): none (XLA's CPU dot for the factors'
   XᵀX is slower than oneDNN's: reference MLP, empirical, 20.3 ms with XLA against 14.9 ms
   without, measured side by side; ``benchmarks/bench_kfac.py``).

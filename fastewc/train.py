@@ -78,7 +78,10 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
       ewc: ``None`` or a :class:`fastewc.EWC` built on ``model``; its gradient
         λ·A·(θ − μ) is added analytically to the data gradient.
       jit_compile: XLA on/off; ``None`` picks the device's default
-        (:func:`default_jit_compile`).
+        (:func:`default_jit_compile`).  Each XLA executable stays in TensorFlow's
+        process-wide compilation cache after the step and its model are collected (no
+        eviction, no API to remove one; :mod:`fastewc._policy`): a process that trains
+        many models one after the other should pass ``jit_compile=False``.
       steps_per_call: k optimizer steps per call; then ``step(xs, ys)`` takes k stacked
         batches, ``xs`` of shape ``(k, batch, ...)``, and returns the k losses.
       stop_on_nonfinite: like Keras ``TerminateOnNaN``, but safer: a step whose loss is
