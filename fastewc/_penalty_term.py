@@ -14,6 +14,7 @@ so the update equals that of the unscaled, single-device objective.  s is a powe
 so the scaling is exact.  Layering: this module imports neither EWC nor the trainers;
 they import it.
 """
+import contextlib
 from typing import Protocol, Sequence, runtime_checkable
 
 import tensorflow as tf
@@ -34,6 +35,9 @@ class PenaltySource(Protocol):
       (the trainers then skip them with a ``tf.cond``).
     * ``tracked_paths``: the penalized variables' keys.  The list only grows; when it does,
       a compiled step traced before must be traced again (:func:`tracking_token`).
+    * ``state_guard`` (optional): a :class:`fastewc._rwlock.ReadersWriterLock` whose
+      exclusive holder writes the state; a trainer holds it shared around each compiled
+      call (:func:`reading_state`), so a step reads one whole state, never half a commit.
     """
 
     @property
@@ -83,6 +87,14 @@ def check_penalty_source(ewc, model, *, optional):
 def variable_paths(variables):
     """The paths of ``variables`` (for messages)."""
     return [getattr(v, "path", None) or v.name for v in variables]
+
+
+def reading_state(ewc):
+    """The context a trainer holds around each compiled call that reads ``ewc``'s state: its
+    ``state_guard`` shared (a commit in another thread waits for the call, and a call waits
+    for a commit under way); nothing without an EWC or a guard."""
+    guard = getattr(ewc, "state_guard", None)
+    return contextlib.nullcontext() if guard is None else guard.shared()
 
 
 def tracking_token(ewc):

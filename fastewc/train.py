@@ -37,6 +37,13 @@ float32 summation order.  Already distributed values (from
 ``jit_compile`` applies to each replica's forward/backward pass; the all-reduce and the
 optimizer update run outside XLA.
 
+Threads.  Each call holds the EWC's ``state_guard`` shared around the compiled function
+(:func:`fastewc._penalty_term.reading_state`); :meth:`fastewc.EWC.add_task` (so
+:meth:`fastewc.EWC.consolidate`) holds it exclusively while it assigns the new state.  A
+consolidation in another thread therefore commits between steps: each step's penalty and
+gradient come from the whole state before or the whole state after the task.  The Fisher
+itself is computed while steps run (on the weights as they are then).
+
 Tracing.  Every compiled function is traced once per input structure and dtype, with the
 batch dimension left unknown: a final partial batch or a new batch size does not retrace
 (XLA still compiles one executable per distinct shape, cached).  A step is traced again
@@ -57,8 +64,8 @@ from fastewc import data as data_lib
 from fastewc import distribute as distribute_lib
 from fastewc import likelihood as likelihood_lib
 from fastewc._checks import check_jit_compile, check_model, check_positive_int
-from fastewc._penalty_term import (add_penalty, check_penalty_source, tracking_token, uses_float16,
-                                   variable_paths)
+from fastewc._penalty_term import (add_penalty, check_penalty_source, reading_state, tracking_token,
+                                   uses_float16, variable_paths)
 from fastewc.engines.base import IdGuard, embedding_layers
 
 __all__ = ["make_train_step", "TrainStep", "default_jit_compile"]
@@ -171,7 +178,8 @@ class TrainStep:
             self._refresh_if_ewc_grew()
             if self._dv_function is None:
                 self._dv_function = self._compile(distributed_input=True)
-            return self._dv_function(x, y, sample_weight)
+            with reading_state(self.ewc):
+                return self._dv_function(x, y, sample_weight)
         self._refresh_if_ewc_grew()
         x = tf.nest.map_structure(_to_tensor, x)
         y = tf.nest.map_structure(_to_tensor, y)
@@ -181,7 +189,8 @@ class TrainStep:
         concrete = self._ensure_traced(x, y, sample_weight)
         # The concrete function of this signature, called with its flat inputs: the
         # polymorphic dispatch would bind every argument again (host time on every step).
-        result = compat.call_concrete(concrete, (x, y) if sample_weight is None else (x, y, sample_weight))
+        with reading_state(self.ewc):       # a consolidation's commit waits for the step
+            result = compat.call_concrete(concrete, (x, y) if sample_weight is None else (x, y, sample_weight))
         if self.stop_on_nonfinite:
             _raise_if_nonfinite(result)
         return result
