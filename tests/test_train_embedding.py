@@ -3,7 +3,8 @@ both trainers, against a float64 reference update θ − lr·(∇L + ∇P) (issu
 
 ∇L comes from a float64 tape over a float64 copy of the model; ∇P is written out here in
 NumPy from the EWC's state (diagonal: λA(θ − μ); Kronecker: λ Σ_t c_t A_t (W̄ − W̄_t) G_t),
-not from fastewc's penalty code."""
+not from fastewc's penalty code.  Also: Embedding ids outside the table counted inside the
+compiled step (item 11), and the single-output contract of make_train_step (item 7)."""
 import keras
 import numpy as np
 import pytest
@@ -156,3 +157,112 @@ def test_embedding_with_stop_on_nonfinite_and_steps_per_call(jit):
         step(np.stack([a, b]), np.stack([ya, yb]))
     for got, want in zip(model.trainable_variables, before):
         np.testing.assert_array_equal(got.numpy(), want)
+
+
+# -- ids outside the table: counted inside the compiled step (issue 26, item 11) ----------
+def _bad_ids_message(low, high):
+    return (rf"`x` feeds layer 'tokens' \(Embedding, input_dim={VOCAB}\) ids outside its table: ids must "
+            rf"lie in \[0, {VOCAB}\) .*Received: ids in \[{low}, {high}\]")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_valid_ids_are_not_read_on_the_host(jit, monkeypatch):
+    """The step counts the ids in its compiled function: the host check of the inputs
+    (a .numpy() of x before every step) is not called on one device."""
+    from fastewc import train as train_lib
+
+    calls = []
+    host_check = train_lib.TrainStep._check_ids
+    monkeypatch.setattr(train_lib.TrainStep, "_check_ids",
+                        lambda self, x: calls.append(1) or host_check(self, x))
+    model = _text_model()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(LR), LOSS,
+                                   ewc=fastewc.EWC(model, lam=LAM), jit_compile=jit)
+    ids, y = _data()
+    expected = _expected_update(model, step.ewc, ids, y)
+    step(ids, y)
+    assert calls == []
+    for got, want in zip(model.trainable_variables, expected):   # and it trained
+        assert_close(got.numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_ids_outside_the_table_in_a_later_step_stop_the_call_there(jit):
+    """steps_per_call=2, the second batch has an id outside the table: the first update is
+    applied (the float64 update), the second is not, and the error names that step."""
+    model = _text_model()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(LR), LOSS,
+                                   ewc=fastewc.EWC(model, lam=LAM), jit_compile=jit, steps_per_call=2)
+    (a, ya), (b, yb) = _data(seed=0), _data(seed=1)
+    b = b.copy()
+    b[2, 1] = VOCAB + 3
+    expected = _expected_update(model, step.ewc, a, ya)
+    with pytest.raises(ValueError, match=_bad_ids_message(0, VOCAB + 3) + r".*step 1 of this call \(2 steps\)"):
+        step(np.stack([a, b]), np.stack([ya, yb]))
+    for got, want in zip(model.trainable_variables, expected):
+        assert_close(got.numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_ids_outside_the_table_of_an_inner_embedding_raise_and_change_nothing(jit):
+    """An Embedding the model input does not feed directly (a subclassed model): under XLA
+    its gather would clamp the ids silently; the compiled step counts them."""
+    class Bag(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.tokens = keras.layers.Embedding(VOCAB, DIM, name="tokens")
+            self.out = keras.layers.Dense(CLASSES)
+
+        def call(self, x):
+            return self.out(tf.reduce_mean(self.tokens(x + 1), axis=1))
+
+    model = Bag()
+    model(np.zeros((1, LENGTH), "int32"))
+    step = fastewc.make_train_step(model, keras.optimizers.Adam(0.1), LOSS, jit_compile=jit)
+    ids, y = _data()
+    ids[4, 0] = VOCAB - 1                               # read as VOCAB: outside
+    before = [v.numpy() for v in model.trainable_variables + step.optimizer.variables]
+    with pytest.raises(ValueError, match=_bad_ids_message(1, VOCAB) + ".*This step's update was not applied"):
+        step(ids, y)
+    for v, b in zip(model.trainable_variables + step.optimizer.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    ids[4, 0] = 0
+    step(ids, y)                                          # valid ids: it trains
+    assert not np.array_equal(model.trainable_variables[0].numpy(), before[0])
+
+
+# -- several outputs (issue 26, item 7) ---------------------------------------------------
+def _two_heads():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(5, activation="tanh", name="h")(inp)
+    return keras.Model(inp, [keras.layers.Dense(2, name="ha")(h), keras.layers.Dense(3, name="hb")(h)])
+
+
+def test_make_train_step_refuses_several_outputs_and_ewcmodel_trains_them():
+    model = _two_heads()
+    with pytest.raises(ValueError, match=r"`model` must have one output: .*Received: model '.*' with 2 "
+                                         r"outputs \(from layers \['ha', 'hb'\]\)\. Train it with fastewc.EWCModel"):
+        fastewc.make_train_step(model, keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    ya, yb = rng.normal(size=(6, 2)).astype("float32"), rng.normal(size=(6, 3)).astype("float32")
+    # the advised route: a loss per output, summed (Keras fit), penalty 0 before any task
+    wrapped = fastewc.EWCModel(model, fastewc.EWC(model, lam=LAM))
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.0), loss=["mse", "mse"])
+    outs = [o.astype(np.float64) for o in (t.numpy() for t in model(x))]
+    expected = np.mean((outs[0] - ya) ** 2) + np.mean((outs[1] - yb) ** 2)
+    got = wrapped.fit(x, [ya, yb], batch_size=6, verbose=0).history["loss"][-1]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("y_of", [list, tuple, lambda ys: {"a": ys[0], "b": ys[1]}])
+def test_train_step_refuses_several_labels_naming_y(y_of):
+    model = _text_model()
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(LR), LOSS, jit_compile=False)
+    ids, y = _data()
+    before = [v.numpy() for v in model.trainable_variables]
+    with pytest.raises(ValueError, match=r"`y` must be one array or tensor: .* Received: y as a \w+ of 2 arrays"):
+        step(ids, y_of([y, y]))
+    for v, b in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
