@@ -76,7 +76,8 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
     """A compiled ``step(x, y, sample_weight=None) -> loss`` that trains ``model``.
 
     Args:
-      model: a built Keras 3 model.
+      model: a built Keras 3 model with one output (a model with several: train it with
+        :class:`fastewc.EWCModel` and Keras' ``compile(loss=[...])``); ``y`` is one array.
       optimizer: a Keras 3 optimizer instance (or its name).  Under a ``mixed_float16``
         model it is wrapped in ``keras.optimizers.LossScaleOptimizer`` (``step.optimizer``
         is then the wrapper).  Create it in the same ``strategy.scope()`` as the model.
@@ -93,6 +94,15 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
         raises ``FloatingPointError`` naming it; weights, optimizer state and so any EWC
         consolidated afterwards stay as they were before that step.  Costs one
         device-to-host read of the loss per call.  Not supported under ``tf.distribute``.
+
+    Embedding ids: on one device the compiled step clamps the ids of every Embedding to its
+    table and counts those outside it; a step that saw any applies no update (nor any later
+    step of the call), and ``step()`` raises a ValueError naming the layer and the range.
+    The counts come back with the loss: one device-to-host read per call, after it (a
+    model without Embedding layers has none).
+
+    Threads: a call holds ``ewc.state_guard`` shared, so a consolidation in another thread
+    commits before or after it, never during it (:mod:`fastewc.ewc`).
 
     Returns:
       a :class:`TrainStep` (this is ``TrainStep(model, optimizer, loss, ...)``);
