@@ -14,6 +14,7 @@ so the update equals that of the unscaled, single-device objective.  s is a powe
 so the scaling is exact.  Layering: this module imports neither EWC nor the trainers;
 they import it.
 """
+import contextlib
 from typing import Protocol, Sequence, runtime_checkable
 
 import tensorflow as tf
@@ -34,6 +35,9 @@ class PenaltySource(Protocol):
       (the trainers then skip them with a ``tf.cond``).
     * ``tracked_paths``: the penalized variables' keys.  The list only grows; when it does,
       a compiled step traced before must be traced again (:func:`tracking_token`).
+    * ``state_guard`` (optional): a :class:`fastewc._rwlock.ReadersWriterLock` whose
+      exclusive holder writes the state; a trainer holds it shared around each compiled
+      call (:func:`reading_state`), so a step reads one whole state, never half a commit.
     """
 
     @property
@@ -85,6 +89,14 @@ def variable_paths(variables):
     return [getattr(v, "path", None) or v.name for v in variables]
 
 
+def reading_state(ewc):
+    """The context a trainer holds around each compiled call that reads ``ewc``'s state: its
+    ``state_guard`` shared (a commit in another thread waits for the call, and a call waits
+    for a commit under way); nothing without an EWC or a guard."""
+    guard = getattr(ewc, "state_guard", None)
+    return contextlib.nullcontext() if guard is None else guard.shared()
+
+
 def tracking_token(ewc):
     """A value that changes when ``ewc`` starts penalizing more variables, or when its
     penalty otherwise changes structure (``structure_token``, if it has one: an EWC with
@@ -111,6 +123,20 @@ def add_penalty(ewc, grads, variables, *, optimizer, replica_scale):
     boundary also makes XLA write each sum once instead of fusing it into each of the
     optimizer's passes.  Data gradients that are None (unused variables) cannot pass a
     ``tf.cond``; then the sum is built without it.
+
+    Sparse data gradients (``tf.IndexedSlices``: an Embedding table, whose batch reads a
+    few rows).  The penalty's gradient λ·A·(θ − μ) is dense -- every row with A > 0, read
+    by the batch or not -- so the sum g_j + s·r·∇P_j is a dense tensor (g_j scattered into
+    the table's shape, :func:`scaled_sum`).  Both branches of a ``tf.cond`` must return the
+    same type (and, under XLA, shape), and a dense zero ∇P_j in the inactive branch would
+    cost a table-sized write and add; so the inactive branch densifies g_j alone: one
+    scatter of the batch's rows into a zero table per step, decided per variable at trace
+    time (dense data gradients pass through as they are).  That is what an optimizer that
+    updates the table elementwise does with the slices anyway (Keras 3's Adam, SGD with
+    momentum: their first elementwise op densifies them); plain SGD loses its sparse
+    row update, also while the penalty is inactive.  Correct first: the alternative, an
+    ``optimizer.apply`` in each branch, doubles the update in the graph and cannot sit in a
+    cond under ``tf.distribute``.
     """
     with tf.name_scope("ewc_penalty"):
         scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float32) * replica_scale
@@ -121,17 +147,25 @@ def add_penalty(ewc, grads, variables, *, optimizer, replica_scale):
             return tf.cast(value, tf.float32), scaled_sum(grads, variables, penalty_grads,
                                                           penalized, scale)
 
+        def without_penalty():
+            return tf.constant(0.0), [_dense(g) for g in grads]
+
         if any(g is None for g in grads):
             return with_penalty()
-        penalty, summed = tf.cond(ewc.penalty_is_active(), with_penalty,
-                                  lambda: (tf.constant(0.0), list(grads)))
+        penalty, summed = tf.cond(ewc.penalty_is_active(), with_penalty, without_penalty)
         return penalty, list(summed)
+
+
+def _dense(g):
+    """``g`` as a dense tensor (a ``tf.IndexedSlices`` scattered into its dense shape)."""
+    return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
 
 
 def scaled_sum(grads, variables, penalty_grads, penalized, scale):
     """``g_j + scale·p_j`` for each variable j of ``variables``, where p_j is the entry of
     ``penalty_grads`` (aligned with ``penalized``) for the same variable, if any; a None
-    ``g_j`` becomes ``scale·p_j``.  Cast to the data gradient's (or variable's) dtype."""
+    ``g_j`` becomes ``scale·p_j``, and a sparse one (``tf.IndexedSlices``) is densified
+    first: p_j covers every row.  Cast to the data gradient's (or variable's) dtype."""
     penalty_grads = list(penalty_grads)
     if len(penalty_grads) != len(penalized):
         raise ValueError(
@@ -145,5 +179,5 @@ def scaled_sum(grads, variables, penalty_grads, penalized, scale):
             out.append(g)
             continue
         p = tf.cast(p * scale, v.dtype if g is None else g.dtype)
-        out.append(p if g is None else g + p)
+        out.append(p if g is None else _dense(g) + p)
     return out

@@ -50,8 +50,14 @@ Threads: one ``threading.RLock`` per EWC is held across every read-merge-write o
 (:meth:`EWC.consolidate` -- its Fisher included --, :meth:`EWC.add_task`, :meth:`EWC.save`,
 :meth:`EWC.state`, a checkpoint restore's state creation, eager penalty reads), so
 concurrent consolidations of one EWC are applied one after the other, each merged against
-the state it commits over.  A compiled train step reads the variables without the lock:
-do not consolidate while another thread trains on the same model.
+the state it commits over.  Compiled train steps do not take that lock; they hold the EWC's
+``state_guard`` (a :class:`fastewc._rwlock.ReadersWriterLock`) shared around each compiled
+call (:class:`fastewc.TrainStep`, :class:`fastewc.EWCModel`'s train function), and a
+consolidation's commit -- the assignment of A, μ, c and the Kronecker terms -- holds it
+exclusively: a commit waits for the running steps, and a step that starts during a commit
+waits for it, so every step reads the whole state before or the whole state after a task,
+never a mix.  The Fisher computation itself does not block training (it reads the weights
+as they are while it runs).
 """
 import contextlib
 import numbers
@@ -65,6 +71,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastewc import _cache, ewc_file
+from fastewc._rwlock import ReadersWriterLock
 from fastewc._state_table import StateTable as _StateTable
 from fastewc import kfac_penalty, kronecker
 from fastewc import penalty as penalty_lib
@@ -192,7 +199,7 @@ class EWC(tf.Module):
 
     # Python-side references, not state: kept out of tf.Module's variable walk.
     _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", "_lock", _ESTIMATORS})
+        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", "_lock", "state_guard", _ESTIMATORS})
 
     def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None, curvature="diagonal",
                  damping=0.0, kfac_sum="exact"):
@@ -212,6 +219,7 @@ class EWC(tf.Module):
         object.__setattr__(self, "_model", _check_any_model(model))  # not a checkpoint dependency
         object.__setattr__(self, "_exclude", self._exclude_predicate(exclude))
         object.__setattr__(self, "_lock", threading.RLock())
+        object.__setattr__(self, "state_guard", ReadersWriterLock())   # steps shared, commits exclusive
         self._lam = tf.Variable(lam, dtype=tf.float64, trainable=False, name="lam")
         self._gamma = tf.Variable(gamma, dtype=tf.float64, trainable=False, name="gamma")
         self._mode_index = tf.Variable(MODES.index(mode), dtype=tf.int32, trainable=False, name="mode")
@@ -646,7 +654,8 @@ class EWC(tf.Module):
         Tracked variables that are no longer trainable get F = 0.  All or nothing: validate,
         merge (nothing assigned), then commit (rolled back if interrupted), under the EWC's
         lock: concurrent calls are applied one after the other, each merged against the
-        state it commits over.
+        state it commits over.  The commit also holds ``state_guard`` exclusively: it waits
+        for the compiled train steps running in other threads, and holds back new ones.
         """
         self._require_eager("add_task")
         with self._lock:
@@ -660,12 +669,13 @@ class EWC(tf.Module):
             task = self._validate_task(fisher, anchors)
             update = self._merge_task(task)
             pending = self._merge_kronecker(blocks, task) if blocks is not None else {}
-            undo = self._kronecker.commit(pending)
-            try:
-                self._commit(update)
-            except BaseException:
-                undo()
-                raise
+            with self.state_guard.exclusive():   # no train step runs during the commit
+                undo = self._kronecker.commit(pending)
+                try:
+                    self._commit(update)
+                except BaseException:
+                    undo()
+                    raise
 
     # -- Kronecker terms (curvature="kfac") -------------------------------------------
     def _split_kronecker(self, result):

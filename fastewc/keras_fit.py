@@ -21,6 +21,10 @@ pre-update weights, the same quantity :func:`fastewc.make_train_step` returns;
 ``ewc_penalty`` logs P alone.  Everything Keras compiles around ``train_step`` --
 ``jit_compile``, ``steps_per_execution``, callbacks, distribution -- applies unchanged.
 
+Threads: each call of the train function (one batch, or ``steps_per_execution`` batches)
+holds the EWC's ``state_guard`` shared, so a consolidation in another thread commits
+between calls, never during one (see :mod:`fastewc.train`).
+
 ``evaluate`` (and ``fit``'s validation) keeps Keras' evaluation loss, L_data + Σ
 model.losses, without P: it measures the data, and P does not depend on it.  Keras counts
 ``model.losses`` (weight regularizers) in that loss; P is left out because it is logged
@@ -66,7 +70,8 @@ import tensorflow as tf
 from fastewc import _keras_compat as compat
 from fastewc import ewc_file
 from fastewc._checks import check_model
-from fastewc._penalty_term import add_penalty, check_penalty_source, tracking_token, uses_float16
+from fastewc._penalty_term import (add_penalty, check_penalty_source, reading_state, tracking_token,
+                                   uses_float16)
 
 __all__ = ["EWCModel"]
 
@@ -154,7 +159,18 @@ class EWCModel(keras.Model):
         return True
 
     def make_train_function(self, force=False):
-        return super().make_train_function(force=self._ewc_grew("train") or force)
+        super().make_train_function(force=self._ewc_grew("train") or force)
+        function = self.train_function
+        if function is not None and not getattr(function, "_fastewc_reads_state", False):
+            ewc = self._ewc
+
+            def train_function(*args, **kwargs):
+                with reading_state(ewc):      # a consolidation's commit waits for the call
+                    return function(*args, **kwargs)
+
+            train_function._fastewc_reads_state = True
+            self.train_function = train_function
+        return self.train_function
 
     def make_test_function(self, force=False):
         return super().make_test_function(force=self._ewc_grew("test") or force)

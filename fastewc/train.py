@@ -37,6 +37,13 @@ float32 summation order.  Already distributed values (from
 ``jit_compile`` applies to each replica's forward/backward pass; the all-reduce and the
 optimizer update run outside XLA.
 
+Threads.  Each call holds the EWC's ``state_guard`` shared around the compiled function
+(:func:`fastewc._penalty_term.reading_state`); :meth:`fastewc.EWC.add_task` (so
+:meth:`fastewc.EWC.consolidate`) holds it exclusively while it assigns the new state.  A
+consolidation in another thread therefore commits between steps: each step's penalty and
+gradient come from the whole state before or the whole state after the task.  The Fisher
+itself is computed while steps run (on the weights as they are then).
+
 Tracing.  Every compiled function is traced once per input structure and dtype, with the
 batch dimension left unknown: a final partial batch or a new batch size does not retrace
 (XLA still compiles one executable per distinct shape, cached).  A step is traced again
@@ -57,8 +64,8 @@ from fastewc import data as data_lib
 from fastewc import distribute as distribute_lib
 from fastewc import likelihood as likelihood_lib
 from fastewc._checks import check_jit_compile, check_model, check_positive_int
-from fastewc._penalty_term import (add_penalty, check_penalty_source, tracking_token, uses_float16,
-                                   variable_paths)
+from fastewc._penalty_term import (add_penalty, check_penalty_source, reading_state, tracking_token,
+                                   uses_float16, variable_paths)
 from fastewc.engines.base import IdGuard, embedding_layers
 
 __all__ = ["make_train_step", "TrainStep", "default_jit_compile"]
@@ -69,7 +76,8 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
     """A compiled ``step(x, y, sample_weight=None) -> loss`` that trains ``model``.
 
     Args:
-      model: a built Keras 3 model.
+      model: a built Keras 3 model with one output (a model with several: train it with
+        :class:`fastewc.EWCModel` and Keras' ``compile(loss=[...])``); ``y`` is one array.
       optimizer: a Keras 3 optimizer instance (or its name).  Under a ``mixed_float16``
         model it is wrapped in ``keras.optimizers.LossScaleOptimizer`` (``step.optimizer``
         is then the wrapper).  Create it in the same ``strategy.scope()`` as the model.
@@ -89,6 +97,15 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
         raises ``FloatingPointError`` naming it; weights, optimizer state and so any EWC
         consolidated afterwards stay as they were before that step.  Costs one
         device-to-host read of the loss per call.  Not supported under ``tf.distribute``.
+
+    Embedding ids: on one device the compiled step clamps the ids of every Embedding to its
+    table and counts those outside it; a step that saw any applies no update (nor any later
+    step of the call), and ``step()`` raises a ValueError naming the layer and the range.
+    The counts come back with the loss: one device-to-host read per call, after it (a
+    model without Embedding layers has none).
+
+    Threads: a call holds ``ewc.state_guard`` shared, so a consolidation in another thread
+    commits before or after it, never during it (:mod:`fastewc.ewc`).
 
     Returns:
       a :class:`TrainStep` (this is ``TrainStep(model, optimizer, loss, ...)``);
@@ -127,6 +144,7 @@ class TrainStep:
     def __init__(self, model, optimizer, loss, *, ewc=None, jit_compile=None, steps_per_call=1,
                  strategy=None, stop_on_nonfinite=False):
         check_model(model, layer_ok=False, purpose="parameters to train")
+        _check_single_output(model)
         check_positive_int("steps_per_call", steps_per_call)
         check_jit_compile(jit_compile)
         self.loss = _resolve_loss(loss)
@@ -154,6 +172,9 @@ class TrainStep:
         self.steps_per_call = steps_per_call
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self._variables = list(model.trainable_variables)
+        # Embeddings whose ids the compiled step counts (one device; under a strategy the
+        # replicas could not agree to skip an update: the host checks the global batch)
+        self._id_layers = embedding_layers(model) if self.strategy is None else []
         self._optimizer_variables = {id(v) for v in self._variables}   # what it was built for
         self._signatures = set()
         self._retired_traces = 0
@@ -174,7 +195,8 @@ class TrainStep:
             self._refresh_if_ewc_grew()
             if self._dv_function is None:
                 self._dv_function = self._compile(distributed_input=True)
-            return self._dv_function(x, y, sample_weight)
+            with reading_state(self.ewc):
+                return self._dv_function(x, y, sample_weight)
         self._refresh_if_ewc_grew()
         x = tf.nest.map_structure(_to_tensor, x)
         y = tf.nest.map_structure(_to_tensor, y)
@@ -184,7 +206,11 @@ class TrainStep:
         concrete = self._ensure_traced(x, y, sample_weight)
         # The concrete function of this signature, called with its flat inputs: the
         # polymorphic dispatch would bind every argument again (host time on every step).
-        result = compat.call_concrete(concrete, (x, y) if sample_weight is None else (x, y, sample_weight))
+        with reading_state(self.ewc):       # a consolidation's commit waits for the step
+            result = compat.call_concrete(concrete, (x, y) if sample_weight is None else (x, y, sample_weight))
+        if self._id_layers:
+            result, bad_ids = result
+            self._raise_if_bad_ids(bad_ids, x)
         if self.stop_on_nonfinite:
             _raise_if_nonfinite(result)
         return result
@@ -248,6 +274,12 @@ class TrainStep:
         if not leaves or not tf.nest.flatten(x) or not tf.nest.flatten(y):
             raise ValueError("`x` and `y` must be tensors or arrays (or nests of them). "
                              f"Received: x={x!r}, y={y!r}")
+        if len(tf.nest.flatten(y)) > 1:
+            raise ValueError(
+                f"`y` must be one array or tensor: the step trains a single-output model with one "
+                f"`loss`. Received: y as a {type(y).__name__} of {len(tf.nest.flatten(y))} arrays. "
+                "For a model with several outputs use fastewc.EWCModel(model, ewc) and Keras' "
+                "compile(loss=[...]) (a loss per output, summed, as in Keras fit).")
         batch_axis = 0 if k == 1 else 1
         for name, t in leaves:
             if t.shape.rank is None or t.shape.rank <= batch_axis:
@@ -265,14 +297,39 @@ class TrainStep:
                              f"Received batch sizes {got}")
         if next(iter(rows.values())) == 0:
             raise ValueError("The batch is empty. Received: a batch of 0 examples")
-        self._check_ids(x)
+        if self.strategy is not None:
+            self._check_ids(x)
+
+    def _raise_if_bad_ids(self, bad_ids, x):
+        """The compiled step counted the ids outside each Embedding's table (``bad_ids``:
+        (E,), or (k, E) with ``steps_per_call=k``; :class:`fastewc.engines.base.IdGuard`)
+        and applied no update from the first step that had any: raise for that step, with
+        the range of its offending ids from an eager pass over its batch (the error path
+        only).  One device-to-host read of the E (k·E) counts per call, after the step."""
+        counts = np.asarray(bad_ids).reshape(-1, len(self._id_layers))
+        bad = np.argwhere(counts > 0)
+        if not bad.size:
+            return
+        step, j = (int(i) for i in bad[0])
+        layer, k = self._id_layers[j], self.steps_per_call
+        batch = x if k == 1 else tf.nest.map_structure(lambda t: t[step], x)
+        with IdGuard(self.model, [layer], ranges=True) as guard:
+            self.model(batch, training=False)
+            found = guard.offending()
+        low, high = (found[1], found[2]) if found is not None else (None, None)
+        where = ("This step's update was not applied" if k == 1 else
+                 f"The update of step {step} of this call ({k} steps) and of any after it were "
+                 "not applied; the steps before it were")
+        raise ValueError(f"{data_lib.id_range_error(layer, low, high, argument='x')}. {where}: the "
+                         "weights and the optimizer state are those before it.")
 
     def _check_ids(self, x):
-        """Embedding ids that a model input feeds directly (functional and Sequential
-        models) must lie in the table, as Keras ``fit`` finds (TensorFlow's CPU gather
-        raises); under XLA the gather would clamp them to the first or last row silently.
-        One host min/max of each such input per call, before the step runs (a NumPy view
-        of a host tensor: no device sync for host data)."""
+        """Under a ``tf.distribute`` strategy: Embedding ids that a model input feeds
+        directly (functional and Sequential models) must lie in the table, as Keras ``fit``
+        finds (TensorFlow's CPU gather raises); under XLA the gather would clamp them to the
+        first or last row silently.  One host min/max of each such input per call, before
+        the step runs.  On one device the compiled step counts them instead, for every
+        Embedding (:meth:`_raise_if_bad_ids`)."""
         feeds = getattr(self, "_id_feeds", None)
         if feeds is None:
             feeds = self._id_feeds = _direct_id_inputs(self.model)
@@ -379,7 +436,8 @@ class TrainStep:
         device, or through ``strategy.run`` on each replica's rows (split here from the
         global batch, or already distributed with ``distributed_input``); k > 1 steps run
         it in a ``tf.while_loop``."""
-        strategy, guard, k = self.strategy, self.stop_on_nonfinite, self.steps_per_call
+        strategy, k = self.strategy, self.steps_per_call
+        guard, count_ids = self.stop_on_nonfinite or bool(self._id_layers), bool(self._id_layers)
         grads_fn = self._loss_and_grads
         if strategy is not None and self.jit_compile:
             # XLA per replica; the all-reduce and the update run outside it.
@@ -398,37 +456,47 @@ class TrainStep:
                 x, y = distribute_lib.split_rows(strategy, (x, y))
                 if sample_weight is not None:
                     sample_weight = distribute_lib.split_rows(strategy, sample_weight)
-            per_replica = strategy.run(replica_step, args=(x, y, sample_weight))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            per_replica = strategy.run(lambda *args: replica_step(*args)[0],   # no id counts
+                                       args=(x, y, sample_weight))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None), None
 
         if k == 1:
             def function(x, y, sample_weight):
-                return one_step(x, y, sample_weight)
+                value, bad_ids = one_step(x, y, sample_weight)
+                return (value, bad_ids) if count_ids else value
         else:
             def function(xs, ys, sample_weights):
-                def body(i, losses, ok):
+                def body(i, losses, counts, ok):
                     pick = lambda t: t[i]  # noqa: E731
                     sw = None if sample_weights is None else tf.nest.map_structure(pick, sample_weights)
-                    value = one_step(tf.nest.map_structure(pick, xs), tf.nest.map_structure(pick, ys),
-                                     sw, ok if guard else None)
-                    if guard:   # once a step is non-finite, no later step of this call applies
+                    value, bad_ids = one_step(tf.nest.map_structure(pick, xs),
+                                              tf.nest.map_structure(pick, ys), sw, ok if guard else None)
+                    # once a step is non-finite or reads ids outside a table, no later step
+                    # of this call applies
+                    if self.stop_on_nonfinite:
                         ok = tf.logical_and(ok, tf.math.is_finite(value))
-                    return i + 1, losses.write(i, value), ok
+                    if count_ids:
+                        ok = tf.logical_and(ok, tf.reduce_all(bad_ids == 0))
+                        counts = counts.write(i, bad_ids)
+                    return i + 1, losses.write(i, value), counts, ok
 
                 losses = tf.TensorArray(tf.float32, size=k, element_shape=[])
-                _, losses, _ = tf.while_loop(lambda i, *_: i < k, body,
-                                             (tf.constant(0), losses, tf.constant(True)),
-                                             maximum_iterations=k)
-                return losses.stack()
+                counts = tf.TensorArray(tf.float32, size=k, element_shape=[len(self._id_layers)])
+                _, losses, counts, _ = tf.while_loop(lambda i, *_: i < k, body,
+                                                     (tf.constant(0), losses, counts, tf.constant(True)),
+                                                     maximum_iterations=k)
+                return (losses.stack(), counts.stack()) if count_ids else losses.stack()
 
         jit = self.jit_compile and strategy is None
         return tf.function(function, jit_compile=jit, autograph=False, reduce_retracing=True)
 
     def _loss_and_grads(self, x, y, sample_weight, data_weight, replica_scale):
-        """Forward and backward pass: (objective, gradients of the loss-scaled objective)."""
+        """Forward and backward pass: (objective, gradients of the loss-scaled objective,
+        the counts of ids outside each Embedding's table (E,), or None without any)."""
         model, optimizer = self.model, self.optimizer
         with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
+            with IdGuard(model, self._id_layers) as ids:   # clamps and counts (no-op without)
+                y_pred = model(x, training=True)
             data_loss = tf.cast(self.loss(y, y_pred, sample_weight=sample_weight), tf.float32)
             objective = data_loss * data_weight
             if model.losses:
@@ -436,31 +504,36 @@ class TrainStep:
                 objective = objective + extra * replica_scale
             scaled = optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, self._variables)
-        return objective, grads
+        return objective, grads, (tf.stack(ids.counts()) if self._id_layers else None)
 
     def _replica_step(self, x, y, sample_weight, grads_fn, allowed=None):
-        """One optimizer step in a replica (or on the one device); the update is skipped
-        when the objective is not finite (``stop_on_nonfinite``) or ``allowed`` is False."""
+        """One optimizer step in a replica (or on the one device): (objective, id counts or
+        None).  The update is skipped when the objective is not finite
+        (``stop_on_nonfinite``), when an Embedding read ids outside its table, or when
+        ``allowed`` is False."""
         with tf.name_scope("fastewc/train_step"):
             data_weight, replica_scale = _replica_weights(self.loss, x)
-            objective, grads = grads_fn(x, y, sample_weight, data_weight, replica_scale)
+            objective, grads, bad_ids = grads_fn(x, y, sample_weight, data_weight, replica_scale)
             grads = list(grads)
             if self.ewc is not None:
                 penalty, grads = add_penalty(self.ewc, grads, self._variables,
                                              optimizer=self.optimizer, replica_scale=replica_scale)
                 objective = objective + penalty * replica_scale
-            if not self.stop_on_nonfinite:
+            checks = [] if allowed is None else [allowed]
+            if self.stop_on_nonfinite:
+                checks.append(tf.math.is_finite(objective))
+            if bad_ids is not None:
+                checks.append(tf.reduce_all(bad_ids == 0))
+            if not checks:
                 self.optimizer.apply(grads, self._variables)
-                return objective
-            ok = tf.math.is_finite(objective)
-            ok = ok if allowed is None else tf.logical_and(ok, allowed)
+                return objective, bad_ids
 
             def apply():
                 self.optimizer.apply(grads, self._variables)
                 return tf.constant(True)
 
-            tf.cond(ok, apply, lambda: tf.constant(False))
-            return objective
+            tf.cond(tf.reduce_all(tf.stack(checks)), apply, lambda: tf.constant(False))
+            return objective, bad_ids
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -509,6 +582,19 @@ def _direct_id_inputs(model):
             if source is ref:
                 feeds.append((position, getattr(ref, "name", None), len(inputs), layer))
     return feeds
+
+
+def _check_single_output(model):
+    """``model`` has one output (a functional model with several raises, naming them)."""
+    outputs = tf.nest.flatten(getattr(model, "outputs", None) or [])
+    if len(outputs) > 1:
+        names = [getattr(getattr(t, "_keras_history", None), "operation", None) for t in outputs]
+        names = [getattr(op, "name", "?") for op in names]
+        raise ValueError(
+            f"`model` must have one output: make_train_step trains with one `loss` on one output. "
+            f"Received: model '{model.name}' with {len(outputs)} outputs (from layers {names}). "
+            "Train it with fastewc.EWCModel(model, ewc) and Keras' compile(loss=[...]) (a loss "
+            "per output, summed, as in Keras fit).")
 
 
 def _any_distributed(x):
