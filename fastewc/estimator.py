@@ -346,8 +346,11 @@ class FisherEstimator:
                 f"{capture_lib.describe(missing, self.model)} {'has' if len(missing) == 1 else 'have'} none. "
                 + registry.registration_hint(type(missing[0]).__name__).replace(
                     ", or use method='vmap'", ", or use curvature='diagonal'"))
-        layout, probe_floats = curvature_lib.kronecker_layout(self.model, x1, rules,
-                                                              self.model.trainable_variables)
+        try:
+            layout, probe_floats = curvature_lib.kronecker_layout(self.model, x1, rules,
+                                                                  self.model.trainable_variables)
+        except capture_lib.SharedLayerError as err:
+            raise capture_lib.shared_layer_error(err.layers, curvature="kfac") from None
         curvature_lib.check_factor_memory(layout, _memory.device_bytes())
         return layout, probe_floats
 
