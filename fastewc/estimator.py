@@ -473,8 +473,10 @@ def _raise_several_outputs(model, shapes):
     raise ValueError(
         f"`model` '{model.name}' must have one output for a Fisher: the `loss` is the likelihood "
         f"of that one output. Received: a model with {len(shapes)} outputs of shapes [{listed}]. "
-        "Consolidate one head at a time with a single-output model sharing the layers, e.g. "
-        "keras.Model(model.inputs, model.outputs[0]).")
+        "Consolidate one head at a time into one EWC of this model, each with its "
+        "single-output sub-model: ewc.consolidate(data, loss=..., model=keras.Model(model.inputs, "
+        "model.outputs[i])) (or compute that sub-model's Fisher and pass it to "
+        "ewc.add_task(fisher, model=sub_model)).")
 
 
 class _explained_input_errors:
