@@ -543,7 +543,8 @@ class EWC(tf.Module):
         blocks = [([penalty_lib.read_float32(v) for v in variables], [term.values() for term in terms])
                   for variables, terms in plan.kronecker]
         k_value, k_grads = kfac_penalty.kfac_penalty_and_gradients(
-            blocks, lam, tf.cast(self._damping, tf.float32), inline=inline)
+            blocks, lam, tf.cast(self._damping, tf.float32), inline=inline,
+            names=[variables[0].path for variables, _ in plan.kronecker])
         index = {id(v): i for i, v in enumerate(plan.trainable)}
         grads = list(grads)
         flat = [v for variables, _ in plan.kronecker for v in variables]
@@ -551,7 +552,11 @@ class EWC(tf.Module):
             i = index.get(id(variable))
             if i is not None:                 # a frozen block variable needs no gradient
                 grads[i] = grads[i] + g
-        return value + k_value, grads
+        total = value + k_value
+        if not inline:                        # each part is checked; here their sum
+            total = penalty_lib.check_finite(total, tf.stack([value, k_value]),
+                                             ["the diagonal part", "the Kronecker part"])
+        return total, grads
 
     def penalty(self):
         """λ/2 Σ_i A_i (θ_i − μ_i)² + λc/2: a float32 scalar, differentiable w.r.t. the model's
@@ -560,6 +565,8 @@ class EWC(tf.Module):
         Separate mode: equals Σ_t λ/2 Σ_i F_t,i (θ_i − θ_t,i)² exactly; online mode:
         λ/2 Σ_i F_i (θ_i − θ*_i)².  0 before the first consolidation.  Eager, inside
         ``tf.function`` and under ``jit_compile=True``; float32 under mixed precision.
+        A value that overflows float32 (or NaN weights) raises, naming the variable
+        (:func:`fastewc.penalty.check_finite`; not under XLA, where TensorFlow drops checks).
         """
         return self._value_and_grads()[0]
 
