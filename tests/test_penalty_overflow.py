@@ -9,7 +9,6 @@ import tensorflow as tf
 
 import fastewc
 
-F32_MAX = float(np.finfo(np.float32).max)
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
