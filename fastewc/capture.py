@@ -72,7 +72,28 @@ def layers_without_rule(model, rules):
 
 
 class SharedLayerError(registry.UnsupportedLayerError):
-    """A layer was called more than once in one forward pass."""
+    """A layer was called more than once in one forward pass (``layers``: those layers)."""
+
+    def __init__(self, message, layers=()):
+        super().__init__(message)
+        self.layers = list(layers)
+
+
+def shared_layer_error(layers, *, curvature="diagonal"):
+    """The :class:`SharedLayerError` for ``layers``, with the way that works for
+    ``curvature``: the diagonal Fisher of such a model comes from per-example gradients
+    (method='vmap'); a Kronecker-factored one has no form for it (a layer applied at several
+    places per example has a sum of Kronecker products as its Fisher block, not one)."""
+    what = (f"Layer {describe(layers)} is called more than once in one forward pass (a shared "
+            "layer). ")
+    if curvature == "kfac":
+        return SharedLayerError(
+            what + "curvature='kfac' cannot take a shared layer: its Fisher block is not one "
+            "Kronecker product A ⊗ G. Use curvature='diagonal' for this model (with method='auto' "
+            "its Fisher then comes from per-example gradients).", layers)
+    return SharedLayerError(
+        what + "The factored rules do not support shared layers yet: use method='vmap' for "
+        "this model.", layers)
 
 
 class Recorder:
@@ -109,10 +130,7 @@ class Recorder:
 
     def check_not_shared(self):
         if self.shared:
-            raise SharedLayerError(
-                f"Layer {describe(self.shared)} is called more than once in one forward pass (a "
-                "shared layer). The factored rules do not support shared layers yet: use "
-                "method='vmap' for this model.")
+            raise shared_layer_error(self.shared)
 
 
 def describe(layers, model=None):

@@ -346,8 +346,11 @@ class FisherEstimator:
                 f"{capture_lib.describe(missing, self.model)} {'has' if len(missing) == 1 else 'have'} none. "
                 + registry.registration_hint(type(missing[0]).__name__).replace(
                     ", or use method='vmap'", ", or use curvature='diagonal'"))
-        layout, probe_floats = curvature_lib.kronecker_layout(self.model, x1, rules,
-                                                              self.model.trainable_variables)
+        try:
+            layout, probe_floats = curvature_lib.kronecker_layout(self.model, x1, rules,
+                                                                  self.model.trainable_variables)
+        except capture_lib.SharedLayerError as err:
+            raise capture_lib.shared_layer_error(err.layers, curvature="kfac") from None
         curvature_lib.check_factor_memory(layout, _memory.device_bytes())
         return layout, probe_floats
 
@@ -470,8 +473,10 @@ def _raise_several_outputs(model, shapes):
     raise ValueError(
         f"`model` '{model.name}' must have one output for a Fisher: the `loss` is the likelihood "
         f"of that one output. Received: a model with {len(shapes)} outputs of shapes [{listed}]. "
-        "Consolidate one head at a time with a single-output model sharing the layers, e.g. "
-        "keras.Model(model.inputs, model.outputs[0]).")
+        "Consolidate one head at a time into one EWC of this model, each with its "
+        "single-output sub-model: ewc.consolidate(data, loss=..., model=keras.Model(model.inputs, "
+        "model.outputs[i])) (or compute that sub-model's Fisher and pass it to "
+        "ewc.add_task(fisher, model=sub_model)).")
 
 
 class _explained_input_errors:

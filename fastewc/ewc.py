@@ -476,13 +476,16 @@ class EWC(tf.Module):
             if v is None:
                 raise ValueError(
                     f"EWC state tracks variable '{key}' (shape {_shape(a)}), but model "
-                    f"'{self._model.name}' has no variable with that path. A consolidated "
-                    "variable must stay in the model; to drop it, build a new EWC.")
+                    f"'{self._model.name}' has no variable with that path. Every variable the EWC "
+                    "tracks must stay in its model (for one head of a multi-output model, keep the "
+                    "EWC on the whole model and pass the head to ewc.consolidate(data, loss=..., "
+                    "model=keras.Model(full.inputs, full.outputs[i]))); to drop a variable, build "
+                    "a new EWC.")
             if _shape(v) != _shape(a):
                 raise ValueError(
-                    f"Variable '{v.path}' has shape {_shape(v)}, but the EWC state was "
-                    f"consolidated for shape {_shape(a)}. A consolidated variable must keep its "
-                    "shape; to change it, build a new EWC.")
+                    f"Variable '{v.path}' has shape {_shape(v)}, but the EWC state tracks it with "
+                    f"shape {_shape(a)}. A tracked variable must keep its shape; to change it, "
+                    "build a new EWC.")
             found.append(v)
         return found
 
@@ -548,7 +551,8 @@ class EWC(tf.Module):
         blocks = [([penalty_lib.read_float32(v) for v in variables], [term.values() for term in terms])
                   for variables, terms in plan.kronecker]
         k_value, k_grads = kfac_penalty.kfac_penalty_and_gradients(
-            blocks, lam, tf.cast(self._damping, tf.float32), inline=inline)
+            blocks, lam, tf.cast(self._damping, tf.float32), inline=inline,
+            names=[variables[0].path for variables, _ in plan.kronecker])
         index = {id(v): i for i, v in enumerate(plan.trainable)}
         grads = list(grads)
         flat = [v for variables, _ in plan.kronecker for v in variables]
@@ -556,7 +560,11 @@ class EWC(tf.Module):
             i = index.get(id(variable))
             if i is not None:                 # a frozen block variable needs no gradient
                 grads[i] = grads[i] + g
-        return value + k_value, grads
+        total = value + k_value
+        if not inline:                        # each part is checked; here their sum
+            total = penalty_lib.check_finite(total, tf.stack([value, k_value]),
+                                             ["the diagonal part", "the Kronecker part"])
+        return total, grads
 
     def penalty(self):
         """λ/2 Σ_i A_i (θ_i − μ_i)² + λc/2: a float32 scalar, differentiable w.r.t. the model's
@@ -565,6 +573,8 @@ class EWC(tf.Module):
         Separate mode: equals Σ_t λ/2 Σ_i F_t,i (θ_i − θ_t,i)² exactly; online mode:
         λ/2 Σ_i F_i (θ_i − θ*_i)².  0 before the first consolidation.  Eager, inside
         ``tf.function`` and under ``jit_compile=True``; float32 under mixed precision.
+        A value that overflows float32 (or NaN weights) raises, naming the variable
+        (:func:`fastewc.penalty.check_finite`; not under XLA, where TensorFlow drops checks).
         """
         return self._value_and_grads()[0]
 
@@ -599,9 +609,16 @@ class EWC(tf.Module):
 
     # -- consolidation ---------------------------------------------------------------
     def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=None, rules=None,
-                    num_samples=1, seed=None, jit_compile=None, verbose=0, max_examples=None):
+                    num_samples=1, seed=None, jit_compile=None, verbose=0, max_examples=None,
+                    model=None):
         """Consolidate the task ``data``: its diagonal Fisher at the current weights, then
         the current weights become this task's anchor (see :meth:`add_task`).
+
+        ``model``: None (the EWC's model), or a sub-model built on the EWC model's layers
+        whose output is this task's (one head of a multi-output model:
+        ``keras.Model(full.inputs, full.outputs[i])``).  The Fisher is then the sub-model's,
+        F = 0 for the variables it does not use (see :meth:`add_task`), so every head of one
+        model consolidates into one EWC.
 
         The Fisher comes from a :class:`fastewc.FisherEstimator` that this EWC keeps per
         configuration (``loss``, ``kind``, ``method``, ``batch_size``, ``rules``,
@@ -615,43 +632,74 @@ class EWC(tf.Module):
         one EWC run one after the other (the EWC's lock is held from the Fisher to the
         commit: the estimator's plan and traces are not shared between threads, and one
         Fisher already uses every core).  Returns the Fisher (list aligned with
-        ``model.trainable_variables``; with ``curvature="kfac"`` the
-        :class:`fastewc.KroneckerFisher`, and ``method`` must be "auto" or "factored").
+        ``model.trainable_variables`` -- the sub-model's with ``model`` --; with
+        ``curvature="kfac"`` the :class:`fastewc.KroneckerFisher`, and ``method`` must be
+        "auto" or "factored").
         """
         self._require_eager("consolidate")
         with self._lock:
             if self._model.built:
                 self._check_tracked_present(self._model_variables_by_key())
-            estimator = self._estimator(loss=loss, kind=kind, method=method,
+            source = self._task_model(model)
+            estimator = self._estimator(source, loss=loss, kind=kind, method=method,
                                         batch_size=batch_size, rules=rules,
                                         num_samples=num_samples, jit_compile=jit_compile,
                                         curvature=self.curvature)
             fisher = estimator(data, seed=seed, verbose=verbose, max_examples=max_examples)
-            self.add_task(fisher)
+            self.add_task(fisher, model=model)
             return fisher
 
-    def _estimator(self, **config):
-        """This EWC's :class:`fastewc.FisherEstimator` for ``config`` (made on first use;
-        dropped with the EWC, or when :attr:`model` is reassigned)."""
+    def _estimator(self, model, **config):
+        """This EWC's :class:`fastewc.FisherEstimator` of ``model`` (its own, or a sub-model)
+        for ``config`` (made on first use; dropped with the EWC, or when :attr:`model` is
+        reassigned).  The estimator holds ``model``, so its id names it while cached."""
         from fastewc.estimator import FisherEstimator, make_config   # ewc -> fisher, lazily
 
-        key = make_config(**config)
+        key = (id(model), make_config(**config))
         estimators = _cache.owned_cache(self, _ESTIMATORS)
         estimator = estimators.get(key)
         if estimator is None:
-            estimator = estimators[key] = FisherEstimator(self._model, **config)
+            estimator = estimators[key] = FisherEstimator(model, **config)
         return estimator
 
-    def add_task(self, fisher, anchors=None):
+    def _task_model(self, model):
+        """The model a task's Fisher is over: this EWC's model (``model`` None), or a
+        sub-model whose trainable variables are all trainable variables of it (the same
+        objects: built on its layers), else a ValueError naming the first one that is not."""
+        if model is None or model is self._model:
+            return check_model(self._model, trainable=False)
+        check_model(model, trainable=False, layer_ok=False)
+        ours = {id(v) for v in check_model(self._model, trainable=False).trainable_variables}
+        foreign = [v for v in model.trainable_variables if id(v) not in ours]
+        if foreign:
+            raise ValueError(
+                f"`model` must be a sub-model of this EWC's model '{self._model.name}', built on its "
+                "layers (e.g. one head: keras.Model(full.inputs, full.outputs[i])). Received: "
+                f"model '{model.name}', whose trainable variable '{foreign[0].path}' is not a "
+                f"trainable variable of '{self._model.name}' ({len(foreign)} such variables).")
+        return model
+
+    def add_task(self, fisher, anchors=None, *, model=None):
         """Absorb a task whose diagonal Fisher is already known.
 
         Args:
           fisher: list aligned with ``model.trainable_variables`` (as returned by
-            :func:`fastewc.fisher_diagonal`), F ≥ 0 and finite.
+            :func:`fastewc.fisher_diagonal`), F ≥ 0 and finite; with ``curvature="kfac"``
+            a :class:`fastewc.KroneckerFisher`.
           anchors: the task's weights θ_t, aligned the same way; None: the current weights.
+          model: None (the EWC's model), or the sub-model ``fisher`` was computed over: a
+            model built on the EWC model's layers (one head of a multi-output model), whose
+            trainable variables are all the EWC model's (by identity).
 
         separate: (A, μ, c) ← merge_separate(A, μ, F, θ_t); online: (A, μ) ← (γA + F, θ_t).
-        Tracked variables that are no longer trainable get F = 0.  All or nothing: validate,
+        Tracked variables that are no longer trainable, and with ``model`` those the
+        sub-model does not use, get F = 0 and θ_t = their current weights: the task's Fisher
+        over the whole model, which is 0 where its likelihood does not depend on a weight.
+        So separate mode keeps their A, c and penalty exactly (μ moves only where A = 0,
+        where it has no weight), the sum over tasks stays Σ_t λ/2 Σ_i F_t,i (θ_i − θ_t,i)²
+        with F_t = 0 off task t's sub-model; online mode decays their A by γ and moves their
+        anchor to the current weights, as at every task (γ counts tasks, not the tasks that
+        touched a variable; a block without factors likewise).  All or nothing: validate,
         merge (nothing assigned), then commit (rolled back if interrupted), under the EWC's
         lock: concurrent calls are applied one after the other, each merged against the
         state it commits over.  The commit also holds ``state_guard`` exclusively: it waits
@@ -659,14 +707,15 @@ class EWC(tf.Module):
         """
         self._require_eager("add_task")
         with self._lock:
+            source = self._task_model(model)
             blocks = None
             if isinstance(fisher, KroneckerFisher):
-                fisher, blocks = self._split_kronecker(fisher)
+                fisher, blocks = self._split_kronecker(fisher, source)
             elif self.curvature == "kfac":
                 raise TypeError(
                     "`fisher` must be a fastewc.KroneckerFisher (fastewc.kfac_fisher's result) for "
                     f"an EWC with curvature='kfac'. Received: fisher of type {type(fisher).__name__}")
-            task = self._validate_task(fisher, anchors)
+            task = self._validate_task(fisher, anchors, source)
             update = self._merge_task(task)
             pending = self._merge_kronecker(blocks, task) if blocks is not None else {}
             with self.state_guard.exclusive():   # no train step runs during the commit
@@ -678,18 +727,19 @@ class EWC(tf.Module):
                     raise
 
     # -- Kronecker terms (curvature="kfac") -------------------------------------------
-    def _split_kronecker(self, result):
-        """A :class:`fastewc.KroneckerFisher` → (the diagonal list, zeros for the variables
-        its blocks cover; ``{block: (layer name, A, G)}`` of the blocks this EWC penalizes)."""
+    def _split_kronecker(self, result, source):
+        """A :class:`fastewc.KroneckerFisher` of ``source`` (the model or a sub-model) → (the
+        diagonal list along ``source.trainable_variables``, zeros for the variables its
+        blocks cover; ``{block: (layer name, A, G)}`` of the blocks this EWC penalizes)."""
         if self.curvature != "kfac":
             raise ValueError(
                 "`fisher` is a fastewc.KroneckerFisher, but this EWC has curvature='diagonal'. "
                 "Build it with fastewc.EWC(model, lam=..., curvature='kfac'), or pass the diagonal "
                 "(fastewc.fisher_diagonal). Received: a KroneckerFisher")
-        trainable = list(check_model(self._model, trainable=False).trainable_variables)
+        trainable = list(source.trainable_variables)
         if [id(v) for v in result.variables] != [id(v) for v in trainable]:
             raise ValueError(
-                f"`fisher` was computed for other trainable variables than model '{self._model.name}' "
+                f"`fisher` was computed for other trainable variables than model '{source.name}' "
                 f"has now ({len(result.variables)} then, {len(trainable)} now). Received: a "
                 "KroneckerFisher of another model or an older state of this one")
         diagonal = [tf.zeros(v.shape, tf.float32) if f is None else f
@@ -746,9 +796,10 @@ class EWC(tf.Module):
                     "unchanged.")
         return pending
 
-    def _validate_task(self, fisher, anchors):
-        """Argument checks (types, lengths, dtypes, shapes) → the new per-key F and θ."""
-        model = check_model(self._model, trainable=False)
+    def _validate_task(self, fisher, anchors, model):
+        """Argument checks (types, lengths, dtypes, shapes) → the new per-key F and θ of
+        ``model``'s trainable variables (the EWC's model or a sub-model of it, keyed as the
+        EWC's model's variables; the others get F = 0 in :meth:`_merge_task`)."""
         by_key = self._model_variables_by_key()
         self._check_tracked_present(by_key)
         trainable = list(model.trainable_variables)

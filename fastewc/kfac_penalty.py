@@ -33,6 +33,7 @@ not a Kronecker product):
 import tensorflow as tf
 
 from fastewc import _policy, kronecker
+from fastewc import penalty as penalty_lib
 from fastewc._checks import as_float32
 
 KFAC_SUMS = ("exact", "nearest")
@@ -50,9 +51,10 @@ class Term:
 
 
 def _body(blocks, lam, damping):
-    """(value, grads) for ``blocks`` = [(thetas, [(c, A, G, W̄*)])], traced inline."""
+    """(value, grads, parts) for ``blocks`` = [(thetas, [(c, A, G, W̄*)])], traced inline;
+    ``parts`` each block's share of the value (a vector)."""
     with tf.name_scope("fastewc/kfac_penalty"):
-        value, grads = tf.constant(0.0), []
+        value, grads, parts = tf.constant(0.0), [], []
         for thetas, terms in blocks:
             w = kronecker.weight_matrix(thetas)
             q_sum, m_sum = tf.constant(0.0), None
@@ -61,9 +63,10 @@ def _body(blocks, lam, damping):
                 q, m = kronecker.quadratic_form(w - anchor, a_d, g_d)
                 q_sum += coef * q
                 m_sum = coef * m if m_sum is None else m_sum + coef * m
-            value += 0.5 * lam * q_sum
+            parts.append((0.5 * lam) * q_sum)
+            value += parts[-1]
             grads += kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas])
-        return value, grads
+        return value, grads, tf.stack(parts)
 
 
 _COMPILED = {}
@@ -80,7 +83,8 @@ def _compiled(jit_compile):
     return fn
 
 
-def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_compile=None):
+def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_compile=None,
+                               names=None):
     """``(value, grads)`` of the Kronecker-factored penalty (module docstring).
 
     Args:
@@ -93,14 +97,17 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
         add ``grads`` themselves); else one compiled function whose value's gradient is
         ``grads`` (``tf.custom_gradient``).
       jit_compile: XLA for that compiled function; None: XLA on GPU only.
+      names: a name per block for the error below (default "block 0", "block 1", ...).
 
-    Returns the float32 value and one gradient per theta, blocks in order.
+    Returns the float32 value and one gradient per theta, blocks in order.  Not inline, a
+    value that is not finite raises, naming the blocks whose share is not
+    (:func:`fastewc.penalty.check_finite`: eagerly, or when a non-XLA ``tf.function`` runs).
     """
     lam, damping = as_float32(lam), as_float32(damping)
     if not blocks:
         return tf.constant(0.0), []
     if inline:
-        return _body(blocks, lam, damping)
+        return _body(blocks, lam, damping)[:2]
     thetas = [t for block_thetas, _ in blocks for t in block_thetas]
     n = len(thetas)
     structure = [(len(block_thetas), len(terms)) for block_thetas, terms in blocks]
@@ -118,7 +125,7 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
 
     @tf.custom_gradient
     def penalty_with_analytic_gradient(*flat):
-        value, grads = fn(rebuild(flat), flat[-2], flat[-1])
+        value, grads, out["parts"] = fn(rebuild(flat), flat[-2], flat[-1])
         out["grads"] = grads
 
         def grad_fn(upstream):
@@ -127,7 +134,18 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
         return value, grad_fn
 
     value = penalty_with_analytic_gradient(*thetas, *constants, lam, damping)
+    names = [f"block {i}" for i in range(len(blocks))] if names is None else list(names)
+    value = penalty_lib.check_finite(value, out["parts"], names, lambda i: _explain(blocks[i], lam))
     return value, out["grads"]
+
+
+def _explain(block, lam):
+    """Why a block's share is not finite (its weights, or the quadratic's size)."""
+    thetas, _ = block
+    if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in thetas):
+        return "its weights θ are NaN or Inf"
+    return (f"its Kronecker quadratic λ/2 Σ_t c_t vec(ΔW̄)ᵀ(A_t ⊗ G_t)vec(ΔW̄) goes beyond float32's "
+            f"largest value (lam={float(lam):.4g})")
 
 
 # -- merging a task -----------------------------------------------------------------------

@@ -16,6 +16,14 @@ is that g (times the upstream gradient): nothing is re-derived by autodiff and n
 activations are kept.  Time and memory are O(P) for P parameters; the compiled function
 is traced once per list of shapes and reused.
 
+Overflow: g = λ·(F·d) and the value Σ_i ½ g_i d_i (d = θ − θ*) form no intermediate larger
+than their results, so a value and gradients that float32 can hold come out finite, however
+large λ·F is.  A value that is not finite (it overflows float32's 3.4e38, or the weights are
+NaN) raises, naming the variables (:func:`check_finite`): eagerly a ``FloatingPointError``,
+traced an ``InvalidArgumentError`` when the function runs; under XLA (``jit_compile=True``)
+TensorFlow drops the check.  The ``inline`` form and :func:`ewc_penalty_gradients` are not
+checked: the train steps add their own check (``stop_on_nonfinite``).
+
 Everything is float32 (F, θ* and the result), whatever the model's compute dtype: under
 ``mixed_float16`` Keras variables are float32 and are read here without the float16
 autocast a layer call would apply, since float16 squares underflow.  ``fisher``,
@@ -109,31 +117,97 @@ def _check_aligned(variables, fisher, anchors):
 
 
 # -- the compiled bodies ----------------------------------------------------------------
-def _sum_all(t):
-    """Σ of every entry.  For matrices a matrix-vector product with ones first: XLA on CPU
-    emits a full reduce_sum as a slow loop of its own, while the matvec fuses with the
+def _half_sum(t):
+    """½ Σ of every entry, the ½ inside the sum (a total up to float32's largest value is
+    representable).  For matrices a matrix-vector product with a vector of ½ first: XLA on
+    CPU emits a full reduce_sum as a slow loop of its own, while the matvec fuses with the
     elementwise product (README, train-step figures)."""
     if t.shape.rank is None or t.shape.rank < 2:
-        return tf.reduce_sum(t)
+        return tf.reduce_sum(0.5 * t)
     rows = tf.reshape(t, [-1, t.shape[-1]])
-    return tf.reduce_sum(tf.linalg.matvec(rows, tf.ones([t.shape[-1]], t.dtype)))
+    return tf.reduce_sum(tf.linalg.matvec(rows, tf.fill([t.shape[-1]], tf.constant(0.5, t.dtype))))
 
 
 def _value_and_grads_body(thetas, fisher, anchors, lam, const):
+    """``(value, grads, parts)``, ``parts`` each variable's ½ Σ_i g_i (θ_i − θ*_i) (a vector).
+
+    No intermediate overflows float32 where the result does not: g = λ·(F·d) never forms
+    λ·F (a large λ times a large F is Inf, and Inf · 0 a NaN where θ = θ*; :func:`_times_lam`), each term
+    g·d = λF d² ≥ 0 is at most the value, and the ½ is applied inside the sums."""
     with tf.name_scope("fastewc/penalty"):  # op names in profiler traces (profiles/)
         grads, parts = [], []
         for theta, f, a in zip(thetas, fisher, anchors):
             d = theta - a
-            g = lam * f * d
+            g = _times_lam(f * d, lam)
             grads.append(g)
-            parts.append(_sum_all(g * d))
-        value = 0.5 * tf.add_n(parts) + 0.5 * lam * const
-        return value, grads
+            parts.append(_half_sum(g * d))
+        value = tf.add_n(parts) + (0.5 * lam) * const
+        return value, grads, tf.stack(parts)
 
 
 def _grads_body(thetas, fisher, anchors, lam):
     with tf.name_scope("fastewc/penalty"):
-        return [lam * f * (theta - a) for theta, f, a in zip(thetas, fisher, anchors)]
+        return [_times_lam(f * (theta - a), lam) for theta, f, a in zip(thetas, fisher, anchors)]
+
+
+def _times_lam(fd, lam):
+    """λ·(F·d), in that order: a ``MulNoNan``, which Grappler's arithmetic optimizer does not
+    regroup with the Mul F·d into (λ·F)·d (it pairs the scalar first, to minimize
+    broadcasts).  Same cost as a Mul; 0 where λ = 0."""
+    return tf.math.multiply_no_nan(fd, lam)
+
+
+# -- a penalty that is not finite --------------------------------------------------------
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(value, parts, names, explain=None):
+    """``value`` (the penalty), raising if it is not finite, naming the variables whose
+    entry of ``parts`` (their share, a vector aligned with ``names``) is not.
+
+    Eagerly: a ``FloatingPointError`` with ``explain(i)`` for each such variable i (the
+    diagnosis, computed on the error path only).  Traced (a ``tf.function`` around the
+    penalty): a ``tf.debugging.Assert`` that raises ``InvalidArgumentError`` when the
+    function runs, with the variables' names; TensorFlow drops it under XLA
+    (``jit_compile=True``), where the value comes back as it is -- a fastewc train step's
+    ``stop_on_nonfinite=True`` stops there.  Costs one scalar read eagerly, three scalar-sized
+    ops traced."""
+    names = list(names)
+    if tf.executing_eagerly():
+        total = float(value)
+        if np.isfinite(total):
+            return value
+        shares = np.asarray(parts, np.float64).reshape(-1)
+        bad = [i for i, share in enumerate(shares) if not np.isfinite(share)]
+        if bad:
+            what = "; ".join(f"variable '{names[i]}'" + (f": {explain(i)}" if explain else "")
+                             for i in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        else:
+            what = (f"every variable's share is finite (largest {shares.max(initial=0.0):.4g}), but "
+                    f"their sum or the constant term λc/2 goes beyond float32's largest value "
+                    f"{_FLOAT32_MAX:.4g}")
+        raise FloatingPointError(
+            f"fastewc: the EWC penalty λ/2 Σ_i A_i (θ_i − μ_i)² is not finite in float32 ({total}): "
+            f"{what}. Lower `lam`, or rescale the loss (the Fisher) or the weights; if the weights "
+            "are not finite, training diverged before the penalty.")
+    # No string op on the data: XLA compiles the Assert away but cannot compile those.
+    tf.debugging.Assert(tf.math.is_finite(value), [
+        "fastewc: the EWC penalty λ/2 Σ_i A_i (θ_i − μ_i)² is not finite in float32 (lower `lam`, "
+        "rescale the loss or the weights, or training diverged before it). Whether each share is "
+        f"finite, in the order of {names}:", tf.math.is_finite(parts)], summarize=max(len(names), 1))
+    return value
+
+
+def _explain(theta, fisher, anchor, lam):
+    """Why one variable's share λ/2 Σ F (θ − θ*)² is not finite, from float64 NumPy."""
+    theta, fisher, anchor = (np.asarray(t, np.float64) for t in (theta, fisher, anchor))
+    if not np.all(np.isfinite(theta)):
+        return "its weights θ are NaN or Inf"
+    d = np.abs(theta - anchor)
+    share = 0.5 * float(lam) * float(np.sum(fisher * d * d))
+    return (f"λ/2 Σ A (θ − μ)² = {share:.4g} goes beyond float32's largest value {_FLOAT32_MAX:.4g} "
+            f"(lam={float(lam):.4g}, A up to {fisher.max(initial=0.0):.4g}, |θ − μ| up to "
+            f"{d.max(initial=0.0):.4g})")
 
 
 def compiled(kind, jit_compile=None):
@@ -171,6 +245,10 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
         ``tf.custom_gradient``: a tape would differentiate ``value`` by plain autodiff,
         and ``jit_compile`` is the caller's).  For compiled train steps that add
         ``grads`` themselves: it saves the nested call and its gradient wrapper.
+
+    Raises (not ``inline``): ``FloatingPointError`` eagerly, ``InvalidArgumentError`` when a
+    non-XLA ``tf.function`` runs, if the value is not finite in float32, naming the
+    variables whose share is not (:func:`check_finite`).
     """
     check_jit_compile(jit_compile)
     check_lam(lam, allow_tensor=True)
@@ -183,7 +261,7 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
     fisher = [as_float32(f) for f in fisher]
     anchors = [as_float32(a) for a in anchors]
     if inline:
-        return _value_and_grads_body(thetas, fisher, anchors, lam, const)
+        return _value_and_grads_body(thetas, fisher, anchors, lam, const)[:2]
     fn = compiled("value_and_grads", jit_compile)
     n = len(thetas)
     out = {}
@@ -192,8 +270,8 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
     # captured variable reads; only the θ arguments get a gradient.
     @tf.custom_gradient
     def penalty_with_analytic_gradient(*flat):
-        value, grads = fn(list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:3 * n]),
-                          flat[3 * n], flat[3 * n + 1])
+        value, grads, out["parts"] = fn(list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:3 * n]),
+                                        flat[3 * n], flat[3 * n + 1])
         out["grads"] = grads
 
         def grad_fn(upstream):
@@ -202,6 +280,8 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
         return value, grad_fn
 
     value = penalty_with_analytic_gradient(*thetas, *fisher, *anchors, lam, const)
+    value = check_finite(value, out["parts"], [_name(v, i) for i, v in enumerate(variables)],
+                         lambda i: _explain(thetas[i], fisher[i], anchors[i], lam))
     return value, out["grads"]
 
 

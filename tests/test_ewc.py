@@ -254,7 +254,7 @@ def test_missing_or_reshaped_variable_raises_naming_it():
         with pytest.raises(ValueError, match=r"tracks variable 'out/kernel' \(shape \(8, 4\)\).*no variable with that path"):
             call()
     model.add(keras.layers.Dense(5, activation="softmax", name="out"))
-    with pytest.raises(ValueError, match=r"'sequential.*/out/kernel' has shape \(8, 5\), but the EWC state was consolidated for shape \(8, 4\)"):
+    with pytest.raises(ValueError, match=r"'sequential.*/out/kernel' has shape \(8, 5\), but the EWC state tracks it with shape \(8, 4\)"):
         ewc.penalty()
     assert ewc.num_tasks == 1
 
