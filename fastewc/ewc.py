@@ -34,21 +34,32 @@ per-variable F and θ), merge (pure: :func:`fastewc.penalty.merge_all`, nothing 
 and commit (assign everything, or roll back: the state is never half updated).
 
 The state lives in non-trainable tf.Variables (A, μ float32; c, λ, γ float64), so compiled
-functions that call :meth:`EWC.penalty` are not retraced by a consolidation, and EWC is a
-``tf.Module``: ``tf.train.Checkpoint(model=..., optimizer=..., ewc=ewc)`` saves and
-restores it (state, λ, γ, mode, task count).  A restore never defers EWC state: each saved
-variable's A and μ are created from the model at restore time (a model variable this EWC
-did not track yet gets its state then), and a saved variable the model does not have --
-an unbuilt model has none -- makes the restore raise before any value is assigned
-(:class:`_StateTable`).  TF's deferred restoration would otherwise assign the saved values
-whenever the variable appears, over the consolidations made since.  A compiled train step
-traced before a consolidation that ADDED variables (a grown model) must be retraced to
-penalize them (``tracked_paths`` grows; the trainers of :mod:`fastewc.train` and
-:mod:`fastewc.keras_fit` watch it).
+functions that call :meth:`EWC.penalty` are not retraced when a consolidation only updates
+values, and EWC is a ``tf.Module``: ``tf.train.Checkpoint(model=..., optimizer=...,
+ewc=ewc)`` saves and restores it (state, λ, γ, mode, task count, Kronecker terms).
+
+A restore gives exactly the checkpoint's state, or raises and changes nothing.  Each EWC
+tensor is checkpointed under the key a plain variable has, through a staging entry
+(:mod:`fastewc._state_table`): the restore collects every value of the EWC first, then
+:meth:`EWC._restore_checkpoint` checks them all against the model (each saved variable
+exists with the saved shape, is not excluded, the model is built; each Kronecker block is
+complete and shaped from its kernel), and only then assigns: A and μ of the saved keys,
+zero state for tracked keys the checkpoint lacks (what a new EWC would hold), Kronecker
+terms and blocks the checkpoint lacks dropped.  So a restore into an EWC that
+consolidated more since drops that, a mismatching shape raises before any variable is
+written, TF never defers EWC state onto a variable created later, and checkpoints written
+before the staging entries (same keys) restore the same way.
+
+A trace bakes in the penalty's structure (the tracked variables, the Kronecker terms).  A
+consolidation or restore that changes it bumps a structure version (not checkpointed);
+the trainers of :mod:`fastewc.train` and :mod:`fastewc.keras_fit` retrace on
+:attr:`EWC.structure_token`, and a user's ``tf.function`` traced before raises on its next
+call (NaN under XLA, which drops assertions) after a warning at the change: never a
+silently partial penalty (:meth:`EWC._guard` says why not a structure traceable ahead).
 
 Threads: one ``threading.RLock`` per EWC is held across every read-merge-write of the state
 (:meth:`EWC.consolidate` -- its Fisher included --, :meth:`EWC.add_task`, :meth:`EWC.save`,
-:meth:`EWC.state`, a checkpoint restore's state creation, eager penalty reads), so
+:meth:`EWC.state`, a checkpoint restore's commit, eager penalty reads), so
 concurrent consolidations of one EWC are applied one after the other, each merged against
 the state it commits over.  A compiled train step reads the variables without the lock:
 do not consolidate while another thread trains on the same model.
@@ -197,6 +208,12 @@ class EWC(tf.Module):
         ewc.consolidate((x_a, y_a), loss="sparse_categorical_crossentropy")
         with tf.GradientTape() as tape:
             loss = loss_fn(y_b, model(x_b, training=True)) + ewc.penalty()
+
+    A ``tf.function`` that calls :meth:`penalty` must be traced after any consolidation
+    that changes the penalty's structure (with ``curvature="kfac"``: the first one, and
+    each task of a ``"separate"`` or ``kfac_sum="exact"`` EWC; a new head entering the
+    state): an older trace raises (NaN under XLA).  :func:`fastewc.make_train_step` and
+    :class:`fastewc.EWCModel` retrace by themselves.
     """
 
     # Python-side references, not state: kept out of tf.Module's variable walk.
@@ -682,9 +699,11 @@ class EWC(tf.Module):
         compares it with the version it was traced at: on a mismatch it raises (a
         ``tf.debugging.Assert``: an InvalidArgumentError naming the fix) and, where the
         assertion does not run (XLA drops it under ``jit_compile=True``), the value and the
-        gradients are NaN.  A stale trace never returns a silently partial penalty.  (A
-        structure made traceable in advance would need every Kronecker block and head known
-        before the first task; a new head would still change it.)  Traces of
+        gradients are NaN.  A stale trace never returns a silently partial penalty.  Why
+        not a structure traceable in advance (each block's terms in variables of unknown
+        leading size): it needs every Kronecker block known before the first task, and a
+        new head would still change the structure, so this check would be needed anyway;
+        one mechanism covers both curvatures and the grown diagonal.  Traces of
         :meth:`penalty` (not ``inline``: the trainers, which retrace, trace inline) also
         make the consolidation that staled them warn."""
         if tf.executing_eagerly():
