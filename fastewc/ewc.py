@@ -55,7 +55,7 @@ consolidation or restore that changes it bumps a structure version (not checkpoi
 the trainers of :mod:`fastewc.train` and :mod:`fastewc.keras_fit` retrace on
 :attr:`EWC.structure_token`, and a user's ``tf.function`` traced before raises on its next
 call (NaN under XLA, which drops assertions) after a warning at the change: never a
-silently partial penalty (:meth:`EWC._guard` says why not a structure traceable ahead).
+silently partial penalty (:meth:`EWC._guarded_lam` says why not a structure traceable ahead).
 
 Threads: one ``threading.RLock`` per EWC is held across every read-merge-write of the state
 (:meth:`EWC.consolidate` -- its Fisher included --, :meth:`EWC.add_task`, :meth:`EWC.save`,
@@ -354,7 +354,7 @@ class EWC(tf.Module):
 
     def _sync_structure(self):
         """Count a change of the penalty's structure (the tracked keys, the Kronecker blocks
-        and their term counts) in the structure version that traces check (:meth:`_guard`);
+        and their term counts) in the structure version that traces check (:meth:`_guarded_lam`);
         warn when a trace of :meth:`penalty` made before it is now stale."""
         structure = (tuple(self._fisher.keys()),
                      tuple((block, len(terms)) for block, terms in self._kronecker.blocks.items()))
@@ -677,53 +677,46 @@ class EWC(tf.Module):
         compiled function, plus the Kronecker terms' from another."""
         with self._eager_lock():
             plan = self._plan()
-            lam = tf.cast(self._lam, tf.float32)
+            lam = self._guarded_lam(inline)
             if plan.variables:
                 value, grads = penalty_lib.ewc_penalty_and_gradients(
                     plan.variables, plan.fisher, plan.anchors, lam,
                     const=tf.cast(self._const, tf.float32), inline=inline)
             else:
-                value, grads = tf.cast(0.5 * self._lam * self._const, tf.float32), []
+                value, grads = 0.5 * lam * tf.cast(self._const, tf.float32), []
             grads = self._align(grads, plan)
             if plan.kronecker:
                 value, grads = self._add_kronecker(plan, value, grads, lam, inline)
-            return self._guard(value, grads, inline=inline)
+            return value, grads
 
-    def _guard(self, value, grads, *, inline):
-        """``(value, grads)``, checked against a stale trace when traced (eagerly there is
-        nothing to check: the plan is read at each call).
+    def _guarded_lam(self, inline):
+        """λ as a float32 tensor, checked against a stale trace when traced (eagerly there
+        is nothing to check: the plan is read at each call).
 
         A trace bakes in the penalty's structure (which variables, which Kronecker terms),
         read when it was traced; a consolidation that adds to it, or a restore that
         changes it, bumps ``_structure_version`` (:meth:`_sync_structure`).  The trace
         compares it with the version it was traced at: on a mismatch it raises (a
         ``tf.debugging.Assert``: an InvalidArgumentError naming the fix) and, where the
-        assertion does not run (XLA drops it under ``jit_compile=True``), the value and the
-        gradients are NaN.  A stale trace never returns a silently partial penalty.  Why
-        not a structure traceable in advance (each block's terms in variables of unknown
-        leading size): it needs every Kronecker block known before the first task, and a
-        new head would still change the structure, so this check would be needed anyway;
-        one mechanism covers both curvatures and the grown diagonal.  Traces of
+        assertion does not run (XLA drops it under ``jit_compile=True``), λ is NaN, and so
+        are the value and the gradients (at no cost: λ scales every term).  A stale trace
+        never returns a silently partial penalty.  Why not a structure traceable in
+        advance (each block's terms in variables of unknown leading size): it needs every
+        Kronecker block known before the first task, and a new head would still change
+        the structure, so this check would be needed anyway; one mechanism covers both
+        curvatures and the grown diagonal.  Traces of
         :meth:`penalty` (not ``inline``: the trainers, which retrace, trace inline) also
         make the consolidation that staled them warn."""
+        lam = tf.cast(self._lam, tf.float32)
         if tf.executing_eagerly():
-            return value, grads
+            return lam
         traced = self._structure_count
         if not inline:
             self._traced_versions.add(traced)
         stale = tf.not_equal(self._structure_version.read_value(), traced)
         check = tf.debugging.Assert(tf.logical_not(stale), [_STALE_TRACE])
         with tf.control_dependencies([check]):
-            poison = tf.where(stale, tf.constant(np.nan, tf.float32), tf.constant(0.0))
-        grads = [g + tf.cast(poison, g.dtype) for g in grads]
-        if inline:
-            return value + poison, grads
-
-        @tf.custom_gradient
-        def guarded(v):
-            return v + poison, lambda upstream: upstream + poison
-
-        return guarded(value), grads
+            return lam + tf.where(stale, tf.constant(np.nan, tf.float32), tf.constant(0.0))
 
     def _add_kronecker(self, plan, value, grads, lam, inline):
         """``value`` and ``grads`` plus the Kronecker terms' penalty and gradients
@@ -765,12 +758,11 @@ class EWC(tf.Module):
             plan = self._plan()
             if plan.kronecker:
                 return self._value_and_grads()[1]
+            lam = self._guarded_lam(inline=False)
             if not plan.variables:
-                grads = [tf.zeros(v.shape, tf.float32) for v in plan.trainable]
-            else:
-                grads = self._align(penalty_lib.ewc_penalty_gradients(
-                    plan.variables, plan.fisher, plan.anchors, tf.cast(self._lam, tf.float32)), plan)
-            return self._guard(tf.constant(0.0), grads, inline=False)[1]
+                return [tf.zeros(v.shape, tf.float32) * lam for v in plan.trainable]
+            grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors, lam)
+            return self._align(grads, plan)
 
     @staticmethod
     def _align(grads, plan):

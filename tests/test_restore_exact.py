@@ -114,7 +114,8 @@ def test_diagonal_restore_drops_a_head_added_after_the_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
 
     def add_task():
-        ewc.add_task([rng.uniform(0.5, 2.0, v.shape).astype("float32") for v in ewc.model.trainable_variables])
+        variables = ewc.model.trainable_variables
+        ewc.add_task([rng.uniform(0.5, 2.0, v.shape).astype("float32") for v in variables])
         for v in ewc.model.trainable_variables:
             v.assign(v + 0.2 * rng.normal(size=v.shape).astype("float32"))
 

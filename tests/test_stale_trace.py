@@ -48,7 +48,7 @@ def _consolidate_kfac(ewc, model, seed):
     rng = np.random.default_rng(seed)
     x, y = rng.normal(size=(8, 5)).astype("float32"), rng.integers(0, 3, 8)
     result = ewc.consolidate((x, y), loss=LOGITS)
-    blocks = {tuple(v.path for v in b.variables): (b.a.numpy().astype(np.float64), b.g.numpy().astype(np.float64))
+    blocks = {tuple(v.path for v in b.variables): (np.float64(b.a.numpy()), np.float64(b.g.numpy()))
               for b in result.blocks}
     task = (blocks, _weights(model))
     for v in model.trainable_variables:
