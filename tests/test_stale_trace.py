@@ -3,6 +3,8 @@ created at a consolidation, a new head's variables tracked) is never a silently 
 value: eagerly it is right, a stale ``tf.function`` trace raises, a stale XLA trace returns
 NaN (value and gradient), the consolidation that staled a trace warns, and a new trace is
 right again.  References: float64 NumPy, the Kronecker terms with an explicit np.kron."""
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -129,14 +131,21 @@ def test_diagonal_penalty_traced_before_a_new_head_entered_is_never_partial(jit)
 
 
 def test_trainers_retrace_without_a_warning_or_error():
-    """make_train_step traces inline and retraces on the structure token: no stale trace."""
+    """make_train_step and EWCModel trace inline and retrace on the structure token: their
+    traces are never stale, and a consolidation does not warn about them."""
     model = _model()
     ewc = fastewc.EWC(model, lam=LAM, curvature="kfac")
     step = fastewc.make_train_step(model, keras.optimizers.SGD(0.0), LOGITS, ewc=ewc, jit_compile=False)
+    wrapped = fastewc.EWCModel(model, ewc)
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOGITS, jit_compile=True)
     x, y = np.ones((4, 5), np.float32), np.zeros(4, np.int64)
     step(x, y)
-    import warnings
+    wrapped.fit(x, y, epochs=1, verbose=0)
+    wrapped.evaluate(x, y, verbose=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        _consolidate_kfac(ewc, model, 1)
-    assert np.isfinite(float(step(x, y)))
+        tasks = [_consolidate_kfac(ewc, model, 1)]
+    expected = _kfac_reference(model, tasks)
+    assert_close(float(step(x, y)) - float(LOGITS(y, model(x))), expected, rtol=1e-4)
+    logs = wrapped.evaluate(x, y, verbose=0, return_dict=True)
+    assert_close(logs["ewc_penalty"], expected)
