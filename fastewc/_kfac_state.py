@@ -4,9 +4,9 @@ checkpoint keys.  The maths is :mod:`fastewc.kfac_penalty`'s.
 
 A block is keyed by its variables' EWC keys, ``(kernel key, bias key or None)``.  Its
 t-th term lives in four non-trainable float32 variables, checkpointed under
-``"<kernel key>|<bias key>|<t>|<field>"`` (field: coef, a, g, anchor), so that a restore
-creates them from the key and the model's kernel shape (:meth:`KroneckerState.resolve`)
-and never defers a value (:class:`fastewc._state_table.StateTable`).
+``"<kernel key>|<bias key>|<t>|<field>"`` (field: coef, a, g, anchor); a checkpoint
+restore stages them (:mod:`fastewc._state_table`) and the EWC replaces the blocks with the
+checkpoint's (:meth:`KroneckerState.replace`, shapes checked with :func:`block_shapes`).
 """
 import numpy as np
 import tensorflow as tf
@@ -38,19 +38,15 @@ def parse_term_key(key):
 
 
 class KroneckerState(tf.Module):
-    """``{block: [Term of tf.Variables]}`` with a checkpoint view by key.
+    """``{block: [Term of tf.Variables]}`` with a checkpoint view by key (``entry_of(key)``:
+    the staging entry of a term field's key, :class:`fastewc._state_table.StateTable`)."""
 
-    ``variable_of(key)`` returns the model variable of an EWC key (or raises a ValueError
-    naming it); a restore uses it for the shapes of the terms it creates."""
+    _TF_MODULE_IGNORED_PROPERTIES = frozenset(tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_blocks"})
 
-    _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_variable_of", "_blocks"})
-
-    def __init__(self, variable_of):
+    def __init__(self, entry_of):
         super().__init__(name="kronecker")
-        object.__setattr__(self, "_variable_of", variable_of)
         object.__setattr__(self, "_blocks", {})
-        self._terms = StateTable("terms", self.resolve)
+        self._terms = StateTable("terms", entry_of)
 
     # -- reading ------------------------------------------------------------------------
     @property
@@ -118,18 +114,22 @@ class KroneckerState(tf.Module):
                 variables.append(variable)
         return kfac_penalty.Term(*variables)
 
-    def resolve(self, key):
-        """Create the term ``key`` names (and the block's earlier terms) with zeros shaped
-        from the model's kernel, for a checkpoint restore; raise for a key that is not a
-        term's or a kernel the model does not have."""
-        parsed = parse_term_key(key)
-        if parsed is None:
-            raise ValueError(f"Cannot restore EWC Kronecker state '{key}': not a Kronecker term key.")
-        block, t, _ = parsed
-        kernel = self._variable_of(block[0])
-        if block[1] is not None:
-            self._variable_of(block[1])
-        shapes = block_shapes(tuple(kernel.shape), block[1] is not None)
-        terms = self._blocks.setdefault(block, [])
-        while len(terms) <= t:
-            terms.append(self._create(block, len(terms), [np.zeros(s, np.float32) for s in shapes]))
+    def replace(self, blocks):
+        """Make the state exactly ``blocks`` = ``{block: [Term of tensors]}`` (shapes
+        already checked): existing term variables are assigned, missing ones created,
+        the others (terms and blocks ``blocks`` lacks) dropped."""
+        for block in [b for b in self._blocks if b not in blocks]:
+            self._drop(block, 0)
+        for block, new_terms in blocks.items():
+            self._drop(block, len(new_terms))
+        self.commit(blocks)
+
+    def _drop(self, block, keep):
+        """Drop the terms of ``block`` from the ``keep``-th on (the block if none is left)."""
+        terms = self._blocks.get(block, [])
+        for t in range(keep, len(terms)):
+            for field in FIELDS:
+                del self._terms[term_key(block, t, field)]
+        del terms[keep:]
+        if not terms:
+            self._blocks.pop(block, None)

@@ -34,21 +34,32 @@ per-variable F and θ), merge (pure: :func:`fastewc.penalty.merge_all`, nothing 
 and commit (assign everything, or roll back: the state is never half updated).
 
 The state lives in non-trainable tf.Variables (A, μ float32; c, λ, γ float64), so compiled
-functions that call :meth:`EWC.penalty` are not retraced by a consolidation, and EWC is a
-``tf.Module``: ``tf.train.Checkpoint(model=..., optimizer=..., ewc=ewc)`` saves and
-restores it (state, λ, γ, mode, task count).  A restore never defers EWC state: each saved
-variable's A and μ are created from the model at restore time (a model variable this EWC
-did not track yet gets its state then), and a saved variable the model does not have --
-an unbuilt model has none -- makes the restore raise before any value is assigned
-(:class:`_StateTable`).  TF's deferred restoration would otherwise assign the saved values
-whenever the variable appears, over the consolidations made since.  A compiled train step
-traced before a consolidation that ADDED variables (a grown model) must be retraced to
-penalize them (``tracked_paths`` grows; the trainers of :mod:`fastewc.train` and
-:mod:`fastewc.keras_fit` watch it).
+functions that call :meth:`EWC.penalty` are not retraced when a consolidation only updates
+values, and EWC is a ``tf.Module``: ``tf.train.Checkpoint(model=..., optimizer=...,
+ewc=ewc)`` saves and restores it (state, λ, γ, mode, task count, Kronecker terms).
+
+A restore gives exactly the checkpoint's state, or raises and changes nothing.  Each EWC
+tensor is checkpointed under the key a plain variable has, through a staging entry
+(:mod:`fastewc._state_table`): the restore collects every value of the EWC first, then
+:meth:`EWC._restore_checkpoint` checks them all against the model (each saved variable
+exists with the saved shape, is not excluded, the model is built; each Kronecker block is
+complete and shaped from its kernel), and only then assigns: A and μ of the saved keys,
+zero state for tracked keys the checkpoint lacks (what a new EWC would hold), Kronecker
+terms and blocks the checkpoint lacks dropped.  So a restore into an EWC that
+consolidated more since drops that, a mismatching shape raises before any variable is
+written, TF never defers EWC state onto a variable created later, and checkpoints written
+before the staging entries (same keys) restore the same way.
+
+A trace bakes in the penalty's structure (the tracked variables, the Kronecker terms).  A
+consolidation or restore that changes it bumps a structure version (not checkpointed);
+the trainers of :mod:`fastewc.train` and :mod:`fastewc.keras_fit` retrace on
+:attr:`EWC.structure_token`, and a user's ``tf.function`` traced before raises on its next
+call (NaN under XLA, which drops assertions) after a warning at the change: never a
+silently partial penalty (:meth:`EWC._guarded_lam` says why not a structure traceable ahead).
 
 Threads: one ``threading.RLock`` per EWC is held across every read-merge-write of the state
 (:meth:`EWC.consolidate` -- its Fisher included --, :meth:`EWC.add_task`, :meth:`EWC.save`,
-:meth:`EWC.state`, a checkpoint restore's state creation, eager penalty reads), so
+:meth:`EWC.state`, a checkpoint restore's commit, eager penalty reads), so
 concurrent consolidations of one EWC are applied one after the other, each merged against
 the state it commits over.  Compiled train steps do not take that lock; they hold the EWC's
 ``state_guard`` (a :class:`fastewc._rwlock.ReadersWriterLock`) shared around each compiled
@@ -63,7 +74,7 @@ import contextlib
 import numbers
 import os
 import threading
-import weakref
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -72,16 +83,25 @@ import tensorflow as tf
 
 from fastewc import _cache, ewc_file
 from fastewc._rwlock import ReadersWriterLock
-from fastewc._state_table import StateTable as _StateTable
+from fastewc._state_table import Restorer, StateTable as _StateTable
 from fastewc import kfac_penalty, kronecker
 from fastewc import penalty as penalty_lib
-from fastewc._kfac_state import KroneckerState, block_shapes
+from fastewc._kfac_state import FIELDS, KroneckerState, block_shapes, parse_term_key
 from fastewc.curvature import CURVATURES, KroneckerFisher
 from fastewc.kfac_penalty import KFAC_SUMS
 from fastewc._checks import as_float32, check_lam, check_model, check_one_of
 
 MODES = ("separate", "online")
 _ESTIMATORS = "_fastewc_fisher_estimators"
+# The scalar state, checkpointed as ``ewc/<name>`` (the attribute names).
+_SCALARS = ("_lam", "_gamma", "_mode_index", "_num_tasks", "_const", "_curvature_index",
+            "_kfac_sum_index", "_damping")
+_STALE_TRACE = (
+    "fastewc.EWC: this tf.function traced the EWC penalty before a consolidation or a checkpoint "
+    "restore changed the penalty's structure (new tracked variables, e.g. a new head, or new "
+    "Kronecker terms with curvature='kfac'): the trace cannot see them. Trace it again: create "
+    "the tf.function again after consolidating, or train with fastewc.make_train_step / "
+    "fastewc.EWCModel, which retrace by themselves.")
 
 
 def _check_gamma(gamma, mode):
@@ -195,11 +215,19 @@ class EWC(tf.Module):
         ewc.consolidate((x_a, y_a), loss="sparse_categorical_crossentropy")
         with tf.GradientTape() as tape:
             loss = loss_fn(y_b, model(x_b, training=True)) + ewc.penalty()
+
+    A ``tf.function`` that calls :meth:`penalty` must be traced after any consolidation
+    that changes the penalty's structure (with ``curvature="kfac"``: the first one, and
+    each task of a ``"separate"`` or ``kfac_sum="exact"`` EWC; a new head entering the
+    state): an older trace raises (NaN under XLA).  :func:`fastewc.make_train_step` and
+    :class:`fastewc.EWCModel` retrace by themselves.
     """
 
     # Python-side references, not state: kept out of tf.Module's variable walk.
     _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"_model", "_exclude", "_plan_cache", "_lock", "state_guard", _ESTIMATORS})
+        tf.Module._TF_MODULE_IGNORED_PROPERTIES | {
+            "_model", "_exclude", "_plan_cache", "_lock", "state_guard", _ESTIMATORS, "_restorer",
+            "_structure_version", "_structure_seen", "_structure_count", "_traced_versions"})
 
     def __init__(self, model, *, lam, mode="separate", gamma=1.0, exclude=None, curvature="diagonal",
                  damping=0.0, kfac_sum="exact"):
@@ -208,6 +236,7 @@ class EWC(tf.Module):
                         damping=damping, kfac_sum=kfac_sum)
         if model.built:
             self._track_new_variables()
+        self._sync_structure()
 
     def _configure(self, model, *, lam, mode, gamma, exclude, num_tasks=0, const=0.0,
                    curvature="diagonal", damping=0.0, kfac_sum="exact"):
@@ -220,6 +249,13 @@ class EWC(tf.Module):
         object.__setattr__(self, "_exclude", self._exclude_predicate(exclude))
         object.__setattr__(self, "_lock", threading.RLock())
         object.__setattr__(self, "state_guard", ReadersWriterLock())   # steps shared, commits exclusive
+        object.__setattr__(self, "_restorer", Restorer(self))   # before any tracked attribute
+        with tf.init_scope():              # not checkpointed: it counts this process's changes
+            object.__setattr__(self, "_structure_version",
+                               tf.Variable(0, dtype=tf.int64, trainable=False, name="structure_version"))
+        object.__setattr__(self, "_structure_seen", ((), ()))
+        object.__setattr__(self, "_structure_count", 0)
+        object.__setattr__(self, "_traced_versions", set())
         self._lam = tf.Variable(lam, dtype=tf.float64, trainable=False, name="lam")
         self._gamma = tf.Variable(gamma, dtype=tf.float64, trainable=False, name="gamma")
         self._mode_index = tf.Variable(MODES.index(mode), dtype=tf.int32, trainable=False, name="mode")
@@ -230,17 +266,11 @@ class EWC(tf.Module):
         self._kfac_sum_index = tf.Variable(KFAC_SUMS.index(kfac_sum), dtype=tf.int32, trainable=False,
                                            name="kfac_sum")
         self._damping = tf.Variable(damping, dtype=tf.float64, trainable=False, name="damping")
-        owner = weakref.ref(self)                # the tables must not keep the EWC alive
-
-        def resolve(key):
-            return owner()._state_for_restore(key)
-
-        def variable_of(key):
-            return owner()._variable_for_restore(key)
-
-        self._fisher = _StateTable("fisher", resolve)   # key -> A (float32 tf.Variable)
-        self._anchor = _StateTable("anchor", resolve)   # key -> μ
-        self._kronecker = KroneckerState(variable_of)   # block -> Kronecker terms (curvature="kfac")
+        restorer = self._restorer                # the tables must not keep the EWC alive
+        self._fisher = _StateTable("fisher", lambda key: restorer.entry(("fisher", key)))  # key -> A
+        self._anchor = _StateTable("anchor", lambda key: restorer.entry(("anchor", key)))  # key -> μ
+        # block -> Kronecker terms (curvature="kfac")
+        self._kronecker = KroneckerState(lambda key: restorer.entry(("terms", key)))
         self._invalidate_plan()
 
     # -- configuration ---------------------------------------------------------------
@@ -325,9 +355,28 @@ class EWC(tf.Module):
 
     @property
     def structure_token(self):
-        """Changes when the penalty's structure does (more tracked variables, more
-        Kronecker terms): a compiled step that penalizes the state retraces then."""
-        return (len(self._fisher), self._kronecker.num_terms)
+        """Changes when the penalty's structure does (tracked variables or Kronecker terms
+        added or dropped, by a consolidation or a checkpoint restore): a compiled step that
+        penalizes the state retraces then.  ``(tracked variables, Kronecker terms, version)``."""
+        return (len(self._fisher), self._kronecker.num_terms, self._structure_count)
+
+    def _sync_structure(self):
+        """Count a change of the penalty's structure (the tracked keys, the Kronecker blocks
+        and their term counts) in the structure version that traces check (:meth:`_guarded_lam`);
+        warn when a trace of :meth:`penalty` made before it is now stale."""
+        structure = (tuple(self._fisher.keys()),
+                     tuple((block, len(terms)) for block, terms in self._kronecker.blocks.items()))
+        if structure == self._structure_seen:
+            return
+        stale = self._structure_count in self._traced_versions
+        object.__setattr__(self, "_structure_seen", structure)
+        object.__setattr__(self, "_structure_count", self._structure_count + 1)
+        self._structure_version.assign(self._structure_count)
+        self._invalidate_plan()
+        if stale:
+            warnings.warn(_STALE_TRACE.replace("this tf.function traced", "a tf.function traced") +
+                          " Calling the old trace raises (its penalty is NaN under jit_compile=True).",
+                          RuntimeWarning, stacklevel=3)
 
     @property
     def state_bytes(self):
@@ -414,52 +463,163 @@ class EWC(tf.Module):
             self._fisher[key] = tf.Variable(a, dtype=tf.float32, trainable=False, name="fisher")
             self._anchor[key] = tf.Variable(mu, dtype=tf.float32, trainable=False, name="anchor")
 
-    def _state_for_restore(self, key):
-        """Create the state of ``key`` for a checkpoint restore that has it (see
-        :class:`_StateTable`): zero state for every new trainable variable of the model
-        (what the next consolidation would create), or for ``key``'s model variable if it
-        is tracked-but-frozen; raise if the model has no such variable (an unbuilt model
-        has none), so that TF does not defer the saved value onto a later variable."""
+    # -- checkpoints (tf.train.Checkpoint) ------------------------------------------------
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """The checkpoint view: each scalar as a staging entry (:mod:`fastewc._state_table`),
+        then the tables of A, μ and Kronecker terms (same keys as plain attributes)."""
+        if save_type != "checkpoint":
+            return super()._trackable_children(save_type, **kwargs)
+        children = {name: self._restorer.entry(("scalar", name)) for name in _SCALARS}
+        children.update(_fisher=self._fisher, _anchor=self._anchor, _kronecker=self._kronecker)
+        return children
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        if name in _SCALARS:
+            return self._restorer.entry(("scalar", name))
+        return super()._lookup_dependency(name, cached_dependencies)
+
+    def _checkpoint_value(self, address):
+        """The live tensor a checkpoint entry saves (a scalar of its dtype if there is none)."""
+        kind, key = address
+        if kind == "scalar":
+            return getattr(self, key).read_value()
+        table = {"fisher": self._fisher, "anchor": self._anchor, "terms": self._kronecker._terms}[kind]
+        variable = table.get(key)
+        return tf.zeros([], tf.float32) if variable is None else variable.read_value()
+
+    def _restore_checkpoint(self, values):
+        """Make the state exactly the checkpoint's: ``values`` = ``{(kind, key): tensor}``,
+        every EWC tensor of the restored checkpoint.  Everything is checked first (a key the
+        model lacks or has with another shape, an unbuilt model, a malformed Kronecker
+        block raise, nothing assigned); then the scalars are assigned, A and μ of the saved
+        keys assigned or created, tracked keys the checkpoint lacks dropped (zero state if
+        they are trainable: what a new EWC would track), Kronecker blocks and terms made the
+        checkpoint's (:meth:`KroneckerState.replace`)."""
         with self._lock:
-            model = self._model
-            if key in self._fisher and key in self._anchor:
-                return
-            if not model.built:
-                raise ValueError(
-                    f"Cannot restore the EWC state of variable '{key}' from the checkpoint: "
-                    f"model '{model.name}' is not built, so the EWC has no variable to restore "
-                    "it into (TensorFlow would keep the value and write it over a later "
-                    "consolidation). Build the model first (call it on a batch, or "
-                    "model.build(input_shape)), then restore.")
-            self._track_new_variables()
+            scalars, state, blocks = self._checked_checkpoint(values)
+            by_key = self._model_variables_by_key() if self._model.built else {}
+            with self.state_guard.exclusive():      # no train step reads a half-restored state
+                self._assign_checkpoint(scalars, state, blocks, by_key)
+
+    def _assign_checkpoint(self, scalars, state, blocks, by_key):
+        """The assignments of :meth:`_restore_checkpoint`, its values checked."""
+        for name, value in scalars.items():
+            getattr(self, name).assign(value)
+        for key in list(self._fisher):
+            v = by_key.get(key)
+            if key in state:
+                continue
+            if v is not None and v.trainable and not self._exclude(v):
+                state[key] = (tf.zeros(v.shape, tf.float32),) * 2
+            else:
+                del self._fisher[key]
+                del self._anchor[key]
+        for key, (a, mu) in state.items():
             if key in self._fisher:
-                return
-            v = self._model_variables_by_key().get(key)
-            if v is None:
-                raise ValueError(
-                    f"Cannot restore the EWC state of variable '{key}' from the checkpoint: "
-                    f"model '{model.name}' has no variable with that path. Add it to the model "
-                    "(e.g. the task head it was saved with) before restoring.")
+                self._fisher[key].assign(a)
+                self._anchor[key].assign(mu)
+            else:
+                self._create_state(key, a, mu)
+        self._kronecker.replace(blocks)
+        if self._model.built:
+            self._track_new_variables()
+        self._invalidate_plan()
+        self._sync_structure()
+
+    def _checked_checkpoint(self, values):
+        """``(scalars, {key: (A, μ)}, {block: [Term]})`` of a checkpoint's EWC tensors,
+        every shape checked against the model; raises a ValueError naming the first
+        mismatch (the state is not touched)."""
+        scalars = {name: values[("scalar", name)] for name in _SCALARS if ("scalar", name) in values}
+        for name, value in scalars.items():
+            if value.shape.rank != 0:
+                raise ValueError(f"Cannot restore EWC state from the checkpoint: its '{name[1:]}' must "
+                                 f"be a scalar. Received: shape {tuple(value.shape)}")
+        header = {name: (scalars[name] if name in scalars else getattr(self, name)).numpy()
+                  for name in _SCALARS}
+        try:
+            mode = MODES[int(header["_mode_index"])]
+            check_lam(float(header["_lam"]))
+            _check_gamma(float(header["_gamma"]), mode)
+            _check_kfac_options(CURVATURES[int(header["_curvature_index"])], float(header["_damping"]),
+                                KFAC_SUMS[int(header["_kfac_sum_index"])], mode)
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"Cannot restore EWC state from the checkpoint: invalid settings "
+                             f"({err}).") from None
+        tables = {kind: {key: t for (k, key), t in values.items() if k == kind}
+                  for kind in ("fisher", "anchor", "terms")}
+        keys = list(tables["fisher"]) + [k for k in tables["anchor"] if k not in tables["fisher"]]
+        state = {}
+        for key in keys:
+            v = self._restore_target(key, "EWC state")
             if self._exclude(v):
                 raise ValueError(
                     f"Cannot restore the EWC state of variable '{v.path}' from the checkpoint: "
                     "this EWC excludes it. Create the EWC with the `exclude` it was saved with.")
-            zeros = np.zeros(_shape(v), np.float32)
-            self._create_state(key, zeros, zeros)
-            self._invalidate_plan()
+            for kind, label in (("fisher", "A"), ("anchor", "μ")):
+                t = tables[kind].get(key)
+                if t is None:
+                    raise ValueError(f"Cannot restore the EWC state of variable '{key}' from the "
+                                     f"checkpoint: it has no {label} ('_{kind}/{key}') for it.")
+                if tuple(t.shape) != _shape(v):
+                    raise ValueError(
+                        f"Cannot restore the EWC state of variable '{v.path}' from the checkpoint: "
+                        f"its {label} there has shape {tuple(t.shape)}, the model's variable has "
+                        f"shape {_shape(v)}. Nothing was restored into the EWC. Restore into the "
+                        "model the checkpoint was written for.")
+            state[key] = (tables["fisher"][key], tables["anchor"][key])
+        return scalars, state, self._checked_blocks(tables["terms"])
 
-    def _variable_for_restore(self, key):
-        """The model variable of ``key``, for a checkpoint restore of Kronecker terms (their
-        shapes follow the kernel's); raise as :meth:`_state_for_restore` does."""
+    def _checked_blocks(self, fields):
+        """``{block: [Term]}`` of the Kronecker term fields ``{term key: tensor}`` of a
+        checkpoint: every term complete (c, A, G, W̄*), numbered from 0, shaped from the
+        model's kernel (:func:`fastewc._kfac_state.block_shapes`)."""
+        grouped = {}
+        for key, value in fields.items():
+            parsed = parse_term_key(key)
+            if parsed is None:
+                raise ValueError(f"Cannot restore EWC Kronecker state '{key}' from the checkpoint: "
+                                 "not a Kronecker term key.")
+            block, t, field = parsed
+            grouped.setdefault(block, {}).setdefault(t, {})[field] = value
+        blocks = {}
+        for block, terms in grouped.items():
+            kernel = self._restore_target(block[0], "EWC Kronecker state")
+            if block[1] is not None:
+                self._restore_target(block[1], "EWC Kronecker state")
+            shapes = dict(zip(FIELDS, block_shapes(tuple(kernel.shape), block[1] is not None)))
+            if sorted(terms) != list(range(len(terms))) or any(len(f) != len(FIELDS) for f in terms.values()):
+                raise ValueError(
+                    f"Cannot restore the EWC Kronecker state of '{block[0]}' from the checkpoint: its "
+                    f"terms are incomplete (numbers {sorted(terms)}, each needs {list(FIELDS)}).")
+            for t in range(len(terms)):
+                for field in FIELDS:
+                    if tuple(terms[t][field].shape) != shapes[field]:
+                        raise ValueError(
+                            f"Cannot restore the EWC Kronecker state of '{kernel.path}' from the "
+                            f"checkpoint: its term {t} field '{field}' has shape "
+                            f"{tuple(terms[t][field].shape)}, the model's kernel "
+                            f"{_shape(kernel)} needs {shapes[field]}. Nothing was restored into "
+                            "the EWC. Restore into the model the checkpoint was written for.")
+            blocks[block] = [kfac_penalty.Term(*(terms[t][f] for f in FIELDS)) for t in range(len(terms))]
+        return blocks
+
+    def _restore_target(self, key, what):
+        """The model variable of a checkpoint's ``key``, or a ValueError (the model is not
+        built, or has no such variable)."""
         model = self._model
-        v = self._model_variables_by_key().get(key) if model.built else None
+        if not model.built:
+            raise ValueError(
+                f"Cannot restore the {what} of variable '{key}' from the checkpoint: "
+                f"model '{model.name}' is not built, so the EWC has no variable to restore "
+                "it into. Build the model first (call it on a batch, or "
+                "model.build(input_shape)), then restore.")
+        v = self._model_variables_by_key().get(key)
         if v is None:
             raise ValueError(
-                f"Cannot restore the EWC Kronecker state of variable '{key}' from the checkpoint: "
-                f"model '{model.name}' " + ("has no variable with that path. Add it to the model "
-                                             "before restoring." if model.built else
-                                             "is not built. Build the model first, then restore."))
-        self._invalidate_plan()
+                f"Cannot restore the {what} of variable '{key}' from the checkpoint: "
+                f"model '{model.name}' has no variable with that path. Add it to the model "
+                "(e.g. the task head it was saved with) before restoring.")
         return v
 
     def _model_variables_by_key(self):
@@ -533,17 +693,46 @@ class EWC(tf.Module):
         compiled function, plus the Kronecker terms' from another."""
         with self._eager_lock():
             plan = self._plan()
-            lam = tf.cast(self._lam, tf.float32)
+            lam = self._guarded_lam(inline)
             if plan.variables:
                 value, grads = penalty_lib.ewc_penalty_and_gradients(
                     plan.variables, plan.fisher, plan.anchors, lam,
                     const=tf.cast(self._const, tf.float32), inline=inline)
             else:
-                value, grads = tf.cast(0.5 * self._lam * self._const, tf.float32), []
+                value, grads = 0.5 * lam * tf.cast(self._const, tf.float32), []
             grads = self._align(grads, plan)
             if plan.kronecker:
                 value, grads = self._add_kronecker(plan, value, grads, lam, inline)
             return value, grads
+
+    def _guarded_lam(self, inline):
+        """λ as a float32 tensor, checked against a stale trace when traced (eagerly there
+        is nothing to check: the plan is read at each call).
+
+        A trace bakes in the penalty's structure (which variables, which Kronecker terms),
+        read when it was traced; a consolidation that adds to it, or a restore that
+        changes it, bumps ``_structure_version`` (:meth:`_sync_structure`).  The trace
+        compares it with the version it was traced at: on a mismatch it raises (a
+        ``tf.debugging.Assert``: an InvalidArgumentError naming the fix) and, where the
+        assertion does not run (XLA drops it under ``jit_compile=True``), λ is NaN, and so
+        are the value and the gradients (at no cost: λ scales every term).  A stale trace
+        never returns a silently partial penalty.  Why not a structure traceable in
+        advance (each block's terms in variables of unknown leading size): it needs every
+        Kronecker block known before the first task, and a new head would still change
+        the structure, so this check would be needed anyway; one mechanism covers both
+        curvatures and the grown diagonal.  Traces of
+        :meth:`penalty` (not ``inline``: the trainers, which retrace, trace inline) also
+        make the consolidation that staled them warn."""
+        lam = tf.cast(self._lam, tf.float32)
+        if tf.executing_eagerly():
+            return lam
+        traced = self._structure_count
+        if not inline:
+            self._traced_versions.add(traced)
+        stale = tf.not_equal(self._structure_version.read_value(), traced)
+        check = tf.debugging.Assert(tf.logical_not(stale), [_STALE_TRACE])
+        with tf.control_dependencies([check]):
+            return lam + tf.where(stale, tf.constant(np.nan, tf.float32), tf.constant(0.0))
 
     def _add_kronecker(self, plan, value, grads, lam, inline):
         """``value`` and ``grads`` plus the Kronecker terms' penalty and gradients
@@ -592,10 +781,10 @@ class EWC(tf.Module):
             plan = self._plan()
             if plan.kronecker:
                 return self._value_and_grads()[1]
+            lam = self._guarded_lam(inline=False)
             if not plan.variables:
-                return [tf.zeros(v.shape, tf.float32) for v in plan.trainable]
-            grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors,
-                                                      tf.cast(self._lam, tf.float32))
+                return [tf.zeros(v.shape, tf.float32) * lam for v in plan.trainable]
+            grads = penalty_lib.ewc_penalty_gradients(plan.variables, plan.fisher, plan.anchors, lam)
             return self._align(grads, plan)
 
     @staticmethod
@@ -725,6 +914,8 @@ class EWC(tf.Module):
                 except BaseException:
                     undo()
                     raise
+                finally:
+                    self._sync_structure()
 
     # -- Kronecker terms (curvature="kfac") -------------------------------------------
     def _split_kronecker(self, result, source):
@@ -991,6 +1182,7 @@ class EWC(tf.Module):
                 raise ValueError(f"Variable '{v.path}' has EWC state in {path!r} but is excluded.")
         ewc._track_new_variables(initial=contents.state)
         ewc._load_kronecker(path, contents.kronecker or {}, by_key)
+        ewc._sync_structure()
         return ewc
 
     def _load_kronecker(self, path, blocks, by_key):
