@@ -234,6 +234,20 @@ def onednn_enabled():
         return False
 
 
+def tracing_for_xla():
+    """Whether the op being traced will be compiled by XLA (a ``tf.function`` with
+    ``jit_compile=True``, or one nested in it).  ``control_flow_util`` is private; it is
+    what ``tf.function`` itself asks before it marks a nested function for XLA.  False
+    eagerly, and if the module moved."""
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 def graph_operations(graph):
     """Every op of ``graph`` and of the functions in its library (while-loop bodies, the
     functions pfor and custom gradients create): ``FuncGraph._functions`` is private."""

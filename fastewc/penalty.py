@@ -119,10 +119,12 @@ def _check_aligned(variables, fisher, anchors):
 # -- the compiled bodies ----------------------------------------------------------------
 def _half_sum(t):
     """½ Σ of every entry, the ½ inside the sum (a total up to float32's largest value is
-    representable).  For matrices a matrix-vector product with a vector of ½ first: XLA on
-    CPU emits a full reduce_sum as a slow loop of its own, while the matvec fuses with the
-    elementwise product (README, train-step figures)."""
-    if t.shape.rank is None or t.shape.rank < 2:
+    representable).  Under XLA, for matrices, a matrix-vector product with a vector of ½
+    first: XLA on CPU emits a full reduce_sum as a slow loop of its own, while the matvec
+    fuses with the elementwise product (README, train-step figures).  Elsewhere a plain
+    reduce_sum: TensorFlow's oneDNN matvec is not deterministic in a graph (its last bit
+    varies between calls on the same inputs), Eigen's reduction is."""
+    if t.shape.rank is None or t.shape.rank < 2 or not compat.tracing_for_xla():
         return tf.reduce_sum(0.5 * t)
     rows = tf.reshape(t, [-1, t.shape[-1]])
     return tf.reduce_sum(tf.linalg.matvec(rows, tf.fill([t.shape[-1]], tf.constant(0.5, t.dtype))))
