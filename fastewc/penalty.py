@@ -22,7 +22,8 @@ large λ·F is.  A value that is not finite (it overflows float32's 3.4e38, or t
 NaN) raises, naming the variables (:func:`check_finite`): eagerly a ``FloatingPointError``,
 traced an ``InvalidArgumentError`` when the function runs; under XLA (``jit_compile=True``)
 TensorFlow drops the check.  The ``inline`` form and :func:`ewc_penalty_gradients` are not
-checked: the train steps add their own check (``stop_on_nonfinite``).
+checked: the train steps add their own check (``stop_on_nonfinite``, whose error names
+the variable), and without it return the non-finite loss.
 
 Everything is float32 (F, θ* and the result), whatever the model's compute dtype: under
 ``mixed_float16`` Keras variables are float32 and are read here without the float16

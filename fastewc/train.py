@@ -212,7 +212,7 @@ class TrainStep:
             result, bad_ids = result
             self._raise_if_bad_ids(bad_ids, x)
         if self.stop_on_nonfinite:
-            _raise_if_nonfinite(result)
+            _raise_if_nonfinite(result, self.ewc)
         return result
 
     def tracing_count(self):
@@ -537,16 +537,28 @@ class TrainStep:
 
 
 # -- helpers ----------------------------------------------------------------------------
-def _raise_if_nonfinite(losses):
+def _raise_if_nonfinite(losses, ewc=None):
+    """A FloatingPointError for the first non-finite loss of a call.  When ``ewc``'s
+    penalty is what is not finite, the message names its variables: the penalty is read
+    again eagerly, on this error path only, at the weights of the step that was stopped
+    (it was not applied), where :func:`fastewc.penalty.check_finite` diagnoses it."""
     values = np.atleast_1d(np.asarray(losses))
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         i = int(bad[0])
         where = f"step {i} of this call ({values.size} steps)" if values.size > 1 else "this step"
+        cause = None
+        if ewc is not None:
+            try:
+                ewc.penalty()
+            except FloatingPointError as err:
+                cause = err
+        culprit = (f" The EWC penalty is not finite at these weights: {cause}" if cause is not None
+                   else " Check the learning rate, the inputs and the EWC lam.")
         raise FloatingPointError(
             f"fastewc: the training loss became non-finite ({values[i]}) at {where}. That update "
             "and any after it in the call were not applied: the weights and the optimizer state are "
-            "those before it. Check the learning rate, the inputs and the EWC lam.")
+            f"those before it.{culprit}") from cause
 
 
 def _to_tensor(t):

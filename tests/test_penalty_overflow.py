@@ -116,3 +116,23 @@ def test_kfac_overflow_names_the_layer():
     with pytest.raises(FloatingPointError, match=r"variable 'sequential.*/d2/kernel': its Kronecker quadratic .* "
                                                  r"goes beyond float32's largest value \(lam=1e\+30\)"):
         ewc.penalty()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_train_step_stopped_by_an_overflowing_penalty_names_the_variable(jit_compile):
+    """A train step whose penalty overflows: with ``stop_on_nonfinite`` the step is not
+    applied and the error names the penalty's variable (read again on the error path)."""
+    m = model()
+    kernel, _ = m.trainable_variables
+    ewc = ewc_with(m, [np.full((3, 2), 1e30), np.zeros(2)], [np.zeros((3, 2)), np.zeros(2)], lam=1.0)
+    kernel.assign(np.full((3, 2), 1e5, np.float32))
+    before = [v.numpy().copy() for v in m.trainable_variables]
+    step = fastewc.make_train_step(m, keras.optimizers.SGD(0.1), LOSS, ewc=ewc, jit_compile=jit_compile,
+                                   stop_on_nonfinite=True)
+    x, y = np.ones((4, 3), np.float32), np.array([0, 1, 0, 1])
+    with pytest.raises(FloatingPointError, match=r"training loss became non-finite .* not applied.* The EWC "
+                                                 r"penalty is not finite at these weights: .*variable "
+                                                 r"'sequential.*/d/kernel'"):
+        step(x, y)
+    for v, b in zip(m.trainable_variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
