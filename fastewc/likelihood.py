@@ -380,7 +380,8 @@ class Categorical(Likelihood):
         if y.size and (y.min() < 0 or y.max() >= out_dim):
             raise ValueError(
                 f"Labels must be class ids in [0, {out_dim}) for a model with {out_dim} "
-                f"outputs. Received: labels in [{y.min()}, {y.max()}].")
+                f"outputs. Received: labels in [{y.min()}, {y.max()}]."
+                + (" Padded positions need valid ids too (e.g. 0; their weight is 0)." if positions else ""))
         return y.astype(np.int32)
 
 
