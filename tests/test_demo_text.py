@@ -168,7 +168,8 @@ def test_quick_text_run_outputs(quick_text_run):
             assert run["val_criterion"] == pytest.approx(math.exp(np.mean(np.log(run["perplexity"]["val"]))))
             assert run["train_seconds"] > 0 and len(run["losses"]) == config["steps"] // config["steps_per_call"]
         assert f"\n{method:<14}" in printed           # a row of the test-perplexity table
-    assert results["finetune"]["available"]
+    assert results["finetune"]["available"] and results["ewc"]["available"]   # per-position Fisher
+    assert results["ewc"]["ewc"] == {"mode": "separate", "curvature": "diagonal", "num_tasks": 1}
     for method in ("ewc", "kfac"):
         c = results["consolidation"][method]
         assert c["seconds"] >= 0 and (c["error"] is None) == results[method]["available"]
