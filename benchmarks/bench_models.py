@@ -97,6 +97,12 @@ FIDELITY_SMOKE = {"conv1d": ("empirical", "exact"), "bert": ("empirical",), "lst
 _CACHE = {}
 
 
+def kinds_of(name):
+    """The Fisher kinds benchmarked on ``name``: KINDS, or its spec's (the causal LM:
+    empirical and sampled, exact being K = vocabulary × positions backward passes)."""
+    return models.SPECS[name].kinds or KINDS
+
+
 def problem(name, smoke, device):
     """(model, x, y), built once per device and mode; skips what the mode does not run."""
     if smoke and name not in models.SMOKED:
@@ -123,7 +129,7 @@ def test_model(benchmark, smoke, device, name):
     chosen = lambda member: not smoke or member in SMOKE_MEMBERS   # noqa: E731
     floors = {member: problems.floor_function(model, jit) for member, jit in FLOORS.items() if chosen(member)}
     estimators = {kind: fastewc.FisherEstimator(model, loss=models.LOSS, kind=kind)
-                  for kind in KINDS if chosen(kind)}
+                  for kind in kinds_of(name) if chosen(kind)}
     members = {member: (lambda f=f: f(x, y)) for member, f in floors.items()}
     members.update({kind: (lambda e=e: e((x, y))[-1].numpy()) for kind, e in estimators.items()})
 
@@ -166,7 +172,7 @@ def test_model(benchmark, smoke, device, name):
         info.update(rounds=rounds, medians={m: float(np.median(t)) for m, t in times.items()},
                     mins={m: float(np.min(t)) for m, t in times.items()})
         best = min((m for m in working if m in FLOORS), key=lambda m: info["medians"][m], default=None)
-        probe = ([best] if best else []) + [k for k in KINDS if k in working]
+        probe = ([best] if best else []) + [k for k in kinds_of(name) if k in working]
         peaks = {}
         for member in probe:
             _, peaks[member], how = peak_bytes(working[member], device)
@@ -299,7 +305,7 @@ def test_fidelity(benchmark, smoke, device, name):
     if smoke and name not in FIDELITY_SMOKE:
         pytest.skip(f"{name}: not in the fidelity smoke pass (FIDELITY_SMOKE says why)")
     model, x, y = problem(name, smoke, device)
-    kinds = FIDELITY_SMOKE[name] if smoke else KINDS
+    kinds = FIDELITY_SMOKE[name] if smoke else kinds_of(name)
     n = min(len(y), models.SMOKE_EXAMPLES if smoke else FIDELITY_EXAMPLES)
     xs, ys = tf.nest.map_structure(lambda a: a[:n], x), y[:n]
     benchmark.group = f"models-{name}[{device}]"

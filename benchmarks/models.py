@@ -23,6 +23,12 @@ Every model classifies into 10 classes and outputs logits (``LOSS`` is
   tokens, random lengths ≥ 32 with their padding mask; Dense(10) on ``pooled_output``)
   and ``gpt2`` (GPT2Backbone, same sizes, full-length sequences; Dense(10) on the last
   token, as GPT-2 classifiers read it).  Inputs are dicts.
+* keras_hub causal LM, per token: ``gpt2_lm`` (``GPT2CausalLM(GPT2Backbone(same sizes),
+  preprocessor=None)``, tied input/output embeddings; output (N, 64, 1000) logits).  Labels
+  are the next tokens, (N, 64): the inputs shifted by one, a random last token; random
+  lengths >= 32 with their padding mask, as :func:`_bert_inputs`.  Its kinds
+  (``Spec.kinds``) are empirical and sampled: exact would take one backward pass per
+  vocabulary entry and position (K = 1000 · 64).
 
 Sizes: ``SPECS[name].examples`` for the benchmarks (one steady Fisher call takes a
 fraction of a second to a few seconds on a 2-core CPU).  ``small=True`` is the smoke
@@ -51,6 +57,8 @@ class Spec(typing.NamedTuple):
     examples: int                   # normal size
     sample_x: typing.Callable       # sample_x(rng, n, length) -> inputs (length: tokens)
     family: str                     # "application", "text" or "hub"
+    sample_y: typing.Callable = None  # sample_y(rng, x) -> labels; None: one of CLASSES each
+    kinds: tuple = None             # the Fisher kinds benchmarked; None: bench_models.KINDS
 
 
 # -- Keras Applications -------------------------------------------------------------------
@@ -140,6 +148,25 @@ def _gpt2(small):
     return keras.Model(backbone.input, logits, name="gpt2_classifier")
 
 
+def _gpt2_lm(small):
+    import keras_hub
+    backbone = keras_hub.models.GPT2Backbone(**_HUB_SIZES)
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None, name="gpt2_causal_lm")
+
+
+def _gpt2_lm_inputs(rng, n, length):
+    x = _bert_inputs(rng, n, length)
+    del x["segment_ids"]
+    return x
+
+
+def _next_tokens(rng, x):
+    """Causal-LM labels: the inputs shifted left by one, a random token last."""
+    ids = x["token_ids"]
+    last = rng.integers(0, VOCAB, size=(len(ids), 1)).astype(np.int32)
+    return np.concatenate([ids[:, 1:], last], axis=1)
+
+
 def _bert_inputs(rng, n, length):
     lengths = rng.integers(length // 2, length + 1, size=n)
     mask = np.arange(length)[None, :] < lengths[:, None]
@@ -165,9 +192,10 @@ SPECS = {
     "transformer": Spec(lambda small: problems.transformer(VOCAB, _length(small), WIDTH), 128, _tokens, "text"),
     "bert": Spec(_bert, 64, _bert_inputs, "hub"),
     "gpt2": Spec(_gpt2, 64, _gpt2_inputs, "hub"),
+    "gpt2_lm": Spec(_gpt2_lm, 64, _gpt2_lm_inputs, "hub", _next_tokens, ("empirical", "sampled")),
 }
 # The models the smoke pass runs (every other one is skipped there: see bench_models.py).
-SMOKED = ("mobilenet_v3_small", "lstm", "gru", "conv1d", "transformer", "bert", "gpt2")
+SMOKED = ("mobilenet_v3_small", "lstm", "gru", "conv1d", "transformer", "bert", "gpt2", "gpt2_lm")
 
 
 def make(name, *, small=False, seed=0):
@@ -181,7 +209,10 @@ def make(name, *, small=False, seed=0):
         calibrate(model, spec.sample_x(rng, CALIBRATION))
     n = SMOKE_EXAMPLES if small else spec.examples
     x = spec.sample_x(rng, n, _length(small))
-    y = rng.integers(0, CLASSES, size=n).astype(np.int32)
+    if spec.sample_y is None:
+        y = rng.integers(0, CLASSES, size=n).astype(np.int32)
+    else:
+        y = spec.sample_y(rng, x)
     return model, x, y
 
 

@@ -23,6 +23,10 @@ The main table, one row per model (and device, when more than one was benchmarke
   "(sampled)" where sampled replaced exact (the exact oracle too slow); bold: beyond the
   bound.  Notes below the table say why.
 
+A model benchmarked with the sampled kind instead of exact (``models.Spec.kinds``: the
+causal LM, where exact costs a backward pass per vocabulary entry and position) shows
+sampled in the exact columns, marked "(sampled)".
+
 A member that failed shows its exception type (``bench_models.py`` fails that test with
 the error and keeps the others).  A second table lists absolute times and the peak
 memory of the first calls.  ``--before earlier.json`` adds a before → after table
@@ -57,6 +61,16 @@ def _by_model(doc):
     return rows
 
 
+def _member(info, kind):
+    """(member, label): ``kind``, or sampled marked " (sampled)" where a model was
+    benchmarked with sampled instead of exact (``models.Spec.kinds``)."""
+    if kind == "exact":
+        seen = {m for key in ("medians", "first_call_s", "errors", "plans") for m in info.get(key, {})}
+        if "exact" not in seen and "sampled" in seen:
+            return "sampled", " (sampled)"
+    return kind, ""
+
+
 def best_floor(info):
     """(member name, median seconds) of the faster floor, or (None, None)."""
     medians = info.get("medians", {})
@@ -72,21 +86,23 @@ def _failed(info, member):
     return f"**{error.split(':', 1)[0]}**" if error else None
 
 
-def _ratio(info, member):
+def _ratio(info, kind):
+    member, label = _member(info, kind)
     failed = _failed(info, member)
     if failed:
-        return failed
+        return failed + label
     _, floor = best_floor(info)
     median = info.get("medians", {}).get(member)
-    return "–" if floor is None or median is None else f"{median / floor:.2f}×"
+    return "–" if floor is None or median is None else f"{median / floor:.2f}×{label}"
 
 
 def _auto(info):
     plans = info.get("plans", {})
     if not plans:
         return "–"
-    methods = [plans[k]["method"] for k in KINDS if k in plans]
-    rows = [str(plans[k]["rows"]) for k in KINDS if k in plans]
+    kinds = [_member(info, k)[0] for k in KINDS]
+    methods = [plans[k]["method"] for k in kinds if k in plans]
+    rows = [str(plans[k]["rows"]) for k in kinds if k in plans]
     method = methods[0] if len(set(methods)) == 1 else " / ".join(methods)
     rows = rows[0] if len(set(rows)) == 1 else " / ".join(rows)
     return f"{method} ({rows} rows)"
@@ -113,7 +129,8 @@ def _first(info):
     if name is None:
         name = next((f for f in FLOORS if f in first), None)
     floor = f"{_seconds(first.get(name))} ({name.split('_', 1)[1]})" if name else "–"
-    kinds = " / ".join(_failed(info, k) or _seconds(first.get(k)) for k in KINDS)
+    kinds = " / ".join(_failed(info, m) or _seconds(first.get(m)) + label
+                       for m, label in (_member(info, k) for k in KINDS))
     return f"{floor} → {kinds}"
 
 
@@ -182,7 +199,7 @@ def model_table(doc):
         steady, loop = pair["steady"], pair["loop"]
         info = steady["extra_info"] if steady else {}
         label = f"{model} ({device})" if several_devices else model
-        k = info.get("plans", {}).get("exact", {}).get("K", "–")
+        k = info.get("plans", {}).get(_member(info, "exact")[0], {}).get("K", "–")
         lines.append(f"| {label} | {_auto(info)} | {k} | {_ratio(info, 'empirical')} | {_ratio(info, 'exact')} "
                      f"| {_loop(steady, loop)} | {_first(info) if steady else '–'} | {_params(info.get('params'))} "
                      f"| {_fidelity(pair['fidelity'])} |")
@@ -197,12 +214,14 @@ def detail_table(doc):
         steady, loop = pair["steady"], pair["loop"]
         info = steady["extra_info"] if steady else {}
         med = info.get("medians", {})
-        cell = lambda m: _failed(info, m) or ("–" if m not in med else _fmt(med[m]))   # noqa: E731
+        cell = lambda k: (lambda m, label: _failed(info, m) or ("–" if m not in med else _fmt(med[m]) + label))(
+            *_member(info, k))   # noqa: E731
         peaks = info.get("first_call_peak_bytes", {})
         per_example = loop["extra_info"].get("per_example_s") if loop else None
         lines.append(f"| {model} | {info.get('examples', '–')} | {cell('floor_xla')} / {cell('floor_noxla')} "
                      f"| {cell('empirical')} | {cell('exact')} | {'–' if per_example is None else _fmt(per_example)} "
-                     f"| {info.get('rounds', '–')} | {' / '.join(_mib(peaks.get(m)) for m in FLOORS + KINDS)} |")
+                     f"| {info.get('rounds', '–')} | "
+                     f"{' / '.join(_mib(peaks.get(_member(info, m)[0])) for m in FLOORS + KINDS)} |")
     return "\n".join(lines)
 
 
@@ -229,14 +248,16 @@ def render(doc):
     return "\n".join(parts)
 
 
-def _ratio_value(info, member):
+def _ratio_value(info, kind):
+    member = _member(info, kind)[0]
     _, floor = best_floor(info)
     median = info.get("medians", {}).get(member)
     return None if floor is None or median is None else median / floor
 
 
-def _first_ratio(info, member):
+def _first_ratio(info, kind):
     """A member's first call / the faster floor's first call."""
+    member = _member(info, kind)[0]
     name, _ = best_floor(info)
     first = info.get("first_call_s", {})
     return first[member] / first[name] if name in first and member in first else None

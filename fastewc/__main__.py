@@ -42,6 +42,7 @@ def _seed(text):
 def build_parser():
     from fastewc.demo.run import CURVATURES, KFAC_SUMS, KINDS
     from fastewc.demo.scenarios import SCENARIOS
+    from fastewc.demo.text import TEXT
 
     parser = argparse.ArgumentParser(
         prog="fastewc", description="fastewc: fast, exact Elastic Weight Consolidation.")
@@ -54,20 +55,24 @@ def build_parser():
                     "timings and the live Fisher speed-up; write results.json, accuracy.png "
                     "and TensorBoard scalars into --out. --curvature kfac adds KFAC-EWC "
                     "(separate and online) to the comparison.")
-    demo.add_argument("--scenario", choices=SCENARIOS, default="permuted",
-                      help="permuted digits (shared 10-way head; default) or split digits "
-                           "(shared 2-way head, label = digit mod 2)")
+    demo.add_argument("--scenario", choices=SCENARIOS + (TEXT,), default="permuted",
+                      help="permuted digits (shared 10-way head; default), split digits "
+                           "(shared 2-way head, label = digit mod 2), or text: a byte-level "
+                           "GPT-2 learns CPython's documentation, then Python source code "
+                           "(fine-tuning, diagonal EWC and KFAC-EWC, lambda tuned on "
+                           "validation; only --kind, --seed, --out and --quick apply)")
     demo.add_argument("--tasks", type=_int_at_least(2), default=None,
                       help="number of tasks, >= 2 (default 5; 3 with --quick; split: <= 5)")
     demo.add_argument("--epochs", type=_int_at_least(1), default=None,
                       help="epochs per task (default 5; 3 with --quick)")
     demo.add_argument("--lam", type=_float_in(0.0), default=None,
                       help="EWC strength lambda >= 0 (default 300 for permuted, 30000 for split)")
-    demo.add_argument("--gamma", type=_float_in(0.0, 1.0), default=1.0,
+    demo.add_argument("--gamma", type=_float_in(0.0, 1.0), default=None,
                       help="online EWC decay gamma in [0, 1] (default 1.0)")
-    demo.add_argument("--kind", choices=KINDS, default="exact",
-                      help="Fisher kind for consolidation and the speed-up (default exact)")
-    demo.add_argument("--curvature", choices=CURVATURES, default="diagonal",
+    demo.add_argument("--kind", choices=KINDS, default=None,
+                      help="Fisher kind for consolidation and the speed-up (default exact; "
+                           "sampled for --scenario text)")
+    demo.add_argument("--curvature", choices=CURVATURES, default=None,
                       help="diagonal: fine-tuning and diagonal EWC (default); kfac: also "
                            "KFAC-EWC (Kronecker-factored Fisher blocks, Ritter et al. 2018) in "
                            "both modes, kfac_separate and kfac_online, on the same batches")
@@ -106,9 +111,14 @@ def main(argv=None):
         from fastewc.demo.run import DemoConfig, run_demo
         from fastewc.demo.scenarios import MAX_SPLIT_TASKS
 
+        if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"argument --out: {args.out!r} exists and is not a directory")
+        if args.scenario == "text":
+            return _text_demo(parser, args)
         if args.scenario == "split" and args.tasks is not None and args.tasks > MAX_SPLIT_TASKS:
             parser.error(f"argument --tasks: must be <= {MAX_SPLIT_TASKS} with --scenario split "
                          f"(10 digits, 2 per task). Received: {args.tasks}")
+        args.curvature = args.curvature or "diagonal"
         if args.curvature != "kfac":
             for option, value in (("--kfac-lam", args.kfac_lam), ("--damping", args.damping),
                                   ("--kfac-sum", args.kfac_sum)):
@@ -116,10 +126,9 @@ def main(argv=None):
                     parser.error(f"argument {option}: applies to --curvature kfac only "
                                  f"(KFAC-EWC). Received: {option} {value} with --curvature "
                                  f"{args.curvature}")
-        if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-            parser.error(f"argument --out: {args.out!r} exists and is not a directory")
         config = DemoConfig(scenario=args.scenario, tasks=args.tasks, epochs=args.epochs,
-                            lam=args.lam, gamma=args.gamma, kind=args.kind, seed=args.seed,
+                            lam=args.lam, gamma=1.0 if args.gamma is None else args.gamma,
+                            kind=args.kind or "exact", seed=args.seed,
                             out=args.out, quick=args.quick, curvature=args.curvature,
                             kfac_lam=args.kfac_lam,
                             damping=0.0 if args.damping is None else args.damping,
@@ -127,6 +136,22 @@ def main(argv=None):
         run_demo(config, log=lambda line: print(line, flush=True))
         return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+
+
+def _text_demo(parser, args):
+    """``demo --scenario text``: the digit scenarios' options are an error, not ignored."""
+    from fastewc.demo.text import TextConfig, run_text_demo
+
+    for option in ("tasks", "epochs", "lam", "gamma", "curvature", "kfac_lam", "damping", "kfac_sum"):
+        value = getattr(args, option)
+        if value is not None:
+            flag = "--" + option.replace("_", "-")
+            parser.error(f"argument {flag}: applies to the digit scenarios only (the text "
+                         f"scenario tunes lambda on its validation split and runs fine-tuning, "
+                         f"diagonal EWC and KFAC-EWC). Received: {flag} {value} with --scenario text")
+    config = TextConfig(seed=args.seed, out=args.out, quick=args.quick, kind=args.kind or "sampled")
+    run_text_demo(config, log=lambda line: print(line, flush=True))
+    return 0
 
 
 if __name__ == "__main__":

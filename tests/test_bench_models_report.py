@@ -121,3 +121,20 @@ def test_before_after_table_normalises_each_run_by_its_own_floor(tmp_path, capsy
     after_path.write_text(json.dumps(after))
     assert report_models.main([str(after_path), "--before", str(before_path)]) == 0
     assert "Before → after" in capsys.readouterr().out
+
+
+def test_sampled_in_place_of_exact_is_marked():
+    """The causal LM is benchmarked with sampled instead of exact (models.Spec.kinds): its
+    cells sit in the exact columns, marked "(sampled)"."""
+    plans = {"empirical": {"method": "factored", "K": 1, "rows": 64, "jit_compile": True},
+             "sampled": {"method": "factored", "K": 1, "rows": 64, "jit_compile": True}}
+    doc = {"benchmarks": [_steady("gpt2_lm", examples=64, params=200_000,
+                                  medians={"floor_xla": 0.10, "floor_noxla": 0.20, "empirical": 0.25, "sampled": 0.30},
+                                  first={"floor_xla": 2.0, "floor_noxla": 1.0, "empirical": 4.0, "sampled": 5.0},
+                                  plans=plans)]}
+    text = report_models.render(doc)
+    assert ("| gpt2_lm | factored (64 rows) | 1 | 2.50× | 3.00× (sampled) | – "
+            "| 2.0 s (xla) → 4.0 s / 5.0 s (sampled) | 200 k | – |") in text
+    assert "| gpt2_lm | 64 | 100.0 ms / 200.0 ms | 250.0 ms | 300.0 ms (sampled) | – | 7 |" in text
+    after = report_models.comparison_table(doc, doc)
+    assert "| gpt2_lm | 2.50× → 2.50× | 3.00× → 3.00× |" in after
