@@ -144,7 +144,9 @@ def _value_and_grads_body(thetas, fisher, anchors, lam, const):
             g = _times_lam(f * d, lam)
             grads.append(g)
             parts.append(_half_sum(g * d))
-        value = tf.add_n(parts) + (0.5 * lam) * const
+        # One reduce_sum over the stacked terms: an AddN (or a chain of Adds) of parts that
+        # are also returned stacked changed its last bit between calls of one graph.
+        value = tf.reduce_sum(tf.stack(parts + [(0.5 * lam) * const]))
         return value, grads, tf.stack(parts)
 
 
