@@ -1,8 +1,10 @@
 """Where ``data`` enters the Fisher: validated, counted, cast, label-checked and batched
 ONCE, so the engines receive batches that need no further checks.
 
-:class:`Source` wraps ``data`` (a tuple ``(x, y)`` of arrays/tensors, or a
-``tf.data.Dataset`` of ``(x, y)`` batches): it checks its structure and sizes at
+:class:`Source` wraps ``data`` (a tuple ``(x, y)`` or ``(x, y, sample_weight)`` of
+arrays/tensors, or a ``tf.data.Dataset`` of such batches, as Keras' ``fit`` takes them;
+``sample_weight`` weighs each example or each output position, see
+:mod:`fastewc.likelihood`): it checks its structure and sizes at
 construction, exposes the first example (for planning) and the input signature (for
 selecting compiled functions), and :meth:`Source.batches` streams :class:`Batch` objects.
 
@@ -45,7 +47,7 @@ UNKNOWN_CARDINALITY_MAX_EXAMPLES = 100_000
 
 class Batch(typing.NamedTuple):
     x: object           # tensor (or nest of tensors), leading dim B, cast for the model
-    y: tf.Tensor        # checked labels, leading dim B
+    y: object           # checked labels, leading dim B; (labels, sample_weight) with weights
     mask: tf.Tensor     # (B,) float32, 1 for real rows
     count: int          # real rows
     index: int          # batch number, used to seed the sampled kind
@@ -103,8 +105,14 @@ class Source:
                 else UNKNOWN_CARDINALITY_MAX_EXAMPLES
             self._warn_if_truncated = unknown and max_examples is None
             x_spec = data.element_spec[0]
+            self.has_weights = len(data.element_spec) == 3
+            weight_spec = data.element_spec[2] if self.has_weights else None
+            shape = None if weight_spec is None else weight_spec.shape
+            self.weight_tail = tuple(shape[1:]) if shape is not None and shape.rank and \
+                all(d is not None for d in shape[1:]) else None
             self.signature = (structure_key(x_spec), tuple(
-                (tuple(s.shape[1:]), s.dtype.name) for s in tf.nest.flatten(x_spec)))
+                (tuple(s.shape[1:]), s.dtype.name) for s in tf.nest.flatten(x_spec)),
+                None if weight_spec is None else weight_spec.shape.rank)
         else:
             n = _check_pair(data)
             self.num_examples = n if max_examples is None else min(n, int(max_examples))
@@ -112,7 +120,10 @@ class Source:
             self.max_examples = max_examples
             self._warn_if_truncated = False
             x = data[0]
-            self.signature = (structure_key(x), tuple(_leaf_spec(t) for t in tf.nest.flatten(x)))
+            self.has_weights = len(data) == 3
+            self.weight_tail = tuple(np.shape(data[2])[1:]) if self.has_weights else None
+            self.signature = (structure_key(x), tuple(_leaf_spec(t) for t in tf.nest.flatten(x)),
+                              np.ndim(data[2]) if self.has_weights else None)
         self._first_x = None
 
     @property
@@ -120,8 +131,8 @@ class Source:
         """A one-example slice of the inputs (tensors), for planning."""
         if self._first_x is None:
             if self.is_dataset:
-                for x, _ in self.data.take(1):
-                    self._first_x = tf.nest.map_structure(lambda t: t[:1], x)
+                for element in self.data.take(1):
+                    self._first_x = tf.nest.map_structure(lambda t: t[:1], element[0])
                     break
                 else:
                     raise ValueError("`data` is empty: expected at least one example. Received: "
@@ -130,12 +141,16 @@ class Source:
                 self._first_x = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[:1]), self.data[0])
         return self._first_x
 
-    def batches(self, rows, cast, check_labels):
+    def batches(self, rows, cast, check_labels, check_weights=None):
         """Yield :class:`Batch` objects of ``rows_per_batch(rows, n)`` rows, inputs cast by
-        ``cast`` and labels passed through ``check_labels`` (NumPy in, NumPy out); at most
-        ``max_examples`` examples in all."""
-        def finish(x, y, n, b, index):
-            y = tf.convert_to_tensor(check_labels(y.numpy() if isinstance(y, tf.Tensor) else np.asarray(y)))
+        ``cast``, labels passed through ``check_labels`` and a ``sample_weight`` through
+        ``check_weights`` (NumPy in, NumPy out; None: as given); at most ``max_examples``
+        examples in all."""
+        def finish(x, y, n, b, index, w=None):
+            y = tf.convert_to_tensor(check_labels(_numpy(y)))
+            if w is not None:
+                w = _numpy(w)
+                y = (y, tf.convert_to_tensor(w if check_weights is None else check_weights(w)))
             return _make(cast(x), y, n, b, index)
 
         if self.is_dataset:
@@ -145,17 +160,17 @@ class Source:
                 # One example more than the bound tells whether the dataset had more.
                 stream = stream.take(limit + 1 if self._warn_if_truncated else limit)
             b, index, seen = None, -1, 0
-            for index, (x, y) in enumerate(stream.batch(rows)):
-                n = _num_rows(x)
+            for index, element in enumerate(stream.batch(rows)):
+                n = _num_rows(element[0])
                 if limit is not None and seen + n > limit:
                     self.truncated = True
                     n = limit - seen
                     if n == 0:
                         break
-                    x, y = tf.nest.map_structure(lambda t: t[:n], (x, y))
+                    element = tf.nest.map_structure(lambda t: t[:n], element)
                 seen += n
                 b = rows_per_batch(rows, n) if b is None else b
-                yield finish(x, y, n, b, index)
+                yield finish(*element[:2], n, b, index, *element[2:])
             if index < 0:
                 raise ValueError("`data` is empty: expected at least one example. Received: a dataset with 0 examples")
             if self.truncated:
@@ -165,7 +180,8 @@ class Source:
                     "default bound, and it had more. Pass max_examples=n to read n examples (or "
                     "tf.data.experimental.assert_cardinality if it is finite).", stacklevel=3)
             return
-        x_all, y_all = self.data
+        x_all, y_all = self.data[:2]
+        w_all = self.data[2] if self.has_weights else None
         n_total = self.num_examples
         b = rows_per_batch(rows, n_total)
         nested = self.signature[0] is not None
@@ -175,7 +191,8 @@ class Source:
             take = (lambda t: tf.convert_to_tensor(t)) if whole else \
                 (lambda t: tf.convert_to_tensor(t[start:stop]))
             x = tf.nest.map_structure(take, x_all) if nested else take(x_all)
-            yield finish(x, y_all if whole else y_all[start:stop], stop - start, b, index)
+            yield finish(x, y_all if whole else y_all[start:stop], stop - start, b, index,
+                         None if w_all is None else w_all if whole else w_all[start:stop])
 
     def steps(self, rows):
         """Number of batches, if known."""
@@ -188,16 +205,20 @@ class Source:
             batches = self.data if self.max_examples is None else \
                 self.data.unbatch().take(self.max_examples).batch(4096)
         else:
-            x, y = self.data
+            x = self.data[0]
             n = self.num_examples
-            batches = [self.data] if n == self._length else \
-                [(tf.nest.map_structure(lambda t: t[:n], x), y[:n])]
-        for x, _ in batches:
+            batches = [self.data] if n == self._length else [(tf.nest.map_structure(lambda t: t[:n], x),)]
+        for element in batches:
+            x = element[0]
             for t in tf.nest.flatten(x):
                 t = tf.convert_to_tensor(t)
                 if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
                     return False
         return True
+
+
+def _numpy(t):
+    return t.numpy() if isinstance(t, tf.Tensor) else np.asarray(t)
 
 
 def _num_rows(x):
@@ -206,17 +227,18 @@ def _num_rows(x):
 
 def _check_pair(data):
     batches = isinstance(data, list) and _looks_like_batches(data)
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
+    weighted = isinstance(data, tuple) and len(data) == 3
+    if not isinstance(data, (tuple, list)) or (len(data) != 2 and not weighted):
         raise ValueError(
-            "`data` must be a tuple (x, y) of arrays or tensors, or a tf.data.Dataset yielding "
-            f"(x, y) batches. Received: data of type {type(data).__name__}"
+            "`data` must be a tuple (x, y) or (x, y, sample_weight) of arrays or tensors, or a "
+            f"tf.data.Dataset yielding such batches. Received: data of type {type(data).__name__}"
             + (f" with {len(data)} elements" if isinstance(data, (tuple, list)) else "")
             + ("; wrap a Python generator or iterator in tf.data.Dataset.from_generator"
                if hasattr(data, "__next__") else "")
             + (": a list of (x, y) batches is not accepted; concatenate them, or pass "
                "tf.data.Dataset.from_generator(...) / a dataset of batches"
                if batches else ""))
-    x, y = data
+    x, y = data[:2]
     if batches:
         raise ValueError(
             "`data` must be one (x, y) pair of arrays or tensors, or a tf.data.Dataset yielding "
@@ -242,6 +264,13 @@ def _check_pair(data):
             f"(NumPy: {err}). A list of labels per output is not supported (the Fisher needs a "
             "model with one output); for (x, y) batches, concatenate them or pass a "
             "tf.data.Dataset.") from None
+    if weighted:
+        _check_dense("sample_weight", data[2])
+        nw = int(np.shape(data[2])[0]) if np.ndim(data[2]) else -1
+        if nw != ny:
+            raise ValueError(
+                "`data` sample_weight must have one row per example: shape (batch,) or (batch, "
+                f"positions...). Received: sample_weight of shape {np.shape(data[2])} for {ny} examples")
     nx = {int(np.shape(t)[0]) if np.ndim(t) else -1 for t in leaves}
     if -1 in nx or ny == -1:
         raise ValueError("`data` arrays must have a leading batch dimension. "
@@ -266,6 +295,9 @@ def _is_python_scalar(t):
     return isinstance(t, (numbers.Number, np.generic, str, bytes))
 
 
+_DATA_PARTS = {"x": "inputs (x)", "y": "labels (y)", "sample_weight": "sample_weight"}
+
+
 def _check_dense(name, t):
     """Ragged and sparse tensors are refused with what they are and how to make them dense."""
     if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)):
@@ -273,7 +305,7 @@ def _check_dense(name, t):
         what = ("its rows have different lengths" if kind == "RaggedTensor" else "it is sparse")
         fix = (f"{name}.to_tensor()" if kind == "RaggedTensor" else f"tf.sparse.to_dense({name})")
         raise ValueError(
-            f"`data` {'inputs (x)' if name == 'x' else 'labels (y)'} must be dense arrays or tensors. "
+            f"`data` {_DATA_PARTS[name]} must be dense arrays or tensors. "
             f"Received: {name} as a tf.{kind} of shape {tuple(t.shape)} ({what}). Make it dense "
             f"first, e.g. {fix}" + (" (an Embedding with mask_zero=True ignores the zero padding)."
                                     if kind == "RaggedTensor" else "."))
@@ -282,9 +314,9 @@ def _check_dense(name, t):
 def _check_dataset(data, max_examples=None):
     """Checks a dataset's structure; returns whether its cardinality is UNKNOWN."""
     spec = data.element_spec
-    if not isinstance(spec, tuple) or len(spec) != 2:
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise ValueError(
-            "`data` as a tf.data.Dataset must yield (x, y) batches. "
+            "`data` as a tf.data.Dataset must yield (x, y) or (x, y, sample_weight) batches. "
             f"Received: a dataset with element_spec={spec}")
     ranks = [s.shape.rank for s in tf.nest.flatten(spec) if hasattr(s, "shape")]
     if any(r is None or r == 0 for r in ranks):
@@ -335,7 +367,7 @@ def _pad(t, b):
 def _make(x, y, n, b, index):
     if n != b:
         x = tf.nest.map_structure(lambda t: _pad(t, b), x)
-        y = _pad(y, b)
+        y = tf.nest.map_structure(lambda t: _pad(t, b), y)
     return Batch(x=x, y=y, mask=_mask(n, b), count=n, index=index)
 
 

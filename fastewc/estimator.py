@@ -60,7 +60,7 @@ from fastewc import registry
 from fastewc._checks import (check_jit_compile, check_model, check_one_of, check_positive_int,
                              check_seed)
 from fastewc.engines import ENGINES, initial_state
-from fastewc.engines.base import IdGuard, is_distributed
+from fastewc.engines.base import IdGuard, is_distributed, mask_sources
 
 METHODS = ("auto",) + tuple(ENGINES)
 # What ``method="auto"`` tries, in order.  Factored needs a rule for every weighted layer
@@ -95,9 +95,12 @@ class Config(typing.NamedTuple):
 
 
 def make_config(*, loss, kind, method, rules, batch_size, num_samples, jit_compile,
-                curvature="diagonal"):
-    """Check the arguments of an estimator (Keras style errors) into a :class:`Config`."""
+                curvature="diagonal", positions="sum"):
+    """Check the arguments of an estimator (Keras style errors) into a :class:`Config`.
+    ``positions`` is part of the likelihood (:attr:`Config.likelihood`)."""
     likelihood = likelihood_lib.resolve_loss(loss)
+    check_one_of("positions", positions, likelihood_lib.POSITIONS)
+    likelihood = dataclasses.replace(likelihood, positions=positions)
     check_one_of("kind", kind, likelihood_lib.KINDS)
     check_one_of("method", method, METHODS)
     check_one_of("curvature", curvature, curvature_lib.CURVATURES)
@@ -137,13 +140,19 @@ class FisherEstimator:
         per Dense and convolution layer and the diagonal of the rest, a
         :class:`fastewc.KroneckerFisher` (:mod:`fastewc.curvature`); factored engine only
         (``method`` "auto" or "factored"), every weighted layer needs a rule.
+      positions: for outputs with positions (batch, positions..., classes): ``"sum"`` (the
+        default: an example's log-likelihood is the sum over its unmasked positions, the
+        sequence's log-likelihood) or ``"mean"`` (divided by its number of unmasked
+        positions T, as Keras' mean-over-tokens loss: the Fisher is then 1/T² of the sum's
+        per example).  See :mod:`fastewc.likelihood`, "Per-position outputs".
     """
 
     def __init__(self, model, *, loss, kind="empirical", method="auto", rules=None, batch_size=None,
-                 num_samples=1, jit_compile=None, curvature="diagonal"):
+                 num_samples=1, jit_compile=None, curvature="diagonal", positions="sum"):
         check_model(model, built=False)
         config = make_config(loss=loss, kind=kind, method=method, rules=rules, batch_size=batch_size,
-                             num_samples=num_samples, jit_compile=jit_compile, curvature=curvature)
+                             num_samples=num_samples, jit_compile=jit_compile, curvature=curvature,
+                             positions=positions)
         self.model = model
         self.config = config
         self._loss_name = loss if isinstance(loss, str) else type(loss).__name__
@@ -218,8 +227,9 @@ class FisherEstimator:
             if verbose else None
         state = self._initial_state(plan.engine)
         check_labels = lambda y: lik.check_labels(y, out_dim, out_tail=list(plan.out_tail))  # noqa: E731
+        check_weights = lambda w: likelihood_lib.check_sample_weight(lik, w, plan.out_tail)  # noqa: E731
         model = self.model
-        for batch in source.batches(plan.rows, plan.cast, check_labels):
+        for batch in source.batches(plan.rows, plan.cast, check_labels, check_weights):
             noise = self._noise(seed, batch, plan)
             with _explained_input_errors(model, source, plan.method):
                 if id(plan.engine) in self._confirmed:
@@ -293,6 +303,9 @@ class FisherEstimator:
         cast = data_lib.input_caster(model, first_x, source.is_dataset)
         x1 = cast(first_x)
         out_tail = _output_tail(model, x1)
+        self.likelihood.check_exact_cost(self.kind, out_tail)
+        if source.weight_tail is not None:
+            self.likelihood.weight_rank(source.weight_tail, out_tail, what="`data` sample_weight")
         # Eager passes on one example: Embedding ids outside a table are clamped here and
         # reported by the compiled pass, with the layer and the range.
         with _explained_input_errors(model, source, self.method), IdGuard(model):
@@ -304,10 +317,12 @@ class FisherEstimator:
             else:
                 probe_floats = None
             likelihood = self._read_likelihood(x1)
+            self._check_masks(x1, out_tail)
         engine_cls = ENGINES[method]
         jit = (engine_cls.default_jit_compile(model, kronecker=layout is not None) if self.jit_compile is None
                else self.jit_compile)
         engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
+        engine.out_tail = tuple(out_tail)
         if layout is not None:
             engine.layout = layout
         k = likelihood.num_cotangents(self.kind, self.num_samples, out_tail)
@@ -335,6 +350,18 @@ class FisherEstimator:
             "outputs as probabilities (from_logits=False) likewise. Pass from_logits=False, or "
             "remove the activation, if you meant it."))
         return dataclasses.replace(lik, from_logits=False)
+
+    def _check_masks(self, x1, out_tail):
+        """The per-position masks (:func:`fastewc.engines.base.mask_sources`: the Keras
+        mask on the output, keras_hub's ``x["padding_mask"]``) must fit the output's
+        positions: checked here, on one example, before the stream (one eager forward
+        pass; none for a (batch, classes) output, where masks do not apply)."""
+        if len(out_tail) < 2 and self.likelihood.family == "categorical":
+            return
+        out = self.model(x1, training=False)
+        out = tf.nest.flatten(out)[0] if not hasattr(out, "shape") else out
+        for what, mask in mask_sources(self.likelihood, out, x1):
+            self.likelihood.weight_rank(mask.shape[1:], out_tail, what=what)
 
     def _kronecker_layout(self, x1, rules):
         """``curvature="kfac"``: (layout, probe floats) from one eager pass under the rules

@@ -799,7 +799,7 @@ class EWC(tf.Module):
     # -- consolidation ---------------------------------------------------------------
     def consolidate(self, data, *, loss, kind="exact", method="auto", batch_size=None, rules=None,
                     num_samples=1, seed=None, jit_compile=None, verbose=0, max_examples=None,
-                    model=None):
+                    model=None, positions="sum"):
         """Consolidate the task ``data``: its diagonal Fisher at the current weights, then
         the current weights become this task's anchor (see :meth:`add_task`).
 
@@ -811,7 +811,8 @@ class EWC(tf.Module):
 
         The Fisher comes from a :class:`fastewc.FisherEstimator` that this EWC keeps per
         configuration (``loss``, ``kind``, ``method``, ``batch_size``, ``rules``,
-        ``num_samples``, ``jit_compile``; see :func:`fastewc.fisher_diagonal` for each), so
+        ``num_samples``, ``jit_compile``, ``positions``; see :func:`fastewc.fisher_diagonal`
+        for each), so
         consolidating task after task plans and traces once.  ``seed``, ``verbose`` and
         ``max_examples`` (the most examples read, see :func:`fastewc.fisher_diagonal`) are
         per call.
@@ -833,7 +834,7 @@ class EWC(tf.Module):
             estimator = self._estimator(source, loss=loss, kind=kind, method=method,
                                         batch_size=batch_size, rules=rules,
                                         num_samples=num_samples, jit_compile=jit_compile,
-                                        curvature=self.curvature)
+                                        curvature=self.curvature, positions=positions)
             fisher = estimator(data, seed=seed, verbose=verbose, max_examples=max_examples)
             self.add_task(fisher, model=model)
             return fisher

@@ -47,13 +47,15 @@ _CACHE_ATTRIBUTE = "_fastewc_fisher_estimators"
 
 def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch_size=None,
                     num_samples=1, seed=None, jit_compile=None, verbose=0, rules=None,
-                    max_examples=None):
+                    max_examples=None, positions="sum"):
     """Diagonal Fisher of ``model`` over ``data``: a list of float32 tensors, one per
     ``model.trainable_variables`` entry, with the same shapes.
 
     Args:
       model: a built Keras 3 model (Sequential, functional or subclassed).
-      data: ``(x, y)`` arrays/tensors, or a ``tf.data.Dataset`` yielding ``(x, y)`` batches.
+      data: ``(x, y)`` or ``(x, y, sample_weight)`` arrays/tensors, or a ``tf.data.Dataset``
+        yielding such batches; ``sample_weight`` (batch,) or (batch, positions...) weighs
+        each example's or position's log-likelihood (0 for padding).
       loss: Keras loss name or object: sparse/categorical/binary cross-entropy
         (``from_logits`` honoured) or ``"mse"`` (unit-variance Gaussian).
       kind: ``"empirical"`` (true labels), ``"sampled"`` (``num_samples`` labels drawn from
@@ -72,17 +74,20 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
         ``ds.repeat().filter(f)``) is read up to ``fastewc.data.UNKNOWN_CARDINALITY_MAX_EXAMPLES``
         examples, with a warning if it had more; n reads the first n (an infinite dataset
         needs it).
+      positions: outputs with positions (tokens, pixels): ``"sum"`` (default) or ``"mean"``
+        of the per-position log-likelihoods per example (:class:`fastewc.FisherEstimator`).
 
     Returns:
       list of float32 ``tf.Tensor``: F = (1/N) Σ_n E_y[g_n(y)²] for each variable.
     """
     return estimator_for(model, loss=loss, kind=kind, method=method, batch_size=batch_size,
-                         num_samples=num_samples, jit_compile=jit_compile, rules=rules)(
+                         num_samples=num_samples, jit_compile=jit_compile, rules=rules,
+                         positions=positions)(
         data, seed=seed, verbose=verbose, max_examples=max_examples)
 
 
 def kfac_fisher(model, data, *, loss, kind="empirical", batch_size=None, num_samples=1, seed=None,
-                jit_compile=None, verbose=0, rules=None, max_examples=None):
+                jit_compile=None, verbose=0, rules=None, max_examples=None, positions="sum"):
     """Kronecker-factored Fisher of ``model`` over ``data`` (:mod:`fastewc.curvature`): for
     each Dense or convolution layer the factors of its block, F_W̄ ≈ A ⊗ G,
 
@@ -101,7 +106,8 @@ def kfac_fisher(model, data, *, loss, kind="empirical", batch_size=None, num_sam
     """
     return estimator_for(model, loss=loss, kind=kind, method="factored", batch_size=batch_size,
                          num_samples=num_samples, jit_compile=jit_compile, rules=rules,
-                         curvature="kfac")(data, seed=seed, verbose=verbose, max_examples=max_examples)
+                         curvature="kfac", positions=positions)(
+        data, seed=seed, verbose=verbose, max_examples=max_examples)
 
 
 def estimator_for(model, **config):

@@ -50,6 +50,11 @@ import numpy as np
 import tensorflow as tf
 
 KINDS = ("empirical", "sampled", "exact")
+POSITIONS = ("sum", "mean")
+# The exact kind's most output cotangents (backward passes) per example: above, it raises
+# before any work and suggests kind="sampled" (a vocabulary times the positions of a
+# sequence is millions of backward passes).
+MAX_EXACT_COTANGENTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Likelihood:
     """
 
     family: typing.ClassVar[str]
+    positions: str = "sum"       # per-position outputs: the example's ℓ sums or averages them
     from_logits = False          # a field of the families whose output may be logits
     sparse = False               # a field of Categorical: integer ids (True) or one-hot
     # Outputs read as probabilities must lie in [0, _max_probability]; None: any output.
@@ -71,7 +77,7 @@ class Likelihood:
     @property
     def key(self):
         """A hashable key for caches of compiled functions."""
-        return (self.family, self.from_logits, self.sparse)
+        return (self.family, self.from_logits, self.sparse, self.positions)
 
     # -- what a family supplies ---------------------------------------------------------
     def nll(self, y, out):
@@ -103,30 +109,79 @@ class Likelihood:
 
     # -- the kinds, once -----------------------------------------------------------------
     def num_cotangents(self, kind, num_samples, out_tail):
-        """K, the number of output cotangents per example (see the module table)."""
+        """K, the number of output cotangents per example (see the module table); for
+        per-position outputs the exact kind's K is the family's K per position times the
+        positions (binary/MSE: the same count whether the units of a position or every
+        output element are the positions)."""
         if kind == "empirical":
             return 1
         if kind == "sampled":
             return num_samples
-        return self._num_exact(tuple(out_tail))
+        positions, units = split_positions(self, out_tail)
+        if not positions:
+            return self._num_exact(tuple(out_tail))
+        return self._num_exact(units) * math.prod(positions)
 
     def noise(self, seed, num_samples, out_shape):
         """Noise for the sampled kind; ``seed`` is an int32 tensor [seed, batch_index]."""
         return self._draw(self._noise_shape(num_samples, out_shape), seed=seed, alg="philox")
 
-    def cotangents(self, out, y, kind, noise=None):
-        """Output cotangents ``U`` (K, N, *out) and weights ``W`` (K, N), float32."""
+    def cotangents(self, out, y, kind, noise=None, weights=None):
+        """Output cotangents ``U`` (K, N, *out) and weights ``W`` (K, N), float32.
+
+        ``weights`` (N, *positions) float32 or None: the weight s_nt of each position's
+        log-likelihood (a padding mask, a ``sample_weight``); the example's ℓ_n is
+        Σ_t s_nt ℓ_nt (``positions="sum"``) or that over its number of positions with
+        s_nt > 0 (``"mean"``), so each position's cotangent is scaled by its weight."""
         # tf.identity drops the `_keras_logits` that Keras attaches to softmax/sigmoid outputs:
         # its losses would otherwise read those logits and bypass the tensor we differentiate.
         out = tf.identity(tf.cast(out, tf.float32))
         n = tf.shape(out)[0]
+        weights = self._position_weights(out, weights)
+        if kind == "exact":
+            if weights is None:
+                return self._exact(out)
+            return self._exact_per_position(out, weights)
         if kind == "empirical":
-            return self._grad_wrt_out(self._observed(y)[None], out[None]), tf.ones([1, n], tf.float32)
-        if kind == "sampled":
+            labels, k, w = self._observed(y)[None], 1, tf.ones([1, n], tf.float32)
+        else:
             k = noise.shape[0]          # static: K = num_samples
-            u = self._grad_wrt_out(self._sample(out, noise), _repeat(out, k))
-            return u, tf.fill([k, n], 1.0 / tf.cast(k, tf.float32))
-        return self._exact(out)
+            labels, w = self._sample(out, noise), tf.fill([k, n], 1.0 / tf.cast(k, tf.float32))
+        u = self._grad_wrt_out(labels, out[None] if k == 1 else _repeat(out, k))
+        return (u if weights is None else u * _expand(weights[None], u.shape.rank)), w
+
+    def _position_weights(self, out, weights):
+        """The per-position factors of ℓ_n (N, *positions), None for an output without
+        positions and without weights (every classification output, unchanged)."""
+        rank = None if weights is None else weights.shape.rank - 1
+        positions, _ = split_positions(self, out.shape[1:], rank)
+        if weights is None:
+            if not positions:
+                return None
+            weights = tf.ones(tf.shape(out)[:1 + len(positions)], tf.float32)
+        weights = tf.cast(weights, tf.float32)
+        if self.positions == "mean" and positions:
+            axes = list(range(1, 1 + len(positions)))
+            count = tf.reduce_sum(tf.cast(weights > 0, tf.float32), axis=axes, keepdims=True)
+            weights = tf.math.divide_no_nan(weights, count)
+        return weights
+
+    def _exact_per_position(self, out, weights):
+        """The exact kind for ℓ_n = Σ_t s_t ℓ_t(y_t): the labels y_t are independent given
+        x, so E[g gᵀ] = Σ_t s_t² E[g_t g_tᵀ] (module docstring): the family's exact
+        cotangents of each position, scaled by s_t, placed at that position (zero
+        elsewhere), K·P of them."""
+        tail = out.shape[1:]
+        positions, units = split_positions(self, tail, weights.shape.rank - 1)
+        n, p, d = tf.shape(out)[0], math.prod(positions), math.prod(units)
+        rows = tf.reshape(out, [-1] + (list(units) or [1]))       # (N·P, *units)
+        u, w = self._exact(rows)                                  # (K, N·P, *units), (K, N·P)
+        k = u.shape[0]
+        u = tf.reshape(u, [k, n, p, d]) * tf.reshape(weights, [1, n, p, 1])
+        spread = u[:, None] * tf.eye(p, dtype=tf.float32)[None, :, None, :, None]   # (K, P, N, P, D)
+        u = tf.reshape(spread, tf.concat([[k * p, n], tail], 0))
+        w = tf.reshape(tf.transpose(tf.reshape(w, [k, n, p]), [0, 2, 1]), [k * p, n])
+        return u, w
 
     def _grad_wrt_out(self, labels, out_k):
         """∂ℓ(labels_k, o)/∂o for K label sets at once; ``out_k`` is (K, N, ...)."""
@@ -147,6 +202,26 @@ class Likelihood:
                 f"Received: model outputs in [{low:.4g}, {high:.4g}]. If the model outputs logits, "
                 "pass a loss object with from_logits=True.")
 
+    def check_exact_cost(self, kind, out_tail):
+        """Raise before any work if the exact kind needs more than
+        ``MAX_EXACT_COTANGENTS`` backward passes per example (a vocabulary times the
+        positions of a sequence), naming the cost and the kinds that cost one pass."""
+        if kind != "exact":
+            return
+        k = self.num_cotangents(kind, 1, out_tail)
+        if k <= MAX_EXACT_COTANGENTS:
+            return
+        positions, units = split_positions(self, out_tail)
+        per = (f" ({self._num_exact(units)} per position x {math.prod(positions)} positions)"
+               if positions else "")
+        raise ValueError(
+            f"`kind`='exact' needs {k} backward passes per example{per} for a model output of "
+            f"shape {_batch_shape(tuple(out_tail))}, more than fastewc.likelihood."
+            f"MAX_EXACT_COTANGENTS={MAX_EXACT_COTANGENTS}: nothing was computed. Use "
+            "kind='sampled' (one backward pass per draw, num_samples draws; an unbiased estimate "
+            "of the same Fisher) or kind='empirical' (one pass, the true labels). "
+            f"Received: kind='exact'")
+
     def check_labels(self, y, out_dim, out_tail=None):
         """Raise a clear error if labels ``y`` (NumPy) do not fit this loss; return them
         as the compiled functions take them.
@@ -162,6 +237,61 @@ class Likelihood:
             raise ValueError("`data` labels (y) must be finite. Received: labels with "
                              f"{int(np.sum(~np.isfinite(y)))} NaN or Inf values")
         return self._check_family_labels(y, out_dim, out_tail)
+
+
+    def weight_rank(self, weight_tail, out_tail, *, what):
+        """The rank (without the batch axis) position weights of per-example shape
+        ``weight_tail`` take for an output of shape (batch, *out_tail), after
+        :func:`broadcast_weights`: (batch, *positions), or for binary/MSE also the output's
+        own shape.  Raises a ValueError naming ``what`` (e.g. "`data` sample_weight") for
+        any other shape."""
+        weight_tail, tail = tuple(int(d) for d in weight_tail), tuple(int(d) for d in out_tail)
+        positions = tail[:-1]
+        if weight_tail in ((), positions) or (weight_tail == positions + (1,) and tail[-1:] == (1,)):
+            return len(positions)
+        if self.family != "categorical" and weight_tail == tail and tail:
+            return len(tail)
+        allowed = [_batch_shape(()), _batch_shape(positions)] + (
+            [_batch_shape(tail)] if self.family != "categorical" and tail else [])
+        raise ValueError(
+            f"{what[0].upper() + what[1:]} must weigh each example or each output position: shape "
+            f"{' or '.join(dict.fromkeys(allowed))} for a model output of shape {_batch_shape(tail)}"
+            f"{' (positions, classes)' if self.family == 'categorical' and positions else ''}. "
+            f"Received: {what} of shape {_batch_shape(weight_tail)}")
+
+
+def broadcast_weights(weights, rank):
+    """Per-position weights (N, ...) broadcast (a per-example weight) or squeezed (a
+    trailing 1) to rank ``rank`` + 1, the rank :meth:`Likelihood.weight_rank` gave."""
+    weights = tf.cast(weights, tf.float32)
+    if weights.shape.rank == rank + 2:
+        weights = weights[..., 0]
+    while weights.shape.rank < rank + 1:
+        weights = weights[..., None]
+    return weights
+
+
+def check_sample_weight(likelihood, w, out_tail):
+    """``sample_weight`` given with ``data`` (NumPy): real, finite, non-negative and of a
+    shape :meth:`Likelihood.weight_rank` takes; returned float32 of shape (N, *positions)
+    (a per-example weight broadcast over the positions)."""
+    w = np.asarray(w)
+    if w.dtype.kind not in "biuf":
+        raise TypeError("`data` sample_weight must be real numbers. "
+                        f"Received: sample_weight of dtype {w.dtype}")
+    if w.ndim == 0:
+        raise ValueError("`data` sample_weight must have a leading batch dimension. "
+                         f"Received: sample_weight of shape {w.shape}")
+    if not np.all(np.isfinite(w)) or (w.size and w.min() < 0):
+        raise ValueError("`data` sample_weight must be finite and >= 0. Received: sample_weight in "
+                         f"[{np.nanmin(w) if w.size else 0}, {np.nanmax(w) if w.size else 0}]"
+                         + (" with NaN or Inf" if not np.all(np.isfinite(w)) else ""))
+    rank = likelihood.weight_rank(w.shape[1:], out_tail, what="`data` sample_weight")
+    w = w.astype(np.float32)
+    if w.ndim == rank + 2:
+        w = w[..., 0]
+    target = w.shape[:1] + tuple(int(d) for d in out_tail)[:rank]
+    return np.ascontiguousarray(np.broadcast_to(w.reshape(w.shape + (1,) * (rank + 1 - w.ndim)), target))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +327,11 @@ class Categorical(Likelihood):
         return self.from_logits and classes >= 2
 
     def _noise_shape(self, num_samples, out_shape):
-        return [num_samples, out_shape[0]]
+        return tf.concat([[num_samples], out_shape[:-1]], 0)
 
     def _sample(self, out, noise):
-        """The inverse CDF of p at uniform ``noise`` (K, N)."""
+        """The inverse CDF of p at uniform ``noise`` (K, N, *positions): one label per
+        position, each drawn from that position's predictive (teacher-forced)."""
         p = self.probs(out)
         cdf = tf.cumsum(p, axis=-1)
         ids = tf.reduce_sum(tf.cast(cdf[None] < noise[..., None], tf.int32), axis=-1)
@@ -219,25 +350,29 @@ class Categorical(Likelihood):
         return drop_score_direction(u, w) if self._reduces(c) else (u, w)
 
     def _check_family_labels(self, y, out_dim, out_tail):
-        if out_tail is not None and len(out_tail) != 1:
-            raise ValueError(
-                "`loss` is a categorical cross-entropy, which needs a `model` output of shape "
-                f"(batch, classes). Received: model output of shape {_batch_shape(tuple(out_tail))}; "
-                "per-position classes (sequences, images) are not supported: reshape the output.")
+        positions = tuple(int(d) for d in out_tail[:-1]) if out_tail is not None else ()
+        output = f" for a model output of shape {_batch_shape(tuple(out_tail))}" if positions else ""
         if not self.sparse:
-            if y.ndim != 2 or y.shape[-1] != out_dim:
+            want = positions + (out_dim,)
+            if y.shape[1:] != want:
                 raise ValueError(
-                    f"Categorical labels must be one-hot rows of shape (batch, {out_dim}). "
-                    f"Received: labels of shape {y.shape}; for integer ids use "
-                    "loss='sparse_categorical_crossentropy'.")
+                    f"Categorical labels must be one-hot rows of shape {_batch_shape(want)}{output}. "
+                    f"Received: labels of shape {y.shape if not positions else _batch_shape(y.shape[1:])}; "
+                    "for integer ids use loss='sparse_categorical_crossentropy'.")
             return y.astype(np.float32)
-        if y.ndim == 2 and y.shape[-1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1:
+        if y.ndim == len(positions) + 2 and y.shape[-1] == 1:
+            y = y[..., 0]
+        if y.shape[1:] != positions:
+            if not positions:
+                raise ValueError(
+                    "Sparse categorical labels must be integer class ids of shape (batch,). "
+                    f"Received: labels of shape {y.shape}; for one-hot labels use "
+                    "loss='categorical_crossentropy'.")
             raise ValueError(
-                "Sparse categorical labels must be integer class ids of shape (batch,). "
-                f"Received: labels of shape {y.shape}; for one-hot labels use "
-                "loss='categorical_crossentropy'.")
+                "`data` labels (y) must be integer class ids of shape "
+                f"{_batch_shape(positions)}, one per position{output}. Received: labels of shape "
+                f"{_batch_shape(y.shape[1:])}" + ("; for one-hot labels use loss='categorical_crossentropy'."
+                                                   if y.shape[1:] == positions + (out_dim,) else "."))
         if not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
             raise ValueError(
                 f"Sparse categorical labels must be integers. Received: dtype {y.dtype} "
@@ -245,7 +380,8 @@ class Categorical(Likelihood):
         if y.size and (y.min() < 0 or y.max() >= out_dim):
             raise ValueError(
                 f"Labels must be class ids in [0, {out_dim}) for a model with {out_dim} "
-                f"outputs. Received: labels in [{y.min()}, {y.max()}].")
+                f"outputs. Received: labels in [{y.min()}, {y.max()}]."
+                + (" Padded positions need valid ids too (e.g. 0; their weight is 0)." if positions else ""))
         return y.astype(np.int32)
 
 
@@ -388,6 +524,26 @@ def describe_output(model):
     if layer is not model:
         where += f" (layer '{layer.name}', {type(layer).__name__})"
     return where
+
+
+def split_positions(likelihood, out_tail, weight_rank=None):
+    """(positions, units) of an output of shape (batch, *out_tail): the axes the example's
+    log-likelihood sums over as independent positions, and those of one position's
+    outcome.  Categorical: the classes are the last axis, the rest are positions.  Binary
+    and Gaussian: likewise (units last), unless position weights of ``weight_rank`` (their
+    rank without the batch axis) cover every axis: then each output element is a position.
+    """
+    tail = tuple(int(d) for d in out_tail)
+    if not tail:
+        return (), ()
+    if likelihood.family != "categorical" and weight_rank == len(tail):
+        return tail, ()
+    return tail[:-1], tail[-1:]
+
+
+def _expand(t, rank):
+    """``t`` with trailing axes of size 1 up to ``rank``."""
+    return tf.reshape(t, tf.concat([tf.shape(t), [1] * (rank - t.shape.rank)], 0))
 
 
 def _repeat(out, k):

@@ -124,7 +124,7 @@ def _num_examples(x):
 
 
 def reference_fisher_of(model, x, y, *, loss, kind="empirical", num_samples=1, seed=0,
-                        batch_size=None):
+                        batch_size=None, sample_weight=None, positions="sum"):
     """:func:`reference_fisher` on ``model``'s float64 twin; for ``kind="sampled"`` the
     labels fastewc draws with ``num_samples``, ``seed`` and ``batch_size``."""
     twin = float64_twin(model)
@@ -132,7 +132,8 @@ def reference_fisher_of(model, x, y, *, loss, kind="empirical", num_samples=1, s
     if kind == "sampled":
         labels = reference_sampled_labels(twin, x, loss=loss, num_samples=num_samples,
                                           seed=seed, batch_size=batch_size)
-    return reference_fisher(twin, x, y, loss=loss, kind=kind, sampled_labels=labels)
+    return reference_fisher(twin, x, y, loss=loss, kind=kind, sampled_labels=labels,
+                            sample_weight=sample_weight, positions=positions)
 
 
 def _family(loss):
@@ -166,14 +167,24 @@ def _log_probs(family, from_logits, o):
     return tf.math.log(o), tf.math.log(1.0 - o)
 
 
-def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=None):
+def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=None,
+                     sample_weight=None, positions="sum"):
     """Float64 per-example reference: one tape per example and outcome.
 
     ``x`` is an array, or a dict (list, tuple) of arrays sliced per example entry by entry
     (floating entries cast to float64), as the model takes it.
 
-    ``sampled_labels`` (num_samples, N) class ids are required for ``kind="sampled"``
-    (categorical losses): the reference then averages the squared gradients over them.
+    ``sampled_labels`` (num_samples, N, *positions) class ids are required for
+    ``kind="sampled"`` (categorical losses): the reference then averages the squared
+    gradients over them.
+
+    Per-position outputs (an example's output of rank ≥ 2: positions..., classes/units),
+    or ``sample_weight``: the example's negative log-likelihood is written out as
+    Σ_t s_t ℓ_t over its positions t, s_t the product of the Keras mask of the output
+    (``_keras_mask``), ``x["padding_mask"]`` and ``sample_weight`` (per example or per
+    position), divided by #{t: s_t > 0} for ``positions="mean"``; the exact kind is the
+    per-position expectation Σ_t Σ_c p_tc (∂ s_t ℓ_t(c)/∂θ)² (the positions' labels are
+    independent given x; tests check it against the joint expectation).
     Returns a list of float64 NumPy arrays aligned with ``model64.trainable_variables``.
     """
     variables = model64.trainable_variables
@@ -192,12 +203,82 @@ def reference_fisher(model64, x, y, *, loss, kind="empirical", sampled_labels=No
         xn = _slice(x, n, n + 1)
         draws = None if sampled_labels is None else sampled_labels[:, n]
         with tf.GradientTape(persistent=True) as tape:
-            o = tf.cast(model64(xn, training=False), tf.float64)[0]
-            outcomes = _outcomes(loss, kind, o, y[n], draws)
+            raw = model64(xn, training=False)
+            o = tf.cast(raw, tf.float64)[0]
+            weight = _position_weight(raw, xn, None if sample_weight is None else np.asarray(sample_weight)[n])
+            if o.shape.rank >= 2 or weight is not None:
+                outcomes = _positional_outcomes(loss, kind, o, y[n], draws, weight, positions)
+            else:
+                outcomes = _outcomes(loss, kind, o, y[n], draws)
         for weight, target in outcomes:
             accumulate(weight, tape, target)
         del tape
     return [s / n_total for s in sums]
+
+
+def _position_weight(raw, xn, sample_weight):
+    """s_t of one example: the product of the masks that apply, None without any."""
+    factors = []
+    mask = getattr(raw, "_keras_mask", None)
+    if mask is not None and raw.shape.rank >= 3:
+        factors.append(np.asarray(mask, np.float64)[0])
+    if isinstance(xn, dict) and "padding_mask" in xn and raw.shape.rank >= 3:
+        factors.append(np.asarray(xn["padding_mask"], np.float64)[0])
+    if sample_weight is not None:
+        factors.append(np.asarray(sample_weight, np.float64))
+    if not factors:
+        return None
+    rank = max(f.ndim for f in factors)
+    out = np.ones(())
+    for f in factors:
+        out = out * f.reshape(f.shape + (1,) * (rank - f.ndim))
+    return out
+
+
+def _positional_outcomes(loss, kind, o, y_n, draws, weight, positions):
+    """[(weight, target)] for an example with positions: o (*positions, classes/units)."""
+    family, from_logits, sparse = _family(loss)
+    shape = tuple(o.shape)
+    elementwise = family != "categorical" and weight is not None and weight.ndim == len(shape) and \
+        weight.shape == shape
+    if elementwise:
+        o, units = tf.reshape(o, [-1, 1]), 1
+    else:
+        units = shape[-1] if shape else 1
+        o = tf.reshape(o, [-1, units])
+    num = int(o.shape[0])
+    grid = shape if elementwise else shape[:-1]
+    w = np.ones(()) if weight is None else np.asarray(weight, np.float64)
+    if w.ndim == len(grid) + 1 and w.shape[-1] == 1:
+        w = w[..., 0]
+    s = np.broadcast_to(w.reshape(w.shape + (1,) * (len(grid) - w.ndim)), grid).reshape(-1)
+    if positions == "mean":
+        count = np.sum(s > 0)
+        s = s / count if count else s * 0.0
+    y_n = np.asarray(y_n)
+    if family == "categorical":
+        logp = _log_probs(family, from_logits, o)                  # (P, C)
+        ids = y_n.reshape(-1) if sparse else np.argmax(y_n.reshape(num, -1), axis=-1)
+        if kind == "empirical":
+            return [(1.0, -tf.add_n([s[t] * logp[t, int(ids[t])] for t in range(num)]))]
+        if kind == "exact":
+            p = np.exp(logp.numpy())
+            return [(p[t, c], -s[t] * logp[t, c]) for t in range(num) for c in range(units)]
+        draws = np.asarray(draws).reshape(len(draws), -1)
+        return [(1.0 / len(draws), -tf.add_n([s[t] * logp[t, int(d[t])] for t in range(num)])) for d in draws]
+    if kind == "sampled":
+        raise ValueError("reference: sampled is only written out for categorical losses")
+    yv = y_n.astype(np.float64).reshape(num, units)
+    if family == "binary":
+        log1, log0 = _log_probs(family, from_logits, o)
+        if kind == "empirical":
+            return [(1.0, -tf.reduce_sum(s[:, None] * (yv * log1 + (1.0 - yv) * log0)))]
+        p1 = np.exp(log1.numpy())
+        return [(weight_, -s[t] * logq[t, j]) for t in range(num) for j in range(units)
+                for logq, weight_ in ((log1, p1[t, j]), (log0, 1.0 - p1[t, j]))]
+    if kind == "empirical":
+        return [(1.0, 0.5 * tf.reduce_sum(s[:, None] * tf.square(yv - o)))]
+    return [(1.0, s[t] * o[t, j]) for t in range(num) for j in range(units)]
 
 
 def _outcomes(loss, kind, o, y_n, draws):
@@ -285,8 +366,8 @@ def reference_kronecker_factors(model64, x, y, *, loss, kind="empirical", sample
 def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size):
     """Class ids drawn as fastewc documents it, re-derived in float64 NumPy.
 
-    Batch b uses ``tf.random.stateless_uniform([num_samples, B], seed=[seed, b],
-    alg="philox")`` and the inverse CDF of p(·|x_n): label = #{c : cdf_c < u}.  B is
+    Batch b uses ``tf.random.stateless_uniform([num_samples, B, *positions], seed=[seed, b],
+    alg="philox")`` and the inverse CDF of p(·|x_n) at each position: label = #{c : cdf_c < u}.  B is
     ``batch_size``, or the next power of two ≥ N when N < batch_size (the last batch padded);
     ``batch_size=None`` reads all N examples as one batch, as fastewc does whenever the rows
     its memory budget allows are at least N.
@@ -298,10 +379,11 @@ def reference_sampled_labels(model64, x, *, loss, num_samples, seed, batch_size)
     if batch_size is None:                       # one batch, padded to its power of two
         batch_size = 1 << max(0, (n_total - 1).bit_length())
     b = batch_size if n_total >= batch_size else min(batch_size, 2 ** int(np.ceil(np.log2(n_total))))
-    labels = np.zeros((num_samples, n_total), np.int64)
+    positions = tuple(model64(_slice(x, 0, 1), training=False).shape[1:-1])
+    labels = np.zeros((num_samples, n_total) + positions, np.int64)
     for index, start in enumerate(range(0, n_total, b)):
         stop = min(start + b, n_total)
-        u = tf.random.stateless_uniform([num_samples, b], seed=[seed, index], alg="philox").numpy()
+        u = tf.random.stateless_uniform([num_samples, b, *positions], seed=[seed, index], alg="philox").numpy()
         u = u[:, :stop - start]
         o = tf.cast(model64(_slice(x, start, stop), training=False), tf.float64)
         p = np.exp(_log_probs(family, from_logits, o).numpy())

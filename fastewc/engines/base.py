@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from fastewc import _keras_compat as compat
 from fastewc import _policy, curvature
+from fastewc.likelihood import broadcast_weights
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
 # Up to this many cotangents per example an engine unrolls the K backward passes in the
@@ -129,10 +130,60 @@ def output_range(out):
     return tf.stack([tf.reduce_min(out), tf.reduce_max(out)])
 
 
-def weighted_cotangents(likelihood, kind, out, y, mask, noise):
-    """The likelihood's (U, W) with the padding rows' weights zeroed."""
-    u, w = likelihood.cotangents(out, y, kind, noise if kind == "sampled" else None)
+def weighted_cotangents(likelihood, kind, out, y, mask, noise, x=None, out_tail=None):
+    """The likelihood's (U, W) with the padding rows' weights zeroed, and each position
+    weighted by :func:`position_weights` (``y`` is the labels, or (labels, sample_weight)
+    when the data carries a ``sample_weight``).  ``out_tail``: the output's per-example
+    shape as planned, set as its static shape (a rule's loop, e.g. a recurrent layer's,
+    may leave the positions unknown in the graph)."""
+    y, sample_weight = y if isinstance(y, tuple) else (y, None)
+    if out_tail is not None and not out.shape[1:].is_fully_defined():
+        out.set_shape([out.shape[0]] + list(out_tail))
+    weights = position_weights(likelihood, out, x, sample_weight)
+    u, w = likelihood.cotangents(out, y, kind, noise if kind == "sampled" else None, weights)
     return u, w * mask[None]
+
+
+PADDING_MASK = "padding_mask"      # keras_hub's input key for the unpadded tokens
+
+
+def mask_sources(likelihood, out, x):
+    """The per-position masks that apply to an output ``out`` (batch, *tail) with inputs
+    ``x``: [(what, mask)] for the Keras mask propagated to the output
+    (``out._keras_mask``) and keras_hub's ``x["padding_mask"]``.  They apply to outputs
+    with positions (rank ≥ 3), and for binary/MSE to an output of the mask's own shape;
+    on a (batch, classes) output they are ignored, as before positions existed."""
+    tail = tuple(out.shape[1:])
+    found = []
+    keras_mask = getattr(out, "_keras_mask", None)
+    if keras_mask is not None:
+        found.append(("the Keras mask of the model output", keras_mask))
+    if isinstance(x, dict) and PADDING_MASK in x:
+        found.append((f"`data` x['{PADDING_MASK}']", x[PADDING_MASK]))
+    elementwise = likelihood.family != "categorical" and len(tail) == 1
+    return [(what, m) for what, m in found
+            if len(tail) > 1 or (elementwise and tuple(m.shape[1:]) == tail)]
+
+
+def position_weights(likelihood, out, x, sample_weight=None):
+    """The weight of each output position (N, *positions) float32: the product of the
+    masks of :func:`mask_sources` and the data's ``sample_weight``; None when there are
+    none.  Shapes were checked by the plan (:meth:`fastewc.likelihood.Likelihood.weight_rank`)."""
+    factors = [m for _, m in mask_sources(likelihood, out, x)]
+    if sample_weight is not None:
+        factors.append(sample_weight)
+    if not factors:
+        return None
+    tail = out.shape.rank - 1
+    elementwise = likelihood.family != "categorical"
+    ranks = [tail if elementwise and f.shape.rank - 1 == tail else max(tail - 1, 0) for f in factors]
+    rank = max(ranks)
+    weights = None
+    for f, r in zip(factors, ranks):
+        f = broadcast_weights(f, r)
+        f = tf.reshape(f, tf.concat([tf.shape(f), [1] * (rank - r)], 0))
+        weights = f if weights is None else weights * f
+    return tf.broadcast_to(weights, tf.shape(out)[:rank + 1])
 
 
 def dense_gradients(grads, variables):
@@ -271,6 +322,7 @@ class Engine:
         # engine's plan asks for Kronecker factors (fastewc.curvature).
         self.layout = curvature.diagonal_layout(self.variables)
         self.id_layers = embedding_layers(model)      # checked by IdGuard in every pass
+        self.out_tail = None        # the output's per-example shape, set by the plan
         self.jit_compile = jit_compile
         self._function = None       # fold(batch_sums(...)): one dispatch per batch
         self._finish = None         # finish(state): the mean, once per call

@@ -121,7 +121,7 @@ class FactoredEngine(Engine):
             with capture_lib.capture(model, self.rules) as recorder, IdGuard(model, self.id_layers) as ids:
                 with tf.GradientTape(persistent=True) as tape:
                     out = model(x, training=False)
-            u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise)
+            u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise, x, self.out_tail)
             scale = cotangent_scale(out.dtype)
             u = tf.cast(u * scale, out.dtype)
             probes = [result.probe for _, result in recorder.records]   # a nest for a shared layer

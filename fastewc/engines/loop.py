@@ -4,7 +4,8 @@ reference twin of every other engine (float32, like them); N·K eager passes."""
 import numpy as np
 import tensorflow as tf
 
-from fastewc.engines.base import Engine, IdGuard, cotangent_scale, dense_gradients, fold_compiled
+from fastewc.engines.base import (Engine, IdGuard, cotangent_scale, dense_gradients, fold_compiled,
+                                  weighted_cotangents)
 
 
 class LoopEngine(Engine):
@@ -22,7 +23,9 @@ class LoopEngine(Engine):
             with ids, tf.GradientTape(persistent=True) as tape:
                 out = model(xn, training=False)
             low, high = min(low, float(tf.reduce_min(out))), max(high, float(tf.reduce_max(out)))
-            u, w = lik.cotangents(out, y[n:n + 1], kind, noise[:, n:n + 1] if kind == "sampled" else None)
+            u, w = weighted_cotangents(lik, kind, out, tf.nest.map_structure(lambda t: t[n:n + 1], y),
+                                       tf.ones([1], tf.float32), noise[:, n:n + 1] if kind == "sampled" else noise, xn,
+                                       self.out_tail)
             scale = cotangent_scale(out.dtype)
             for k in range(u.shape[0]):
                 grads = tape.gradient(out, variables, output_gradients=tf.cast(u[k] * scale, out.dtype))

@@ -28,7 +28,7 @@ def _forward_and_cotangents(engine, x, y, mask, noise):
     """One batched forward pass, then the weighted cotangents with the float16 scale
     applied: (out, scale·U, W, scale)."""
     out = engine.model(x, training=False)
-    u, w = weighted_cotangents(engine.likelihood, engine.kind, out, y, mask, noise)
+    u, w = weighted_cotangents(engine.likelihood, engine.kind, out, y, mask, noise, x, engine.out_tail)
     scale = cotangent_scale(out.dtype)
     return out, u * scale, w, scale
 
