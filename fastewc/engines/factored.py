@@ -135,6 +135,7 @@ class FactoredEngine(Engine):
             mask = tf.cast(mask, tf.float32)
             kronecker = self.layout.kronecker
             sums = {}
+
             def prepared(probe, delta):
                 if delta is None:
                     return tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(probe)], 0), tf.float32)
