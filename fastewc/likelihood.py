@@ -32,13 +32,51 @@ log-likelihood of the model, which is what the Fisher needs:
   the mean of the squares; the log-likelihood is half their sum).  Exact: K = D unit
   cotangents e_j, which gives diag(JᵀJ).  Sampled: ŷ = o + ε, ε ~ N(0, I).
 
+Per-position outputs
+--------------------
+An output of shape (N, *positions, D) (a causal LM's (N, T, vocab), a tagger's, a
+segmenter's (N, H, W, classes); binary/MSE (N, *positions, units)) is P = Π positions
+independent outcomes per example: the classes or units are the last axis, the rest are
+positions (binary/MSE: every element is a position when a weight covers every axis).
+The example's negative log-likelihood is
+
+    ℓ_n = c_n Σ_t s_nt ℓ_nt(y_nt),      c_n = 1 (``positions="sum"``, default)
+                                        c_n = 1 / #{t: s_nt > 0} (``"mean"``)
+
+with s_nt the product of the masks that reach position t (the Keras mask on the output,
+keras_hub's ``x["padding_mask"]``, a ``sample_weight``; 1 without any).  A padded
+position (s = 0) contributes nothing; an example with every position padded contributes
+zero and still counts in N; a weight s enters the Fisher as s² (it scales the loss).
+Since ℓ_nt depends on o_nt only, u_n = ∂ℓ_n/∂o_n is the per-position cotangents
+c_n s_nt u_nt(y_nt) side by side, and the engine's one backward pass sums them inside
+the example's gradient, g_n = Σ_t c_n s_nt J_ntᵀ u_nt:
+
+* empirical: the true labels y_nt; sampled: one label per position drawn from its
+  predictive p(·|x_n)_t (teacher-forced: the model sees x_n, not its own draws), each
+  draw a whole labeling, K = num_samples.
+* exact: the labels of the positions are independent given x_n and each score has mean
+  zero, E[u_nt] = Σ_c p_tc u_nt(c) = 0, so for t ≠ t'
+
+      E[(J_tᵀ u_t)_i (J_t'ᵀ u_t')_i] = (J_tᵀ E[u_t])_i (J_t'ᵀ E[u_t'])_i = 0,
+
+  and E[g_n g_nᵀ] (its diagonal) = c_n² Σ_t s_nt² E[(J_ntᵀ u_nt)²]: the family's exact
+  cotangents of each position, scaled by c_n s_nt and placed at that position (zero
+  elsewhere), K = K_family · P backward passes per example.  Above
+  ``MAX_EXACT_COTANGENTS`` it raises before any work (:meth:`Likelihood.check_exact_cost`).
+
+Keras trains on the mean over tokens, whose Fisher is 1/T² of the sum's per example
+(T = #{t: s_t > 0}).  The sum is the default: it is the log-likelihood of the sequence,
+so its Fisher is the probabilistic model's, additive over tokens, and what a
+(N, classes) output already gives; ``"mean"`` is there for a penalty scaled like the
+mean-over-tokens loss.  A loss's ``reduction`` plays no part: the Fisher is per example.
+
 Probabilities (``from_logits=False``) keep all C / 2D outcomes: Keras clips them to
 [ε, 1 − ε], and the clipped score no longer has mean zero, which the reduction needs.
 
 Sampling is reproducible: the noise of batch b is drawn with
 ``tf.random.stateless_uniform`` / ``stateless_normal`` (alg="philox", identical with and
 without XLA) at seed ``[seed, b]``; categorical labels come from the inverse CDF of p at
-uniform noise of shape (num_samples, batch), Bernoulli outcomes from ``u < p`` and
+uniform noise of shape (num_samples, batch, *positions), Bernoulli outcomes from ``u < p`` and
 Gaussian labels from o + ε, both with noise of shape (num_samples, batch, *output).
 """
 import dataclasses

@@ -299,3 +299,12 @@ def test_make_train_step_with_a_per_position_sample_weight():
     got = float(step(x, y, w))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert float(ewc.penalty()) > 0.0
+
+
+def test_bad_positions_and_data_containers_raise():
+    model = tagger()
+    x, y = tagger_data()
+    with pytest.raises(ValueError, match=r"`positions` must be one of 'sum', 'mean'. Received: positions='tokens'"):
+        fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, positions="tokens")
+    with pytest.raises(ValueError, match=r"`data` must be a tuple \(x, y\) or \(x, y, sample_weight\)"):
+        fastewc.fisher_diagonal(model, (x, y, y, y), loss=LOGITS)
