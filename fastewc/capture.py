@@ -17,6 +17,7 @@ import threading
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from fastewc import _cache
 from fastewc import _keras_compat as compat
@@ -99,9 +100,9 @@ def shared_layer_error(layers, *, curvature="diagonal"):
 class Recorder:
     def __init__(self):
         self.records = []       # (layer, RuleOutput)
-        self.shared = []        # layers called more than once
+        self.shared = []        # layers called more than once whose rule has no ``merge``
         self.unsupported = None  # the first UnsupportedLayerError a rule raised, as raised
-        self._called = set()
+        self._called = {}       # id(layer) -> its index in ``records``
         # Set by the caller before back-propagating: K ≥ pooling.MIN_COTANGENTS.
         self.mask_pooling = False
 
@@ -117,14 +118,18 @@ class Recorder:
             except registry.UnsupportedLayerError as err:
                 self.unsupported = self.unsupported or err   # before Keras decorates it
                 raise
-            if id(layer) in self._called:
+            index = self._called.get(id(layer))
+            if index is None:
+                self._called[id(layer)] = len(self.records)
+                self.records.append((layer, result))
+            elif self.records[index][1].merge is not None:
+                # A rule that takes several calls (a tied embedding): one record, both calls.
+                merged = registry.as_rule_output(self.records[index][1].merge(result), layer)
+                self.records[index] = (layer, merged)
+            elif all(seen is not layer for seen in self.shared):
                 # Raised by capture() once the forward pass is over, so that Keras does not
                 # wrap the message in its call-context decoration.
-                if all(seen is not layer for seen in self.shared):
-                    self.shared.append(layer)
-            else:
-                self._called.add(id(layer))
-                self.records.append((layer, result))
+                self.shared.append(layer)
             return result.outputs
         return call
 
@@ -220,4 +225,5 @@ def recorded(model, x, rules):
         if recorder is not None and recorder.unsupported is not None:
             raise recorder.unsupported from None      # the rule's own message
         raise
-    return recorder.records, sum(int(np.prod(result.probe.shape[1:])) for _, result in recorder.records)
+    return recorder.records, sum(int(np.prod(probe.shape[1:])) for _, result in recorder.records
+                                 for probe in tf.nest.flatten(result.probe))

@@ -30,6 +30,13 @@ Rule contract::
   rule returns ``kron=None`` for a configuration without a Kronecker form (a grouped
   convolution): the layer then keeps its diagonal.  A plain 3-tuple
   ``(outputs, probe, sum_sq)`` is read as ``RuleOutput(outputs, probe, sum_sq=sum_sq)``.
+* ``merge(later)`` (optional: a layer called more than once in one forward pass, such as a
+  tied language-model head that embeds tokens and projects onto the same table) receives
+  the RuleOutput the same rule returned for the layer's later call and returns the
+  RuleOutput of both calls: its ``probe`` a tuple (or other nest) of the calls' probes,
+  its ``sum_sq`` / ``per_example`` given ``delta`` as the same nest of deltas, and each
+  example's gradient is the SUM of the calls' gradients, taken before squaring.  Without
+  ``merge`` a second call raises :class:`fastewc.capture.SharedLayerError`.
 
 Registries are values (:class:`Rules`): ``default_rules().with_rule(MyLayer, my_rule)``
 makes a new registry, passed as ``rules=`` to :func:`fastewc.fisher_diagonal`,
@@ -79,6 +86,7 @@ class RuleOutput(typing.NamedTuple):
     per_example: typing.Optional[typing.Callable] = None
     sum_sq: typing.Optional[typing.Callable] = None
     kron: typing.Optional[typing.Callable] = None
+    merge: typing.Optional[typing.Callable] = None
 
     def square_sums(self, delta, weight):
         """``[(variable, Σ_k Σ_n weight[k, n] · g_kn²)]``: the fast override if the rule

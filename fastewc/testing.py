@@ -26,7 +26,8 @@ def float64_twin(model):
     functional models (a keras_hub Backbone is one) and Sequential models are cloned
     recursively, so their layers are float64 too (a nested functional subclass such as
     ``BertBackbone`` comes back as a plain functional ``keras.Model``, as
-    ``keras.models.clone_model`` makes it).
+    ``keras.models.clone_model`` makes it).  LoRA and frozen layers are copied too
+    (:func:`_copy_lora_and_trainable`); LoRA factors stay float32, as Keras makes them.
     """
     def clone(operation):
         config = operation.get_config()
@@ -35,6 +36,7 @@ def float64_twin(model):
         return operation.__class__.from_config(config)
 
     twin = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    _copy_lora_and_trainable(model, twin)
     weights = model.get_weights()
     twin_variables = twin.weights
     if len(twin_variables) != len(weights):
@@ -45,10 +47,48 @@ def float64_twin(model):
             raise ValueError(f"float64_twin: weight {variable.path} has shape {tuple(variable.shape)} in the "
                              f"clone, {np.shape(value)} in the model")
         variable.assign(np.asarray(value, variable.dtype))
-    bad = [v.path for v in twin.trainable_variables if v.dtype != "float64"]
+    # Keras makes LoRA factors float32 whatever the layer's dtype (their gradients are then
+    # float32 products: about 1e-7 relative, far inside the tests' tolerances).
+    bad = [v.path for v in _without_lora(twin.trainable_variables, twin) if v.dtype != "float64"]
     if bad:
         raise ValueError(f"float64_twin: trainable variables not float64 in the clone: {bad[:5]}")
     return twin
+
+
+def _copy_lora_and_trainable(model, twin):
+    """LoRA (``enable_lora``: rank and alpha) and ``trainable`` of every layer of ``model`` on
+    its twin: the layers a keras_hub backbone builds inside others (the attention's
+    projections) are not re-created from a config that holds them, and a Dense re-created
+    from its config loses its ``lora_alpha`` (Keras 3.15's ``Dense.build``).  Layers are
+    paired through their own variables, LoRA factors aside (the clone's weights are in the
+    model's order); frozen first, so that the LoRA factors stay trainable."""
+    base, twin_base = _without_lora(model.weights, model), _without_lora(twin.weights, twin)
+    if len(base) != len(twin_base):
+        return          # reported by float64_twin with the shapes
+    counterpart = {id(v): w for v, w in zip(base, twin_base)}
+    owner = {id(v): layer for layer in twin._flatten_layers() for v in _own_variables(layer)}
+    pairs = []
+    for layer in model._flatten_layers(include_self=False):
+        own = [v for v in _own_variables(layer) if id(v) in counterpart]
+        if own:
+            pairs.append((layer, owner[id(counterpart[id(own[0])])]))
+    for original, copy in pairs:
+        copy.trainable = original.trainable
+    for original, copy in pairs:
+        if getattr(original, "lora_enabled", False):
+            if not copy.lora_enabled:
+                copy.enable_lora(original.lora_rank, lora_alpha=original.lora_alpha)
+            copy.lora_alpha = original.lora_alpha
+
+
+def _without_lora(variables, model):
+    lora = {id(v) for layer in model._flatten_layers() if getattr(layer, "lora_enabled", False)
+            for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
+    return [v for v in variables if id(v) not in lora]
+
+
+def _own_variables(layer):
+    return list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", []))
 
 
 def _float64_config(config):

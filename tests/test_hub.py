@@ -150,17 +150,18 @@ def test_reversible_embedding_forward_mask_zero_untied():
     _assert_matches(model, fisher, ref)
 
 
-def test_reversible_embedding_both_ways_is_shared():
+def test_reversible_embedding_both_ways_is_factored():
+    """Called both ways (a tied LM head) it is one merged record, not a shared-layer fallback;
+    its values against the oracle: tests/test_hub_causal_lm.py."""
     keras.utils.set_random_seed(7)
     inputs = keras.Input((S,), dtype="int32")
     layer = keras_hub.layers.ReversibleEmbedding(V, D, embeddings_initializer="normal")
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(layer(layer(inputs), reverse=True)))
     x, y = _lookup_ids(8), np.random.default_rng(8).integers(0, V, N)
-    with pytest.raises(capture_lib.SharedLayerError):
-        fastewc.fisher_diagonal(model, (x, y), loss=LOSS, method="factored")
-    with pytest.warns(UserWarning, match="more than once"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         plan = fastewc.FisherEstimator(model, loss=LOSS, method="auto").plan((x, y))
-    assert plan.method == "vmap"
+    assert plan.method == "factored"
 
 
 def test_reversible_embedding_ids_outside_table_are_reported():

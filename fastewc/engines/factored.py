@@ -124,22 +124,27 @@ class FactoredEngine(Engine):
             u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise, x, self.out_tail)
             scale = cotangent_scale(out.dtype)
             u = tf.cast(u * scale, out.dtype)
-            probes = [result.probe for _, result in recorder.records]
+            probes = [result.probe for _, result in recorder.records]   # a nest for a shared layer
             k = u.shape[0]
             unroll = self.unroll_cotangents
             recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (unroll or self.jit_compile)
             self._vectorized = vectorizes(k, unroll)
-            deltas = cotangent_deltas(tape, out, probes, u, unroll=unroll)
+            deltas = tf.nest.pack_sequence_as(
+                probes, cotangent_deltas(tape, out, tf.nest.flatten(probes), u, unroll=unroll))
             del tape
             mask = tf.cast(mask, tf.float32)
             kronecker = self.layout.kronecker
             sums = {}
-            for (layer, result), delta in zip(recorder.records, deltas):
+
+            def prepared(probe, delta):
                 if delta is None:
-                    delta = tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(result.probe)], 0), tf.float32)
+                    return tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(probe)], 0), tf.float32)
+                delta = tf.cast(delta, tf.float32)
+                return delta / scale if scale != 1.0 else delta
+
+            for (layer, result), delta in zip(recorder.records, deltas):
                 with tf.name_scope(_scope_name(layer)):      # a profile names the layer
-                    delta = tf.cast(delta, tf.float32)
-                    delta = delta / scale if scale != 1.0 else delta
+                    delta = tf.nest.map_structure(prepared, result.probe, delta)
                     covered = set()
                     if kronecker and result.kron is not None:
                         for block in result.kron(delta, w, mask):

@@ -7,17 +7,45 @@ Every rule ends in the same contraction: given example n's gradient g_kn for cot
 :func:`weighted_square_sum` computes it from a (K, N, *shape) tensor of per-example
 gradients without assuming anything about the sign of w.
 """
+import string
+
 import tensorflow as tf
 
 from fastewc.registry import KroneckerSums, UnsupportedLayerError
 
 
-def check_plain(layer, family):
-    """Raise for LoRA / quantized layers: their trainable weights are not ``layer.kernel``."""
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+def check_plain(layer, family, *, lora=False):
+    """Raise for quantized layers, and for LoRA ones unless ``lora`` (the rule covers the
+    LoRA factors, :func:`lora_square_sums`): their trainable weights are not ``layer.kernel``."""
+    if (getattr(layer, "lora_enabled", False) and not lora) or getattr(layer, "quantization_mode", None):
         raise UnsupportedLayerError(
             f"Layer '{layer.name}' ({family}) uses LoRA or quantization, which the factored "
             "Fisher rule does not cover. Use method='vmap'.")
+
+
+def lora_square_sums(layer, a, delta, weight, in_spec, kernel_spec, out_spec):
+    """The (lora_kernel_a, Σ w g²), (lora_kernel_b, Σ w g²) pairs of a LoRA-enabled Dense or
+    EinsumDense layer (Keras 3's ``enable_lora``: the base kernel W is frozen and the layer
+    uses W + s·A·B, s = lora_alpha / lora_rank, A of shape kernel[:-1] + (r,), B of (r,
+    kernel[-1])).  With G_kn = einsum(<in>,k<out> -> kn<kernel>)(a, δ) the per-example
+    gradient of the effective kernel:
+
+        g_kn(A) = s · Σ_e G_kn[..., e] B[ρ, e],      g_kn(B) = s · Σ_... A[..., ρ] G_kn[..., e]
+
+    each one three-operand einsum on (a, δ, B) or (a, δ, A) that never forms G_kn: the
+    per-example gradients are K·N·(|A| + |B|) floats, small for a small rank.  ``a`` the
+    float32 input, ``delta`` (K, N, *output), specs as :func:`einsum_dense.parse_equation`."""
+    used = set(in_spec + kernel_spec + out_spec)
+    k, rho = [c for c in string.ascii_letters if c not in used][:2]
+    a_spec, b_spec = kernel_spec[:-1] + rho, rho + kernel_spec[-1]
+    s = layer.lora_alpha / layer.lora_rank
+    factor_a, factor_b = layer.lora_kernel_a, layer.lora_kernel_b
+    g_a = tf.einsum(f"{in_spec},{k}{out_spec},{b_spec}->{k}{in_spec[0]}{a_spec}", a, delta,
+                    tf.cast(factor_b, tf.float32))
+    g_b = tf.einsum(f"{in_spec},{k}{out_spec},{a_spec}->{k}{in_spec[0]}{b_spec}", a, delta,
+                    tf.cast(factor_a, tf.float32))
+    return [(factor_a, s * s * weighted_square_sum(g_a, weight)),
+            (factor_b, s * s * weighted_square_sum(g_b, weight))]
 
 
 def check_channels_last(layer, family):

@@ -19,22 +19,35 @@ Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for Modern Ne
 Network Architectures", NeurIPS: it needs no per-example sum over positions, and it is
 KFC's convention for convolutions, so a Dense over positions and a 1×1 convolution give
 the same factors).
+
+A LoRA-enabled layer (``enable_lora``: W frozen, the layer uses W + s·A·B) has the factors
+A, B and the bias as its trainable weights: :func:`fastewc.rules._common.lora_square_sums`
+(diagonal only; ``curvature="kfac"`` keeps their diagonal).
 """
 import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, register_rule
-from fastewc.rules._common import (check_plain, kronecker_sums, masked_rows, position_pair_square_sum,
-                                   use_position_pairs)
+from fastewc.rules._common import (check_plain, kronecker_sums, lora_square_sums, masked_rows,
+                                   position_pair_square_sum, use_position_pairs)
 
 
 def dense_rule(layer, inputs, training=None):
-    check_plain(layer, "Dense")
+    check_plain(layer, "Dense", lora=True)
     z = tf.matmul(inputs, layer.kernel) if inputs.shape.rank == 2 else tf.tensordot(inputs, layer.kernel, 1)
     if layer.bias is not None:
         z = z + layer.bias
     outputs = layer.activation(z) if layer.activation is not None else z
     a = tf.cast(inputs, tf.float32)
+
+    def lora_sum_sq(delta, weight):
+        # As the EinsumDense "nld,du->nlu" over the positions (one for rank-2 inputs).
+        a3 = tf.reshape(a, [tf.shape(a)[0], -1, a.shape[-1]])
+        d3 = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], -1, delta.shape[-1]])
+        pairs = lora_square_sums(layer, a3, d3, weight, "nld", "du", "nlu")
+        if layer.bias is not None:
+            pairs.append((layer.bias, tf.einsum("kn,knu->u", weight, tf.square(tf.reduce_sum(d3, axis=2)))))
+        return pairs
 
     def sum_sq(delta, weight):
         if a.shape.rank == 2:
@@ -65,6 +78,8 @@ def dense_rule(layer, inputs, training=None):
         block = (layer.kernel,) if layer.bias is None else (layer.kernel, layer.bias)
         return [kronecker_sums(block, rows, deltas, weight, mask, bias=layer.bias is not None)]
 
+    if layer.lora_enabled:      # the LoRA factors have no Kronecker form here: their diagonal
+        return RuleOutput(outputs, z, sum_sq=lora_sum_sq)
     return RuleOutput(outputs, z, sum_sq=sum_sq, kron=kron)
 
 

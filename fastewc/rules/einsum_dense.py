@@ -14,7 +14,9 @@ tensor is formed:
 
 Otherwise the per-example gradients (K·N·|W| floats) are formed, squared and weighted.
 The bias (shape from ``bias_axes``, aligned with the trailing output axes) gets
-g_kn(b) = δ_kn summed over the output axes it is broadcast along.
+g_kn(b) = δ_kn summed over the output axes it is broadcast along.  A LoRA-enabled layer
+(``enable_lora``) has the LoRA factors as its trainable kernel weights instead of W
+(:func:`fastewc.rules._common.lora_square_sums`).
 """
 import re
 import string
@@ -23,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
-from fastewc.rules._common import check_plain, weighted_square_sum
+from fastewc.rules._common import check_plain, lora_square_sums, weighted_square_sum
 
 
 def parse_equation(equation, input_rank):
@@ -42,7 +44,7 @@ def parse_equation(equation, input_rank):
 
 
 def einsum_dense_rule(layer, inputs, *args, **kwargs):
-    check_plain(layer, "EinsumDense")
+    check_plain(layer, "EinsumDense", lora=True)
     z = keras.ops.einsum(layer.equation, inputs, layer.kernel)
     if layer.bias is not None:
         z = keras.ops.add(z, layer.bias)
@@ -58,7 +60,9 @@ def einsum_dense_rule(layer, inputs, *args, **kwargs):
     k_letter = next(c for c in string.ascii_letters if c not in in_spec + kernel_spec + out_spec)
     summed = set(in_spec + out_spec) - set(kernel_spec) - {batch}
 
-    def sum_sq(delta, weight):
+    def kernel_pairs(delta, weight):
+        if layer.lora_enabled:
+            return lora_square_sums(layer, a, delta, weight, in_spec, kernel_spec, out_spec)
         kout = k_letter + out_spec
         if not summed:
             sq_kernel = tf.einsum(f"{in_spec},{kout},{k_letter}{batch}->{kernel_spec}",
@@ -66,7 +70,10 @@ def einsum_dense_rule(layer, inputs, *args, **kwargs):
         else:
             g = tf.einsum(f"{in_spec},{kout}->{k_letter}{batch}{kernel_spec}", a, delta)
             sq_kernel = weighted_square_sum(g, weight)
-        pairs = [(layer.kernel, sq_kernel)]
+        return [(layer.kernel, sq_kernel)]
+
+    def sum_sq(delta, weight):
+        pairs = kernel_pairs(delta, weight)
         if layer.bias is not None:
             pairs.append((layer.bias, weighted_square_sum(_bias_grad(layer, delta), weight)))
         return pairs

@@ -42,6 +42,18 @@ def embedding_rule(layer, inputs, *args, **kwargs):
 def lookup_rule(layer, inputs, forward, family):
     """The Embedding rule with ``forward(layer, ids)`` as the lookup (a subclass's own
     forward, e.g. ReversibleEmbedding's, which also sets the padding mask)."""
+    outputs, ids = lookup(layer, inputs, forward, family)
+    table = layer.embeddings
+
+    def sum_sq(delta, weight):
+        return [(table, row_square_sums(ids, delta, weight, layer.input_dim))]
+
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
+
+
+def lookup(layer, inputs, forward, family):
+    """``(outputs, ids)`` of the lookup ``forward(layer, ids)``: ``ids`` the rows read,
+    int32 in [0, input_dim)."""
     check_plain(layer, family)
     if isinstance(inputs, (tf.SparseTensor, tf.RaggedTensor)):
         raise UnsupportedLayerError(
@@ -52,13 +64,7 @@ def lookup_rule(layer, inputs, forward, family):
     ids = tf.cast(inputs, tf.int32)
     ids = tf.clip_by_value(ids, -layer.input_dim, layer.input_dim - 1)
     outputs = forward(layer, ids)
-    ids = tf.where(ids < 0, ids + layer.input_dim, ids)       # as keras.ops.take
-    table = layer.embeddings
-
-    def sum_sq(delta, weight):
-        return [(table, row_square_sums(ids, delta, weight, layer.input_dim))]
-
-    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
+    return outputs, tf.where(ids < 0, ids + layer.input_dim, ids)       # as keras.ops.take
 
 
 def row_square_sums(ids, delta, weight, num_rows):

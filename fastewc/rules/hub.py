@@ -1,4 +1,4 @@
-"""Factored rules for the embedding layers of keras_hub's transformer backbones.
+"""Factored rules for the layers of keras_hub's transformer backbones: embeddings, RMS norms.
 
 ``keras.layers.ReversibleEmbedding`` (keras_hub's ``ReversibleEmbedding`` subclasses it)
 has a table E (vocabulary V × dim D) and two modes.
@@ -15,13 +15,29 @@ has a table E (vocabulary V × dim D) and two modes.
 
       g_kn(E) = Σ_t δ_kntᵀ h_nt  (V × D),     g_kn(R) = Σ_t h_ntᵀ δ_knt  (D × V)
 
-  For h of rank 2 (one position per example) each entry is a single product and the
-  squares factor, Σ_kn w_kn g_kn(E)² = (Σ_k w_k ⊙ δ_k ⊙ δ_k)ᵀ (h ⊙ h); over a sequence
-  the per-example gradients (K·N·V·D floats) are formed, squared and weighted.
+  Every row of the table gets a rank-T matrix per example, so the squares do not factor:
+  with few positions they come from pairs of positions
+  (:func:`fastewc.rules._common.position_pair_square_sum`, N·P·(V + D) floats, P =
+  T(T + 1)/2; one position is the Dense identity), else from the per-example gradients,
+  formed a chunk of examples at a time so that at most ``EXAMPLE_FLOATS`` floats
+  (K·V·D per example) are held: N·T·V·D·K multiply-adds, the reverse use's intrinsic cost.
 
-A ReversibleEmbedding used both ways in one forward pass (a tied language-model head)
-is a shared layer: :func:`fastewc.capture.capture` raises SharedLayerError and
-``method="auto"`` uses vmap.
+A layer called both ways in one forward pass (a tied language-model head: GPT-2, Gemma)
+reads E twice, and example n's gradient is the SUM of both uses, squared afterwards (the
+Fisher of a tied weight is not the sum of the squares of its uses).  The calls are merged
+into one record (``RuleOutput.merge``: one probe per call) and
+
+    Σ_kn w_kn (L_kn + R_kn)² = Σ w L² + Σ w R² + 2 Σ_kn w_kn L_kn ⊙ R_kn
+
+with L the lookup's sparse gradient (rows of the ids only) and R the reverse use's.  The
+cross term is linear in L, so it needs R only at the rows example n looked up:
+
+    2 Σ_kn w_kn Σ_t δᴸ_knt ⊙ R_kn[ids_nt],     R_kn[v] = Σ_s δᴿ_kns[v] h_ns
+
+a gather of δᴿ at the ids, (K, N, S, T), one einsum with h and a scatter-add into the
+rows: K·N·T·(S + D) floats, no V × D tensor per example.  Untied (Llama) the two calls
+read different tables, E from the lookups and R from the projections, and nothing
+crosses.  Several lookups (or projections) are concatenated along the positions first.
 
 ``keras_hub.layers.PositionEmbedding`` (a table P of sequence_length × D) outputs, for
 inputs of shape (N, ..., T, D), the rows p_t = start_index + t broadcast over the batch
@@ -33,46 +49,91 @@ For inputs (N, T, D) without ``positions`` the rows of one example are distinct,
 squares need no per-example scatter: row start_index + t gets Σ_kn w_kn δ_knt².
 Otherwise the Embedding machinery above does the per-example scatter.
 
+keras_hub's RMS normalizations (``RMS_NORMS``: Gemma, Llama, Mistral, Mixtral, Phi-3, Qwen)
+get :func:`fastewc.rules.norm.rms_norm_rule`.
+
 The keras_hub rules are registered only when ``import keras_hub`` succeeds; the
 ReversibleEmbedding rule whenever Keras has that layer.
 """
+import typing
 import warnings
 
 import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
-from fastewc.rules._common import check_plain, weighted_square_sum
-from fastewc.rules.embedding import lookup_rule, row_square_sums
+from fastewc.rules._common import (check_plain, leading_dims, position_pair_square_sum, use_position_pairs,
+                                   weighted_square_sum)
+from fastewc.rules.embedding import lookup, row_square_sums
+from fastewc.rules.norm import rms_norm_rule
 
 _ReversibleEmbedding = getattr(keras.layers, "ReversibleEmbedding", None)
 
 
 # -- ReversibleEmbedding -----------------------------------------------------------------
+# Floats of per-example reverse-use gradients held at once (a chunk of examples, K·V·D each).
+EXAMPLE_FLOATS = 2**24
+
+
 def _forward_lookup(layer, ids):
     # The layer's own forward mode: the lookup, and the padding mask it sets itself.
     return _ReversibleEmbedding.call(layer, ids, reverse=False)
 
 
+class _Call(typing.NamedTuple):
+    """One call of a ReversibleEmbedding: ``read`` the ids (lookup, int32 in [0, V)) or
+    the hidden states (reverse, float32) it read, and its probe."""
+    reverse: bool
+    read: typing.Any
+    probe: typing.Any
+
+
+class _TableSquareSums:
+    """The ``sum_sq`` of a ReversibleEmbedding's calls in one forward pass (see the module
+    docstring); ``delta`` is one tensor for one call, a tuple (one per call) for several."""
+
+    def __init__(self, layer, calls):
+        self.layer, self.calls = layer, tuple(calls)
+
+    def __call__(self, delta, weight):
+        layer = self.layer
+        deltas = delta if len(self.calls) > 1 else (delta,)
+        (k, n), dim, rows = leading_dims(deltas[0]), layer.output_dim, layer.input_dim
+        lookups = [(c.read, d) for c, d in zip(self.calls, deltas) if not c.reverse]
+        reverses = [(c.read, d) for c, d in zip(self.calls, deltas) if c.reverse]
+        if lookups:
+            ids = tf.concat([tf.reshape(i, [n, -1]) for i, _ in lookups], 1)
+            d_lookup = tf.concat([tf.reshape(d, [k, n, -1, dim]) for _, d in lookups], 2)
+            sq_lookup = row_square_sums(ids, d_lookup, weight, rows)
+        if reverses:
+            h = tf.concat([tf.reshape(r, [n, -1, dim]) for r, _ in reverses], 1)
+            d_reverse = tf.concat([tf.reshape(d, [k, n, -1, rows]) for _, d in reverses], 2)
+            sq_reverse = reverse_square_sum(h, d_reverse, weight)
+        if layer.tie_weights:
+            if lookups and reverses:
+                cross = _cross_sum(ids, d_lookup, h, d_reverse, weight, rows)
+                return [(layer.embeddings, sq_lookup + sq_reverse + 2.0 * cross)]
+            return [(layer.embeddings, sq_lookup if lookups else sq_reverse)]
+        # Untied: each table is read by one mode only (zero gradient if that mode is unused).
+        table, reverse_table = layer.embeddings, layer.reverse_embeddings
+        return [(table, sq_lookup if lookups else tf.zeros(table.shape, tf.float32)),
+                (reverse_table, tf.transpose(sq_reverse) if reverses
+                 else tf.zeros(reverse_table.shape, tf.float32))]
+
+
+def _rule_output(layer, outputs, calls):
+    probe = calls[0].probe if len(calls) == 1 else tuple(c.probe for c in calls)
+    sum_sq = _TableSquareSums(layer, calls)
+    return RuleOutput(outputs, probe, sum_sq=sum_sq,
+                      merge=lambda later: _rule_output(layer, later.outputs, calls + later.sum_sq.calls))
+
+
 def reversible_embedding_rule(layer, inputs, reverse=False):
-    result = _reversible_embedding(layer, inputs, reverse)
-    if layer.tie_weights:
-        return result
-    # Untied: the table this mode does not read has a zero gradient in this pass.
-    unused = layer.reverse_embeddings if not reverse else layer.embeddings
-
-    def sum_sq(delta, weight):
-        return result.sum_sq(delta, weight) + [(unused, tf.zeros(unused.shape, tf.float32))]
-
-    return result._replace(sum_sq=sum_sq)
-
-
-def _reversible_embedding(layer, inputs, reverse):
     if not reverse:
-        return lookup_rule(layer, inputs, _forward_lookup, "ReversibleEmbedding")
+        outputs, ids = lookup(layer, inputs, _forward_lookup, "ReversibleEmbedding")
+        return _rule_output(layer, outputs, (_Call(False, ids, outputs),))
     check_plain(layer, "ReversibleEmbedding")
-    tied = layer.tie_weights
-    kernel = tf.transpose(layer.embeddings) if tied else layer.reverse_embeddings    # (D, V)
+    kernel = tf.transpose(layer.embeddings) if layer.tie_weights else layer.reverse_embeddings    # (D, V)
     h = inputs
     if layer.reverse_dtype is not None:
         h, kernel = tf.cast(h, layer.reverse_dtype), tf.cast(kernel, layer.reverse_dtype)
@@ -81,20 +142,45 @@ def _reversible_embedding(layer, inputs, reverse):
     if layer.logit_soft_cap is not None:
         cap = layer.logit_soft_cap
         outputs = keras.ops.multiply(keras.ops.tanh(keras.ops.divide(z, cap)), cap)
-    variable = layer.embeddings if tied else layer.reverse_embeddings
-    a = tf.cast(h, tf.float32)
+    return _rule_output(layer, outputs, (_Call(True, tf.cast(h, tf.float32), z),))
 
-    def sum_sq(delta, weight):
-        if a.shape.rank == 2:
-            d = tf.einsum("kn,knv->nv", weight, tf.square(delta))
-            sq = tf.matmul(d, tf.square(a), transpose_a=True)                    # (V, D)
-        else:
-            a3 = tf.reshape(a, [tf.shape(a)[0], -1, a.shape[-1]])
-            d3 = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], -1, delta.shape[-1]])
-            sq = weighted_square_sum(tf.einsum("ntd,kntv->knvd", a3, d3), weight)
-        return [(variable, sq if tied else tf.transpose(sq))]
 
-    return RuleOutput(outputs, z, sum_sq=sum_sq)
+def reverse_square_sum(h, delta, weight):
+    """Σ_kn w_kn (Σ_t δ_kntᵀ h_nt)² of shape (V, D), for ``h`` (N, T, D) float32 and
+    ``delta`` (K, N, T, V): pairs of positions while they pay, else the per-example
+    gradients, at most ``EXAMPLE_FLOATS`` of them at once (a loop over chunks of examples)."""
+    positions, (k, n) = h.shape[1], leading_dims(delta)
+    if use_position_pairs(positions, delta.shape[0]):
+        return tf.transpose(position_pair_square_sum(h, delta, weight))
+
+    def chunk_sum(h_c, delta_c, weight_c):
+        return weighted_square_sum(tf.einsum("ntd,kntv->knvd", h_c, delta_c), weight_c)
+
+    size = 1 if not isinstance(k, int) else k * h.shape[-1] * delta.shape[-1]
+    if not isinstance(n, int) or n * size <= EXAMPLE_FLOATS:
+        return chunk_sum(h, delta, weight)
+    c = max([c for c in range(1, n + 1) if n % c == 0 and c * size <= EXAMPLE_FLOATS] or [1])
+
+    def body(i, total):
+        start = i * c
+        return i + 1, total + chunk_sum(tf.slice(h, [start, 0, 0], [c, -1, -1]),
+                                        tf.slice(delta, [0, start, 0, 0], [-1, c, -1, -1]),
+                                        tf.slice(weight, [0, start], [-1, c]))
+
+    total = tf.zeros([delta.shape[-1], h.shape[-1]], tf.float32)
+    return tf.while_loop(lambda i, _: i < n // c, body, (tf.constant(0), total))[1]
+
+
+def _cross_sum(ids, d_lookup, h, d_reverse, weight, rows):
+    """Σ_kn w_kn L_kn ⊙ R_kn (V, D) for the lookup gradient L (ids (N, T), δᴸ (K, N, T, D))
+    and the reverse one R (h (N, S, D), δᴿ (K, N, S, V)): L is zero off the looked-up rows,
+    so R is needed only there, R_kn[ids_nt] = Σ_s δᴿ_kns[ids_nt] h_ns."""
+    k, n = leading_dims(d_lookup)
+    at_ids = tf.gather(d_reverse, tf.broadcast_to(ids[None], tf.concat([[k], tf.shape(ids)], 0)),
+                       axis=3, batch_dims=2)                                    # (K, N, S, T)
+    r = tf.einsum("knst,nsd->kntd", at_ids, h)                                  # R_kn[ids_nt]
+    c = tf.einsum("kn,kntd->ntd", weight, d_lookup * r)
+    return tf.math.unsorted_segment_sum(tf.reshape(c, [-1, h.shape[-1]]), tf.reshape(ids, [-1]), rows)
 
 
 # -- PositionEmbedding -------------------------------------------------------------------
@@ -153,6 +239,32 @@ def _position_embedding_class():
     return keras_hub.layers.PositionEmbedding
 
 
+# keras_hub's RMS normalizations (module under keras_hub.src.models, class): each computes
+# x · rsqrt(mean(x²) + ε) over the last axis times its ``scale`` (Gemma's times 1 + scale),
+# the formula of fastewc.rules.norm.rms_norm_rule.  Private paths: one that is missing (another
+# keras_hub version) is skipped.
+RMS_NORMS = (("gemma.rms_normalization", "RMSNormalization"),
+             ("gemma3.gemma3_layers", "RMSNormalization"),
+             ("llama.llama_layernorm", "LlamaLayerNorm"),
+             ("mistral.mistral_layer_norm", "MistralLayerNormalization"),
+             ("mixtral.mixtral_layer_norm", "MixtralLayerNormalization"),
+             ("phi3.phi3_layernorm", "Phi3LayerNorm"),
+             ("qwen.qwen_layernorm", "QwenLayerNorm"),
+             ("qwen3.qwen3_layernorm", "Qwen3LayerNorm"))
+
+
+def rms_norm_classes():
+    """The keras_hub classes of ``RMS_NORMS`` this keras_hub has."""
+    import importlib   # noqa: PLC0415
+    found = []
+    for module, name in RMS_NORMS:
+        try:
+            found.append(getattr(importlib.import_module(f"keras_hub.src.models.{module}"), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
 def _register():
     if _ReversibleEmbedding is not None:
         # keras_hub's ReversibleEmbedding subclasses it without its own call: it inherits the rule.
@@ -160,6 +272,7 @@ def _register():
     try:
         import keras_hub   # noqa: PLC0415 -- optional dependency
         position_embedding = keras_hub.layers.PositionEmbedding
+        rms_norms = rms_norm_classes()
     except ImportError:
         return
     except Exception as err:   # noqa: BLE001 -- a broken keras_hub must not break fastewc
@@ -167,6 +280,8 @@ def _register():
                       "layers get no factored Fisher rule.", stacklevel=2)
         return
     register_rule(position_embedding, position_embedding_rule)
+    for cls in rms_norms:
+        register_rule(cls, rms_norm_rule, subclasses=False)
 
 
 _register()

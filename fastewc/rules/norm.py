@@ -1,5 +1,5 @@
-"""Factored rules for LayerNormalization, BatchNormalization (inference) and
-GroupNormalization.
+"""Factored rules for LayerNormalization, BatchNormalization (inference),
+GroupNormalization and RMS normalizations (Keras' and keras_hub's, :func:`rms_norm_rule`).
 
 Each computes y = x̂ ⊙ γ + β with a normalised input x̂ that does not depend on γ, β
 (per example and its normalisation group for Layer/GroupNormalization; the moving
@@ -22,8 +22,11 @@ from fastewc.rules._common import (check_inference, leading_dims, static_or_dyna
                                    weighted_square_sum)
 
 
-def _affine_pairs(layer, xhat, delta, weight, param_axes, param_shape):
-    """(γ, β) pairs: δ (K, N, *x) summed over the non-parameter axes of x, per example."""
+def _affine_pairs(layer, xhat, delta, weight, param_axes, param_shape, *, gamma=None, beta=None):
+    """(γ, β) pairs: δ (K, N, *x) summed over the non-parameter axes of x, per example.
+    ``gamma`` / ``beta``: the variables (default ``layer.gamma`` / ``layer.beta``)."""
+    gamma = layer.gamma if gamma is None else gamma
+    beta = getattr(layer, "beta", None) if beta is None else beta
     rank = xhat.shape.rank                                   # x's rank, batch included
     keep = {a % rank for a in param_axes}
     summed = [a + 1 for a in range(1, rank) if a not in keep]     # δ axes (K leads)
@@ -33,10 +36,10 @@ def _affine_pairs(layer, xhat, delta, weight, param_axes, param_shape):
         return tf.reshape(t, list(leading_dims(t)) + list(param_shape))
 
     pairs = []
-    if layer.gamma is not None:
-        pairs.append((layer.gamma, weighted_square_sum(per_example(delta * xhat[None]), weight)))
-    if layer.beta is not None:
-        pairs.append((layer.beta, weighted_square_sum(per_example(delta), weight)))
+    if gamma is not None:
+        pairs.append((gamma, weighted_square_sum(per_example(delta * xhat[None]), weight)))
+    if beta is not None:
+        pairs.append((beta, weighted_square_sum(per_example(delta), weight)))
     return pairs
 
 
@@ -54,6 +57,25 @@ def layer_norm_rule(layer, inputs, *args, **kwargs):
 
     def sum_sq(delta, weight):
         return _affine_pairs(layer, xhat, delta, weight, axes, shape)
+
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
+
+
+# -- RMS normalization ---------------------------------------------------------------------
+def rms_norm_rule(layer, inputs, *args, **kwargs):
+    """RMS normalization with a learned scale s: y = x̂ ⊙ s (Keras' RMSNormalization,
+    keras_hub's Llama / Mistral / Qwen / Phi-3 norms) or y = x̂ ⊙ (1 + s) (Gemma's), with
+    x̂ = x · rsqrt(mean(x²) + ε) over ``layer.axis`` (default the last axis).  Either way
+    g_kn(s) = Σ_positions δ_kn ⊙ x̂_n.  The outputs come from the layer's own ``call``."""
+    outputs = type(layer).call(layer, inputs, *args, **kwargs)
+    x = tf.cast(inputs, tf.float32)
+    axis = getattr(layer, "axis", -1)
+    axes = sorted(a % x.shape.rank for a in (axis if isinstance(axis, (list, tuple)) else [axis]))
+    xhat = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=axes, keepdims=True) + layer.epsilon)
+    shape = [x.shape[a] for a in axes]
+
+    def sum_sq(delta, weight):
+        return _affine_pairs(layer, xhat, delta, weight, axes, shape, gamma=layer.scale)
 
     return RuleOutput(outputs, outputs, sum_sq=sum_sq)
 
@@ -98,3 +120,5 @@ def group_norm_rule(layer, inputs, *args, **kwargs):
 register_rule(keras.layers.LayerNormalization, layer_norm_rule)
 register_rule(keras.layers.BatchNormalization, batch_norm_rule)
 register_rule(keras.layers.GroupNormalization, group_norm_rule)
+if hasattr(keras.layers, "RMSNormalization"):
+    register_rule(keras.layers.RMSNormalization, rms_norm_rule)
