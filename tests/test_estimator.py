@@ -158,13 +158,17 @@ def test_tracing_count_of_a_model_sums_its_cached_estimators():
 
 
 def test_auto_steps_down_once_on_a_layer_configuration_its_rule_does_not_cover():
-    """A LoRA Dense has a rule but not one that covers LoRA: the planning pass finds out
-    before the stream starts, warns once naming the layer, and the plan is vmap."""
-    model = mlp()
-    model.layers[1].enable_lora(2)
-    x, y = data()
+    """A LoRA Embedding has a rule but not one that covers LoRA (a LoRA Dense has one now,
+    tests/test_lora.py): the planning pass finds out before the stream starts, warns once
+    naming the layer, and the plan is vmap."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(11, 4),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    model.layers[0].enable_lora(2)
+    x = np.random.default_rng(0).integers(0, 11, (9, 5))
+    y = np.arange(9) % 3
     estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact")
-    with pytest.warns(UserWarning, match=r"Layer '.*' \(Dense\) uses LoRA or quantization.*method='auto' uses 'vmap'"):
+    with pytest.warns(UserWarning, match=r"Layer '.*' \(Embedding\) uses LoRA or quantization.*method='auto' uses 'vmap'"):
         got = estimator((x, y))
     assert estimator.plan((x, y)).method == "vmap"
     want = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact", method="loop")
