@@ -92,19 +92,30 @@ def write(path, contents):
                 j += 1
     header["sha256"] = digest(header, arrays)
     header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def save(tmp):
+        with open(tmp, "wb") as f:
             np.savez(f, header=header_bytes, **arrays)
-            f.flush()
+
+    replace_atomically(path, save)
+
+
+def replace_atomically(path, write, suffix=".tmp"):
+    """``write(tmp)`` to a new temporary file next to ``path`` (its name ending in
+    ``suffix``), fsync it, rename it over ``path`` and fsync the directory (the rename itself
+    durable); on any error the temporary file is removed and ``path`` is left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_directory(directory)   # make the rename itself durable
+    fsync_directory(directory)
 
 
 def read(path):

@@ -60,7 +60,6 @@ that starts tracking new variables (a grown model, or a restore) is detected at 
 import io
 import os
 import tempfile
-import uuid
 import zipfile
 
 import keras
@@ -197,8 +196,8 @@ class EWCModel(keras.Model):
             # Keras' own error for the extension, before any write
             return keras.Model.save(self, path, overwrite=overwrite, zipped=zipped, **kwargs)
         if overwrite or not os.path.exists(path) or _ask_to_overwrite(path):
-            _replace_atomically(path, ".keras", lambda tmp: keras.Model.save(
-                self, tmp, overwrite=True, zipped=zipped, **kwargs))
+            ewc_file.replace_atomically(path, lambda tmp: keras.Model.save(
+                self, tmp, overwrite=True, zipped=zipped, **kwargs), suffix=".keras")
 
     def save_weights(self, filepath, overwrite=True, max_shard_size=None):
         """Keras' ``save_weights`` (``.weights.h5``): the weights, the optimizer's state and
@@ -208,8 +207,8 @@ class EWCModel(keras.Model):
         if max_shard_size is not None or not path.endswith(".weights.h5"):
             return super().save_weights(path, overwrite=overwrite, max_shard_size=max_shard_size)
         if overwrite or not os.path.exists(path) or _ask_to_overwrite(path):
-            _replace_atomically(path, ".weights.h5", lambda tmp: keras.Model.save_weights(
-                self, tmp, overwrite=True))
+            ewc_file.replace_atomically(path, lambda tmp: keras.Model.save_weights(
+                self, tmp, overwrite=True), suffix=".weights.h5")
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Keras' ``load_weights`` plus the optimizer's and the EWC state saved by
@@ -304,23 +303,6 @@ def _local_path(filepath):
             "temporary file next to it. For the Hugging Face Hub or a bucket save locally and "
             f"upload. Received: filepath={filepath!r}")
     return path
-
-
-def _replace_atomically(path, extension, write):
-    """``write(tmp)`` to a temporary file next to ``path`` (ending in ``extension``), fsync
-    it, rename it over ``path`` and fsync the directory; on any error remove it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp{extension}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    ewc_file.fsync_directory(directory)
 
 
 def _stored_ewc(path):
