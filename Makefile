@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 BENCH_FILES := -o python_files=bench_*.py
 export PYTHONHASHSEED ?= 0
 
-.PHONY: venv test demo bench profile clean
+.PHONY: venv test test-slow demo bench profile clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not slow"
 	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider $(BENCH_FILES)
+
+# The long tests `make test` leaves out (marked `slow`: other oracle variants, larger models).
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -q -m slow
 
 demo: $(STAMP)
 	$(PY) -m fastewc demo $(ARGS)

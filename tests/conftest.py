@@ -7,6 +7,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a long test that repeats what a faster one covers (another oracle variant, "
+        "a larger model); `make test` skips it, `make test-slow` runs it")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
