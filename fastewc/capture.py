@@ -22,6 +22,7 @@ import tensorflow as tf
 from fastewc import _cache
 from fastewc import _keras_compat as compat
 from fastewc import pooling, registry
+from fastewc.generic_rule import generic_rule
 
 _CAPTURE_LOCK = "_fastewc_capture"
 
@@ -173,15 +174,11 @@ def _swapped_calls(model, rules):
     thread = threading.get_ident()
     try:
         for layer in weighted_layers(model, rules):
-            rule = rules.get(layer)
-            if rule is None:
-                raise registry.UnsupportedLayerError(
-                    f"Layer '{layer.name}' of class {type(layer).__name__} has trainable weights "
-                    "but no factored Fisher rule. " + registry.registration_hint(type(layer).__name__))
             if layer is model:
                 raise registry.UnsupportedLayerError(
                     f"Model '{model.name}' owns trainable variables directly; the factored method "
                     "needs them inside layers. Use method='vmap'.")
+            rule = rules.get(layer) or generic_rule      # no rule: the per-layer path
             object.__setattr__(layer, "call", recorder.wrap(layer, rule))
             patched.append(layer)
         for layer in compat.nested_layers(model):

@@ -55,6 +55,7 @@ from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import curvature as curvature_lib
 from fastewc import data as data_lib
+from fastewc import generic_rule
 from fastewc import likelihood as likelihood_lib
 from fastewc import registry
 from fastewc._checks import (check_jit_compile, check_model, check_one_of, check_positive_int,
@@ -382,18 +383,20 @@ class FisherEstimator:
         return layout, probe_floats
 
     def _choose_method(self, x1, rules):
-        """(engine name, probe floats per example or None).  ``auto``: factored when every
-        weighted layer has a rule and one eager pass under the rules succeeds, else vmap,
-        with one warning naming the layers."""
+        """(engine name, probe floats per example or None).  ``auto``: factored when one
+        eager pass under the rules succeeds, else vmap, with one warning.  A weighted layer
+        without a rule takes the per-layer path (:mod:`fastewc.generic_rule`), with one
+        warning naming it."""
         if self.method not in ("auto", "factored"):
             return self.method, None
-        if self.method == "auto":
-            missing = capture_lib.layers_without_rule(self.model, rules)
-            if missing:
-                self._warn_once(("no-rule", tuple(type(layer).__name__ for layer in missing)),
-                                f"fastewc: no factored Fisher rule for {capture_lib.describe(missing, self.model)}; "
-                                "method='auto' uses 'vmap' (per-example vectorized gradients) for this model.")
-                return "vmap", None
+        missing = [layer for layer in capture_lib.layers_without_rule(self.model, rules) if layer is not self.model]
+        if missing:
+            self._warn_once(("no-rule", tuple(type(layer).__name__ for layer in missing)), (
+                f"fastewc: no factored Fisher rule for {capture_lib.describe(missing, self.model)}; the "
+                f"factored engine takes {'its' if len(missing) == 1 else 'their'} per-example gradients "
+                f"through {generic_rule.METHOD}, for {'that layer' if len(missing) == 1 else 'those layers'} "
+                "alone (the rest of the model keeps its rules). A rule is cheaper: "
+                + registry.registration_hint(type(missing[0]).__name__)))
         try:
             return "factored", capture_lib.survey(self.model, x1, rules) or None
         except registry.UnsupportedLayerError as err:
