@@ -79,6 +79,9 @@ from benchmarks import models, problems  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMBERS = ("floor_xla", "floor_noxla", "empirical", "sampled", "exact")
 FLOORS = {"floor_xla": True, "floor_noxla": False}
+# Not in MEMBERS (run on request: FASTEWC_BENCH_LARGE_MEMBERS or --child): the float64
+# accumulation of a batch's sums alone (:func:`_fold_alone`), with and without XLA.
+FOLDS = {"fold_xla": True, "fold_noxla": False}
 # Smoke mode: the members per row (others skipped): the ViT (its patch embedding's rule) once
 # each, and the exact kind's plan (refused on the causal LM) of the GPT-2 rows; compiling a
 # GPT-2 Fisher function takes ~20 s even this small, and bench_models.py smokes those.
@@ -194,6 +197,8 @@ def measure(name, member, *, small=False, batch_size=None, jit_compile=None, rou
     if member in FLOORS:
         floor = problems.floor_function(model, FLOORS[member])
         call = lambda: floor(x, y)                  # noqa: E731
+    elif member in FOLDS:
+        call = _fold_alone(model, FOLDS[member])
     else:
         options = {} if batch_size is None else {"batch_size": batch_size}
         if jit_compile is not None:
@@ -243,6 +248,20 @@ def measure(name, member, *, small=False, batch_size=None, jit_compile=None, rou
     return record
 
 
+def _fold_alone(model, jit_compile):
+    """The Fisher's accumulation alone: one compiled :func:`fastewc.engines.base.fold` of
+    per-variable sums shaped like the model's trainable variables into the float64 state
+    (the mean formed in the same function), as the engines run it after each batch."""
+    import tensorflow as tf
+    from fastewc.engines import base
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    state = base.initial_state(shapes)
+    sums = [tf.ones(shape, tf.float32) for shape in shapes] + [tf.constant([0.0, 1.0])]
+    count = tf.constant(4, tf.int32)
+    fold = tf.function(base.fold, jit_compile=jit_compile, autograph=False)
+    return lambda: fold(sums, count, state).checks.numpy()
+
+
 @contextlib.contextmanager
 def _locked():
     """Hold ``$FASTEWC_BENCH_LOCK`` (if set) exclusively: one heavy process at a time."""
@@ -275,7 +294,7 @@ def run_child(name, member, **options):
 
 def members():
     chosen = os.environ.get("FASTEWC_BENCH_LARGE_MEMBERS")
-    return tuple(m for m in MEMBERS if not chosen or m in chosen.split(","))
+    return tuple(m for m in MEMBERS + tuple(FOLDS) if (m in chosen.split(",") if chosen else m in MEMBERS))
 
 
 def _summary(info, records):
