@@ -2,7 +2,9 @@
 (and each non-overlapping max pooling's for :mod:`fastewc.pooling`'s cheaper backward).
 
 A layer's own trainable weights (not those of its sublayers) are what its rule accounts
-for (:func:`fastewc._keras_compat.owned_trainable_variables`).  Nested models and layers
+for (:func:`fastewc._keras_compat.owned_trainable_variables`); a weighted layer without a
+rule gets :func:`fastewc.generic_rule.generic_rule` (its own per-example gradients,
+vectorized for that layer alone).  Nested models and layers
 made of sublayers (MultiHeadAttention, a Sequential inside a functional model) are walked
 down to their leaves.  The swap is an instance attribute, set and removed around each
 trace, so the model is never left modified.
