@@ -11,8 +11,9 @@ long as its owner, no longer):
 
 * the resolved likelihood of ``loss`` (:mod:`fastewc.likelihood`);
 * one :class:`Plan` per input signature, made by ONE eager planning pass before the
-  stream starts: the engine (``method="auto"`` picks factored when every weighted layer
-  has a rule, else vmap; a plan whose function cannot be traced steps down
+  stream starts: the engine (``method="auto"`` picks factored, a weighted layer without a
+  rule taking the per-layer path of :mod:`fastewc.generic_rule`, else vmap where a rule
+  refuses its layer; a plan whose function cannot be traced steps down
   factored → vmap → jacobian → loop at its first batch, before anything is accumulated,
   warning once per step and naming the layers; nothing falls back mid-stream), the probe
   sizes that bound the factored engine's rows per call, the input cast, the output shape
@@ -64,8 +65,9 @@ from fastewc.engines import ENGINES, initial_state
 from fastewc.engines.base import IdGuard, is_distributed, mask_sources
 
 METHODS = ("auto",) + tuple(ENGINES)
-# What ``method="auto"`` tries, in order.  Factored needs a rule for every weighted layer
-# (else the plan starts at vmap); an engine whose function cannot be traced for the model
+# What ``method="auto"`` tries, in order.  Factored takes every weighted layer (a rule, or
+# the per-layer path for a layer without one; a rule that refuses its layer starts the plan
+# at vmap); an engine whose function cannot be traced for the model
 # (``tf.vectorized_map``'s pfor has no converter for an op; an op with no graph form) hands
 # over to the next, at the plan's first batch, down to the eager loop, which runs whatever
 # runs eagerly.  ``jacobian`` vectorizes with pfor's while-loop fallback.
