@@ -10,5 +10,13 @@ kind knows, for its block:
   file and a checkpoint.
 
 ``KINDS`` maps a curvature name to its kind; the plan (which block for which layer, from
-the rules and the user's choice) is made once and is the only place that chooses.
+the rules and the user's choice) is made once and is the only place that chooses
+(:class:`fastewc.blocks.plan.BlockPlan`).
 """
+from fastewc.blocks.diagonal import Diagonal
+from fastewc.blocks.kronecker import Kronecker
+from fastewc.blocks.plan import BlockPlan
+
+KINDS = {kind.kind: kind for kind in (Diagonal, Kronecker)}
+
+__all__ = ["KINDS", "BlockPlan", "Diagonal", "Kronecker"]
