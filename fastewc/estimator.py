@@ -19,8 +19,9 @@ long as its owner, no longer):
   (one output: the likelihood's parameters), and the likelihood itself: a loss with
   ``from_logits=True`` on outputs a softmax or sigmoid produced is read as probabilities,
   as Keras' own losses read them, with a warning once per estimator;
-* each plan's engine with its compiled and concrete functions
-  (:mod:`fastewc.engines`);
+* each plan's block plan (:class:`fastewc.blocks.BlockPlan`: which block covers which
+  variables, from the planning pass's rule outputs and ``curvature``) and its engine, built
+  with it, with its compiled and concrete functions (:mod:`fastewc.engines`);
 * its warn-once state and :meth:`tracing_count`.
 
 A plan is keyed by the input signature (structure, per-example shapes and dtypes) and
@@ -32,7 +33,7 @@ Scaling: a repeated call on the same signature costs the compiled work plus a fi
 overhead (argument checks, one tensor conversion per array, one dispatch per batch, one
 host sync at the end); memory is O(P) plus one batch's engine temporaries, whatever N.
 
-That one host sync reads ``FisherState.checks``; it is where the call's data checks that
+That one host sync reads ``FisherState.checks`` (:class:`fastewc.engines.base.Checks`); it is where the call's data checks that
 need the compiled pass are judged, in this order: Embedding ids outside their table
 (counted by :class:`fastewc.engines.base.IdGuard`), a non-finite Fisher (with its cause:
 weights, inputs, a forward or backward overflow in the dtype where it happened), outputs
@@ -297,7 +298,7 @@ class FisherEstimator:
         return plan
 
     def _make_plan(self, source, rules, method=None):
-        """The one eager planning pass: cast, output shape, engine, probe sizes.
+        """The one eager planning pass: cast, output shape, the block plan, engine, probe sizes.
         ``method``: an engine name that overrides the choice (a step down the ladder)."""
         model = self.model
         first_x = source.first_x
@@ -312,16 +313,17 @@ class FisherEstimator:
         kind = blocks_lib.KINDS[self.curvature]
         with _explained_input_errors(model, source, self.method), IdGuard(model):
             if kind.rules_only:
-                method, records = "factored", self._rule_records(x1, rules)
+                method, survey = "factored", self._rule_records(x1, rules)
             elif method is None:
-                method, records = self._choose_method(x1, rules)
+                method, survey = self._choose_method(x1, rules)
             else:
-                records = None
+                survey = None
             likelihood = self._read_likelihood(x1)
             self._check_masks(x1, out_tail)
-        blocks = blocks_lib.BlockPlan(kind, model.trainable_variables, records[0] if records else ())
+        records, probe_floats = survey or ((), None)
+        blocks = blocks_lib.BlockPlan(kind, model.trainable_variables, records)
         blocks.check_memory(_memory.device_bytes())
-        probe_floats = records[1] or None if records else None
+        probe_floats = probe_floats or None
         engine_cls = ENGINES[method]
         jit = engine_cls.default_jit_compile(model, blocks) if self.jit_compile is None else self.jit_compile
         engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules,
