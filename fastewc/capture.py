@@ -206,17 +206,12 @@ def _this_thread_only(layer, call, thread):
 
 
 def survey(model, x, rules):
-    """One eager forward pass of one example under :func:`capture`: the per-example probe
-    size (floats the K deltas of one example take), or raises
-    :class:`fastewc.registry.UnsupportedLayerError` (no rule, a shared layer, a layer
-    configuration its rule does not cover)."""
-    return recorded(model, x, rules)[1]
-
-
-def recorded(model, x, rules):
-    """``(records, probe floats per example)`` of one eager forward pass of ``x`` under
-    :func:`capture`, ``records`` the (layer, RuleOutput) of each weighted layer; raises as
-    :func:`survey`."""
+    """One eager forward pass of one example ``x`` under :func:`capture` (an estimator's
+    planning pass): ``(records, probe floats per example)``, ``records`` the (layer,
+    RuleOutput) of each weighted layer (the block plan's input,
+    :class:`fastewc.blocks.BlockPlan`) and the probe floats what the K deltas of one
+    example take; or raises :class:`fastewc.registry.UnsupportedLayerError` (no rule, a
+    shared layer, a layer configuration its rule does not cover)."""
     recorder = None
     try:
         with capture(model, rules) as recorder:
