@@ -4,14 +4,16 @@ Every rule ends in the same contraction: given example n's gradient g_kn for cot
 
     Σ_k Σ_n w_kn · g_kn²
 
-:func:`weighted_square_sum` computes it from a (K, N, *shape) tensor of per-example
-gradients without assuming anything about the sign of w.
+:func:`weighted_square_sum` (in :mod:`fastewc.contract`, re-exported here) computes it
+from a (K, N, *shape) tensor of per-example gradients without assuming anything about the
+sign of w.
 """
 import string
 
 import tensorflow as tf
 
-from fastewc.registry import KroneckerSums, UnsupportedLayerError
+from fastewc.contract import (KroneckerSums, UnsupportedLayerError, static_or_dynamic_shape,  # noqa: F401
+                              weighted_rows, weighted_square_sum)
 
 
 def check_plain(layer, family, *, lora=False):
@@ -63,21 +65,6 @@ def check_inference(layer, family, training):
             f"Layer '{layer.name}' ({family}) was called with training={training!r}: the "
             "factored Fisher rule covers inference mode only (per-example gradients of "
             "batch statistics are not per-example). Call the model with training=False.")
-
-
-def weighted_square_sum(g, weight):
-    """Σ_k Σ_n weight[k, n] · g[k, n]² for ``g`` of shape (K, N, *shape): shape ``shape``."""
-    return weighted_rows(weight, tf.square(tf.cast(g, tf.float32)), 2)
-
-
-def weighted_rows(weight, t, lead=1):
-    """Σ_r weight_r t_r over the ``lead`` leading axes of ``t`` (weight of those axes'
-    shape): one (1 × R)(R × S) matmul.  Fewer graph ops than ``tf.tensordot`` (whose
-    reshapes and shape arithmetic are most of a rule's trace time on a deep model)."""
-    tail = static_or_dynamic_shape(t)[lead:]
-    size = t.shape[lead:].num_elements()
-    flat = tf.reshape(t, [-1, size if size is not None else tf.reduce_prod(tf.shape(t)[lead:])])
-    return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
 
 
 # Where pairs of positions beat per-example gradients, from a side-by-side measurement
@@ -144,15 +131,6 @@ def position_pair_square_sum(rows, delta, weight):
     c = weighted_delta_pairs(delta, weight)                                # (N, P, F)
     return tf.matmul(tf.reshape(products, [-1, rows.shape[-1]]),
                      tf.reshape(c, [-1, delta.shape[-1]]), transpose_a=True)
-
-
-def static_or_dynamic_shape(t):
-    """``t``'s shape as a list: Python ints where static, scalar tensors elsewhere."""
-    static = t.shape.as_list()
-    if all(d is not None for d in static):
-        return static
-    dynamic = tf.shape(t)
-    return [d if d is not None else dynamic[i] for i, d in enumerate(static)]
 
 
 def leading_dims(delta):
