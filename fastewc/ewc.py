@@ -92,7 +92,7 @@ from fastewc.kfac_penalty import KFAC_SUMS
 from fastewc._checks import as_float32, check_lam, check_model, check_one_of
 
 MODES = ("separate", "online")
-_ESTIMATORS = "_fastewc_fisher_estimators"
+_ESTIMATORS = _cache.FISHER_ESTIMATORS
 # The scalar state, checkpointed as ``ewc/<name>`` (the attribute names).
 _SCALARS = ("_lam", "_gamma", "_mode_index", "_num_tasks", "_const", "_curvature_index",
             "_kfac_sum_index", "_damping")
@@ -842,15 +842,10 @@ class EWC(tf.Module):
     def _estimator(self, model, **config):
         """This EWC's :class:`fastewc.FisherEstimator` of ``model`` (its own, or a sub-model)
         for ``config`` (made on first use; dropped with the EWC, or when :attr:`model` is
-        reassigned).  The estimator holds ``model``, so its id names it while cached."""
-        from fastewc.estimator import FisherEstimator, make_config   # ewc -> fisher, lazily
+        reassigned): :func:`fastewc.fisher.estimator_for` with this EWC as the owner."""
+        from fastewc import fisher   # ewc -> fisher, lazily
 
-        key = (id(model), make_config(**config))
-        estimators = _cache.owned_cache(self, _ESTIMATORS)
-        estimator = estimators.get(key)
-        if estimator is None:
-            estimator = estimators[key] = FisherEstimator(model, **config)
-        return estimator
+        return fisher.estimator_for(model, owner=self, **config)
 
     def _task_model(self, model):
         """The model a task's Fisher is over: this EWC's model (``model`` None), or a
