@@ -11,16 +11,17 @@ checkpoint's (:meth:`KroneckerState.replace`, shapes checked with :func:`block_s
 import numpy as np
 import tensorflow as tf
 
-from fastewc import kfac_penalty
+from fastewc import kfac_penalty, kronecker
 from fastewc._state_table import StateTable
 
 FIELDS = ("coef", "a", "g", "anchor")
 
 
-def block_shapes(kernel_shape, has_bias):
-    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape``."""
-    rows = int(np.prod(kernel_shape[:-1])) + (1 if has_bias else 0)
-    units = int(kernel_shape[-1])
+def block_shapes(kernel_shape, has_bias, input_rank=None):
+    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape`` split after its first
+    ``input_rank`` axes (:func:`fastewc.kronecker.matrix_shape`)."""
+    rows, units = kronecker.matrix_shape(kernel_shape, input_rank)
+    rows += 1 if has_bias else 0
     return (), (rows, rows), (units, units), (rows, units)
 
 

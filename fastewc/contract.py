@@ -60,10 +60,16 @@ class KroneckerSums(typing.NamedTuple):
     (the "expand" convention of Eschenhagen et al. 2023, KFC's for convolutions: positions
     are treated as examples).  ``variables`` is (kernel, bias) or (kernel,): the block's
     weight matrix is the kernel reshaped to (d, u) with the bias as its last row
-    (:func:`fastewc.kronecker.weight_matrix`)."""
+    (:func:`fastewc.kronecker.weight_matrix`), d the product of the kernel's first
+    ``input_rank`` axes (the inputs a row holds) and u that of the others (the outputs a
+    delta holds).  ``input_rank`` None means all axes but the last (a Dense or convolution
+    kernel); an EinsumDense kernel such as MultiHeadAttention's query (d_model, heads,
+    head_dim) has input_rank 1, u = heads·head_dim, and its bias (heads, head_dim) is the
+    last row."""
     variables: tuple
     a: typing.Any
     g: typing.Any
+    input_rank: typing.Optional[int] = None
 
 
 class RuleOutput(typing.NamedTuple):

@@ -1,15 +1,17 @@
 """What a Fisher estimator accumulates: the diagonal, or Kronecker factors per layer.
 
 ``curvature="diagonal"`` (the default) keeps one F_i per parameter (:mod:`fastewc.fisher`).
-``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense and
-convolution kernels with their bias: ``kron`` in :class:`fastewc.registry.RuleOutput`),
+``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense,
+convolution and EinsumDense kernels with their bias: ``kron`` in
+:class:`fastewc.contract.RuleOutput`),
 the two factors of its Fisher block (Martens & Grosse 2015; Grosse & Martens 2016 for
 convolutions; Ritter, Botev & Barber 2018 for their use in continual learning):
 
     F_W̄ ≈ A ⊗ G,    A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,    G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
 
-for the block's weight matrix W̄ (the kernel reshaped to (d, u), the bias as its last
-row; :func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
+for the block's weight matrix W̄ (the kernel reshaped to (d, u), its input axes as rows
+and its output axes as columns, the bias as its last row;
+:func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
 positions l of example n and the output deltas δ = ∂ℓ/∂z, with y as the kind says
 (true label, sampled, or the full expectation through the K weighted cotangents).  For
 one example at one position A ⊗ G IS the Fisher block E_y[vec(ā δᵀ) vec(ā δᵀ)ᵀ]; in
@@ -37,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastewc import capture as capture_lib
+from fastewc import kronecker
 
 CURVATURES = ("diagonal", "kfac")
 
@@ -46,7 +49,10 @@ class KroneckerBlock(typing.NamedTuple):
     layer: str              # the layer's name
     variables: tuple        # (kernel, bias) or (kernel,): the model variables it covers
     a: tf.Tensor            # (d', d'), d' = kernel rows (+1 with a bias)
-    g: tf.Tensor            # (u, u), u = kernel.shape[-1]
+    g: tf.Tensor            # (u, u), u = kernel columns
+    # The kernel's leading axes that are inputs (rows); None: all but the last
+    # (:func:`fastewc.kronecker.matrix_shape`; an EinsumDense kernel may have several outputs).
+    input_rank: typing.Optional[int] = None
 
 
 class KroneckerFisher(typing.NamedTuple):
@@ -64,17 +70,18 @@ class KroneckerFisher(typing.NamedTuple):
         for block in self.blocks:
             diag = tf.tensordot(tf.linalg.diag_part(block.a), tf.linalg.diag_part(block.g), 0)
             kernel = block.variables[0]
-            rows = int(np.prod(kernel.shape[:-1]))
+            rows = kronecker.matrix_shape(kernel.shape, block.input_rank)[0]
             out[id(kernel)] = tf.reshape(diag[:rows], kernel.shape)
             if len(block.variables) > 1:
-                out[id(block.variables[1])] = diag[rows]
+                out[id(block.variables[1])] = tf.reshape(diag[rows], block.variables[1].shape)
         return [out[id(v)] for v in self.variables]
 
 
 class Layout(typing.NamedTuple):
     """The quantities a plan accumulates: ``keys`` (the engine's names for them: id(variable)
     for a diagonal, ("a" | "g", id(kernel)) for a factor), their ``shapes`` and ``names``
-    (for messages), and ``blocks`` = (layer name, variables, index of a, index of g)."""
+    (for messages), and ``blocks`` = (layer name, variables, index of a, index of g, input
+    rank: :class:`KroneckerBlock`'s)."""
     curvature: str
     keys: list
     shapes: list
@@ -110,13 +117,13 @@ def kronecker_layout(model, x, rules, variables):
         delta = tf.zeros((1,) + tuple(probe.shape), tf.float32)
         for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]])):
             factors[id(sums.variables[0])] = (layer.name, tuple(sums.variables),
-                                              tuple(sums.a.shape), tuple(sums.g.shape))
-    covered = {id(v) for _, block, _, _ in factors.values() for v in block}
+                                              tuple(sums.a.shape), tuple(sums.g.shape), sums.input_rank)
+    covered = {id(v) for _, block, _, _, _ in factors.values() for v in block}
     keys, shapes, names, blocks = [], [], [], []
     for v in variables:
         if id(v) in factors:
-            name, block, a_shape, g_shape = factors[id(v)]
-            blocks.append((name, block, len(keys), len(keys) + 1))
+            name, block, a_shape, g_shape, input_rank = factors[id(v)]
+            blocks.append((name, block, len(keys), len(keys) + 1, input_rank))
             keys += [("a", id(v)), ("g", id(v))]
             shapes += [a_shape, g_shape]
             names += [f"{_path(v)} (Kronecker factor A)", f"{_path(v)} (Kronecker factor G)"]
@@ -140,7 +147,7 @@ def check_factor_memory(layout, device_bytes):
     need = BYTES_PER_FACTOR_FLOAT * sum(int(np.prod(shape)) for shape in layout.shapes)
     if not layout.blocks or need <= device_bytes // 2:
         return
-    name, _, a, _ = max(layout.blocks, key=lambda block: int(np.prod(layout.shapes[block[2]])))
+    name, _, a, _, _ = max(layout.blocks, key=lambda block: int(np.prod(layout.shapes[block[2]])))
     raise ValueError(
         f"curvature='kfac' needs about {need / 2**30:.1f} GiB for its Kronecker factors, more than "
         f"half of this device's {device_bytes / 2**30:.1f} GiB: layer '{name}' alone has an A of "
@@ -157,6 +164,7 @@ def assemble(layout, values, variables):
     if not layout.kronecker:
         return values
     index = {key: i for i, key in enumerate(layout.keys)}
-    blocks = [KroneckerBlock(name, block, values[a], values[g]) for name, block, a, g in layout.blocks]
+    blocks = [KroneckerBlock(name, block, values[a], values[g], input_rank)
+              for name, block, a, g, input_rank in layout.blocks]
     diagonal = [values[index[id(v)]] if id(v) in index else None for v in variables]
     return KroneckerFisher(blocks, diagonal, list(variables))

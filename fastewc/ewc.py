@@ -162,6 +162,12 @@ class PenaltyPlan(NamedTuple):
 _NO_PLAN = PenaltyPlan([], [], [], {}, [], [])
 
 
+def _stored_input_rank(kernel, block, anchor):
+    """The input rank a block's stored anchor W̄* (d', u) was made with
+    (:func:`fastewc.kronecker.input_rank_of`)."""
+    return kronecker.input_rank_of(tuple(kernel.shape), int(anchor.shape[0]) - (block[1] is not None))
+
+
 class _Task(NamedTuple):
     """A validated task: its per-key F and θ (float32), and the model's variables by key."""
     fisher: dict
@@ -192,8 +198,8 @@ class EWC(tf.Module):
       exclude: variables never penalized: a list of variables or paths, or a predicate
         ``fn(variable) -> bool``.
       curvature: ``"diagonal"`` (the diagonal Fisher) or ``"kfac"``: Kronecker-factored
-        blocks A ⊗ G for Dense and convolution layers (:func:`fastewc.kfac_fisher`), the
-        diagonal for the other variables.
+        blocks A ⊗ G for Dense, convolution and EinsumDense layers
+        (:func:`fastewc.kfac_fisher`), the diagonal for the other variables.
       damping: δ ≥ 0 (``"kfac"`` only), factored Tikhonov damping of every Kronecker term,
         (A + π√δ I) ⊗ (G + √δ/π I) (:func:`fastewc.kronecker.damped_factors`): a prior
         precision of about δ on the block's weights.  Default 0: the penalty is the
@@ -587,7 +593,9 @@ class EWC(tf.Module):
             kernel = self._restore_target(block[0], "EWC Kronecker state")
             if block[1] is not None:
                 self._restore_target(block[1], "EWC Kronecker state")
-            shapes = dict(zip(FIELDS, block_shapes(tuple(kernel.shape), block[1] is not None)))
+            anchor = terms.get(0, {}).get("anchor")
+            input_rank = None if anchor is None else _stored_input_rank(kernel, block, anchor)
+            shapes = dict(zip(FIELDS, block_shapes(tuple(kernel.shape), block[1] is not None, input_rank)))
             if sorted(terms) != list(range(len(terms))) or any(len(f) != len(FIELDS) for f in terms.values()):
                 raise ValueError(
                     f"Cannot restore the EWC Kronecker state of '{block[0]}' from the checkpoint: its "
@@ -941,7 +949,7 @@ class EWC(tf.Module):
                     f"`exclude` covers part of layer '{block.layer}''s Kronecker block "
                     f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
             keys = tuple(self._key(v) for v in block.variables)
-            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g)
+            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g, block.input_rank)
         return diagonal, blocks
 
     def _merge_kronecker(self, blocks, task):
@@ -953,12 +961,12 @@ class EWC(tf.Module):
         mode, kfac_sum, gamma = self.mode, self.kfac_sum, self.gamma
         pending = {}
 
-        def anchor_of(block):
+        def anchor_of(block, input_rank):
             return kronecker.weight_matrix([task.theta[k] if k in task.theta else
                                             penalty_lib.read_float32(task.by_key[k])
-                                            for k in block if k is not None])
+                                            for k in block if k is not None], input_rank)
 
-        for block, (layer, a, g) in blocks.items():
+        for block, (layer, a, g, input_rank) in blocks.items():
             for label, factor in (("A", a), ("G", g)):
                 if not (bool(tf.reduce_all(tf.math.is_finite(factor)))
                         and bool(tf.reduce_all(tf.linalg.diag_part(factor) >= 0))):
@@ -968,12 +976,14 @@ class EWC(tf.Module):
             current = [kfac_penalty.Term(*(v.read_value() for v in t.values()))
                        for t in self._kronecker.blocks.get(block, [])]
             pending[block], _ = kfac_penalty.merge_block(
-                current, (tf.cast(a, tf.float32), tf.cast(g, tf.float32), anchor_of(block)),
+                current, (tf.cast(a, tf.float32), tf.cast(g, tf.float32), anchor_of(block, input_rank)),
                 mode=mode, kfac_sum=kfac_sum, gamma=gamma)
         for block, terms in self._kronecker.blocks.items():
             if block not in pending:
                 current = [kfac_penalty.Term(*(v.read_value() for v in t.values())) for t in terms]
-                pending[block] = kfac_penalty.decay_block(current, anchor_of(block), mode=mode, gamma=gamma)
+                input_rank = _stored_input_rank(task.by_key[block[0]], block, current[0].anchor)
+                pending[block] = kfac_penalty.decay_block(current, anchor_of(block, input_rank), mode=mode,
+                                                          gamma=gamma)
         for block, terms in pending.items():
             values = [v for term in terms for v in term.values()]
             if not all(bool(tf.reduce_all(tf.math.is_finite(tf.cast(v, tf.float32)))) for v in values):
@@ -1192,7 +1202,8 @@ class EWC(tf.Module):
                 raise ValueError(
                     f"Cannot load EWC state from {path!r} onto model '{self._model.name}': the file "
                     f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
-            shapes = block_shapes(tuple(kernel.shape), block[1] is not None)
+            input_rank = _stored_input_rank(kernel, block, terms[0][3]) if terms else None
+            shapes = block_shapes(tuple(kernel.shape), block[1] is not None, input_rank)
             for term in terms:
                 if tuple(np.shape(v) for v in term) != shapes:
                     raise ValueError(

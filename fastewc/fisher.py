@@ -89,7 +89,7 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
 def kfac_fisher(model, data, *, loss, kind="empirical", batch_size=None, num_samples=1, seed=None,
                 jit_compile=None, verbose=0, rules=None, max_examples=None, positions="sum"):
     """Kronecker-factored Fisher of ``model`` over ``data`` (:mod:`fastewc.curvature`): for
-    each Dense or convolution layer the factors of its block, F_W̄ ≈ A ⊗ G,
+    each Dense, convolution or EinsumDense layer the factors of its block, F_W̄ ≈ A ⊗ G,
 
         A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,      G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
 

@@ -56,7 +56,9 @@ def _body(blocks, lam, damping):
     with tf.name_scope("fastewc/kfac_penalty"):
         value, grads, parts = tf.constant(0.0), [], []
         for thetas, terms in blocks:
-            w = kronecker.weight_matrix(thetas)
+            # The anchors' shape says how the kernel is split (kronecker.input_rank_of).
+            input_rank = kronecker.input_rank_of(thetas[0].shape, terms[0][3].shape[0] - len(thetas) + 1)
+            w = kronecker.weight_matrix(thetas, input_rank)
             q_sum, m_sum = tf.constant(0.0), None
             for coef, a, g, anchor in terms:
                 a_d, g_d = kronecker.damped_factors(a, g, damping)
@@ -65,7 +67,7 @@ def _body(blocks, lam, damping):
                 m_sum = coef * m if m_sum is None else m_sum + coef * m
             parts.append((0.5 * lam) * q_sum)
             value += parts[-1]
-            grads += kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas])
+            grads += kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas], input_rank)
         return value, grads, tf.stack(parts)
 
 
@@ -90,7 +92,9 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
     Args:
       blocks: ``[(thetas, terms)]``: ``thetas`` the block's current [kernel] or [kernel,
         bias] (float32 tensors; read variables first), ``terms`` a list of
-        (c, A, G, W̄*) float32 tensors or variables.
+        (c, A, G, W̄*) float32 tensors or variables.  The anchors' shape (d', u) says how
+        the kernel is split into W̄'s rows and columns (:func:`fastewc.kronecker.input_rank_of`:
+        all axes but the last, or an EinsumDense kernel's input axes).
       lam: λ, a float or scalar float32 tensor.
       damping: δ ≥ 0, a float or scalar float32 tensor.
       inline: trace into the caller's graph without a custom gradient (train steps that

@@ -146,7 +146,7 @@ def masked_rows(inputs, mask):
     return inputs * tf.reshape(mask, [-1] + [1] * (inputs.shape.rank - 1))
 
 
-def kronecker_sums(variables, rows, deltas, weight, mask, *, bias):
+def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=None):
     """The :class:`fastewc.registry.KroneckerSums` of a layer whose weight matrix maps input
     rows to output rows: ``rows`` (N, L, d) (float32; L positions per example; padding
     rows already zero, :func:`masked_rows`), ``deltas`` (K, N, L, u), ``weight`` (K, N),
@@ -155,7 +155,8 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias):
 
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
-    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u)."""
+    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u).  ``input_rank``:
+    :class:`fastewc.contract.KroneckerSums`'s (None: a kernel with one output axis)."""
     d, u = rows.shape[-1], deltas.shape[-1]
     positions = rows.shape[1] if rows.shape[1] is not None else tf.cast(tf.shape(rows)[1], tf.float32)
     flat = tf.reshape(rows, [-1, d])
@@ -167,4 +168,4 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias):
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
-    return KroneckerSums(tuple(variables), a, g)
+    return KroneckerSums(tuple(variables), a, g, input_rank)
