@@ -183,3 +183,22 @@ def test_weight_matrix_of_a_kernel_with_several_output_axes():
         kronecker.weight_matrix([kernel], input_rank=3)
     with pytest.raises(ValueError, match=r"the bias\) must have shape \(2, 3\)"):
         kronecker.weight_matrix([kernel, bias.reshape(-1)], input_rank=1)
+
+
+def test_dense_like_einsum_dense_has_the_dense_factors():
+    """'...c,cd->...d' over positions is a Dense over positions (whose factors
+    tests/test_kfac_fisher.py checks against float64): same weights, same A and G."""
+    x, y = _data()
+
+    def model(first):
+        inputs = keras.Input((T, D))
+        return keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(first(inputs))))
+
+    einsum = model(keras.layers.EinsumDense("...c,cd->...d", 5, bias_axes="d", activation="tanh", name="first"))
+    dense = model(keras.layers.Dense(5, activation="tanh", name="first"))
+    dense.set_weights(einsum.get_weights())
+    got, want = ({b.layer: b for b in fastewc.kfac_fisher(m, (x, y), loss=LOGITS, kind="exact").blocks}
+                 for m in (einsum, dense))
+    assert got["first"].input_rank == 1
+    assert_close(got["first"].a, want["first"].a)
+    assert_close(got["first"].g, want["first"].g)

@@ -32,6 +32,7 @@ rows, positions treated as examples.  Any other equation (a kernel axis both in 
 and the output, input axes after output axes, an input axis summed without a kernel axis)
 has ``kron=None``: the layer keeps its diagonal; so does a bias over only some output axes.
 """
+import math
 import re
 import string
 
@@ -98,8 +99,9 @@ def einsum_dense_rule(layer, inputs, *args, **kwargs):
         return RuleOutput(outputs, z, sum_sq=sum_sq)
     inputs_axes, output_axes, positions = axes
     rank = len(inputs_axes)
-    d, u = layer.kernel.shape[:rank].num_elements(), layer.kernel.shape[rank:].num_elements()
-    bias = layer.bias is not None and tuple(layer.bias.shape) == tuple(layer.kernel.shape[rank:]) \
+    shape = tuple(layer.kernel.shape)
+    d, u = math.prod(shape[:rank]), math.prod(shape[rank:])
+    bias = layer.bias is not None and tuple(layer.bias.shape) == shape[rank:] \
         and out_spec.endswith(output_axes)
     block = (layer.kernel, layer.bias) if bias else (layer.kernel,)
 
