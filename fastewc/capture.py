@@ -150,7 +150,7 @@ def describe(layers, model=None):
 
 def model_lock(model):
     """The per-model re-entrant lock held while :func:`swapped_calls` has layers' ``call``
-    swapped: the swaps of two threads never interleave, and one thread's nest."""
+    swapped: the swaps of two threads never interleave, and one thread's swaps can nest."""
     return _cache.owned_cache(model, _CAPTURE_LOCK).setdefault("lock", threading.RLock())
 
 
