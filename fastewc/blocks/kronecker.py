@@ -59,11 +59,18 @@ FIELDS = ("coef", "a", "g", "anchor")
 _ARRAYS = ("kfaca", "kfacg", "kfacw")
 
 
-def block_shapes(kernel_shape, has_bias):
-    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape``."""
-    rows = int(np.prod(kernel_shape[:-1])) + (1 if has_bias else 0)
-    units = int(kernel_shape[-1])
+def block_shapes(kernel_shape, has_bias, input_rank=None):
+    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape`` split after its first
+    ``input_rank`` axes (:func:`fastewc.kronecker.matrix_shape`)."""
+    rows, units = kronecker.matrix_shape(kernel_shape, input_rank)
+    rows += 1 if has_bias else 0
     return (), (rows, rows), (units, units), (rows, units)
+
+
+def stored_input_rank(kernel, block, anchor):
+    """The input rank a block's stored anchor W̄* (d', u) was made with
+    (:func:`fastewc.kronecker.input_rank_of`): the state needs no field of its own."""
+    return kronecker.input_rank_of(tuple(kernel.shape), int(anchor.shape[0]) - (block[1] is not None))
 
 
 def terms(fields):
@@ -96,8 +103,9 @@ class Kronecker(Block):
     dense_sums = True
     xla_on_cpu = False
 
-    def __init__(self, layer_name, variables, a_shape, g_shape):
+    def __init__(self, layer_name, variables, a_shape, g_shape, input_rank=None):
         self.layer_name = layer_name
+        self.input_rank = input_rank
         self.variables = tuple(variables)
         self.sum_shapes = (tuple(a_shape), tuple(g_shape))
         path = _path(self.variables[0])
@@ -110,7 +118,7 @@ class Kronecker(Block):
             return []
         probe = result.probe
         delta = tf.zeros((1,) + tuple(probe.shape), tf.float32)
-        return [cls(layer.name, sums.variables, sums.a.shape, sums.g.shape)
+        return [cls(layer.name, sums.variables, sums.a.shape, sums.g.shape, sums.input_rank)
                 for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]]))]
 
     @classmethod
@@ -121,7 +129,7 @@ class Kronecker(Block):
         """The :class:`fastewc.curvature.KroneckerBlock` (factors symmetric up to the
         rounding of their matmuls, XᵀX: symmetrizing the reference CNN's 9217² A would
         cost 0.4 s, and the penalty's gradient 2AΔG is off by that rounding only)."""
-        return curvature.KroneckerBlock(self.layer_name, self.variables, means[0], means[1])
+        return curvature.KroneckerBlock(self.layer_name, self.variables, means[0], means[1], self.input_rank)
 
     @classmethod
     def assemble(cls, blocks, parts, variables):
@@ -208,7 +216,7 @@ class Kronecker(Block):
                     f"`exclude` covers part of layer '{block.layer}''s Kronecker block "
                     f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
             keys = tuple(tracking.key(v) for v in block.variables)
-            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g)
+            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g, block.input_rank)
         return blocks
 
     @staticmethod
@@ -220,23 +228,26 @@ class Kronecker(Block):
         mode, kfac_sum, gamma = settings.mode, settings.kfac_sum, settings.gamma
         pending = {}
 
-        def anchor_of(block):
+        def anchor_of(block, input_rank):
             return kronecker.weight_matrix([task.theta[k] if k in task.theta else
                                             penalty_lib.read_float32(task.by_key[k])
-                                            for k in block if k is not None])
+                                            for k in block if k is not None], input_rank)
 
-        for block, (layer, a, g) in task.estimates.get(Kronecker.kind, {}).items():
+        for block, (layer, a, g, input_rank) in task.estimates.get(Kronecker.kind, {}).items():
             for label, factor in (("A", a), ("G", g)):
                 if not (all_finite([factor]) and bool(tf.reduce_all(tf.linalg.diag_part(factor) >= 0))):
                     raise ValueError(
                         f"`fisher`: the Kronecker factor {label} of layer '{layer}' must be finite "
                         "with a non-negative diagonal. Received: NaN, Inf or a negative diagonal")
             pending[block], _ = kfac_penalty.merge_block(
-                terms(current.get(block, [])), (tf.cast(a, tf.float32), tf.cast(g, tf.float32), anchor_of(block)),
+                terms(current.get(block, [])), (tf.cast(a, tf.float32), tf.cast(g, tf.float32),
+                                                  anchor_of(block, input_rank)),
                 mode=mode, kfac_sum=kfac_sum, gamma=gamma)
         for block, fields in current.items():
             if block not in pending:
-                pending[block] = kfac_penalty.decay_block(terms(fields), anchor_of(block), mode=mode, gamma=gamma)
+                input_rank = stored_input_rank(task.by_key[block[0]], block, terms(fields)[0].anchor)
+                pending[block] = kfac_penalty.decay_block(terms(fields), anchor_of(block, input_rank), mode=mode,
+                                                          gamma=gamma)
         for block, block_terms in pending.items():
             if not all_finite(flat(block_terms)):
                 raise ValueError(
@@ -272,7 +283,9 @@ class Kronecker(Block):
             kernel = tracking.restore_target(block[0], "EWC Kronecker state")
             if block[1] is not None:
                 tracking.restore_target(block[1], "EWC Kronecker state")
-            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None)))
+            anchor = block_terms.get(0, {}).get("anchor")
+            input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
+            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None, input_rank)))
             if (sorted(block_terms) != list(range(len(block_terms)))
                     or any(len(f) != len(FIELDS) for f in block_terms.values())):
                 raise ValueError(
@@ -308,7 +321,8 @@ class Kronecker(Block):
                     f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
                     f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
             kernel = by_key[block[0]]
-            shapes = block_shapes(shape_of(kernel), block[1] is not None)
+            input_rank = stored_input_rank(kernel, block, block_terms[0][3]) if block_terms else None
+            shapes = block_shapes(shape_of(kernel), block[1] is not None, input_rank)
             for term in block_terms:
                 if tuple(np.shape(v) for v in term) != shapes:
                     raise ValueError(
