@@ -43,7 +43,7 @@ from fastewc.blocks.penalty import penalty_and_gradients as _penalty_over_blocks
 from fastewc.blocks.store import CURVATURES, MODES, State, file_settings
 from fastewc.kfac_penalty import KFAC_SUMS
 
-_ESTIMATORS = "_fastewc_fisher_estimators"
+_ESTIMATORS = _cache.FISHER_ESTIMATORS
 
 
 class EWC(tf.Module):
@@ -57,8 +57,9 @@ class EWC(tf.Module):
       gamma: γ ∈ [0, 1], the online decay of older tasks (only with ``mode="online"``).
       exclude: variables never penalized: a list of variables or paths, or a predicate
         ``fn(variable) -> bool``.
-      curvature: ``"diagonal"`` or ``"kfac"``: Kronecker-factored blocks A ⊗ G for Dense and
-        convolution layers (:func:`fastewc.kfac_fisher`), the diagonal for the others.
+      curvature: ``"diagonal"`` (the diagonal Fisher) or ``"kfac"``: Kronecker-factored
+        blocks A ⊗ G for Dense, convolution and EinsumDense layers
+        (:func:`fastewc.kfac_fisher`), the diagonal for the other variables.
       damping: δ ≥ 0 (``"kfac"`` only), factored Tikhonov damping of every Kronecker term,
         (A + π√δ I) ⊗ (G + √δ/π I) (:func:`fastewc.kronecker.damped_factors`).  Default 0:
         nothing is inverted, so no damping is needed.  Settable later.
@@ -269,14 +270,9 @@ class EWC(tf.Module):
     def _estimator(self, model, **config):
         """This EWC's :class:`fastewc.FisherEstimator` of ``model`` for ``config`` (made on
         first use; dropped with the EWC, or when :attr:`model` is reassigned)."""
-        from fastewc.estimator import FisherEstimator, make_config   # ewc -> fisher, lazily
+        from fastewc import fisher   # ewc -> fisher, lazily
 
-        key = (id(model), make_config(**config))
-        estimators = _cache.owned_cache(self, _ESTIMATORS)
-        estimator = estimators.get(key)
-        if estimator is None:
-            estimator = estimators[key] = FisherEstimator(model, **config)
-        return estimator
+        return fisher.estimator_for(model, owner=self, **config)
 
     def add_task(self, fisher, anchors=None, *, model=None):
         """Absorb a task whose Fisher is already known.

@@ -66,15 +66,18 @@ def _body(blocks, lam, damping):
 def block_penalty(thetas, terms, lam, damping):
     """``(λ/2 Σ_t c_t ⟨W̄ − W̄_t, A_t,δ (W̄ − W̄_t) G_t,δ⟩, [∇ per theta])`` of one block,
     traced inline: ``thetas`` its current [kernel] or [kernel, bias] (float32 tensors),
-    ``terms`` its (c, A, G, W̄*) float32 tensors."""
-    w = kronecker.weight_matrix(thetas)
+    ``terms`` its (c, A, G, W̄*) float32 tensors; the anchors' shape says how the kernel
+    is split into W̄'s rows and columns (:func:`fastewc.kronecker.input_rank_of`)."""
+    input_rank = kronecker.input_rank_of(thetas[0].shape, terms[0][3].shape[0] - len(thetas) + 1)
+    w = kronecker.weight_matrix(thetas, input_rank)
     q_sum, m_sum = tf.constant(0.0), None
     for coef, a, g, anchor in terms:
         a_d, g_d = kronecker.damped_factors(a, g, damping)
         q, m = kronecker.quadratic_form(w - anchor, a_d, g_d)
         q_sum += coef * q
         m_sum = coef * m if m_sum is None else m_sum + coef * m
-    return (0.5 * lam) * q_sum, kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas])
+    return (0.5 * lam) * q_sum, kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas],
+                                                       input_rank)
 
 
 _COMPILED = {}
@@ -98,7 +101,9 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
     Args:
       blocks: ``[(thetas, terms)]``: ``thetas`` the block's current [kernel] or [kernel,
         bias] (float32 tensors; read variables first), ``terms`` a list of
-        (c, A, G, W̄*) float32 tensors or variables.
+        (c, A, G, W̄*) float32 tensors or variables.  The anchors' shape (d', u) says how
+        the kernel is split into W̄'s rows and columns (:func:`fastewc.kronecker.input_rank_of`:
+        all axes but the last, or an EinsumDense kernel's input axes).
       lam: λ, a float or scalar float32 tensor.
       damping: δ ≥ 0, a float or scalar float32 tensor.
       inline: trace into the caller's graph without a custom gradient (train steps that

@@ -10,7 +10,8 @@ kind knows, for its block:
   file and a checkpoint.
 
 ``KINDS`` maps a curvature name to its kind; the plan (which block for which layer, from
-the rules and the user's choice) is made once and is the only place that chooses.
+the rules and the user's choice) is made once and is the only place that chooses
+(:class:`fastewc.blocks.plan.BlockPlan`).
 
 On the EWC side every tracked variable has a diagonal block (the base kind, ``BASE``); a
 curvature's kind adds its blocks on top (:func:`kinds_of`).  The state of all of them is
@@ -24,13 +25,14 @@ from fastewc._checks import as_float32, check_one_of
 from fastewc.blocks.task import Settings, Task
 from fastewc.blocks.diagonal import Diagonal, check_aligned
 from fastewc.blocks.kronecker import Kronecker
+from fastewc.blocks.plan import BlockPlan
 from fastewc.kfac_penalty import KFAC_SUMS
 from fastewc.penalty import read_float32
 
-KINDS = {"diagonal": Diagonal, "kfac": Kronecker}
+KINDS = {kind.kind: kind for kind in (Diagonal, Kronecker)}
 BASE = Diagonal
 
-__all__ = ["KINDS", "BASE", "Settings", "Task", "kinds_of", "check_options", "task"]
+__all__ = ["KINDS", "BASE", "BlockPlan", "Diagonal", "Kronecker", "Settings", "Task", "kinds_of", "check_options", "task"]
 
 
 def kinds_of(curvature):

@@ -14,6 +14,15 @@ constant c (shared by all blocks, a scalar of :class:`fastewc.blocks.store.State
 overflow-free value and gradient) is :mod:`fastewc.penalty`'s; this kind applies it to the
 blocks of an EWC.  Every tracked variable has a diagonal block, also under another kind
 (its A stays 0 where that kind's block covers it), so ``EWC.state()`` lists them all.
+
+Estimation: every variable no other block of the plan covers is a diagonal block,
+whatever the curvature chosen, with F_i = (1/N) Σ_n E_{y ~ q_n} [(∂ℓ(y, x_n; θ)/∂θ_i)²]
+(:mod:`fastewc.fisher`).  Its per-batch sum is Σ_n Σ_k W_kn g_kn² (shaped like the
+variable), from a rule's weighted square sums
+(:meth:`fastewc.registry.RuleOutput.square_sums`) or from the per-example gradients of the
+vmap, jacobian and loop engines; its mean is F itself.  The sums are one float per
+parameter, so each batch's compiled function also forms the mean (the passes fuse there)
+and XLA is the CPU default (:mod:`fastewc._policy`).
 """
 import numpy as np
 import tensorflow as tf
@@ -28,20 +37,38 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FIELDS = ("fisher", "anchor")
 
 
+
+
+def _path(variable):
+    return getattr(variable, "path", None) or variable.name
+
+
 class Diagonal(Block):
-    """A variable's diagonal Fisher block, keyed by the variable's EWC key (its path)."""
+    """A variable's diagonal Fisher block: on the estimation side an instance covering one
+    variable; on the EWC side keyed by the variable's EWC key (its path)."""
 
     kind = "diagonal"
 
-    # -- estimation --------------------------------------------------------------------
+    def __init__(self, variable):
+        self.variables = (variable,)
+        self.sum_shapes = (tuple(variable.shape),)
+        self.sum_names = (_path(variable),)
 
+    # -- estimation ------------------------------------------------------------------------
+    @classmethod
+    def rule_sums(cls, result, delta, weight, mask):
+        return {(cls.kind, id(variable)): (value,) for variable, value in result.square_sums(delta, weight)}
 
+    def gradient_sums(self, squares):
+        return (squares[id(self.variables[0])],)
 
+    def finish(self, means):
+        return means[0]
 
-
-
-
-
+    @classmethod
+    def assemble(cls, blocks, parts, variables):
+        """The list of float32 tensors, one per variable, shaped like it."""
+        return list(parts)
 
     # -- state -------------------------------------------------------------------------
     OPTIONS = ()

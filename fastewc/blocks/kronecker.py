@@ -1,7 +1,27 @@
 """The Kronecker kind: one block per Dense or convolution layer (kernel and bias), A ⊗ G.
 
-A block is keyed by its variables' EWC keys, ``(kernel key, bias key or None)``.  Its
-state is a list of terms (c_t, A_t, G_t, W̄_t) (:mod:`fastewc.kfac_penalty`), stored flat
+Estimation (:mod:`fastewc.curvature`):
+
+    F_W̄ ≈ A ⊗ G,    A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,    G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
+
+A block covers a kernel and its bias (W̄: the kernel reshaped to (d, u), the bias as its
+last row) of a layer whose rule has a Kronecker form (``kron`` in
+:class:`fastewc.registry.RuleOutput`: Dense and convolution kernels); its per-batch sums
+are the rule's :class:`fastewc.registry.KroneckerSums` (a, g) and their means are A and
+G, finished into a :class:`fastewc.curvature.KroneckerBlock`.  The plan finds the blocks
+and their factor shapes in its eager pass of one example (each ``kron`` called once on
+zero deltas).
+
+The factors are dense: A alone is d'² floats (the reference CNN's Dense(9216 → 128):
+85M), so the mean is formed once per call rather than per batch (``dense_sums``), and a
+call takes rows enough to amortize the fold; XLA's CPU dot for their XᵀX is slower than
+oneDNN's (reference MLP, empirical: 20.3 ms with XLA against 14.9 ms without;
+``benchmarks/bench_kfac.py``), so a plan with Kronecker blocks is not XLA on CPU by
+default.  The sums come only from a rule's layer inputs and deltas, which the
+per-example engines do not form.
+
+State, penalty and file: a block is keyed by its variables' EWC keys, ``(kernel key, bias
+key or None)``.  Its state is a list of terms (c_t, A_t, G_t, W̄_t) (:mod:`fastewc.kfac_penalty`), stored flat
 (4 float32 fields a term), and its penalty
 
     P(θ) = λ/2 Σ_t c_t · vec(W̄ − W̄_t)ᵀ (A_t,δ ⊗ G_t,δ) vec(W̄ − W̄_t),
@@ -22,21 +42,35 @@ blocks, the arrays ``kfaca_j`` (rows × rows), ``kfacg_j`` (units × units), ``k
 import numpy as np
 import tensorflow as tf
 
-from fastewc import kfac_penalty, kronecker
+from fastewc import curvature, kfac_penalty, kronecker
 from fastewc import penalty as penalty_lib
 from fastewc.blocks.base import Block
+from fastewc.blocks.diagonal import Diagonal, _path
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
 from fastewc.curvature import KroneckerFisher
+
+# Bytes a call holds per accumulated float of a plan with Kronecker blocks: the float64
+# total (8), the batch's float32 sum and its flattened copy (4 + 4), the float64 mean and
+# its float32 cast at the end (8 + 4).
+BYTES_PER_FACTOR_FLOAT = 28
+
 
 FIELDS = ("coef", "a", "g", "anchor")
 _ARRAYS = ("kfaca", "kfacg", "kfacw")
 
 
-def block_shapes(kernel_shape, has_bias):
-    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape``."""
-    rows = int(np.prod(kernel_shape[:-1])) + (1 if has_bias else 0)
-    units = int(kernel_shape[-1])
+def block_shapes(kernel_shape, has_bias, input_rank=None):
+    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape`` split after its first
+    ``input_rank`` axes (:func:`fastewc.kronecker.matrix_shape`)."""
+    rows, units = kronecker.matrix_shape(kernel_shape, input_rank)
+    rows += 1 if has_bias else 0
     return (), (rows, rows), (units, units), (rows, units)
+
+
+def stored_input_rank(kernel, block, anchor):
+    """The input rank a block's stored anchor W̄* (d', u) was made with
+    (:func:`fastewc.kronecker.input_rank_of`): the state needs no field of its own."""
+    return kronecker.input_rank_of(tuple(kernel.shape), int(anchor.shape[0]) - (block[1] is not None))
 
 
 def terms(fields):
@@ -62,19 +96,63 @@ def parse_term_key(key):
 
 
 class Kronecker(Block):
-    """A layer's Kronecker-factored block A ⊗ G."""
-
+    """A layer's Kronecker-factored Fisher block A ⊗ G over (kernel, bias) or (kernel,)."""
     kind = "kfac"
+    rules_only = ("the Kronecker factors come from the factored rules' layer inputs and deltas, "
+                  "which the per-example methods do not form")
+    dense_sums = True
+    xla_on_cpu = False
 
-    # -- estimation --------------------------------------------------------------------
+    def __init__(self, layer_name, variables, a_shape, g_shape, input_rank=None):
+        self.layer_name = layer_name
+        self.input_rank = input_rank
+        self.variables = tuple(variables)
+        self.sum_shapes = (tuple(a_shape), tuple(g_shape))
+        path = _path(self.variables[0])
+        self.sum_names = (f"{path} (Kronecker factor A)", f"{path} (Kronecker factor G)")
 
+    # -- estimation ------------------------------------------------------------------------
+    @classmethod
+    def blocks_of(cls, layer, result):
+        if result.kron is None:
+            return []
+        probe = result.probe
+        delta = tf.zeros((1,) + tuple(probe.shape), tf.float32)
+        return [cls(layer.name, sums.variables, sums.a.shape, sums.g.shape, sums.input_rank)
+                for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]]))]
 
+    @classmethod
+    def rule_sums(cls, result, delta, weight, mask):
+        return {(cls.kind, id(sums.variables[0])): (sums.a, sums.g) for sums in result.kron(delta, weight, mask)}
 
+    def finish(self, means):
+        """The :class:`fastewc.curvature.KroneckerBlock` (factors symmetric up to the
+        rounding of their matmuls, XᵀX: symmetrizing the reference CNN's 9217² A would
+        cost 0.4 s, and the penalty's gradient 2AΔG is off by that rounding only)."""
+        return curvature.KroneckerBlock(self.layer_name, self.variables, means[0], means[1], self.input_rank)
 
+    @classmethod
+    def assemble(cls, blocks, parts, variables):
+        """A :class:`fastewc.KroneckerFisher`: the Kronecker blocks, and the diagonal of
+        every variable they do not cover (None where one does)."""
+        diagonal = {id(b.variables[0]): p for b, p in zip(blocks, parts) if isinstance(b, Diagonal)}
+        return curvature.KroneckerFisher([p for b, p in zip(blocks, parts) if isinstance(b, cls)],
+                                         [diagonal.get(id(v)) for v in variables], list(variables))
 
-
-
-
+    @classmethod
+    def check_memory(cls, plan, device_bytes):
+        """Raise before any pass when the plan's sums alone would take more than half of
+        the device's memory (A is d'² floats: a Dense layer with 25 088 inputs, VGG16's
+        first, has a 2.5 GB A in float32), naming the layer with the largest factor."""
+        need = BYTES_PER_FACTOR_FLOAT * sum(int(np.prod(shape)) for shape in plan.shapes)
+        if need <= device_bytes // 2:
+            return
+        largest = max((b for b in plan.blocks if isinstance(b, cls)), key=lambda b: int(np.prod(b.sum_shapes[0])))
+        raise ValueError(
+            f"curvature='kfac' needs about {need / 2**30:.1f} GiB for its Kronecker factors, more than "
+            f"half of this device's {device_bytes / 2**30:.1f} GiB: layer '{largest.layer_name}' alone has "
+            f"an A of shape {largest.sum_shapes[0]} (A is d'² floats for d' inputs). Use "
+            "curvature='diagonal' for this model, or reduce the layer's inputs (e.g. pool before it).")
 
     # -- state -------------------------------------------------------------------------
     OPTIONS = ("kfac_sum", "damping")
@@ -138,7 +216,7 @@ class Kronecker(Block):
                     f"`exclude` covers part of layer '{block.layer}''s Kronecker block "
                     f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
             keys = tuple(tracking.key(v) for v in block.variables)
-            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g)
+            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g, block.input_rank)
         return blocks
 
     @staticmethod
@@ -150,23 +228,26 @@ class Kronecker(Block):
         mode, kfac_sum, gamma = settings.mode, settings.kfac_sum, settings.gamma
         pending = {}
 
-        def anchor_of(block):
+        def anchor_of(block, input_rank):
             return kronecker.weight_matrix([task.theta[k] if k in task.theta else
                                             penalty_lib.read_float32(task.by_key[k])
-                                            for k in block if k is not None])
+                                            for k in block if k is not None], input_rank)
 
-        for block, (layer, a, g) in task.estimates.get(Kronecker.kind, {}).items():
+        for block, (layer, a, g, input_rank) in task.estimates.get(Kronecker.kind, {}).items():
             for label, factor in (("A", a), ("G", g)):
                 if not (all_finite([factor]) and bool(tf.reduce_all(tf.linalg.diag_part(factor) >= 0))):
                     raise ValueError(
                         f"`fisher`: the Kronecker factor {label} of layer '{layer}' must be finite "
                         "with a non-negative diagonal. Received: NaN, Inf or a negative diagonal")
             pending[block], _ = kfac_penalty.merge_block(
-                terms(current.get(block, [])), (tf.cast(a, tf.float32), tf.cast(g, tf.float32), anchor_of(block)),
+                terms(current.get(block, [])), (tf.cast(a, tf.float32), tf.cast(g, tf.float32),
+                                                  anchor_of(block, input_rank)),
                 mode=mode, kfac_sum=kfac_sum, gamma=gamma)
         for block, fields in current.items():
             if block not in pending:
-                pending[block] = kfac_penalty.decay_block(terms(fields), anchor_of(block), mode=mode, gamma=gamma)
+                input_rank = stored_input_rank(task.by_key[block[0]], block, terms(fields)[0].anchor)
+                pending[block] = kfac_penalty.decay_block(terms(fields), anchor_of(block, input_rank), mode=mode,
+                                                          gamma=gamma)
         for block, block_terms in pending.items():
             if not all_finite(flat(block_terms)):
                 raise ValueError(
@@ -202,7 +283,9 @@ class Kronecker(Block):
             kernel = tracking.restore_target(block[0], "EWC Kronecker state")
             if block[1] is not None:
                 tracking.restore_target(block[1], "EWC Kronecker state")
-            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None)))
+            anchor = block_terms.get(0, {}).get("anchor")
+            input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
+            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None, input_rank)))
             if (sorted(block_terms) != list(range(len(block_terms)))
                     or any(len(f) != len(FIELDS) for f in block_terms.values())):
                 raise ValueError(
@@ -238,7 +321,8 @@ class Kronecker(Block):
                     f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
                     f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
             kernel = by_key[block[0]]
-            shapes = block_shapes(shape_of(kernel), block[1] is not None)
+            input_rank = stored_input_rank(kernel, block, block_terms[0][3]) if block_terms else None
+            shapes = block_shapes(shape_of(kernel), block[1] is not None, input_rank)
             for term in block_terms:
                 if tuple(np.shape(v) for v in term) != shapes:
                     raise ValueError(
