@@ -122,7 +122,7 @@ def test_kind_merges_are_pure_and_match_float64(mode):
     old_term = [np.float32(1.0), _psd(rng, 4), _psd(rng, 2), rng.normal(size=(4, 2)).astype(np.float32)]
     theta = {"d/kernel": kernel.numpy(), "d/bias": bias.numpy()}
     task = blocks.Task({"diagonal": {k: tf.constant(f) for k, f in fisher.items()},
-                        "kfac": {("d/kernel", "d/bias"): ("d", tf.constant(a_new), tf.constant(g_new))}},
+                        "kfac": {("d/kernel", "d/bias"): ("d", tf.constant(a_new), tf.constant(g_new), None)}},
                        {k: tf.constant(t) for k, t in theta.items()}, tracking.by_key(), False)
     settings = blocks.Settings(mode, 0.5 if mode == "online" else 1.0, "exact", 0.25)
     merged, delta = Diagonal.merge(current, task, settings, tracking)
