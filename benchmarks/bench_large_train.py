@@ -61,17 +61,22 @@ SMOKED = (("step", "float32"), ("fit", "mixed_bfloat16"))   # (trainer, policy) 
 GIB = 2.0 ** 30
 
 
+def gpt2_classifier(tiny):
+    """The GPT-2 classifier (base or tiny sizes), random init, under the global policy."""
+    import keras_hub
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(**(TINY if tiny else BASE))
+    logits = keras.layers.Dense(10)(backbone.output[:, -1, :])
+    return keras.Model(backbone.input, logits, name="gpt2_classifier")
+
+
 class Setup:
     """A GPT-2 classifier under ``policy``, its data, an optimizer and a consolidated EWC."""
 
     def __init__(self, policy, tiny, *, with_ewc=True):
-        import keras_hub
         keras.mixed_precision.set_global_policy(policy)
-        keras.utils.set_random_seed(0)
         sizes, batch, length = (TINY, TINY_BATCH, TINY_LENGTH) if tiny else (BASE, BATCH, LENGTH)
-        backbone = keras_hub.models.GPT2Backbone(**sizes)
-        logits = keras.layers.Dense(10)(backbone.output[:, -1, :])
-        self.model = keras.Model(backbone.input, logits, name="gpt2_classifier")
+        self.model = gpt2_classifier(tiny)
         self.params = int(sum(np.prod(v.shape) for v in self.model.trainable_variables))
         self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         rng = np.random.default_rng(0)
@@ -131,9 +136,36 @@ def measure_peak(trainer, with_ewc, policy, tiny):
     return {"before": before, "first": first, "steady": _peak(), "params": setup.params}
 
 
-def _peak_in_subprocess(trainer, with_ewc, policy):
-    cmd = [sys.executable, "-m", "benchmarks.bench_large_train", "--peak", trainer,
-           "ewc" if with_ewc else "noewc", policy]
+def measure_state_file(op, path, tiny):
+    """``EWC.save`` (``op="save"``: an EWC over every trainable variable, A random) or
+    ``EWC.load`` of ``path``, on the GPT-2 classifier: {"seconds", "before", "peak",
+    "state_bytes", "file_bytes"}, ``peak`` the process's peak resident bytes during the call
+    and ``before`` its resident set just before (model and, for save, the state resident)."""
+    import gc
+    model = gpt2_classifier(tiny)
+    ewc = None
+    if op == "save":
+        ewc = fastewc.EWC(model, lam=LAM)
+        rng = np.random.default_rng(0)
+        fisher = [rng.random(v.shape, np.float32) for v in model.trainable_variables]
+        ewc.add_task(fisher)
+        del fisher
+    gc.collect()
+    _reset_peak()
+    before = _peak()
+    start = time.perf_counter()
+    if op == "save":
+        ewc.save(path)
+    else:
+        ewc = fastewc.EWC.load(path, model)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "before": before, "peak": _peak(), "state_bytes": ewc.state_bytes,
+            "file_bytes": os.path.getsize(path)}
+
+
+def _in_subprocess(*args):
+    """The JSON line a ``python -m benchmarks.bench_large_train *args`` prints last."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_large_train", *args]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -175,11 +207,30 @@ def test_large_train_peak(benchmark, smoke, device, policy, policy_restored):
 
     def measure():   # one subprocess each, one after the other (never two at once)
         for trainer, with_ewc in cases:
-            peaks[f"{trainer}-{'ewc' if with_ewc else 'noewc'}"] = _peak_in_subprocess(trainer, with_ewc, policy)
+            peaks[f"{trainer}-{'ewc' if with_ewc else 'noewc'}"] = _in_subprocess(
+                "--peak", trainer, "ewc" if with_ewc else "noewc", policy)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.group = f"gpt2-base-train-peak[{device}]"
     benchmark.extra_info.update(kind="peak", policy=policy, peaks=peaks)
+
+
+def test_large_state_file(benchmark, smoke, device, tmp_path):
+    """EWC.save then EWC.load of the GPT-2 classifier's whole state (124M parameters: A and
+    μ, 0.93 GiB), each in its own subprocess (in-process and tiny in the smoke pass)."""
+    path = str(tmp_path / "state.npz")
+    if smoke:
+        benchmark(lambda: [measure_state_file(op, path, True) for op in ("save", "load")])
+        return
+    result = {}
+
+    def measure():
+        for op in ("save", "load"):
+            result[op] = _in_subprocess("--state", op, path)
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.group = f"gpt2-base-state-file[{device}]"
+    benchmark.extra_info.update(kind="state_file", **result)
 
 
 # -- summary ------------------------------------------------------------------------------
@@ -187,13 +238,15 @@ def summary(doc):
     """The time and memory table and the targets, as markdown."""
     lines = ["| policy | trainer | plain step | EWC step | EWC overhead (median) | peak RSS plain → EWC (steady; first call) |",
              "|---|---|---:|---:|---:|---|"]
-    times, peaks = {}, {}
+    times, peaks, files = {}, {}, {}
     for b in doc["benchmarks"]:
         info = b["extra_info"]
         if info.get("kind") == "paired":
             times[(info["policy"], info["trainer"])] = info
         elif info.get("kind") == "peak":
             peaks[info["policy"]] = info["peaks"]
+        elif info.get("kind") == "state_file":
+            files = info
     checks = []
     for policy in POLICIES:
         p = peaks.get(policy, {})
@@ -213,11 +266,18 @@ def summary(doc):
         if ours and keras_fit:
             checks.append(f"{policy}: plain make_train_step peak {max(ours['steady'], ours['first']) / GIB:.2f} GiB, "
                           f"Keras fit {max(keras_fit['steady'], keras_fit['first']) / GIB:.2f} GiB (need ours ≤ Keras')")
+    for op in ("save", "load") if files else ():
+        r = files[op]
+        checks.append(f"EWC.{op} of {r['state_bytes'] / GIB:.2f} GiB of state: {r['seconds']:.2f} s, peak "
+                      f"{(r['peak'] - r['before']) / GIB:+.2f} GiB above the resident set before it "
+                      f"({(r['peak'] - r['before']) / r['state_bytes']:.2f}× the state; need ≤ 1 extra copy)")
     return "\n".join(lines + [""] + ["- " + c for c in checks])
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--peak":
+    if sys.argv[1] == "--state":
+        print(json.dumps(measure_state_file(sys.argv[2], sys.argv[3], tiny="--tiny" in sys.argv)))
+    elif sys.argv[1] == "--peak":
         trainer, ewc_flag, policy = sys.argv[2:5]
         print(json.dumps(measure_peak(trainer, ewc_flag == "ewc", policy, tiny="--tiny" in sys.argv)))
     else:
