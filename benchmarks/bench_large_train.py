@@ -66,7 +66,7 @@ def gpt2_classifier(tiny):
     import keras_hub
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(**(TINY if tiny else BASE))
-    logits = keras.layers.Dense(10)(backbone.output[:, -1, :])
+    logits = keras.layers.Dense(10, name="head")(backbone.output[:, -1, :])
     return keras.Model(backbone.input, logits, name="gpt2_classifier")
 
 
