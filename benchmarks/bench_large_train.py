@@ -54,7 +54,7 @@ TINY = dict(vocabulary_size=1000, num_layers=2, num_heads=2, hidden_dim=64, inte
 BATCH, LENGTH = 4, 128
 TINY_BATCH, TINY_LENGTH = 2, 8
 FIT_STEPS = 2          # batches per fit call
-ROUNDS = 7             # timed pairs
+ROUNDS = int(os.environ.get("FASTEWC_LARGE_ROUNDS", "7"))   # timed pairs
 PEAK_STEPS = 3         # steady calls in the memory measurement
 LAM = 1.0
 SMOKED = (("step", "float32"), ("fit", "mixed_bfloat16"))   # (trainer, policy) timed in the smoke pass
