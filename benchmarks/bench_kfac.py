@@ -4,8 +4,11 @@ diagonal's, and the train step with each.
 * ``test_factors[problem-kind]``: on the reference MLP (512 examples) and CNN (256), one
   rotation of ``floor`` (compiled forward+backward of the mean loss, no XLA and XLA: the
   faster is the floor), ``diagonal`` (:func:`fastewc.fisher_diagonal`) and ``kfac``
-  (:func:`fastewc.kfac_fisher`), default arguments; plus each one's first call (trace and
-  compile) in a fresh estimator, before the rotation.
+  (:func:`fastewc.kfac_fisher`), default arguments, and the plain hand-written TensorFlow
+  KFAC kernel (:mod:`benchmarks.handwritten_kfac`, no XLA and XLA: the faster is the
+  kernel); plus each one's first call (trace and compile) in a fresh estimator, before the
+  rotation.  The kernel's factors must agree with fastewc's (empirical and exact; the
+  sampled labels are drawn differently).
 * ``test_penalty[T]``: the reference MLP's penalty and gradient
   (``ewc.penalty_and_gradients()`` in a tf.function) for an EWC holding T = 1, 5, 20 tasks:
   diagonal (separate), KFAC separate (T terms per layer), KFAC online with
@@ -34,7 +37,7 @@ import pytest
 import tensorflow as tf
 
 import fastewc
-from benchmarks import problems
+from benchmarks import handwritten_kfac, problems
 from benchmarks.conftest import rotate
 
 KINDS = ("empirical", "sampled", "exact")
@@ -68,15 +71,33 @@ def test_factors(benchmark, smoke, device, name, kind):
         "diagonal": lambda: fastewc.FisherEstimator(model, **fisher_args),
         "kfac": lambda: fastewc.FisherEstimator(model, curvature="kfac", **fisher_args),
     }
+    for jit in (False, True):
+        kernel = handwritten_kfac.kfac_function(model, kind, jit_compile=jit)
+        members[f"handwritten_{'xla' if jit else 'noxla'}"] = (
+            lambda k=kernel: k(tf.constant(x), tf.constant(y), tf.constant([0, 0]))[-1][-1].numpy())
     first = {}
-    for label in ("floor_noxla", "floor_xla"):
+    for label in ("floor_noxla", "floor_xla", "handwritten_noxla", "handwritten_xla"):
         first[label] = _first_call(members[label])
     for label in ("diagonal", "kfac"):
         estimator = members[label]()
         first[label] = _first_call(lambda e=estimator: e((x, y), seed=0))
         members[label] = lambda e=estimator: e((x, y), seed=0) and None
+    if kind != "sampled":
+        _check_against_kernel(model, x, y, kind)
     times = rotate(benchmark, members, rounds=3 if smoke else 15)
     benchmark.extra_info.update(problem=name, kind=kind, first_call=first, medians=_medians(times))
+
+
+def _check_against_kernel(model, x, y, kind):
+    """fastewc's factors against the hand-written kernel's (both float32 sums of the same
+    products; relative to each factor's largest entry)."""
+    ours = fastewc.kfac_fisher(model, (x, y), loss=problems.LOSS, kind=kind).blocks
+    kernel = handwritten_kfac.kfac_function(model, kind)(tf.constant(x), tf.constant(y), tf.constant([0, 0]))
+    for block, factors in zip(ours, kernel, strict=True):
+        for got, want in zip((block.a, block.g), factors):
+            scale = float(tf.reduce_max(tf.abs(want)))
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5 * scale,
+                                       err_msg=f"layer {block.layer}")
 
 
 class PenaltyProblem:
@@ -168,15 +189,18 @@ def report(doc):
     lines = []
     factors = [b for b in benches if b["name"].startswith("test_factors")]
     if factors:
-        lines += ["| problem | kind | diagonal × floor | KFAC × floor | KFAC / diagonal | first call: floor → diagonal / KFAC |",
-                  "|---|---|---:|---:|---:|---|"]
+        lines += ["| problem | kind | diagonal × floor | KFAC × floor | hand-written KFAC × floor | KFAC ÷ hand-written | KFAC / diagonal | first call: floor → diagonal / KFAC / hand-written |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
         for b in factors:
             m, first, info = b["extra_info"]["medians"], b["extra_info"]["first_call"], b["extra_info"]
             floor = min(m["floor_noxla"], m["floor_xla"])
             floor_first = first["floor_xla" if m["floor_xla"] < m["floor_noxla"] else "floor_noxla"]
+            kernel_label = min(("handwritten_noxla", "handwritten_xla"), key=m.get)
+            kernel = m[kernel_label]
             lines.append(f"| {info['problem']} | {info['kind']} | {m['diagonal'] / floor:.2f} | "
-                         f"{m['kfac'] / floor:.2f} | {m['kfac'] / m['diagonal']:.2f} | "
-                         f"{floor_first:.2f} s → {first['diagonal']:.2f} / {first['kfac']:.2f} s |")
+                         f"{m['kfac'] / floor:.2f} | {kernel / floor:.2f} | {m['kfac'] / kernel:.2f} | "
+                         f"{m['kfac'] / m['diagonal']:.2f} | {floor_first:.2f} s → {first['diagonal']:.2f} / "
+                         f"{first['kfac']:.2f} / {first[kernel_label]:.2f} s |")
         lines.append("")
     penalty = [b for b in benches if b["name"].startswith("test_penalty")]
     if penalty:
