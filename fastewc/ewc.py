@@ -437,20 +437,24 @@ class EWC(tf.Module):
             out.append(v)
         return out
 
-    def _track_new_variables(self, initial=None):
+    def _track_new_variables(self, initial=None, *, consume=False):
         """The one place per-variable state is created: for each untracked key of
         ``initial`` (``{key: (A, μ)}``, in its order) that value, then zero state for every
-        new trainable, not excluded variable of the model (in model order)."""
+        new trainable, not excluded variable of the model (in model order).  ``consume``
+        removes each entry from ``initial`` once its state exists, so that a large state
+        read from a file is held twice one variable at a time, not whole."""
         keys = [self._key(v) for v in self._model.trainable_variables]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"EWC tracks variables by path, but model '{self._model.name}' has "
                              f"several trainable variables with the same path: {dupes}")
         created = False
-        for key, (a, mu) in (initial or {}).items():
+        for key in list(initial or {}):
             if key not in self._fisher:
-                self._create_state(key, a, mu)
+                self._create_state(key, *initial[key])
                 created = True
+            if consume:
+                del initial[key]
         for v in self._new_trainable_variables():
             zeros = np.zeros(_shape(v), np.float32)
             self._create_state(self._key(v), zeros, zeros)
@@ -1181,7 +1185,7 @@ class EWC(tf.Module):
                     f"'{v.path}' has shape {_shape(v)}, the file has shape {a.shape} for it.")
             if ewc._exclude(v):
                 raise ValueError(f"Variable '{v.path}' has EWC state in {path!r} but is excluded.")
-        ewc._track_new_variables(initial=contents.state)
+        ewc._track_new_variables(initial=contents.state, consume=True)
         ewc._load_kronecker(path, contents.kronecker or {}, by_key)
         ewc._sync_structure()
         return ewc
