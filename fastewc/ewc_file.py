@@ -1,17 +1,18 @@
 """The EWC file format: one ``.npz`` holding an EWC's state, verified on read.
 
-Layout (``FORMAT = "fastewc.EWC"``, version 1; version 2 below):
+Layout (``FORMAT = "fastewc.EWC"``): ``header``, UTF-8 JSON as a uint8 array (``format``,
+``version``, ``mode``, ``lam``, ``gamma``, ``num_tasks``, ``const`` (c), ``excluded`` (paths
+excluded when saved) and ``sha256``), then each block kind's section (its
+``FILE_FIELD`` of :class:`EWCFile`, :mod:`fastewc.blocks`): its header fields and arrays.
 
-* ``header``: UTF-8 JSON as a uint8 array: ``format``, ``version``, ``mode``, ``lam``,
-  ``gamma``, ``num_tasks``, ``const`` (c), ``variables`` (a list of ``{"path", "shape"}``
-  in state order), ``excluded`` (paths excluded when saved) and ``sha256``;
-* ``fisher_i`` and ``anchor_i``: A and μ of the i-th variable, float32 of its shape.
-
-Version 2 (written when the EWC has ``curvature="kfac"``; version 1 files still read) adds
-to the header ``curvature``, ``damping``, ``kfac_sum`` and ``kronecker``: a list of
-``{"kernel", "bias", "coefficients", "rows", "units"}``, one per block (its variables' paths,
-bias None without one, the terms' c), and for the j-th term over all blocks the arrays
-``kfaca_j`` (rows × rows), ``kfacg_j`` (units × units) and ``kfacw_j`` (rows × units).
+* Version 1: the diagonal's, ``variables`` (a list of ``{"path", "shape"}`` in state order)
+  and the arrays ``fisher_i`` and ``anchor_i`` (A and μ of the i-th variable, float32 of its
+  shape; :class:`fastewc.blocks.diagonal.Diagonal`).
+* Version 2 (written when a kind of version 2 has a section; version 1 files still read)
+  adds ``curvature``, ``damping``, ``kfac_sum`` and the Kronecker blocks: ``kronecker``, a
+  list of ``{"kernel", "bias", "coefficients", "rows", "units"}``, and the arrays ``kfaca_j``,
+  ``kfacg_j``, ``kfacw_j`` of the j-th term over all blocks
+  (:class:`fastewc.blocks.kronecker.Kronecker`).
 
 ``sha256`` is the SHA-256 of the header without it (canonical JSON) followed by, for each
 array in (i, name) order, its name and its little-endian float32 bytes: a flipped bit in
@@ -42,12 +43,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastewc.blocks import KINDS
+
 FORMAT = "fastewc.EWC"
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
 _REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
-_KINDS = ("fisher", "anchor")
-_TERM_KINDS = ("kfaca", "kfacg", "kfacw")
 
 
 class EWCFile(NamedTuple):
@@ -69,31 +70,20 @@ class EWCFile(NamedTuple):
 def write(path, contents):
     """Write ``contents`` (an :class:`EWCFile`) to ``path``, atomically."""
     path = os.fspath(path)
-    kfac = contents.curvature != "diagonal"
+    kinds = [kind for kind in KINDS.values() if getattr(contents, kind.FILE_FIELD) is not None]
+    version = max(kind.FILE_VERSION for kind in kinds)
     header = {
-        "format": FORMAT, "version": 2 if kfac else 1, "mode": contents.mode,
+        "format": FORMAT, "version": version, "mode": contents.mode,
         "lam": contents.lam, "gamma": contents.gamma, "num_tasks": contents.num_tasks,
-        "const": contents.const,
-        "variables": [{"path": key, "shape": list(np.shape(a))}
-                      for key, (a, _) in contents.state.items()],
-        "excluded": list(contents.excluded),
+        "const": contents.const, "excluded": list(contents.excluded),
     }
+    if version >= 2:
+        header.update(curvature=contents.curvature, damping=contents.damping, kfac_sum=contents.kfac_sum)
     arrays = {}
-    for i, (a, mu) in enumerate(contents.state.values()):
-        arrays[f"fisher_{i}"] = np.asarray(a, np.float32)
-        arrays[f"anchor_{i}"] = np.asarray(mu, np.float32)
-    if kfac:
-        header.update(curvature=contents.curvature, damping=contents.damping, kfac_sum=contents.kfac_sum,
-                      kronecker=[])
-        j = 0
-        for (kernel, bias), terms in (contents.kronecker or {}).items():
-            rows, units = (np.shape(terms[0][3]) if terms else (0, 0))
-            header["kronecker"].append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
-                                        "coefficients": [float(t[0]) for t in terms]})
-            for _, a, g, anchor in terms:
-                for kind, value in zip(_TERM_KINDS, (a, g, anchor)):
-                    arrays[f"{kind}_{j}"] = np.asarray(value, np.float32)
-                j += 1
+    for kind in kinds:
+        fields, kind_arrays = kind.file_arrays(getattr(contents, kind.FILE_FIELD))
+        header.update(fields)
+        arrays.update(kind_arrays)
     header["sha256"] = digest(header, arrays)
     header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
     def save(tmp):
@@ -126,21 +116,13 @@ def read(path):
     """The verified :class:`EWCFile` at ``path``; ValueError for anything malformed."""
     path = os.fspath(path)
     header, arrays = _read_verified(path)
-    state = {}
-    for i, entry in enumerate(header["variables"]):
-        state[str(entry["path"])] = (arrays[f"fisher_{i}"], arrays[f"anchor_{i}"])
-    kronecker, j = {}, 0
-    for block in header.get("kronecker", []):
-        terms = []
-        for c in block["coefficients"]:
-            terms.append((np.float32(c),) + tuple(arrays[f"{kind}_{j}"] for kind in _TERM_KINDS))
-            j += 1
-        kronecker[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = terms
+    sections = {kind.FILE_FIELD: kind.read_file_arrays(header, arrays) for kind in KINDS.values()
+                if kind.FILE_VERSION <= header["version"]}
     return EWCFile(mode=header["mode"], lam=header["lam"], gamma=header["gamma"],
-                   num_tasks=header["num_tasks"], const=header["const"], state=state,
+                   num_tasks=header["num_tasks"], const=header["const"],
                    excluded=list(header.get("excluded", [])),
                    curvature=header.get("curvature", "diagonal"), damping=header.get("damping", 0.0),
-                   kfac_sum=header.get("kfac_sum", "exact"), kronecker=kronecker)
+                   kfac_sum=header.get("kfac_sum", "exact"), **sections)
 
 
 def digest(header, arrays):
@@ -182,18 +164,6 @@ def fsync_directory(directory):
         pass
     finally:
         os.close(dir_fd)
-
-
-def _term_shapes(header):
-    """{array name: shape} of the Kronecker terms a version-2 header lists."""
-    shapes, j = {}, 0
-    for block in header.get("kronecker", []) if header.get("version") == 2 else []:
-        rows, units = int(block["rows"]), int(block["units"])
-        for _ in block["coefficients"]:
-            shapes.update({f"kfaca_{j}": (rows, rows), f"kfacg_{j}": (units, units),
-                           f"kfacw_{j}": (rows, units)})
-            j += 1
-    return shapes
 
 
 def _read_verified(path):
@@ -253,15 +223,11 @@ def _expected_arrays(header, path, corrupt):
     missing = [k for k in _REQUIRED if k not in header]
     if missing:
         raise corrupt(f"header lacks {missing}")
-    try:
-        entries = [(str(e["path"]), tuple(int(d) for d in e["shape"])) for e in header["variables"]]
-    except Exception as err:     # noqa: BLE001
-        raise corrupt(f"bad variable list ({type(err).__name__}: {err})") from None
-    if len({key for key, _ in entries}) != len(entries):
-        raise corrupt("a variable path is listed twice")
-    expected = {f"{kind}_{i}": shape for i, (_, shape) in enumerate(entries) for kind in _KINDS}
-    try:
-        expected.update(_term_shapes(header))
-    except Exception as err:     # noqa: BLE001
-        raise corrupt(f"bad Kronecker block list ({type(err).__name__}: {err})") from None
+    expected = {}
+    for kind in KINDS.values():
+        if kind.FILE_VERSION <= header["version"]:
+            try:
+                expected.update(kind.file_shapes(header))
+            except ValueError as err:
+                raise corrupt(str(err)) from None
     return expected
