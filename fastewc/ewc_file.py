@@ -27,11 +27,15 @@ for an unknown zip version or compression, RuntimeError for an "encrypted" membe
 ...) is the one ``ValueError: ... is not a valid fastewc EWC file``.  Only the file
 system's errors (a missing file, permissions) pass through as they are.
 
+Memory: neither direction holds a second copy of the state.  A write hashes each array
+where it is and streams it into the archive in NumPy's chunks; a read takes the archive's
+members one at a time from the open file (never the whole file's bytes), hashing each as it
+is read, so it holds the arrays it returns and a chunk.
+
 Only the format lives here; what the values mean (and whether they are valid EWC
 arguments) is :class:`fastewc.EWC`'s.
 """
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -123,13 +127,24 @@ def read(path):
 
 def digest(header, arrays):
     """SHA-256 over the header (without its digest) and every array's bytes, in order."""
-    body = {k: v for k, v in header.items() if k != "sha256"}
-    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8"))
+    h = _digest_start(header)
     for name in sorted(arrays, key=_array_order):
-        arr = np.ascontiguousarray(arrays[name], dtype="<f4")
-        h.update(name.encode("utf-8"))
-        h.update(arr.tobytes())
+        _digest_update(h, name, arrays[name])
     return h.hexdigest()
+
+
+def _digest_start(header):
+    """The SHA-256 state after the header (without its digest): :func:`digest`'s first part."""
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8"))
+
+
+def _digest_update(h, name, array):
+    """Add one array (its name, then its little-endian float32 bytes) to ``h``, in place: the
+    bytes are hashed where they are (no copy of a contiguous little-endian float32 array)."""
+    arr = np.ascontiguousarray(array, dtype="<f4")
+    h.update(name.encode("utf-8"))
+    h.update(arr.reshape(-1).view(np.uint8))
 
 
 def _array_order(name):
@@ -152,24 +167,54 @@ def fsync_directory(directory):
 
 
 def _read_verified(path):
-    """(header, arrays) from an EWC file, verified; ValueError for anything malformed."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    """(header, arrays) from an EWC file, verified; ValueError for anything malformed.
 
+    Streams: the archive's members are read one at a time from the open file (never the
+    whole file in memory), each array checked (dtype, shape) and hashed as it is read, so
+    the arrays are the one copy of the state this holds; nothing is returned unless the
+    checksum over all of them matches."""
     def corrupt(reason):
         return ValueError(f"{path!r} is not a valid fastewc EWC file (truncated or corrupted?): {reason}")
 
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            contents = {name: npz[name] for name in npz.files}
-    except Exception as err:     # noqa: BLE001 - damaged bytes raise many types (docstring)
-        raise corrupt(f"{type(err).__name__}: {err}") from None
-    if "header" not in contents:
-        raise corrupt("no header")
-    try:
-        header = json.loads(contents.pop("header").tobytes().decode("utf-8"))
-    except Exception as err:     # noqa: BLE001
-        raise corrupt(f"unreadable header ({type(err).__name__}: {err})") from None
+    def member(npz, name):
+        try:
+            return npz[name]
+        except Exception as err:     # noqa: BLE001 - damaged bytes raise many types (module docstring)
+            raise corrupt(f"{type(err).__name__}: {err}") from None
+
+    with open(path, "rb") as f:      # the file system's errors pass through
+        try:
+            npz = np.load(f, allow_pickle=False)
+        except Exception as err:     # noqa: BLE001
+            raise corrupt(f"{type(err).__name__}: {err}") from None
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise corrupt("not an .npz archive")
+        with npz:
+            names = set(npz.files)
+            if "header" not in names:
+                raise corrupt("no header")
+            raw_header = member(npz, "header")
+            try:
+                header = json.loads(raw_header.tobytes().decode("utf-8"))
+            except Exception as err:     # noqa: BLE001
+                raise corrupt(f"unreadable header ({type(err).__name__}: {err})") from None
+            expected = _expected_arrays(header, path, corrupt)
+            if names - {"header"} != set(expected):
+                raise corrupt(f"arrays {sorted((names - {'header'}) ^ set(expected))} missing or unexpected")
+            h, arrays = _digest_start(header), {}
+            for name in sorted(expected, key=_array_order):
+                arr = member(npz, name)
+                if arr.dtype != np.float32 or arr.shape != expected[name]:
+                    raise corrupt(f"array {name!r} has {arr.dtype} {arr.shape}, expected float32 {expected[name]}")
+                _digest_update(h, name, arr)
+                arrays[name] = arr
+    if h.hexdigest() != header["sha256"]:
+        raise corrupt("SHA-256 checksum mismatch")
+    return header, arrays
+
+
+def _expected_arrays(header, path, corrupt):
+    """{array name: shape} that a parsed ``header`` lists; ValueError if it is malformed."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise corrupt(f"format is not {FORMAT!r}")
     if header.get("version") not in _READABLE:
@@ -185,12 +230,4 @@ def _read_verified(path):
                 expected.update(kind.file_shapes(header))
             except ValueError as err:
                 raise corrupt(str(err)) from None
-    if set(contents) != set(expected):
-        raise corrupt(f"arrays {sorted(set(contents) ^ set(expected))} missing or unexpected")
-    for name, shape in expected.items():
-        arr = contents[name]
-        if arr.dtype != np.float32 or arr.shape != shape:
-            raise corrupt(f"array {name!r} has {arr.dtype} {arr.shape}, expected float32 {shape}")
-    if digest(header, contents) != header["sha256"]:
-        raise corrupt("SHA-256 checksum mismatch")
-    return header, contents
+    return expected
