@@ -63,7 +63,7 @@ def _members(kind):
     concrete = next(iter(plan.engine._concrete.values()))
     floor = _floor(model)
     return {
-        "compiled": lambda: compat.call_concrete(concrete, args)[-1].numpy(),
+        "compiled": lambda: tf.nest.flatten(compat.call_concrete(concrete, args))[-1].numpy(),
         "estimator": lambda: estimator((x, y), seed=0),
         "estimator_tensors": lambda: estimator((xt, yt), seed=0),
         "fisher_diagonal": lambda: fastewc.fisher_diagonal(model, (x, y), loss=problems.LOSS, kind=kind, seed=0),

@@ -1,7 +1,7 @@
 """Compare the benchmark suites of two commits, interleaved in one run.
 
     .venv/bin/python -m benchmarks.compare REF_BEFORE REF_AFTER [--rounds N]
-        [--suites fisher,penalty,train_step] [-k EXPR] [--out DIR] [--bench-from DIR]
+        [--suites fisher,penalty,train_step,host,kfac] [-k EXPR] [--out DIR] [--bench-from DIR]
 
 e.g. ``python -m benchmarks.compare 7f0526c HEAD --rounds 4`` (issue 14: no suite more
 than 10 % slower after the change).
@@ -33,7 +33,9 @@ the next.  Use an even N; N ≥ 4 for a figure worth quoting.
 
 Reading the table
 -----------------
-One row per benchmark (pytest-benchmark ``fullname``) present in both trees:
+One row per benchmark (pytest-benchmark ``fullname``) present in both trees, and one per
+member of a benchmark that times several members in one rotation (``<fullname> <member>``,
+from its ``extra_info["medians"]``: e.g. bench_host's ``estimator`` and ``compiled``):
 
 * ``before ms`` / ``after ms``: the median over the N rounds of each round's median time
   per benchmark round (pytest-benchmark's ``stats.median``, in milliseconds; what a "round"
@@ -63,7 +65,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {"fisher": "benchmarks/bench_fisher.py", "penalty": "benchmarks/bench_penalty.py",
-          "train_step": "benchmarks/bench_train_step.py"}
+          "train_step": "benchmarks/bench_train_step.py", "host": "benchmarks/bench_host.py",
+          "kfac": "benchmarks/bench_kfac.py"}
 THRESHOLD = 1.10
 NO_TESTS_COLLECTED = 5   # pytest's exit code when -k selects nothing
 
@@ -103,7 +106,15 @@ def run_suite(python, tree, suite, json_path, log_path, k_expr):
 
 
 def medians(doc):
-    return {b["fullname"]: b["stats"]["median"] for b in doc["benchmarks"]}
+    """Each benchmark's median, and each member's of a benchmark that times several in one
+    rotation (``extra_info["medians"]``, :func:`benchmarks.conftest.rotate`) as
+    ``"<fullname> <member>"``."""
+    out = {}
+    for b in doc["benchmarks"]:
+        out[b["fullname"]] = b["stats"]["median"]
+        for member, value in (b.get("extra_info") or {}).get("medians", {}).items():
+            out[f"{b['fullname']} {member}"] = value
+    return out
 
 
 def merge(runs):

@@ -17,9 +17,10 @@ The defaults come from the benchmarks (``benchmarks/bench_fisher.py``,
   Fisher, consolidation and train step; README, "Memory").  The default stays XLA for its
   steady speed; a process that trains many models passes ``jit_compile=False`` (flat
   memory, ``tests/test_leaks.py``).
-* CPU, Kronecker factors (``curvature="kfac"``): none (XLA's CPU dot for the factors'
-  XᵀX is slower than oneDNN's: reference MLP, empirical, 20.3 ms with XLA against 14.9 ms
-  without, measured side by side; ``benchmarks/bench_kfac.py``).
+* CPU, a Fisher whose block kinds say so (``xla_on_cpu=False``, :mod:`fastewc.blocks`: the
+  Kronecker factors, whose XᵀX XLA's CPU dot computes slower than oneDNN: reference MLP,
+  empirical, 20.3 ms with XLA against 14.9 ms without, measured side by side;
+  ``benchmarks/bench_kfac.py``): none.
 """
 import tensorflow as tf
 
@@ -49,15 +50,15 @@ def has_convolution(model):
     return any(isinstance(layer, _convolutions()) for layer in compat.all_layers(model))
 
 
-def default_jit_compile(model=None, *, xla_capable=True, kronecker=False):
-    """``jit_compile=None`` resolved: XLA on GPU; on CPU XLA when ``xla_capable`` and
-    ``model`` (if any) has no convolution, and not for Kronecker factors (``kronecker``).
-    ``model=None`` is the standalone penalty."""
+def default_jit_compile(model=None, *, xla_capable=True, xla_on_cpu=True):
+    """``jit_compile=None`` resolved: XLA on GPU; on CPU XLA when ``xla_capable``,
+    ``xla_on_cpu`` (what a Fisher's block kinds say: :attr:`fastewc.blocks.BlockPlan.xla_on_cpu`)
+    and ``model`` (if any) has no convolution.  ``model=None`` is the standalone penalty."""
     if not xla_capable:
         return False
     if has_gpu():
         return True
-    if kronecker:
+    if not xla_on_cpu:
         return False
     if model is None:
         return False

@@ -1,15 +1,17 @@
 """What a Fisher estimator accumulates: the diagonal, or Kronecker factors per layer.
 
 ``curvature="diagonal"`` (the default) keeps one F_i per parameter (:mod:`fastewc.fisher`).
-``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense and
-convolution kernels with their bias: ``kron`` in :class:`fastewc.registry.RuleOutput`),
+``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense,
+convolution and EinsumDense kernels with their bias: ``kron`` in
+:class:`fastewc.contract.RuleOutput`),
 the two factors of its Fisher block (Martens & Grosse 2015; Grosse & Martens 2016 for
 convolutions; Ritter, Botev & Barber 2018 for their use in continual learning):
 
     F_W̄ ≈ A ⊗ G,    A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,    G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
 
-for the block's weight matrix W̄ (the kernel reshaped to (d, u), the bias as its last
-row; :func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
+for the block's weight matrix W̄ (the kernel reshaped to (d, u), its input axes as rows
+and its output axes as columns, the bias as its last row;
+:func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
 positions l of example n and the output deltas δ = ∂ℓ/∂z, with y as the kind says
 (true label, sampled, or the full expectation through the K weighted cotangents).  For
 one example at one position A ⊗ G IS the Fisher block E_y[vec(ā δᵀ) vec(ā δᵀ)ᵀ]; in
@@ -26,19 +28,21 @@ block costs d'² + u² floats of state, and the result is float32.  Cost per bat
 the factored engine's forward and K backward passes: N·L·d'² multiply-adds for A and
 K·N·L·u² for G per block.  A is what dominates where d' is large (a Dense after Flatten:
 the reference CNN's 9217² A costs more than the whole forward+backward; README), and
-:func:`check_factor_memory` refuses factors that would not fit the device.
+:meth:`fastewc.blocks.Kronecker.check_memory` refuses factors that would not fit the device.
 
-A :class:`Layout` says which quantities an estimator's plan accumulates, in order, and
-turns the accumulated means back into what the user gets (:func:`assemble`).
+Which block covers which variables, what each accumulates and how its means become
+these results is the block plan's (:mod:`fastewc.blocks`: the kinds
+:class:`fastewc.blocks.Diagonal` and :class:`fastewc.blocks.Kronecker`); this module
+holds the public result types.
 """
 import typing
 
 import numpy as np
 import tensorflow as tf
 
-from fastewc import capture as capture_lib
+from fastewc import kronecker
 
-CURVATURES = ("diagonal", "kfac")
+CURVATURES = ("diagonal", "kfac")     # the keys of fastewc.blocks.KINDS
 
 
 class KroneckerBlock(typing.NamedTuple):
@@ -46,7 +50,10 @@ class KroneckerBlock(typing.NamedTuple):
     layer: str              # the layer's name
     variables: tuple        # (kernel, bias) or (kernel,): the model variables it covers
     a: tf.Tensor            # (d', d'), d' = kernel rows (+1 with a bias)
-    g: tf.Tensor            # (u, u), u = kernel.shape[-1]
+    g: tf.Tensor            # (u, u), u = kernel columns
+    # The kernel's leading axes that are inputs (rows); None: all but the last
+    # (:func:`fastewc.kronecker.matrix_shape`; an EinsumDense kernel may have several outputs).
+    input_rank: typing.Optional[int] = None
 
 
 class KroneckerFisher(typing.NamedTuple):
@@ -64,99 +71,8 @@ class KroneckerFisher(typing.NamedTuple):
         for block in self.blocks:
             diag = tf.tensordot(tf.linalg.diag_part(block.a), tf.linalg.diag_part(block.g), 0)
             kernel = block.variables[0]
-            rows = int(np.prod(kernel.shape[:-1]))
+            rows = kronecker.matrix_shape(kernel.shape, block.input_rank)[0]
             out[id(kernel)] = tf.reshape(diag[:rows], kernel.shape)
             if len(block.variables) > 1:
-                out[id(block.variables[1])] = diag[rows]
+                out[id(block.variables[1])] = tf.reshape(diag[rows], block.variables[1].shape)
         return [out[id(v)] for v in self.variables]
-
-
-class Layout(typing.NamedTuple):
-    """The quantities a plan accumulates: ``keys`` (the engine's names for them: id(variable)
-    for a diagonal, ("a" | "g", id(kernel)) for a factor), their ``shapes`` and ``names``
-    (for messages), and ``blocks`` = (layer name, variables, index of a, index of g)."""
-    curvature: str
-    keys: list
-    shapes: list
-    names: list
-    blocks: list
-
-    @property
-    def kronecker(self):
-        return self.curvature == "kfac"
-
-
-def _path(variable):
-    return getattr(variable, "path", None) or variable.name
-
-
-def diagonal_layout(variables):
-    """One quantity per variable, its own shape."""
-    return Layout("diagonal", [id(v) for v in variables], [tuple(v.shape) for v in variables],
-                  [_path(v) for v in variables], [])
-
-
-def kronecker_layout(model, x, rules, variables):
-    """``(layout, probe floats per example)`` from ONE eager forward pass of ``x`` (one
-    example) under :func:`fastewc.capture.capture`: which layers' rules give Kronecker
-    blocks, and their factor shapes (each ``kron`` is called once on zero deltas).  Raises
-    :class:`fastewc.registry.UnsupportedLayerError` as :func:`fastewc.capture.survey` does."""
-    records, probe_floats = capture_lib.recorded(model, x, rules)
-    factors = {}
-    for layer, result in records:
-        if result.kron is None:
-            continue
-        probe = result.probe
-        delta = tf.zeros((1,) + tuple(probe.shape), tf.float32)
-        for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]])):
-            factors[id(sums.variables[0])] = (layer.name, tuple(sums.variables),
-                                              tuple(sums.a.shape), tuple(sums.g.shape))
-    covered = {id(v) for _, block, _, _ in factors.values() for v in block}
-    keys, shapes, names, blocks = [], [], [], []
-    for v in variables:
-        if id(v) in factors:
-            name, block, a_shape, g_shape = factors[id(v)]
-            blocks.append((name, block, len(keys), len(keys) + 1))
-            keys += [("a", id(v)), ("g", id(v))]
-            shapes += [a_shape, g_shape]
-            names += [f"{_path(v)} (Kronecker factor A)", f"{_path(v)} (Kronecker factor G)"]
-        elif id(v) not in covered:
-            keys.append(id(v))
-            shapes.append(tuple(v.shape))
-            names.append(_path(v))
-    return Layout("kfac", keys, shapes, names, blocks), probe_floats
-
-
-# Bytes a call holds per accumulated float of a Kronecker layout: the float64 total (8), the
-# batch's float32 sum and its flattened copy (4 + 4), the float64 mean and its float32 cast
-# at the end (8 + 4).
-BYTES_PER_FACTOR_FLOAT = 28
-
-
-def check_factor_memory(layout, device_bytes):
-    """Raise before any pass when the factors alone would take more than half of the
-    device's memory (A is d'² floats: a Dense layer with 25 088 inputs, VGG16's first, has
-    a 2.5 GB A in float32), naming the layer with the largest factor."""
-    need = BYTES_PER_FACTOR_FLOAT * sum(int(np.prod(shape)) for shape in layout.shapes)
-    if not layout.blocks or need <= device_bytes // 2:
-        return
-    name, _, a, _ = max(layout.blocks, key=lambda block: int(np.prod(layout.shapes[block[2]])))
-    raise ValueError(
-        f"curvature='kfac' needs about {need / 2**30:.1f} GiB for its Kronecker factors, more than "
-        f"half of this device's {device_bytes / 2**30:.1f} GiB: layer '{name}' alone has an A of "
-        f"shape {layout.shapes[a]} (A is d'² floats for d' inputs). Use curvature='diagonal' for "
-        "this model, or reduce the layer's inputs (e.g. pool before it).")
-
-
-def assemble(layout, values, variables):
-    """The estimator's result from the accumulated means ``values`` (aligned with
-    ``layout.keys``): the list itself for the diagonal, else a :class:`KroneckerFisher`
-    (factors symmetric up to the rounding of their matmuls, XᵀX: symmetrizing the reference
-    CNN's 9217² A would cost 0.4 s, and the penalty's gradient 2AΔG is off by that rounding
-    only)."""
-    if not layout.kronecker:
-        return values
-    index = {key: i for i, key in enumerate(layout.keys)}
-    blocks = [KroneckerBlock(name, block, values[a], values[g]) for name, block, a, g in layout.blocks]
-    diagonal = [values[index[id(v)]] if id(v) in index else None for v in variables]
-    return KroneckerFisher(blocks, diagonal, list(variables))

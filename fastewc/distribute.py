@@ -41,8 +41,9 @@ def split_rows(strategy, nest, axis=0):
 
 
 def run_fisher_batch(cache, fn, x, y, mask, noise):
-    """``fn(x, y, mask, noise)`` (a Fisher batch function returning per-variable sums) run
-    on each replica's share of the rows, summed over replicas.  ``cache`` is the caller's
+    """``fn(x, y, mask, noise)`` (a Fisher batch function returning a
+    :class:`fastewc.engines.base.BatchSums`) run on each replica's share of the rows: its
+    sums and id counts summed over replicas, its output range the replicas' widest.  ``cache`` is the caller's
     dict for the replicated function of each strategy.
 
     ``noise`` is split along its example axis (axis 1) when it has one (kind="sampled"),
@@ -57,10 +58,11 @@ def run_fisher_batch(cache, fn, x, y, mask, noise):
             # A Python callable, not the tf.function itself: strategy.run would wrap a
             # tf.function around BOTH replicas and XLA would then span two devices.
             results = strategy.run(lambda *args: fn(*args), args=(dx, dy, dmask, dnoise))
-            *sums, out_range = results      # the batch function ends with the output (min, max)
-            sums = [strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None) for s in sums]
-            ranges = strategy.gather(strategy.run(lambda r: r[None], args=(out_range,)), axis=0)
-            return sums + [tf.stack([tf.reduce_min(ranges[:, 0]), tf.reduce_max(ranges[:, 1])])]
+            total = lambda s: strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None)  # noqa: E731
+            ranges = strategy.gather(strategy.run(lambda r: r[None], args=(results.output_range,)), axis=0)
+            return results._replace(sums=tf.nest.map_structure(total, results.sums),
+                                    bad_ids=[total(c) for c in results.bad_ids],
+                                    output_range=tf.stack([tf.reduce_min(ranges[:, 0]), tf.reduce_max(ranges[:, 1])]))
 
         replicated = tf.function(replicated_fn, autograph=False)
         cache[id(strategy)] = (strategy, replicated)

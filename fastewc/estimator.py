@@ -20,8 +20,9 @@ long as its owner, no longer):
   (one output: the likelihood's parameters), and the likelihood itself: a loss with
   ``from_logits=True`` on outputs a softmax or sigmoid produced is read as probabilities,
   as Keras' own losses read them, with a warning once per estimator;
-* each plan's engine with its compiled and concrete functions
-  (:mod:`fastewc.engines`);
+* each plan's block plan (:class:`fastewc.blocks.BlockPlan`: which block covers which
+  variables, from the planning pass's rule outputs and ``curvature``) and its engine, built
+  with it, with its compiled and concrete functions (:mod:`fastewc.engines`);
 * its warn-once state and :meth:`tracing_count`.
 
 A plan is keyed by the input signature (structure, per-example shapes and dtypes) and
@@ -33,7 +34,7 @@ Scaling: a repeated call on the same signature costs the compiled work plus a fi
 overhead (argument checks, one tensor conversion per array, one dispatch per batch, one
 host sync at the end); memory is O(P) plus one batch's engine temporaries, whatever N.
 
-That one host sync reads ``FisherState.checks``; it is where the call's data checks that
+That one host sync reads ``FisherState.checks`` (:class:`fastewc.engines.base.Checks`); it is where the call's data checks that
 need the compiled pass are judged, in this order: Embedding ids outside their table
 (counted by :class:`fastewc.engines.base.IdGuard`), a non-finite Fisher (with its cause:
 weights, inputs, a forward or backward overflow in the dtype where it happened), outputs
@@ -53,8 +54,8 @@ import tensorflow as tf
 
 from fastewc import _keras_compat as compat
 from fastewc import _memory
+from fastewc import blocks as blocks_lib
 from fastewc import capture as capture_lib
-from fastewc import curvature as curvature_lib
 from fastewc import data as data_lib
 from fastewc import generic_rule
 from fastewc import likelihood as likelihood_lib
@@ -83,6 +84,7 @@ class Plan(typing.NamedTuple):
     num_cotangents: int          # K
     cast: typing.Callable        # the input cast (Keras' fit/predict rules)
     likelihood: object           # the configured one, or read as probabilities (see above)
+    blocks: object               # a fastewc.blocks.BlockPlan: which block covers which variables
 
 
 class Config(typing.NamedTuple):
@@ -106,12 +108,11 @@ def make_config(*, loss, kind, method, rules, batch_size, num_samples, jit_compi
     likelihood = dataclasses.replace(likelihood, positions=positions)
     check_one_of("kind", kind, likelihood_lib.KINDS)
     check_one_of("method", method, METHODS)
-    check_one_of("curvature", curvature, curvature_lib.CURVATURES)
-    if curvature == "kfac" and method not in ("auto", "factored"):
-        raise ValueError(
-            "`method` must be 'auto' or 'factored' with curvature='kfac': the Kronecker factors "
-            "come from the factored rules' layer inputs and deltas, which the per-example "
-            f"methods do not form. Received: method={method!r}")
+    check_one_of("curvature", curvature, tuple(blocks_lib.KINDS))
+    rules_only = blocks_lib.KINDS[curvature].rules_only
+    if rules_only and method not in ("auto", "factored"):
+        raise ValueError(f"`method` must be 'auto' or 'factored' with curvature={curvature!r}: "
+                         f"{rules_only}. Received: method={method!r}")
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     check_positive_int("num_samples", num_samples)
@@ -209,14 +210,15 @@ class FisherEstimator:
             except _CannotTrace as failure:      # the first batch of an `auto` plan only
                 plan = self._step_down(source, distributed, plan, failure.error)
         state = plan.engine.finish(state)
-        checks = state.checks.numpy()                          # the one host sync
-        all_finite, bad_ids = bool(checks[2]), checks[3:]
+        checks = state.checks
+        bad_ids = checks.bad_ids.numpy()                       # the one host sync
         if bad_ids.any():
             _raise_bad_ids(model, plan, source, [layer for layer, bad in zip(plan.engine.id_layers, bad_ids) if bad])
-        if not all_finite:
-            _raise_not_finite(model, plan, state.fisher, source, checks[:2])
-        plan.likelihood.check_output_range(float(checks[0]), float(checks[1]))
-        return curvature_lib.assemble(plan.engine.layout, state.fisher, plan.engine.variables)
+        out_range = checks.output_range.numpy()
+        if not checks.finite.numpy():
+            _raise_not_finite(model, plan, state.means, source, out_range)
+        plan.likelihood.check_output_range(float(out_range[0]), float(out_range[1]))
+        return plan.blocks.assemble(state.means)
 
     def _stream(self, plan, source, seed, verbose, distributed):
         """Every batch of ``source`` through ``plan``'s engine: the final FisherState.
@@ -247,7 +249,7 @@ class FisherEstimator:
         """A plan's first batch.  For a plan ``method="auto"`` chose, its function is traced
         first, and a failure there (pfor without a converter for an op, an op with no graph
         form) becomes :class:`_CannotTrace`: the step down the :data:`LADDER`."""
-        if self.method == "auto" and self.curvature == "diagonal" and plan.method != LADDER[-1] \
+        if self.method == "auto" and not plan.blocks.kind.rules_only and plan.method != LADDER[-1] \
                 and not distributed:
             try:
                 # pfor logs the op it could not convert at ERROR level before raising; the
@@ -299,7 +301,7 @@ class FisherEstimator:
         return plan
 
     def _make_plan(self, source, rules, method=None):
-        """The one eager planning pass: cast, output shape, engine, probe sizes.
+        """The one eager planning pass: cast, output shape, the block plan, engine, probe sizes.
         ``method``: an engine name that overrides the choice (a step down the ladder)."""
         model = self.model
         first_x = source.first_x
@@ -311,26 +313,27 @@ class FisherEstimator:
             self.likelihood.weight_rank(source.weight_tail, out_tail, what="`data` sample_weight")
         # Eager passes on one example: Embedding ids outside a table are clamped here and
         # reported by the compiled pass, with the layer and the range.
+        kind = blocks_lib.KINDS[self.curvature]
         with _explained_input_errors(model, source, self.method), IdGuard(model):
-            layout = None
-            if self.curvature == "kfac":
-                method, (layout, probe_floats) = "factored", self._kronecker_layout(x1, rules)
+            if kind.rules_only:
+                method, survey = "factored", self._rule_records(x1, rules)
             elif method is None:
-                method, probe_floats = self._choose_method(x1, rules)
+                method, survey = self._choose_method(x1, rules)
             else:
-                probe_floats = None
+                survey = None
             likelihood = self._read_likelihood(x1)
             self._check_masks(x1, out_tail)
+        records, probe_floats = survey or ((), None)
+        blocks = blocks_lib.BlockPlan(kind, model.trainable_variables, records)
+        blocks.check_memory(_memory.device_bytes())
+        probe_floats = probe_floats or None
         engine_cls = ENGINES[method]
-        jit = (engine_cls.default_jit_compile(model, kronecker=layout is not None) if self.jit_compile is None
-               else self.jit_compile)
-        engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules)
-        engine.out_tail = tuple(out_tail)
-        if layout is not None:
-            engine.layout = layout
+        jit = engine_cls.default_jit_compile(model, blocks) if self.jit_compile is None else self.jit_compile
+        engine = engine_cls(model, likelihood, self.kind, self.num_samples, jit_compile=jit, rules=rules,
+                            blocks=blocks, out_tail=out_tail)
         k = likelihood.num_cotangents(self.kind, self.num_samples, out_tail)
         rows = engine.rows_per_call(self.batch_size, k, probe_floats, _memory.budget_bytes())
-        return Plan(method, engine, rows, tuple(out_tail), k, cast, likelihood)
+        return Plan(method, engine, rows, tuple(out_tail), k, cast, likelihood, blocks)
 
     def _read_likelihood(self, x1):
         """The likelihood the Fisher uses: the configured one, except that a loss with
@@ -366,29 +369,28 @@ class FisherEstimator:
         for what, mask in mask_sources(self.likelihood, out, x1):
             self.likelihood.weight_rank(mask.shape[1:], out_tail, what=what)
 
-    def _kronecker_layout(self, x1, rules):
-        """``curvature="kfac"``: (layout, probe floats) from one eager pass under the rules
-        (:func:`fastewc.curvature.kronecker_layout`); every weighted layer needs a rule."""
+    def _rule_records(self, x1, rules):
+        """A curvature whose sums come only from rules (``rules_only``): (records, probe
+        floats) of one eager pass under the rules (:func:`fastewc.capture.survey`), from
+        which the block plan is made; every weighted layer needs a rule."""
+        curvature = self.curvature
         missing = capture_lib.layers_without_rule(self.model, rules)
         if missing:
             raise registry.UnsupportedLayerError(
-                f"curvature='kfac' needs a factored Fisher rule for every weighted layer; "
+                f"curvature={curvature!r} needs a factored Fisher rule for every weighted layer; "
                 f"{capture_lib.describe(missing, self.model)} {'has' if len(missing) == 1 else 'have'} none. "
                 + registry.registration_hint(type(missing[0]).__name__).replace(
                     ", or use method='vmap'", ", or use curvature='diagonal'"))
         try:
-            layout, probe_floats = curvature_lib.kronecker_layout(self.model, x1, rules,
-                                                                  self.model.trainable_variables)
+            return capture_lib.survey(self.model, x1, rules)
         except capture_lib.SharedLayerError as err:
-            raise capture_lib.shared_layer_error(err.layers, curvature="kfac") from None
-        curvature_lib.check_factor_memory(layout, _memory.device_bytes())
-        return layout, probe_floats
+            raise capture_lib.shared_layer_error(err.layers, curvature=curvature) from None
 
     def _choose_method(self, x1, rules):
-        """(engine name, probe floats per example or None).  ``auto``: factored when one
-        eager pass under the rules succeeds, else vmap, with one warning.  A weighted layer
-        without a rule takes the per-layer path (:mod:`fastewc.generic_rule`), with one
-        warning naming it."""
+        """(engine name, (records, probe floats per example) of the rules' eager pass or
+        None).  ``auto``: factored when one eager pass under the rules succeeds, else vmap,
+        with one warning.  A weighted layer without a rule takes the per-layer path
+        (:mod:`fastewc.generic_rule`), with one warning naming it."""
         if self.method not in ("auto", "factored"):
             return self.method, None
         missing = [layer for layer in capture_lib.layers_without_rule(self.model, rules) if layer is not self.model]
@@ -400,7 +402,7 @@ class FisherEstimator:
                 "alone (the rest of the model keeps its rules). A rule is cheaper: "
                 + registry.registration_hint(type(missing[0]).__name__)))
         try:
-            return "factored", capture_lib.survey(self.model, x1, rules) or None
+            return "factored", capture_lib.survey(self.model, x1, rules)
         except registry.UnsupportedLayerError as err:
             if self.method == "factored":
                 raise
@@ -418,7 +420,7 @@ class FisherEstimator:
         key = id(engine)
         state = self._initial_states.get(key)
         if state is None:
-            state = self._initial_states[key] = initial_state(engine.layout.shapes, len(engine.id_layers))
+            state = self._initial_states[key] = initial_state(engine.blocks.shapes, len(engine.id_layers))
         return state
 
     def _noise(self, seed, batch, plan):
@@ -562,16 +564,16 @@ def _compute_dtype(model):
 _LARGEST = {"float16": "65504", "bfloat16": "3.4e38", "float32": "3.4e38"}
 
 
-def _raise_not_finite(model, plan, fisher, source, out_range):
+def _raise_not_finite(model, plan, means, source, out_range):
     """A non-finite Fisher raises, naming the variable and the likely cause, in the dtype
     where it happened: the model's weights, its inputs, its forward pass (outputs not
     finite), else the backward pass: for a float16 model that is float16 (the factored
     engine back-propagates the output gradients in float16 and forms the parameter
     gradients in float32; the per-example engines form those in float16 too), else
     float32."""
-    names = plan.engine.layout.names
-    i = next(j for j, f in enumerate(fisher) if not bool(tf.reduce_all(tf.math.is_finite(f))))
-    bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(fisher[i])), tf.int32)))
+    names = plan.blocks.names
+    i = next(j for j, f in enumerate(means) if not bool(tf.reduce_all(tf.math.is_finite(f))))
+    bad = int(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(means[i])), tf.int32)))
     weights = [getattr(v, "path", v.name) for v in model.variables
                if tf.as_dtype(v.dtype).is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))]
     dtype = _compute_dtype(model)
@@ -596,4 +598,4 @@ def _raise_not_finite(model, plan, fisher, source, out_range):
         cause = f"the per-example gradients overflowed {dtype}: {fix}"
     raise ValueError(
         f"The Fisher of variable '{names[i]}' is not finite "
-        f"({bad} of {int(np.prod(fisher[i].shape))} entries are NaN or Inf): {cause}.")
+        f"({bad} of {int(np.prod(means[i].shape))} entries are NaN or Inf): {cause}.")

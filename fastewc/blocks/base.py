@@ -1,31 +1,100 @@
 """The block interface every curvature kind implements (:mod:`fastewc.blocks`).
 
-Work in progress (issue 25): the estimation half and the state half are filled in by
-two branches; each section below belongs to one of them.
+A kind has two halves: the estimation half (instances made by the plan, used by the
+engines and the estimator) and the state half (static methods used by the EWC's store,
+penalty and file).  Each is described below.
 """
 
 
 class Block:
     """One block of curvature over ``variables`` (model variables, in the model's order).
 
-    # -- estimation half (engines, estimator, plan) -----------------------------------
-    # sum_shapes, batch_sums(...), finish(means) -> estimate
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-    # -- state half (EWC: state, merge, penalty, file, checkpoint) ---------------------
-    # init/merge(state, estimate, anchor, config) -> new state (pure), penalty(thetas,
-    # state, lam, config) -> (value, grads), to_file/from_file, checkpoint keys
+    A kind is a subclass; a block is an instance, made by the plan
+    (:class:`fastewc.blocks.plan.BlockPlan`) once per estimator plan.
     """
+    kind = None                  # the curvature name: a key of fastewc.blocks.KINDS
+
+    # -- estimation half (engines, estimator, plan) -----------------------------------
+    # Per batch an engine forms each block's sums, Σ over the batch's rows of the kind's
+    # per-example quantities (not yet divided by the examples N), folds them into ONE
+    # float64 total with every other block's (fastewc.engines.base.fold), and at the end
+    # of a call hands each block the means (sums / N, float32) to finish.
+    #
+    # Class attributes (the kind's properties, read by the plan, never branched on):
+    rules_only = None            # None, or why this kind's sums come only from rules'
+    #                              outputs: the plan then needs a rule for every weighted
+    #                              layer and the factored engine
+    dense_sums = False           # True: its sums are dense matrices (d'² floats, not one
+    #                              per parameter): the mean is formed once per call, not
+    #                              per batch, and a call takes rows enough to amortize
+    #                              the fold
+    xla_on_cpu = True            # False: jit_compile=None never means XLA on CPU for a
+    #                              plan that has blocks of this kind
+    # Per block (set by the kind's constructor):
+    variables = ()               # the model variables it covers
+    sum_shapes = ()              # the shapes of its per-batch sums, in order
+    sum_names = ()               # one name per sum, for messages
+
+    @property
+    def key(self):
+        """The block's name in a batch's sums: (kind, id of its first variable)."""
+        return (self.kind, id(self.variables[0]))
+
+    @classmethod
+    def blocks_of(cls, layer, result):
+        """The blocks of this kind a layer's :class:`fastewc.registry.RuleOutput` gives,
+        at planning (one eager pass of one example); the diagonal covers what no block of
+        the chosen kind does."""
+        return []
+
+    @classmethod
+    def rule_sums(cls, result, delta, weight, mask):
+        """``{block key: tuple of sums}`` of this kind's blocks in one layer, from its
+        rule's output ``result``, its float32 deltas (K, N, *probe), the cotangents'
+        ``weight`` (K, N) and the rows' 0/1 ``mask`` (N,) (the factored engine)."""
+        raise NotImplementedError
+
+    def gradient_sums(self, squares):
+        """The block's sums from ``squares``: ``{id(variable): Σ_n Σ_k W_kn g_kn²}`` of the
+        per-example gradients (the vmap, jacobian and loop engines)."""
+        raise NotImplementedError(f"curvature={self.kind!r} needs the factored rules' sums")
+
+    def finish(self, means):
+        """Its part of the result from the means of its sums (float32, in order)."""
+        raise NotImplementedError
+
+    @classmethod
+    def assemble(cls, blocks, parts, variables):
+        """The estimate a plan of this kind returns (a public type), from every block's
+        part (aligned with ``blocks``) and the model's trainable ``variables``."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_memory(cls, plan, device_bytes):
+        """Raise before any pass when this kind's blocks of ``plan`` would not fit a device
+        of ``device_bytes`` (a diagonal always does: it is as large as the model)."""
+
+
+# -- state half (EWC: state, merge, penalty, file, checkpoint) -------------------------------
+# A kind's state methods are static (a block, on the EWC side, is its ``key`` and its
+# values).  A block's state is a flat list of float32 tensors (``fields``), stored by
+# :class:`fastewc.blocks.store.State` as tf.Variables, each checkpointed at one address
+# ``(table, table key)`` of the kind's ``TABLES``:
+#
+# * ``OPTIONS``: the EWC options it reads; ``TABLES``: ``{table: checkpoint path}``;
+#   ``FILE_FIELD`` / ``FILE_VERSION``: its field of :class:`fastewc.ewc_file.EWCFile` and
+#   the file version that holds it.
+# * ``check_result(result, source, tracking)``: refuse a Fisher result it cannot use;
+#   ``estimate(result, source, tracking)`` → ``{key: estimate}`` of a task.
+# * ``merge(current, task, settings, tracking)`` → ``({key: fields}, Δc)``: pure (nothing
+#   assigned), every block the task changes, raising (naming the variable or layer) for an
+#   estimate or a result float32 cannot hold.
+# * ``penalty(thetas, fields, lam, damping)`` → ``(value, [gradient per theta])``, traced
+#   inline into the one compiled penalty (:mod:`fastewc.blocks.penalty`); ``explain(thetas,
+#   fields, lam)`` says why a value is not finite.
+# * ``model_variables(key, by_key)``, ``label(key)``, ``num_terms(fields)``,
+#   ``snapshot(blocks)``: the block's variables, name, terms and public copy.
+# * ``addresses(key, n)``, ``from_checkpoint(tables, tracking, current)``: checkpoint keys
+#   and the checked restore; ``to_file`` / ``from_file``, ``file_arrays`` /
+#   ``file_shapes`` / ``read_file_arrays``: the file section.
+#   (Their task types and helpers: :mod:`fastewc.blocks.task`.)

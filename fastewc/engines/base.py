@@ -1,22 +1,25 @@
 """What every Fisher engine shares: the accumulation state, the fold, the compiled call.
 
-An engine turns one fixed-size batch into per-variable sums
+An engine is built with a block plan (:class:`fastewc.blocks.BlockPlan`: which block
+covers which variables) and turns one fixed-size batch into each block's sums, e.g. a
+diagonal block's
 
     S_i = Σ_n mask_n Σ_k W_kn (J_nᵀ U_kn)_i²         (U, W: the likelihood's cotangents)
 
 (:meth:`Engine.batch_sums`, traceable) and folds them into a float64 running total
 (:func:`fold`) inside the same compiled function, so a batch costs one dispatch and a
-whole call one host sync.  Engines differ only in how they get the squares (see
+whole call one host sync.  Engines differ only in how they get the sums (see
 :mod:`fastewc.fisher` for the table); the interface is
 
 * ``rows_per_call(batch_size, num_cotangents, probe_floats, budget)``: examples per
   compiled call, what ``budget`` bytes hold of the per-example gradients or deltas the
   engine keeps at once (:mod:`fastewc._memory`), capped by ``batch_size`` unless None;
-* ``default_jit_compile(model)``: the XLA setting ``jit_compile=None`` means;
-* ``batch_sums(x, y, mask, noise)``: the sums of one batch (traced once per plan), then
-  one count per Embedding layer (``id_layers``) of the ids outside its table, then the
-  output's (min, max);
-* ``run(batch, noise, state)``: one batch through the compiled function, the new state.
+* ``default_jit_compile(model, blocks)``: the XLA setting ``jit_compile=None`` means;
+* ``batch_sums(x, y, mask, noise)``: a :class:`BatchSums` (traced once per plan): the
+  sums by block, one count per Embedding layer (``id_layers``) of the ids outside its
+  table, the output's (min, max);
+* ``run(batch, noise, state)``: one batch through the compiled function, the new state;
+* ``finish(state)``: the call's final state, its means and :class:`Checks` complete.
 
 Embedding ids are checked where they are used, on the compiled side (:class:`IdGuard`):
 every engine's forward pass clamps them to the table, as XLA's gather would silently do,
@@ -29,7 +32,7 @@ input signature and registry) and owns its compiled and concrete functions: they
 long as the estimator.
 """
 import contextlib
-import threading
+import functools
 import typing
 
 import keras
@@ -37,7 +40,8 @@ import numpy as np
 import tensorflow as tf
 
 from fastewc import _keras_compat as compat
-from fastewc import _policy, curvature
+from fastewc import _policy
+from fastewc import capture as capture_lib
 from fastewc.likelihood import broadcast_weights
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
@@ -49,70 +53,77 @@ UNROLL_COTANGENTS = 16
 DEFAULT_ROWS = 256
 
 
+class BatchSums(typing.NamedTuple):
+    """What :meth:`Engine.batch_sums` returns for one batch (traceable)."""
+    sums: tuple          # by block of the plan: each block's tuple of sums (Block.sum_shapes)
+    bad_ids: list        # one float32 count per Embedding layer (id_layers): ids outside its table
+    output_range: tf.Tensor   # (min, max) of the model output, float32
+
+
+class Checks(typing.NamedTuple):
+    """What the end of a call reads back to the host, once (:class:`FisherState`)."""
+    output_range: tf.Tensor   # (min, max) of the model outputs so far, float32
+    finite: tf.Tensor         # bool: the whole mean is finite (set by :func:`finish`)
+    bad_ids: tf.Tensor        # (E,) float32: the ids seen outside each Embedding's table
+
+
 class FisherState(typing.NamedTuple):
-    """The streamed accumulation: the float64 totals of every variable in ONE flat vector
-    (P floats, variables in order), the output (min, max), the examples seen (float64),
-    the running float32 mean (a list shaped like the variables), and ``checks`` = [min,
-    max, finite, bad_ids_1, ..., bad_ids_E] (float32: whether the whole mean is finite,
-    then the running count of ids outside each of E Embedding tables) so that the end of a
-    call reads ONE tensor back to the host.
+    """The streamed accumulation: the float64 totals of every block's sums in ONE flat
+    vector (the plan's sums in order), the examples seen (float64), the running float32
+    means (a list shaped like the plan's sums, :attr:`fastewc.blocks.BlockPlan.shapes`)
+    and the :class:`Checks`.
 
     Flat, because the per-batch fold then costs a handful of ops (concatenate, add,
     divide, cast, one finiteness check, split) instead of five per variable: on
     MobileNetV2 (158 variables, no XLA) those were ~8% of a Fisher call."""
     totals: tf.Tensor
-    output_range: tf.Tensor
     examples: tf.Tensor
-    fisher: list
-    checks: tf.Tensor
+    means: list
+    checks: Checks
 
 
 def initial_state(shapes, num_id_layers=0):
-    """The zero state for quantities of ``shapes`` (a layout's, :mod:`fastewc.curvature`)."""
+    """The zero state for sums of ``shapes`` (a plan's, :class:`fastewc.blocks.BlockPlan`)."""
     shapes = [tuple(s) for s in shapes]
     size = sum(int(np.prod(s)) for s in shapes)
     return FisherState(
-        tf.zeros([size], tf.float64), tf.constant([np.inf, -np.inf], tf.float32),
-        tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
-        tf.constant([np.inf, -np.inf, 1.0] + [0.0] * num_id_layers, tf.float32))
+        tf.zeros([size], tf.float64), tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
+        Checks(tf.constant([np.inf, -np.inf], tf.float32), tf.constant(True), tf.zeros([num_id_layers], tf.float32)))
 
 
 def fold(batch, count, state, *, with_mean=True):
-    """Add a batch's float32 sums (and output range, and counts of ids outside each
-    Embedding's table) into the float64 state and, ``with_mean``, return it with its mean
-    (:func:`finish`) formed in the same compiled function.  Without it the mean is left to
-    one :func:`finish` per call: Kronecker factors are large, and a per-batch mean costs
-    five passes over every quantity (the reference CNN's 85M-float A: 0.5 s a batch); for a
-    diagonal the passes fuse into the batch's compiled function, where a separate call
-    would cost more host time than they do (0.9 ms on the reference MLP)."""
-    num_vars = len(state.fisher)
-    sums, bad_ids, batch_range = batch[:num_vars], batch[num_vars:-1], batch[-1]
-    flat = tf.concat([tf.reshape(s, [-1]) for s in sums], 0) if num_vars > 1 else tf.reshape(sums[0], [-1])
+    """Add a batch's float32 sums (:class:`BatchSums`) into the float64 state and,
+    ``with_mean``, return it with its mean (:func:`finish`) formed in the same compiled
+    function.  Without it the mean is left to one :func:`finish` per call (a plan whose
+    sums are dense matrices: :attr:`fastewc.blocks.BlockPlan.mean_per_batch`): Kronecker
+    factors are large, and a per-batch mean costs five passes over every quantity (the
+    reference CNN's 85M-float A: 0.5 s a batch); for a diagonal the passes fuse into the
+    batch's compiled function, where a separate call would cost more host time than they
+    do (0.9 ms on the reference MLP)."""
+    sums = [tf.reshape(s, [-1]) for s in tf.nest.flatten(batch.sums)]
+    flat = tf.concat(sums, 0) if len(sums) > 1 else sums[0]
     totals = state.totals + tf.cast(flat, tf.float64)
-    out_range = tf.stack([tf.minimum(state.output_range[0], batch_range[0]),
-                          tf.maximum(state.output_range[1], batch_range[1])])
+    seen_range, batch_range = state.checks.output_range, batch.output_range
+    out_range = tf.stack([tf.minimum(seen_range[0], batch_range[0]), tf.maximum(seen_range[1], batch_range[1])])
+    bad_ids = state.checks.bad_ids + tf.stack(batch.bad_ids) if batch.bad_ids else state.checks.bad_ids
     seen = state.examples + tf.cast(count, tf.float64)
-    checks = [out_range, state.checks[2:3]]
-    if bad_ids:
-        checks.append(state.checks[3:] + tf.stack(bad_ids))
-    folded = FisherState(totals, out_range, seen, state.fisher, tf.concat(checks, 0))
+    folded = FisherState(totals, seen, state.means, Checks(out_range, state.checks.finite, bad_ids))
     return finish(folded) if with_mean else folded
 
 
 def finish(state):
-    """The state with its mean F = total / examples (float32, shaped like ``state.fisher``)
-    and ``checks[2]`` = whether all of it is finite (see :func:`fold` for when)."""
-    num_vars = len(state.fisher)
+    """The state with its means = totals / examples (float32, shaped like ``state.means``)
+    and ``checks.finite`` = whether all of them are finite (see :func:`fold` for when)."""
+    num = len(state.means)
     mean = tf.cast(state.totals / state.examples, tf.float32)
-    if all(f.shape.is_fully_defined() for f in state.fisher):
-        sizes, shapes = [int(np.prod(f.shape)) for f in state.fisher], [f.shape for f in state.fisher]
+    if all(f.shape.is_fully_defined() for f in state.means):
+        sizes, shapes = [int(np.prod(f.shape)) for f in state.means], [f.shape for f in state.means]
     else:          # a shape-relaxed trace (reduce_retracing), for the loop engine
-        sizes, shapes = tf.stack([tf.size(f) for f in state.fisher]), [tf.shape(f) for f in state.fisher]
-    pieces = tf.split(mean, sizes, num=num_vars) if num_vars > 1 else [mean]
-    fisher = [tf.reshape(p, shape) for p, shape in zip(pieces, shapes)]
-    finite = tf.cast(tf.reduce_all(tf.math.is_finite(mean)), tf.float32)[None]
-    checks = tf.concat([state.checks[:2], finite, state.checks[3:]], 0)
-    return FisherState(state.totals, state.output_range, state.examples, fisher, checks)
+        sizes, shapes = tf.stack([tf.size(f) for f in state.means]), [tf.shape(f) for f in state.means]
+    pieces = tf.split(mean, sizes, num=num) if num > 1 else [mean]
+    means = [tf.reshape(p, shape) for p, shape in zip(pieces, shapes)]
+    finite = tf.reduce_all(tf.math.is_finite(mean))
+    return FisherState(state.totals, state.examples, means, state.checks._replace(finite=finite))
 
 
 fold_compiled = tf.function(fold, autograph=False, reduce_retracing=True)
@@ -202,13 +213,6 @@ def embedding_layers(model):
     return out
 
 
-def swap_lock(model):
-    """The per-model lock held while layers' ``call`` are swapped for a Fisher pass: the one
-    :func:`fastewc.capture.capture` holds (re-entrant, so a guard nests inside a capture)."""
-    from fastewc import capture          # noqa: PLC0415 -- capture imports the rules, lazily
-    return capture.model_lock(model)
-
-
 class IdGuard:
     """Within this context each Embedding of ``model`` (or ``layers``) reads its ids clamped
     to its table, [-input_dim, input_dim) as ``keras.ops.take`` reads them (what XLA's
@@ -219,10 +223,10 @@ class IdGuard:
     Only integer or floating dense ids are read (floats are cast to int32, as Embedding
     does); a call with other arguments (keras_hub's ``ReversibleEmbedding(reverse=True)``
     projects hidden states) or other inputs (ragged, sparse) passes through unchanged.
-    The swap is an instance ``call`` attribute set and restored around the pass, under the
-    model's :func:`swap_lock`, and applies to the thread that opened the context only; it
-    nests inside :func:`fastewc.capture.capture` (it then wraps the rule's call).  Without
-    Embedding layers it does nothing."""
+    The swap is :func:`fastewc.capture.swapped_calls` (the thread that opened the context
+    only; restored on exit); it nests inside :func:`fastewc.capture.capture` (it then wraps
+    the rule's call) and around it.  The context can be entered again (the counts add up).
+    Without Embedding layers it does nothing."""
 
     def __init__(self, model, layers=None, *, ranges=False):
         self.model = model
@@ -230,29 +234,19 @@ class IdGuard:
         self._counts = [[] for _ in self.layers]
         self._ranges = [[] for _ in self.layers] if ranges else None
         self._counting = True
-        self._saved = []
-        self._lock = None
+        self._swap = None
 
     def __enter__(self):
         if self.layers:
-            self._lock = swap_lock(self.model)
-            self._lock.acquire()
-            thread = threading.get_ident()
-            for i, layer in enumerate(self.layers):
-                self._saved.append((layer, "call" in layer.__dict__, layer.__dict__.get("call")))
-                object.__setattr__(layer, "call", self._wrap(i, layer, layer.call, thread))
+            self._swap = capture_lib.swapped_calls(self.model, [
+                (layer, functools.partial(self._wrap, i, layer)) for i, layer in enumerate(self.layers)])
+            self._swap.__enter__()
         return self
 
     def __exit__(self, *exc_info):
-        for layer, had, call in reversed(self._saved):
-            if had:
-                object.__setattr__(layer, "call", call)
-            else:
-                layer.__dict__.pop("call", None)
-        self._saved = []
-        if self._lock is not None:
-            self._lock, lock = None, self._lock
-            lock.release()
+        swap, self._swap = self._swap, None
+        if swap is not None:
+            swap.__exit__(None, None, None)
         return False
 
     def freeze(self):
@@ -273,9 +267,9 @@ class IdGuard:
                     return layer, low, high
         return None
 
-    def _wrap(self, i, layer, previous, thread):
+    def _wrap(self, i, layer, previous):
         def call(inputs, *args, **kwargs):
-            ids = _dense_ids(inputs, args, kwargs) if threading.get_ident() == thread else None
+            ids = _dense_ids(inputs, args, kwargs)
             if ids is not None:
                 n = int(layer.input_dim)
                 if self._counting:
@@ -311,18 +305,16 @@ class Engine:
     name = None
     xla_capable = True          # False: jit_compile=None never means XLA for this engine
 
-    def __init__(self, model, likelihood, kind, num_samples, *, jit_compile, rules=None):
+    def __init__(self, model, likelihood, kind, num_samples, *, jit_compile, blocks, out_tail, rules=None):
         self.model = model
         self.likelihood = likelihood
         self.kind = kind
         self.num_samples = num_samples
         self.rules = rules
-        self.variables = list(model.trainable_variables)
-        # What batch_sums returns, in order: one diagonal per variable, unless the factored
-        # engine's plan asks for Kronecker factors (fastewc.curvature).
-        self.layout = curvature.diagonal_layout(self.variables)
+        self.blocks = blocks        # a fastewc.blocks.BlockPlan: what batch_sums returns, by block
+        self.variables = blocks.variables
         self.id_layers = embedding_layers(model)      # checked by IdGuard in every pass
-        self.out_tail = None        # the output's per-example shape, set by the plan
+        self.out_tail = tuple(out_tail)               # the output's per-example shape
         self.jit_compile = jit_compile
         self._function = None       # fold(batch_sums(...)): one dispatch per batch
         self._finish = None         # finish(state): the mean, once per call
@@ -333,8 +325,9 @@ class Engine:
         self._replicated = {}       # strategy id -> (strategy, replicated function)
 
     @classmethod
-    def default_jit_compile(cls, model, *, kronecker=False):
-        return _policy.default_jit_compile(model, xla_capable=cls.xla_capable, kronecker=kronecker)
+    def default_jit_compile(cls, model, blocks):
+        """What ``jit_compile=None`` means for this engine on ``model`` with the plan ``blocks``."""
+        return _policy.default_jit_compile(model, xla_capable=cls.xla_capable, xla_on_cpu=blocks.xla_on_cpu)
 
     def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
         return DEFAULT_ROWS if batch_size is None else batch_size
@@ -353,18 +346,19 @@ class Engine:
             from fastewc import distribute   # rows split over replicas, sums all-reduced
             sums = distribute.run_fisher_batch(self._replicated, self._traced_sums(),
                                                batch.x, batch.y, batch.mask, noise)
-            return fold_compiled(sums, count, state)
+            return fold_compiled(sums, count, state, with_mean=self.blocks.mean_per_batch)
         args = (batch.x, batch.y, batch.mask, noise, count, state)
         concrete = self._concrete_for(args)
         with self._call_options(concrete):
             return FisherState(*compat.call_concrete(concrete, args))
 
     def finish(self, state):
-        """The final state of a call: with a Kronecker layout its mean and finiteness
-        (:func:`finish`), one concrete function per engine (the state's shapes are the
-        plan's) called with its flat inputs like :meth:`run` (no XLA: one pass, not worth a
-        compile); else ``state`` itself (each batch's fold formed the mean)."""
-        if not self.layout.kronecker:
+        """The final state of a call: ``state`` itself where each batch's fold formed the
+        mean (:attr:`fastewc.blocks.BlockPlan.mean_per_batch`), else its mean and
+        finiteness (:func:`finish`), one concrete function per engine (the state's shapes
+        are the plan's) called with its flat inputs like :meth:`run` (no XLA: one pass, not
+        worth a compile)."""
+        if self.blocks.mean_per_batch:
             return state
         if self._finish is None:
             self._finish = tf.function(finish, autograph=False, jit_compile=False).get_concrete_function(state)
@@ -406,7 +400,7 @@ class Engine:
             sums = self.batch_sums
             self._function = tf.function(
                 lambda x, y, mask, noise, count, state: fold(sums(x, y, mask, noise), count, state,
-                                                             with_mean=not self.layout.kronecker),
+                                                             with_mean=self.blocks.mean_per_batch),
                 jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
         return self._function
 

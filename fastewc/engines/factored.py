@@ -3,11 +3,14 @@
 For a layer with probe z (usually its pre-activation) and rule-known per-example
 gradients g_kn = r(a_n, δ_kn), δ_kn = ∂⟨U_kn, o_n⟩/∂z_n, the engine runs one forward pass
 of the batch under :func:`fastewc.capture.capture`, back-propagates the K cotangents
-U_k (K, N, *output) to every probe at once, and lets each rule form
+U_k (K, N, *output) to every probe at once, and lets each rule form the sums of the blocks
+that cover the layer's variables (:class:`fastewc.blocks.BlockPlan`), e.g. a diagonal
+block's
 
     Σ_k Σ_n W_kn g_kn²
 
-(:meth:`fastewc.registry.RuleOutput.square_sums`).  Examples are independent, so the
+(:meth:`fastewc.registry.RuleOutput.square_sums`), a Kronecker block's factors from its
+``kron``.  Examples are independent, so the
 deltas of all N examples come from one backward pass per cotangent: cost about one
 forward and K backward passes of the batch, memory K · rows · (probe floats) for the
 deltas, and no N × P per-example tensor unless a rule needs one.  The K passes are one
@@ -30,7 +33,6 @@ compiled call capped"):
 Rounded down to a power of two; an explicit ``batch_size`` lowers them further (a
 memory cap).
 """
-import math
 import re
 
 import tensorflow as tf
@@ -40,8 +42,8 @@ from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import pooling
 from fastewc.engines import per_example
-from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale, output_range,
-                                  weighted_cotangents)
+from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard, cotangent_scale,
+                                  output_range, weighted_cotangents)
 
 MAX_ROWS = 4096
 CACHE_FLOATS = 2**24
@@ -79,12 +81,12 @@ class FactoredEngine(Engine):
     def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
         per_row = num_cotangents * (probe_floats or 1)
         cached = max(MIN_ROWS, 1 << (max(1, CACHE_FLOATS // per_row).bit_length() - 1))
-        if self.layout.kronecker:
-            # Each call folds every factor (Σ d'² + u² floats) into the float64 total: take
-            # rows enough that a call's deltas are at least that many floats (the reference
-            # CNN's Dense(9216 → 128) has an 85M-float A; at the 16 rows the deltas alone
-            # allow, exact, the folds took 14× the diagonal's time).
-            folded = sum(math.prod(shape) for shape in self.layout.shapes)
+        folded = self.blocks.amortized_floats
+        if folded:
+            # Each call folds every sum (Kronecker factors: Σ d'² + u² floats) into the float64
+            # total: take rows enough that a call's deltas are at least that many floats (the
+            # reference CNN's Dense(9216 → 128) has an 85M-float A; at the 16 rows the deltas
+            # alone allow, exact, the folds took 14× the diagonal's time).
             cached = max(cached, 1 << max(0, -(-folded // per_row) - 1).bit_length())
         cap = min(MAX_ROWS, cached) if batch_size is None else min(batch_size, MAX_ROWS, cached)
         return _memory.rows_within(budget, 4 * per_row, cap)
@@ -133,7 +135,6 @@ class FactoredEngine(Engine):
                 probes, cotangent_deltas(tape, out, tf.nest.flatten(probes), u, unroll=unroll))
             del tape
             mask = tf.cast(mask, tf.float32)
-            kronecker = self.layout.kronecker
             sums = {}
 
             def prepared(probe, delta):
@@ -145,17 +146,6 @@ class FactoredEngine(Engine):
             for (layer, result), delta in zip(recorder.records, deltas):
                 with tf.name_scope(_scope_name(layer)):      # a profile names the layer
                     delta = tf.nest.map_structure(prepared, result.probe, delta)
-                    covered = set()
-                    if kronecker and result.kron is not None:
-                        for block in result.kron(delta, w, mask):
-                            sums[("a", id(block.variables[0]))] = block.a
-                            sums[("g", id(block.variables[0]))] = block.g
-                            covered.update(id(v) for v in block.variables)
-                    if any(id(v) not in covered for v in layer.trainable_variables):
-                        for var, value in result.square_sums(delta, w):
-                            if id(var) not in covered:
-                                sums[id(var)] = value
-            missing = [name for key, name in zip(self.layout.keys, self.layout.names) if key not in sums]
-            if missing:
-                raise ValueError(f"The factored rules returned no value for {missing}.")
-            return [sums[key] for key in self.layout.keys] + ids.counts() + [output_range(out)]
+                    for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
+                        sums.update(kind.rule_sums(result, delta, w, mask))
+            return BatchSums(self.blocks.collect(sums), ids.counts(), output_range(out))

@@ -4,8 +4,8 @@ reference twin of every other engine (float32, like them); N·K eager passes."""
 import numpy as np
 import tensorflow as tf
 
-from fastewc.engines.base import (Engine, IdGuard, cotangent_scale, dense_gradients, fold_compiled,
-                                  weighted_cotangents)
+from fastewc.engines.base import (BatchSums, Engine, IdGuard, cotangent_scale, dense_gradients,
+                                  fold_compiled, weighted_cotangents)
 
 
 class LoopEngine(Engine):
@@ -32,11 +32,12 @@ class LoopEngine(Engine):
                 for i, g in enumerate(dense_gradients(grads, variables)):
                     sums[i] += float(w[k, 0]) * np.square(tf.cast(g, tf.float32).numpy() / scale)
             del tape
-        return [tf.constant(s) for s in sums] + ids.counts() + [tf.constant([low, high], tf.float32)]
+        return BatchSums(self.blocks.from_gradients([tf.constant(s) for s in sums]), ids.counts(),
+                         tf.constant([low, high], tf.float32))
 
     def trace(self, batch, noise, state):
         """Nothing to trace: the loop runs eagerly."""
 
     def run(self, batch, noise, state, *, distributed=False):
         return fold_compiled(self.batch_sums(batch.x, batch.y, batch.mask, noise),
-                             tf.constant(batch.count, tf.int32), state)
+                             tf.constant(batch.count, tf.int32), state, with_mean=self.blocks.mean_per_batch)

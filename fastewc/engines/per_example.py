@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from fastewc import _keras_compat as compat
 from fastewc import _memory
-from fastewc.engines.base import (UNROLL_COTANGENTS, Engine, IdGuard, cotangent_scale,
+from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard, cotangent_scale,
                                   dense_gradients, output_range, weighted_cotangents)
 
 MAX_ROWS = 4096
@@ -145,7 +145,8 @@ class VmapEngine(_PerExampleEngine):
                     return [wi * q for q in squared(tape.gradient(oi, variables, output_gradients=ui[None]), scale)]
 
             sq = tf.vectorized_map(per_item, items, fallback_to_while_loop=False)
-            return [tf.reduce_sum(q, axis=0) for q in sq] + ids.counts() + [output_range(out)]
+            squares = [tf.reduce_sum(q, axis=0) for q in sq]
+            return BatchSums(self.blocks.from_gradients(squares), ids.counts(), output_range(out))
 
 
 class JacobianEngine(_PerExampleEngine):
@@ -169,5 +170,5 @@ class JacobianEngine(_PerExampleEngine):
             w_pairs = tf.reshape(w, [k * b])
             jac = [tf.zeros(tf.concat([[k * b], v.shape], 0), tf.float32) if j is None else j
                    for j, v in zip(jac, variables)]
-            return [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1)
-                    for j in jac] + ids.counts() + [output_range(out)]
+            squares = [tf.tensordot(w_pairs, tf.square(tf.cast(j, tf.float32) / scale), 1) for j in jac]
+            return BatchSums(self.blocks.from_gradients(squares), ids.counts(), output_range(out))
