@@ -22,9 +22,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --no-deps "$(KERAS_HUB)"
 	touch $(STAMP)
 
+# Two pytest-xdist workers (this machine's 2 cores): the tests are small graphs whose time
+# is mostly single-threaded tracing and Python. `TEST_WORKERS=0` runs them in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow"
-	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider $(BENCH_FILES)
+	$(PY) -m pytest tests -q -m "not slow" -n $(TEST_WORKERS)
+	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider -n $(TEST_WORKERS) $(BENCH_FILES)
 
 # The long tests `make test` leaves out (marked `slow`: other oracle variants, larger models).
 test-slow: $(STAMP)

@@ -42,6 +42,7 @@ setup(
         "dev": [
             "pytest>=9.0,<10",
             "pytest-benchmark>=5.3,<6",
+            "pytest-xdist>=3.6,<4",    # make test runs on every core (-n 2; tested 3.8.0)
             "tensorboard>=2.21,<2.22",
             "tensorboard-plugin-profile>=2.24,<2.25",
             "scikit-learn>=1.9,<1.10",
