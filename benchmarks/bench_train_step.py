@@ -121,7 +121,8 @@ class Workload:
     def stream_rounds(self, steps):
         """An XLA loop that reads A and μ once per iteration (their sum, scaled by the
         iteration counter so that XLA cannot hoist the read out of the loop)."""
-        fisher, anchors = self.ewc._plan()[1:3]
+        fields = list(self.ewc._tracked().values())              # the diagonal blocks' (A, μ)
+        fisher, anchors = [f[0] for f in fields], [f[1] for f in fields]
 
         def total(t):
             if t.shape.rank < 2:

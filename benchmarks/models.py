@@ -141,17 +141,27 @@ def _bert(small):
     return keras.Model(backbone.input, logits, name="bert_classifier")
 
 
-def _gpt2(small):
+def gpt2_classifier(sizes, classes=CLASSES):
+    """GPT2Backbone(**sizes) with Dense(classes) on the last token, as GPT-2 classifiers read it."""
     import keras_hub
-    backbone = keras_hub.models.GPT2Backbone(**_HUB_SIZES)
-    logits = keras.layers.Dense(CLASSES)(backbone.output[:, -1, :])
+    backbone = keras_hub.models.GPT2Backbone(**sizes)
+    logits = keras.layers.Dense(classes)(backbone.output[:, -1, :])
     return keras.Model(backbone.input, logits, name="gpt2_classifier")
 
 
-def _gpt2_lm(small):
+def gpt2_causal_lm(sizes):
+    """GPT2CausalLM(GPT2Backbone(**sizes), preprocessor=None): tied input/output embeddings."""
     import keras_hub
-    backbone = keras_hub.models.GPT2Backbone(**_HUB_SIZES)
+    backbone = keras_hub.models.GPT2Backbone(**sizes)
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None, name="gpt2_causal_lm")
+
+
+def _gpt2(small):
+    return gpt2_classifier(_HUB_SIZES)
+
+
+def _gpt2_lm(small):
+    return gpt2_causal_lm(_HUB_SIZES)
 
 
 def _gpt2_lm_inputs(rng, n, length):

@@ -233,7 +233,72 @@ def errors(doc):
     return "\n".join(out)
 
 
+# -- bench_large.py (role "large") ---------------------------------------------------------
+def _gib(value):
+    return "–" if value is None else f"{value / 2**30:.1f}"
+
+
+def _exact_cell(info):
+    """The exact kind of a bench_large row: its ratio, the refusal, or why it did not run."""
+    record = info.get("records", {}).get("exact")
+    if record is None:
+        return "–"
+    if "refused" in record:
+        return f"refused in {record['refused_after_s']:.1f} s (suggests sampled)" \
+            if "kind='sampled'" in record["refused"] else "refused"
+    if "exact_not_run" in record:
+        return f"not refused, not run: K = {record['plan']['K']}"
+    return _failed(info, "exact") or _ratio(info, "exact")
+
+
+def large_table(doc):
+    """One row per bench_large.py model: params, auto's plan, the floor, each kind's steady
+    median ÷ the floor's, first calls ÷ the floor's, and the process peaks (VmHWM)."""
+    lines = ["| model (input, batch) | params | auto picks | floor steady / first | empirical × floor "
+             "| sampled × floor | exact × floor | first call ÷ floor's: empirical / sampled "
+             "| peak RSS GiB: floor → empirical / sampled |",
+             "|---|---:|---|---|---:|---:|---|---|---|"]
+    for bench in doc.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("role") != "large":
+            continue
+        name, floor = best_floor(info)
+        first = info.get("first_call_s", {})
+        plans = info.get("plans", {})
+        methods = sorted({f"{p['method']} ({p['rows']} rows)" for k, p in plans.items() if k != "exact"})
+        floor_cell = "–" if name is None else f"{_seconds(floor)} / {_seconds(first.get(name))} ({name.split('_', 1)[1]})"
+        firsts = " / ".join("–" if name not in first or kind not in first else f"{first[kind] / first[name]:.1f}×"
+                            for kind in ("empirical", "sampled"))
+        peaks = info.get("peak_bytes", {})
+        peak_first = info.get("first_call_peak_bytes", {})
+        peak = lambda m: max(peaks.get(m, 0), peak_first.get(m, 0)) or None     # noqa: E731
+        memory = f"{_gib(peak(name))} → " + " / ".join(_gib(peak(k)) for k in ("empirical", "sampled"))
+        lines.append(f"| {info['model']} ({info.get('describe', '')}) | {_params(info.get('params'))} "
+                     f"| {', '.join(methods) or '–'} | {floor_cell} | {_ratio(info, 'empirical')} "
+                     f"| {_ratio(info, 'sampled')} | {_exact_cell(info)} | {firsts} | {memory} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def large_notes(doc):
+    """The warnings each kind's estimator gave (e.g. a layer without a rule)."""
+    out = []
+    for bench in doc.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        for member, record in (info.get("records") or {}).items() if info.get("role") == "large" else ():
+            for message in sorted(set(record.get("warnings", []))):
+                out.append(f"- {info['model']} / {member}: {message}")
+    return "\n".join(out)
+
+
 def render(doc):
+    large = large_table(doc)
+    if large and not _by_model(doc):
+        notes = large_notes(doc)
+        return "\n".join([header(doc), "", large, "",
+                          "Ratios: the member's median over its steady calls / the faster floor's (each member in "
+                          "its own process). First call: trace + compile + one run. Peak: the process's resident "
+                          "high-water mark over its first and steady calls (model and data included)."]
+                         + (["", "Warnings:", "", notes] if notes else []))
     parts = [header(doc), "", model_table(doc), "",
              "Ratios: median of the rotation rounds / the faster floor's median (same rotation). "
              "Loop: seconds per example × N / floor. First call: trace + compile + one run. "

@@ -2,15 +2,19 @@
 (and each non-overlapping max pooling's for :mod:`fastewc.pooling`'s cheaper backward).
 
 A layer's own trainable weights (not those of its sublayers) are what its rule accounts
-for (:func:`fastewc._keras_compat.owned_trainable_variables`).  Nested models and layers
+for (:func:`fastewc._keras_compat.owned_trainable_variables`); a weighted layer without a
+rule gets :func:`fastewc.generic_rule.generic_rule` (its own per-example gradients,
+vectorized for that layer alone).  Nested models and layers
 made of sublayers (MultiHeadAttention, a Sequential inside a functional model) are walked
 down to their leaves.  The swap is an instance attribute, set and removed around each
 trace, so the model is never left modified.
 
-Threads: the swapped ``call`` applies to the thread that opened the context only (another
-thread calling the model meanwhile runs the layer's own ``call``), and one model is
-captured by one thread at a time (a lock kept on the model), so two Fisher estimators
-planning or tracing on one model from two threads do not see each other's layers.
+The swap itself is :func:`swapped_calls`, the one mechanism of the package that replaces a
+layer's ``call`` (the Embedding id guard, :class:`fastewc.engines.base.IdGuard`, uses it
+too).  Threads: the swapped ``call`` applies to the thread that opened the context only
+(another thread calling the model meanwhile runs the layer's ``call`` as it was), and one
+model's calls are swapped by one thread at a time (a lock kept on the model), so two Fisher
+estimators planning or tracing on one model from two threads do not see each other's layers.
 """
 import contextlib
 import threading
@@ -22,6 +26,7 @@ import tensorflow as tf
 from fastewc import _cache
 from fastewc import _keras_compat as compat
 from fastewc import pooling, registry
+from fastewc.generic_rule import generic_rule
 
 _CAPTURE_LOCK = "_fastewc_capture"
 
@@ -107,12 +112,7 @@ class Recorder:
         self.mask_pooling = False
 
     def wrap(self, layer, rule):
-        own_call = type(layer).call
-        thread = threading.get_ident()
-
         def call(inputs, *args, **kwargs):
-            if threading.get_ident() != thread:       # another thread: the layer as it is
-                return own_call(layer, inputs, *args, **kwargs)
             try:
                 result = registry.as_rule_output(rule(layer, inputs, *args, **kwargs), layer)
             except registry.UnsupportedLayerError as err:
@@ -152,57 +152,74 @@ def describe(layers, model=None):
 
 
 def model_lock(model):
-    """The per-model re-entrant lock held while layers' ``call`` are swapped (here and by
-    :class:`fastewc.engines.base.IdGuard`): the swaps of two threads never interleave."""
+    """The per-model re-entrant lock held while :func:`swapped_calls` has layers' ``call``
+    swapped: the swaps of two threads never interleave, and one thread's swaps can nest."""
     return _cache.owned_cache(model, _CAPTURE_LOCK).setdefault("lock", threading.RLock())
 
 
 @contextlib.contextmanager
-def capture(model, rules):
-    """Context in which ``model(x)`` records (layer, RuleOutput) for each weighted layer."""
+def swapped_calls(model, swaps):
+    """Within this context the current thread calls ``make(call)`` in place of each layer's
+    ``call``, for the ``(layer, make)`` pairs of ``swaps`` (layers of ``model``; ``call`` is
+    the layer's ``call`` as the context found it, which ``make``'s may wrap); any other
+    thread keeps calling ``call``.
+
+    The swap is an instance ``call`` attribute (Keras' ``__call__`` reads ``self.call``),
+    set on entry and put back as it was on exit, under :func:`model_lock`: contexts nest
+    (an inner one wraps or replaces the outer one's call and restores it), and the model is
+    never left modified."""
+    thread = threading.get_ident()
     with model_lock(model):
-        with _swapped_calls(model, rules) as recorder:
-            yield recorder
-        recorder.check_not_shared()
+        saved = []
+        try:
+            for layer, make in swaps:
+                previous = layer.call
+                saved.append((layer, layer.__dict__.get("call", _UNSET)))
+                object.__setattr__(layer, "call", _this_thread_only(previous, make(previous), thread))
+            yield
+        finally:
+            for layer, call in reversed(saved):
+                if call is _UNSET:
+                    layer.__dict__.pop("call", None)
+                else:
+                    object.__setattr__(layer, "call", call)
+
+
+_UNSET = object()
+
+
+def _this_thread_only(previous, call, thread):
+    def dispatch(*args, **kwargs):
+        return (call if threading.get_ident() == thread else previous)(*args, **kwargs)
+    return dispatch
 
 
 @contextlib.contextmanager
-def _swapped_calls(model, rules):
+def capture(model, rules):
+    """Context in which ``model(x)`` records (layer, RuleOutput) for each weighted layer
+    (on this thread, see :func:`swapped_calls`)."""
     recorder = Recorder()
-    patched = []
-    thread = threading.get_ident()
-    try:
-        for layer in weighted_layers(model, rules):
-            rule = rules.get(layer)
-            if rule is None:
-                raise registry.UnsupportedLayerError(
-                    f"Layer '{layer.name}' of class {type(layer).__name__} has trainable weights "
-                    "but no factored Fisher rule. " + registry.registration_hint(type(layer).__name__))
-            if layer is model:
-                raise registry.UnsupportedLayerError(
-                    f"Model '{model.name}' owns trainable variables directly; the factored method "
-                    "needs them inside layers. Use method='vmap'.")
-            object.__setattr__(layer, "call", recorder.wrap(layer, rule))
-            patched.append(layer)
-        for layer in compat.nested_layers(model):
-            call = pooling.masked_max_pool_call(layer, lambda: recorder.mask_pooling)
-            if call is not None and "call" not in layer.__dict__:
-                object.__setattr__(layer, "call", _this_thread_only(layer, call, thread))
-                patched.append(layer)
+    with swapped_calls(model, _swaps(model, rules, recorder)):
         yield recorder
-    finally:
-        for layer in patched:
-            layer.__dict__.pop("call", None)
+    recorder.check_not_shared()
 
 
-def _this_thread_only(layer, call, thread):
-    own_call = type(layer).call
-
-    def dispatch(*args, **kwargs):
-        if threading.get_ident() != thread:
-            return own_call(layer, *args, **kwargs)
-        return call(*args, **kwargs)
-    return dispatch
+def _swaps(model, rules, recorder):
+    """The (layer, make call) pairs of :func:`capture`: each weighted layer's rule, each
+    non-overlapping max pooling's masked backward (:mod:`fastewc.pooling`)."""
+    swaps = []
+    for layer in weighted_layers(model, rules):
+        if layer is model:
+            raise registry.UnsupportedLayerError(
+                f"Model '{model.name}' owns trainable variables directly; the factored method "
+                "needs them inside layers. Use method='vmap'.")
+        rule = rules.get(layer) or generic_rule      # no rule: the per-layer path
+        swaps.append((layer, lambda _, layer=layer, rule=rule: recorder.wrap(layer, rule)))
+    for layer in compat.nested_layers(model):
+        call = pooling.masked_max_pool_call(layer, lambda: recorder.mask_pooling)
+        if call is not None and "call" not in layer.__dict__:
+            swaps.append((layer, lambda _, call=call: call))
+    return swaps
 
 
 def survey(model, x, rules):

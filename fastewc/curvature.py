@@ -1,15 +1,17 @@
 """What a Fisher estimator accumulates: the diagonal, or Kronecker factors per layer.
 
 ``curvature="diagonal"`` (the default) keeps one F_i per parameter (:mod:`fastewc.fisher`).
-``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense and
-convolution kernels with their bias: ``kron`` in :class:`fastewc.registry.RuleOutput`),
+``curvature="kfac"`` keeps, for each layer whose rule has a Kronecker form (Dense,
+convolution and EinsumDense kernels with their bias: ``kron`` in
+:class:`fastewc.contract.RuleOutput`),
 the two factors of its Fisher block (Martens & Grosse 2015; Grosse & Martens 2016 for
 convolutions; Ritter, Botev & Barber 2018 for their use in continual learning):
 
     F_W̄ ≈ A ⊗ G,    A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,    G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
 
-for the block's weight matrix W̄ (the kernel reshaped to (d, u), the bias as its last
-row; :func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
+for the block's weight matrix W̄ (the kernel reshaped to (d, u), its input axes as rows
+and its output axes as columns, the bias as its last row;
+:func:`fastewc.kronecker.weight_matrix`), its input rows ā = [a, 1] at the L
 positions l of example n and the output deltas δ = ∂ℓ/∂z, with y as the kind says
 (true label, sampled, or the full expectation through the K weighted cotangents).  For
 one example at one position A ⊗ G IS the Fisher block E_y[vec(ā δᵀ) vec(ā δᵀ)ᵀ]; in
@@ -38,6 +40,8 @@ import typing
 import numpy as np
 import tensorflow as tf
 
+from fastewc import kronecker
+
 CURVATURES = ("diagonal", "kfac")     # the keys of fastewc.blocks.KINDS
 
 
@@ -46,7 +50,10 @@ class KroneckerBlock(typing.NamedTuple):
     layer: str              # the layer's name
     variables: tuple        # (kernel, bias) or (kernel,): the model variables it covers
     a: tf.Tensor            # (d', d'), d' = kernel rows (+1 with a bias)
-    g: tf.Tensor            # (u, u), u = kernel.shape[-1]
+    g: tf.Tensor            # (u, u), u = kernel columns
+    # The kernel's leading axes that are inputs (rows); None: all but the last
+    # (:func:`fastewc.kronecker.matrix_shape`; an EinsumDense kernel may have several outputs).
+    input_rank: typing.Optional[int] = None
 
 
 class KroneckerFisher(typing.NamedTuple):
@@ -64,8 +71,8 @@ class KroneckerFisher(typing.NamedTuple):
         for block in self.blocks:
             diag = tf.tensordot(tf.linalg.diag_part(block.a), tf.linalg.diag_part(block.g), 0)
             kernel = block.variables[0]
-            rows = int(np.prod(kernel.shape[:-1]))
+            rows = kronecker.matrix_shape(kernel.shape, block.input_rank)[0]
             out[id(kernel)] = tf.reshape(diag[:rows], kernel.shape)
             if len(block.variables) > 1:
-                out[id(block.variables[1])] = diag[rows]
+                out[id(block.variables[1])] = tf.reshape(diag[rows], block.variables[1].shape)
         return [out[id(v)] for v in self.variables]

@@ -11,8 +11,9 @@ long as its owner, no longer):
 
 * the resolved likelihood of ``loss`` (:mod:`fastewc.likelihood`);
 * one :class:`Plan` per input signature, made by ONE eager planning pass before the
-  stream starts: the engine (``method="auto"`` picks factored when every weighted layer
-  has a rule, else vmap; a plan whose function cannot be traced steps down
+  stream starts: the engine (``method="auto"`` picks factored, a weighted layer without a
+  rule taking the per-layer path of :mod:`fastewc.generic_rule`, else vmap where a rule
+  refuses its layer; a plan whose function cannot be traced steps down
   factored → vmap → jacobian → loop at its first batch, before anything is accumulated,
   warning once per step and naming the layers; nothing falls back mid-stream), the probe
   sizes that bound the factored engine's rows per call, the input cast, the output shape
@@ -56,6 +57,7 @@ from fastewc import _memory
 from fastewc import blocks as blocks_lib
 from fastewc import capture as capture_lib
 from fastewc import data as data_lib
+from fastewc import generic_rule
 from fastewc import likelihood as likelihood_lib
 from fastewc import registry
 from fastewc._checks import (check_jit_compile, check_model, check_one_of, check_positive_int,
@@ -64,8 +66,9 @@ from fastewc.engines import ENGINES, initial_state
 from fastewc.engines.base import Checks, IdGuard, is_distributed, mask_sources
 
 METHODS = ("auto",) + tuple(ENGINES)
-# What ``method="auto"`` tries, in order.  Factored needs a rule for every weighted layer
-# (else the plan starts at vmap); an engine whose function cannot be traced for the model
+# What ``method="auto"`` tries, in order.  Factored takes every weighted layer (a rule, or
+# the per-layer path for a layer without one; a rule that refuses its layer starts the plan
+# at vmap); an engine whose function cannot be traced for the model
 # (``tf.vectorized_map``'s pfor has no converter for an op; an op with no graph form) hands
 # over to the next, at the plan's first batch, down to the eager loop, which runs whatever
 # runs eagerly.  ``jacobian`` vectorizes with pfor's while-loop fallback.
@@ -384,17 +387,19 @@ class FisherEstimator:
 
     def _choose_method(self, x1, rules):
         """(engine name, (records, probe floats per example) of the rules' eager pass or
-        None).  ``auto``: factored when every weighted layer has a rule and one eager pass
-        under the rules succeeds, else vmap, with one warning naming the layers."""
+        None).  ``auto``: factored when one eager pass under the rules succeeds, else vmap,
+        with one warning.  A weighted layer without a rule takes the per-layer path
+        (:mod:`fastewc.generic_rule`), with one warning naming it."""
         if self.method not in ("auto", "factored"):
             return self.method, None
-        if self.method == "auto":
-            missing = capture_lib.layers_without_rule(self.model, rules)
-            if missing:
-                self._warn_once(("no-rule", tuple(type(layer).__name__ for layer in missing)),
-                                f"fastewc: no factored Fisher rule for {capture_lib.describe(missing, self.model)}; "
-                                "method='auto' uses 'vmap' (per-example vectorized gradients) for this model.")
-                return "vmap", None
+        missing = [layer for layer in capture_lib.layers_without_rule(self.model, rules) if layer is not self.model]
+        if missing:
+            self._warn_once(("no-rule", tuple(type(layer).__name__ for layer in missing)), (
+                f"fastewc: no factored Fisher rule for {capture_lib.describe(missing, self.model)}; the "
+                f"factored engine takes {'its' if len(missing) == 1 else 'their'} per-example gradients "
+                f"through {generic_rule.METHOD}, for {'that layer' if len(missing) == 1 else 'those layers'} "
+                "alone (the rest of the model keeps its rules). A rule is cheaper: "
+                + registry.registration_hint(type(missing[0]).__name__)))
         try:
             return "factored", capture_lib.survey(self.model, x1, rules)
         except registry.UnsupportedLayerError as err:

@@ -1,17 +1,18 @@
 """The EWC file format: one ``.npz`` holding an EWC's state, verified on read.
 
-Layout (``FORMAT = "fastewc.EWC"``, version 1; version 2 below):
+Layout (``FORMAT = "fastewc.EWC"``): ``header``, UTF-8 JSON as a uint8 array (``format``,
+``version``, ``mode``, ``lam``, ``gamma``, ``num_tasks``, ``const`` (c), ``excluded`` (paths
+excluded when saved) and ``sha256``), then each block kind's section (its
+``FILE_FIELD`` of :class:`EWCFile`, :mod:`fastewc.blocks`): its header fields and arrays.
 
-* ``header``: UTF-8 JSON as a uint8 array: ``format``, ``version``, ``mode``, ``lam``,
-  ``gamma``, ``num_tasks``, ``const`` (c), ``variables`` (a list of ``{"path", "shape"}``
-  in state order), ``excluded`` (paths excluded when saved) and ``sha256``;
-* ``fisher_i`` and ``anchor_i``: A and μ of the i-th variable, float32 of its shape.
-
-Version 2 (written when the EWC has ``curvature="kfac"``; version 1 files still read) adds
-to the header ``curvature``, ``damping``, ``kfac_sum`` and ``kronecker``: a list of
-``{"kernel", "bias", "coefficients", "rows", "units"}``, one per block (its variables' paths,
-bias None without one, the terms' c), and for the j-th term over all blocks the arrays
-``kfaca_j`` (rows × rows), ``kfacg_j`` (units × units) and ``kfacw_j`` (rows × units).
+* Version 1: the diagonal's, ``variables`` (a list of ``{"path", "shape"}`` in state order)
+  and the arrays ``fisher_i`` and ``anchor_i`` (A and μ of the i-th variable, float32 of its
+  shape; :class:`fastewc.blocks.diagonal.Diagonal`).
+* Version 2 (written when a kind of version 2 has a section; version 1 files still read)
+  adds ``curvature``, ``damping``, ``kfac_sum`` and the Kronecker blocks: ``kronecker``, a
+  list of ``{"kernel", "bias", "coefficients", "rows", "units"}``, and the arrays ``kfaca_j``,
+  ``kfacg_j``, ``kfacw_j`` of the j-th term over all blocks
+  (:class:`fastewc.blocks.kronecker.Kronecker`).
 
 ``sha256`` is the SHA-256 of the header without it (canonical JSON) followed by, for each
 array in (i, name) order, its name and its little-endian float32 bytes: a flipped bit in
@@ -26,11 +27,15 @@ for an unknown zip version or compression, RuntimeError for an "encrypted" membe
 ...) is the one ``ValueError: ... is not a valid fastewc EWC file``.  Only the file
 system's errors (a missing file, permissions) pass through as they are.
 
+Memory: neither direction holds a second copy of the state.  A write hashes each array
+where it is and streams it into the archive in NumPy's chunks; a read takes the archive's
+members one at a time from the open file (never the whole file's bytes), hashing each as it
+is read, so it holds the arrays it returns and a chunk.
+
 Only the format lives here; what the values mean (and whether they are valid EWC
 arguments) is :class:`fastewc.EWC`'s.
 """
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -38,12 +43,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastewc.blocks import KINDS
+
 FORMAT = "fastewc.EWC"
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
 _REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
-_KINDS = ("fisher", "anchor")
-_TERM_KINDS = ("kfaca", "kfacg", "kfacw")
 
 
 class EWCFile(NamedTuple):
@@ -65,31 +70,20 @@ class EWCFile(NamedTuple):
 def write(path, contents):
     """Write ``contents`` (an :class:`EWCFile`) to ``path``, atomically."""
     path = os.fspath(path)
-    kfac = contents.curvature != "diagonal"
+    kinds = [kind for kind in KINDS.values() if getattr(contents, kind.FILE_FIELD) is not None]
+    version = max(kind.FILE_VERSION for kind in kinds)
     header = {
-        "format": FORMAT, "version": 2 if kfac else 1, "mode": contents.mode,
+        "format": FORMAT, "version": version, "mode": contents.mode,
         "lam": contents.lam, "gamma": contents.gamma, "num_tasks": contents.num_tasks,
-        "const": contents.const,
-        "variables": [{"path": key, "shape": list(np.shape(a))}
-                      for key, (a, _) in contents.state.items()],
-        "excluded": list(contents.excluded),
+        "const": contents.const, "excluded": list(contents.excluded),
     }
+    if version >= 2:
+        header.update(curvature=contents.curvature, damping=contents.damping, kfac_sum=contents.kfac_sum)
     arrays = {}
-    for i, (a, mu) in enumerate(contents.state.values()):
-        arrays[f"fisher_{i}"] = np.asarray(a, np.float32)
-        arrays[f"anchor_{i}"] = np.asarray(mu, np.float32)
-    if kfac:
-        header.update(curvature=contents.curvature, damping=contents.damping, kfac_sum=contents.kfac_sum,
-                      kronecker=[])
-        j = 0
-        for (kernel, bias), terms in (contents.kronecker or {}).items():
-            rows, units = (np.shape(terms[0][3]) if terms else (0, 0))
-            header["kronecker"].append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
-                                        "coefficients": [float(t[0]) for t in terms]})
-            for _, a, g, anchor in terms:
-                for kind, value in zip(_TERM_KINDS, (a, g, anchor)):
-                    arrays[f"{kind}_{j}"] = np.asarray(value, np.float32)
-                j += 1
+    for kind in kinds:
+        fields, kind_arrays = kind.file_arrays(getattr(contents, kind.FILE_FIELD))
+        header.update(fields)
+        arrays.update(kind_arrays)
     header["sha256"] = digest(header, arrays)
     header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
     def save(tmp):
@@ -122,32 +116,35 @@ def read(path):
     """The verified :class:`EWCFile` at ``path``; ValueError for anything malformed."""
     path = os.fspath(path)
     header, arrays = _read_verified(path)
-    state = {}
-    for i, entry in enumerate(header["variables"]):
-        state[str(entry["path"])] = (arrays[f"fisher_{i}"], arrays[f"anchor_{i}"])
-    kronecker, j = {}, 0
-    for block in header.get("kronecker", []):
-        terms = []
-        for c in block["coefficients"]:
-            terms.append((np.float32(c),) + tuple(arrays[f"{kind}_{j}"] for kind in _TERM_KINDS))
-            j += 1
-        kronecker[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = terms
+    sections = {kind.FILE_FIELD: kind.read_file_arrays(header, arrays) for kind in KINDS.values()
+                if kind.FILE_VERSION <= header["version"]}
     return EWCFile(mode=header["mode"], lam=header["lam"], gamma=header["gamma"],
-                   num_tasks=header["num_tasks"], const=header["const"], state=state,
+                   num_tasks=header["num_tasks"], const=header["const"],
                    excluded=list(header.get("excluded", [])),
                    curvature=header.get("curvature", "diagonal"), damping=header.get("damping", 0.0),
-                   kfac_sum=header.get("kfac_sum", "exact"), kronecker=kronecker)
+                   kfac_sum=header.get("kfac_sum", "exact"), **sections)
 
 
 def digest(header, arrays):
     """SHA-256 over the header (without its digest) and every array's bytes, in order."""
-    body = {k: v for k, v in header.items() if k != "sha256"}
-    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8"))
+    h = _digest_start(header)
     for name in sorted(arrays, key=_array_order):
-        arr = np.ascontiguousarray(arrays[name], dtype="<f4")
-        h.update(name.encode("utf-8"))
-        h.update(arr.tobytes())
+        _digest_update(h, name, arrays[name])
     return h.hexdigest()
+
+
+def _digest_start(header):
+    """The SHA-256 state after the header (without its digest): :func:`digest`'s first part."""
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8"))
+
+
+def _digest_update(h, name, array):
+    """Add one array (its name, then its little-endian float32 bytes) to ``h``, in place: the
+    bytes are hashed where they are (no copy of a contiguous little-endian float32 array)."""
+    arr = np.ascontiguousarray(array, dtype="<f4")
+    h.update(name.encode("utf-8"))
+    h.update(arr.reshape(-1).view(np.uint8))
 
 
 def _array_order(name):
@@ -169,37 +166,55 @@ def fsync_directory(directory):
         os.close(dir_fd)
 
 
-def _term_shapes(header):
-    """{array name: shape} of the Kronecker terms a version-2 header lists."""
-    shapes, j = {}, 0
-    for block in header.get("kronecker", []) if header.get("version") == 2 else []:
-        rows, units = int(block["rows"]), int(block["units"])
-        for _ in block["coefficients"]:
-            shapes.update({f"kfaca_{j}": (rows, rows), f"kfacg_{j}": (units, units),
-                           f"kfacw_{j}": (rows, units)})
-            j += 1
-    return shapes
-
-
 def _read_verified(path):
-    """(header, arrays) from an EWC file, verified; ValueError for anything malformed."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    """(header, arrays) from an EWC file, verified; ValueError for anything malformed.
 
+    Streams: the archive's members are read one at a time from the open file (never the
+    whole file in memory), each array checked (dtype, shape) and hashed as it is read, so
+    the arrays are the one copy of the state this holds; nothing is returned unless the
+    checksum over all of them matches."""
     def corrupt(reason):
         return ValueError(f"{path!r} is not a valid fastewc EWC file (truncated or corrupted?): {reason}")
 
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            contents = {name: npz[name] for name in npz.files}
-    except Exception as err:     # noqa: BLE001 - damaged bytes raise many types (docstring)
-        raise corrupt(f"{type(err).__name__}: {err}") from None
-    if "header" not in contents:
-        raise corrupt("no header")
-    try:
-        header = json.loads(contents.pop("header").tobytes().decode("utf-8"))
-    except Exception as err:     # noqa: BLE001
-        raise corrupt(f"unreadable header ({type(err).__name__}: {err})") from None
+    def member(npz, name):
+        try:
+            return npz[name]
+        except Exception as err:     # noqa: BLE001 - damaged bytes raise many types (module docstring)
+            raise corrupt(f"{type(err).__name__}: {err}") from None
+
+    with open(path, "rb") as f:      # the file system's errors pass through
+        try:
+            npz = np.load(f, allow_pickle=False)
+        except Exception as err:     # noqa: BLE001
+            raise corrupt(f"{type(err).__name__}: {err}") from None
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise corrupt("not an .npz archive")
+        with npz:
+            names = set(npz.files)
+            if "header" not in names:
+                raise corrupt("no header")
+            raw_header = member(npz, "header")
+            try:
+                header = json.loads(raw_header.tobytes().decode("utf-8"))
+            except Exception as err:     # noqa: BLE001
+                raise corrupt(f"unreadable header ({type(err).__name__}: {err})") from None
+            expected = _expected_arrays(header, path, corrupt)
+            if names - {"header"} != set(expected):
+                raise corrupt(f"arrays {sorted((names - {'header'}) ^ set(expected))} missing or unexpected")
+            h, arrays = _digest_start(header), {}
+            for name in sorted(expected, key=_array_order):
+                arr = member(npz, name)
+                if arr.dtype != np.float32 or arr.shape != expected[name]:
+                    raise corrupt(f"array {name!r} has {arr.dtype} {arr.shape}, expected float32 {expected[name]}")
+                _digest_update(h, name, arr)
+                arrays[name] = arr
+    if h.hexdigest() != header["sha256"]:
+        raise corrupt("SHA-256 checksum mismatch")
+    return header, arrays
+
+
+def _expected_arrays(header, path, corrupt):
+    """{array name: shape} that a parsed ``header`` lists; ValueError if it is malformed."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise corrupt(f"format is not {FORMAT!r}")
     if header.get("version") not in _READABLE:
@@ -208,23 +223,11 @@ def _read_verified(path):
     missing = [k for k in _REQUIRED if k not in header]
     if missing:
         raise corrupt(f"header lacks {missing}")
-    try:
-        entries = [(str(e["path"]), tuple(int(d) for d in e["shape"])) for e in header["variables"]]
-    except Exception as err:     # noqa: BLE001
-        raise corrupt(f"bad variable list ({type(err).__name__}: {err})") from None
-    if len({key for key, _ in entries}) != len(entries):
-        raise corrupt("a variable path is listed twice")
-    expected = {f"{kind}_{i}": shape for i, (_, shape) in enumerate(entries) for kind in _KINDS}
-    try:
-        expected.update(_term_shapes(header))
-    except Exception as err:     # noqa: BLE001
-        raise corrupt(f"bad Kronecker block list ({type(err).__name__}: {err})") from None
-    if set(contents) != set(expected):
-        raise corrupt(f"arrays {sorted(set(contents) ^ set(expected))} missing or unexpected")
-    for name, shape in expected.items():
-        arr = contents[name]
-        if arr.dtype != np.float32 or arr.shape != shape:
-            raise corrupt(f"array {name!r} has {arr.dtype} {arr.shape}, expected float32 {shape}")
-    if digest(header, contents) != header["sha256"]:
-        raise corrupt("SHA-256 checksum mismatch")
-    return header, contents
+    expected = {}
+    for kind in KINDS.values():
+        if kind.FILE_VERSION <= header["version"]:
+            try:
+                expected.update(kind.file_shapes(header))
+            except ValueError as err:
+                raise corrupt(str(err)) from None
+    return expected

@@ -42,7 +42,7 @@ from fastewc import _cache
 from fastewc._checks import check_model
 from fastewc.estimator import FisherEstimator, make_config
 
-_CACHE_ATTRIBUTE = "_fastewc_fisher_estimators"
+_CACHE_ATTRIBUTE = _cache.FISHER_ESTIMATORS
 
 
 def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch_size=None,
@@ -89,7 +89,7 @@ def fisher_diagonal(model, data, *, loss, kind="empirical", method="auto", batch
 def kfac_fisher(model, data, *, loss, kind="empirical", batch_size=None, num_samples=1, seed=None,
                 jit_compile=None, verbose=0, rules=None, max_examples=None, positions="sum"):
     """Kronecker-factored Fisher of ``model`` over ``data`` (:mod:`fastewc.curvature`): for
-    each Dense or convolution layer the factors of its block, F_W̄ ≈ A ⊗ G,
+    each Dense, convolution or EinsumDense layer the factors of its block, F_W̄ ≈ A ⊗ G,
 
         A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,      G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
 
@@ -110,15 +110,15 @@ def kfac_fisher(model, data, *, loss, kind="empirical", batch_size=None, num_sam
         data, seed=seed, verbose=verbose, max_examples=max_examples)
 
 
-def estimator_for(model, **config):
-    """The :class:`FisherEstimator` of this configuration cached on ``model``."""
+def estimator_for(model, *, owner=None, **config):
+    """The :class:`FisherEstimator` of ``model`` for this configuration, cached on ``owner``
+    (None: ``model``; an EWC passes itself) by :func:`fastewc._cache.cached`: it lives
+    exactly as long as its owner.  The key is (id(model), config): the estimator holds
+    ``model``, so the id names it while cached."""
     check_model(model, built=False)
-    key = make_config(**config)
-    cache = _cache.owned_cache(model, _CACHE_ATTRIBUTE)
-    estimator = cache.get(key)
-    if estimator is None:
-        estimator = cache[key] = FisherEstimator(model, **config)
-    return estimator
+    key = (id(model), make_config(**config))
+    return _cache.cached(model if owner is None else owner, _CACHE_ATTRIBUTE, key,
+                         lambda: FisherEstimator(model, **config))
 
 
 def tracing_count(model):

@@ -56,17 +56,28 @@ def _body(blocks, lam, damping):
     with tf.name_scope("fastewc/kfac_penalty"):
         value, grads, parts = tf.constant(0.0), [], []
         for thetas, terms in blocks:
-            w = kronecker.weight_matrix(thetas)
-            q_sum, m_sum = tf.constant(0.0), None
-            for coef, a, g, anchor in terms:
-                a_d, g_d = kronecker.damped_factors(a, g, damping)
-                q, m = kronecker.quadratic_form(w - anchor, a_d, g_d)
-                q_sum += coef * q
-                m_sum = coef * m if m_sum is None else m_sum + coef * m
-            parts.append((0.5 * lam) * q_sum)
-            value += parts[-1]
-            grads += kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas])
+            part, block_grads = block_penalty(thetas, terms, lam, damping)
+            parts.append(part)
+            value += part
+            grads += block_grads
         return value, grads, tf.stack(parts)
+
+
+def block_penalty(thetas, terms, lam, damping):
+    """``(λ/2 Σ_t c_t ⟨W̄ − W̄_t, A_t,δ (W̄ − W̄_t) G_t,δ⟩, [∇ per theta])`` of one block,
+    traced inline: ``thetas`` its current [kernel] or [kernel, bias] (float32 tensors),
+    ``terms`` its (c, A, G, W̄*) float32 tensors; the anchors' shape says how the kernel
+    is split into W̄'s rows and columns (:func:`fastewc.kronecker.input_rank_of`)."""
+    input_rank = kronecker.input_rank_of(thetas[0].shape, terms[0][3].shape[0] - len(thetas) + 1)
+    w = kronecker.weight_matrix(thetas, input_rank)
+    q_sum, m_sum = tf.constant(0.0), None
+    for coef, a, g, anchor in terms:
+        a_d, g_d = kronecker.damped_factors(a, g, damping)
+        q, m = kronecker.quadratic_form(w - anchor, a_d, g_d)
+        q_sum += coef * q
+        m_sum = coef * m if m_sum is None else m_sum + coef * m
+    return (0.5 * lam) * q_sum, kronecker.split_matrix(lam * m_sum, [tuple(t.shape) for t in thetas],
+                                                       input_rank)
 
 
 _COMPILED = {}
@@ -90,7 +101,9 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
     Args:
       blocks: ``[(thetas, terms)]``: ``thetas`` the block's current [kernel] or [kernel,
         bias] (float32 tensors; read variables first), ``terms`` a list of
-        (c, A, G, W̄*) float32 tensors or variables.
+        (c, A, G, W̄*) float32 tensors or variables.  The anchors' shape (d', u) says how
+        the kernel is split into W̄'s rows and columns (:func:`fastewc.kronecker.input_rank_of`:
+        all axes but the last, or an EinsumDense kernel's input axes).
       lam: λ, a float or scalar float32 tensor.
       damping: δ ≥ 0, a float or scalar float32 tensor.
       inline: trace into the caller's graph without a custom gradient (train steps that
@@ -135,13 +148,12 @@ def kfac_penalty_and_gradients(blocks, lam, damping=0.0, *, inline=False, jit_co
 
     value = penalty_with_analytic_gradient(*thetas, *constants, lam, damping)
     names = [f"block {i}" for i in range(len(blocks))] if names is None else list(names)
-    value = penalty_lib.check_finite(value, out["parts"], names, lambda i: _explain(blocks[i], lam))
+    value = penalty_lib.check_finite(value, out["parts"], names, lambda i: explain(blocks[i][0], lam))
     return value, out["grads"]
 
 
-def _explain(block, lam):
+def explain(thetas, lam):
     """Why a block's share is not finite (its weights, or the quadratic's size)."""
-    thetas, _ = block
     if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in thetas):
         return "its weights θ are NaN or Inf"
     return (f"its Kronecker quadratic λ/2 Σ_t c_t vec(ΔW̄)ᵀ(A_t ⊗ G_t)vec(ΔW̄) goes beyond float32's "

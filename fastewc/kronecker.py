@@ -13,7 +13,12 @@ Conventions (every function here and every caller relies on them):
   block.  Its weight matrix W̄ has shape (d', u): the kernel reshaped to (-1, u) in
   row-major (C) order, with the bias appended as the LAST row when present, so
   d' = prod(kernel.shape[:-1]) (+ 1 with a bias).  :func:`weight_matrix` builds it,
-  :func:`split_matrix` undoes it.
+  :func:`split_matrix` undoes it.  A kernel with several output axes (an EinsumDense's:
+  MultiHeadAttention's query kernel (d_model, heads, head_dim)) has an ``input_rank``, the
+  number of its leading axes that are inputs: W̄ is the kernel reshaped to
+  (prod(shape[:input_rank]), prod(shape[input_rank:])) (+ the bias, of shape
+  shape[input_rank:], as the last row); None means input_rank = rank − 1
+  (:func:`matrix_shape`, :func:`input_rank_of`).
 * Factors.  A (d', d') and G (u, u), symmetric positive semi-definite, float32 (float64
   accepted).  vec is the row-major flatten (``np.reshape(W̄, -1)``:
   vec(W̄)[i·u + j] = W̄[i, j]); in that order the Fisher block of vec(W̄) is approximated by
@@ -45,8 +50,8 @@ import tensorflow as tf
 
 from fastewc.penalty import read_float32
 
-__all__ = ["weight_matrix", "split_matrix", "quadratic_form", "damped_factors",
-           "nearest_kronecker"]
+__all__ = ["weight_matrix", "split_matrix", "matrix_shape", "input_rank_of", "quadratic_form",
+           "damped_factors", "nearest_kronecker"]
 
 
 # -- dtypes and shapes ------------------------------------------------------------------
@@ -83,33 +88,63 @@ def _check_values(values):
     return list(values)
 
 
-def weight_matrix(values):
+def matrix_shape(kernel_shape, input_rank=None):
+    """``(d, u)`` of the kernel part of a block's weight matrix: the products of the
+    kernel's first ``input_rank`` axes and of the others (None: all but the last).  Python
+    ints from a fully defined ``kernel_shape``; ValueError for an input_rank outside
+    [1, rank − 1] (a rank-1 kernel: input_rank None, d = 1)."""
+    dims = [int(d) for d in kernel_shape]
+    rank = len(dims) - 1 if input_rank is None else input_rank
+    if input_rank is not None and (isinstance(input_rank, bool) or not 1 <= input_rank < len(dims)):
+        raise ValueError(f"`input_rank` must be None or in [1, {len(dims) - 1}] for a kernel of shape "
+                         f"{tuple(dims)}. Received: input_rank={input_rank!r}")
+    return int(np.prod(dims[:rank], dtype=np.int64)), int(np.prod(dims[rank:], dtype=np.int64))
+
+
+def input_rank_of(kernel_shape, rows):
+    """The ``input_rank`` whose weight matrix has ``rows`` kernel rows (a stored W̄* or A
+    says which split it was made with), None when that is the default (all axes but the
+    last) or when no split has that many rows.  Splits that differ only by axes of size 1
+    give the same matrix; the first is returned."""
+    dims = [int(d) for d in kernel_shape]
+    for rank in range(1, len(dims) - 1):
+        if int(np.prod(dims[:rank], dtype=np.int64)) == rows:
+            return rank
+    return None
+
+
+def weight_matrix(values, input_rank=None):
     """The block's weight matrix W̄ (d', u), float32, from ``[kernel]`` or ``[kernel, bias]``.
 
-        W̄ = reshape(kernel, (-1, u))                  without a bias,   d' = prod(kernel.shape[:-1])
-        W̄ = [reshape(kernel, (-1, u)); biasᵀ]          with a bias,      d' = prod(kernel.shape[:-1]) + 1
+        W̄ = reshape(kernel, (d, u))                   without a bias,   d' = d
+        W̄ = [reshape(kernel, (d, u)); biasᵀ]           with a bias,      d' = d + 1
 
-    The reshape is row-major (C order), the bias is the last row.  ``values`` are Keras
-    variables, tf.Variables, tensors or arrays of any float dtype, read as float32 (Keras
-    variables without the ``mixed_float16`` autocast, as :func:`fastewc.penalty.read_float32`).
-    A reshape and at most one concatenation: O(d'u) time and memory.
-    Inverse: :func:`split_matrix`.
+    d = prod(kernel.shape[:input_rank]), u = prod(kernel.shape[input_rank:]) (input_rank
+    None: all axes but the last, u = kernel.shape[-1]); the bias has shape
+    kernel.shape[input_rank:].  The reshape is row-major (C order), the bias is the last row.
+    ``values`` are Keras variables, tf.Variables, tensors or arrays of any float dtype, read
+    as float32 (Keras variables without the ``mixed_float16`` autocast, as
+    :func:`fastewc.penalty.read_float32`).  A reshape and at most one concatenation: O(d'u)
+    time and memory.  Inverse: :func:`split_matrix`.
     """
     values = _check_values(values)
     kernel = read_float32(values[0])
     if kernel.shape.rank is not None and kernel.shape.rank < 1:
         raise ValueError("`values[0]` (the kernel) must have rank >= 1, shape (..., u). "
                          f"Received: shape {tuple(kernel.shape)}")
-    units = _dim(kernel, -1)
+    if input_rank is None:
+        outputs = kernel.shape[-1:]
+        units = _dim(kernel, -1)
+    else:
+        outputs = kernel.shape[input_rank:]
+        units = matrix_shape(kernel.shape, input_rank)[1]
     matrix = tf.reshape(kernel, [-1, units])
     if len(values) == 1:
         return matrix
     bias = read_float32(values[1])
-    if bias.shape.rank is not None and (bias.shape.rank != 1 or (
-            bias.shape[0] is not None and kernel.shape[-1] is not None
-            and bias.shape[0] != kernel.shape[-1])):
-        raise ValueError(f"`values[1]` (the bias) must have shape ({kernel.shape[-1]},), the "
-                         f"kernel's last dimension. Received: shape {tuple(bias.shape)}")
+    if bias.shape.rank is not None and not bias.shape.is_compatible_with(outputs):
+        raise ValueError(f"`values[1]` (the bias) must have shape {tuple(outputs)}, the kernel's "
+                         f"output axes. Received: shape {tuple(bias.shape)}")
     return tf.concat([matrix, tf.reshape(bias, [1, units])], axis=0)
 
 
@@ -123,13 +158,14 @@ def _static_shape(shape, index):
     return dims
 
 
-def split_matrix(matrix, shapes):
+def split_matrix(matrix, shapes, input_rank=None):
     """Inverse of :func:`weight_matrix`: the (d', u) matrix back to ``[kernel]`` or
     ``[kernel, bias]`` tensors of the given ``shapes``.
 
     ``shapes`` is ``[kernel_shape]`` or ``[kernel_shape, bias_shape]`` (fully defined); the
-    first prod(kernel_shape[:-1]) rows become the kernel (row-major reshape), the last row
-    the bias.  The result keeps ``matrix``'s dtype.  Slices and reshapes: O(d'u).
+    first d rows become the kernel (row-major reshape), the last row the bias, with (d, u)
+    = :func:`matrix_shape` (kernel_shape, input_rank).  The result keeps ``matrix``'s dtype.
+    Slices and reshapes: O(d'u).
     """
     if isinstance(shapes, (str, bytes)) or not hasattr(shapes, "__len__") or len(shapes) not in (1, 2):
         raise ValueError("`shapes` must be [kernel_shape] or [kernel_shape, bias_shape]. "
@@ -138,11 +174,11 @@ def split_matrix(matrix, shapes):
     kernel_shape = dims[0]
     if not kernel_shape:
         raise ValueError(f"`shapes[0]` (the kernel) must have rank >= 1. Received: {shapes[0]!r}")
-    units = kernel_shape[-1]
-    rows = int(np.prod(kernel_shape[:-1], dtype=np.int64))
-    if len(dims) == 2 and dims[1] != [units]:
-        raise ValueError(f"`shapes[1]` (the bias) must be ({units},), the kernel's last "
-                         f"dimension. Received: {shapes[1]!r}")
+    rows, units = matrix_shape(kernel_shape, input_rank)
+    outputs = kernel_shape[-1:] if input_rank is None else kernel_shape[input_rank:]
+    if len(dims) == 2 and dims[1] != outputs:
+        raise ValueError(f"`shapes[1]` (the bias) must be {tuple(outputs)}, the kernel's output "
+                         f"axes. Received: {shapes[1]!r}")
     matrix = tf.convert_to_tensor(matrix)
     expected = (rows + len(dims) - 1, units)
     static = tuple(matrix.shape) if matrix.shape.rank is not None else None
@@ -152,7 +188,7 @@ def split_matrix(matrix, shapes):
                          f"Received: shape {static}")
     out = [tf.reshape(matrix[:rows], kernel_shape)]
     if len(dims) == 2:
-        out.append(tf.reshape(matrix[rows], [units]))
+        out.append(tf.reshape(matrix[rows], dims[1]))
     return out
 
 

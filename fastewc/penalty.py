@@ -65,6 +65,7 @@ from fastewc._checks import as_float32, check_jit_compile, check_lam
 __all__ = [
     "ewc_penalty", "ewc_penalty_gradients", "ewc_penalty_and_gradients",
     "merge_separate", "merge_online", "merge_all", "read_float32", "default_jit_compile",
+    "quadratic", "explain", "check_finite",
 ]
 
 _COMPILED = {}   # (kind, jit_compile) -> tf.function, shared by every caller
@@ -140,14 +141,21 @@ def _value_and_grads_body(thetas, fisher, anchors, lam, const):
     with tf.name_scope("fastewc/penalty"):  # op names in profiler traces (profiles/)
         grads, parts = [], []
         for theta, f, a in zip(thetas, fisher, anchors):
-            d = theta - a
-            g = _times_lam(f * d, lam)
+            part, g = quadratic(theta, f, a, lam)
             grads.append(g)
-            parts.append(_half_sum(g * d))
+            parts.append(part)
         # One reduce_sum over the stacked terms: an AddN (or a chain of Adds) of parts that
         # are also returned stacked changed its last bit between calls of one graph.
         value = tf.reduce_sum(tf.stack(parts + [(0.5 * lam) * const]))
         return value, grads, tf.stack(parts)
+
+
+def quadratic(theta, fisher, anchor, lam):
+    """``(½ Σ_i g_i d_i, g)`` with d = θ − θ* and g = λ·(F·d): one variable's share of the
+    value (without λ/2 · c) and its gradient, traced inline (float32 tensors in)."""
+    d = theta - anchor
+    g = _times_lam(fisher * d, lam)
+    return _half_sum(g * d), g
 
 
 def _grads_body(thetas, fisher, anchors, lam):
@@ -203,7 +211,7 @@ def check_finite(value, parts, names, explain=None):
     return value
 
 
-def _explain(theta, fisher, anchor, lam):
+def explain(theta, fisher, anchor, lam):
     """Why one variable's share λ/2 Σ F (θ − θ*)² is not finite, from float64 NumPy."""
     theta, fisher, anchor = (np.asarray(t, np.float64) for t in (theta, fisher, anchor))
     if not np.all(np.isfinite(theta)):
@@ -286,7 +294,7 @@ def ewc_penalty_and_gradients(variables, fisher, anchors, lam, *, const=0.0, jit
 
     value = penalty_with_analytic_gradient(*thetas, *fisher, *anchors, lam, const)
     value = check_finite(value, out["parts"], [_name(v, i) for i, v in enumerate(variables)],
-                         lambda i: _explain(thetas[i], fisher[i], anchors[i], lam))
+                         lambda i: explain(thetas[i], fisher[i], anchors[i], lam))
     return value, out["grads"]
 
 

@@ -3,40 +3,9 @@
 A rule lets the factored engine get every example's squared gradient for a layer's
 weights from ONE backward pass, without a per-example gradient of the whole model.
 
-Rule contract::
-
-    rule(layer, inputs, *args, **kwargs) -> RuleOutput(outputs, probe, per_example=..., sum_sq=...)
-
-* It replaces ``layer.call(inputs, *args, **kwargs)`` during the Fisher's forward pass and
-  must return the same ``outputs``.
-* ``probe`` is the tensor (leading dim N = examples) whose output gradients δ determine the
-  weight gradients, usually the pre-activation z.  The engine back-propagates K cotangents
-  per example to it at once and hands the rule ``delta``, float32 of shape
-  (K, N, *probe.shape[1:]).
-* ``per_example(delta)`` (the generic contract, BackPACK's base-class pattern) returns a
-  list of ``(variable, g)`` pairs, one per trainable variable of the layer, with ``g`` of
-  shape (K, N, *variable.shape): example n's gradient for cotangent k.  The engine forms
-  Σ_k Σ_n w_kn · g_kn² itself.  Compute it in float32 (cast ``inputs`` first: float16
-  squares underflow).
-* ``sum_sq(delta, weight)`` (the optional fast override) receives ``weight`` float32 (K, N)
-  as well and returns ``(variable, Σ_k Σ_n weight[k, n] · g_kn²)`` pairs directly, for
-  rules that never need to hold K·N·|θ| floats (a Dense layer: one matmul of squares).
-  When both are given the engine uses ``sum_sq``.
-* ``kron(delta, weight, mask)`` (optional: Kronecker-factored curvature, see
-  :mod:`fastewc.curvature`) receives ``mask`` float32 (N,) as well (1 for an example, 0
-  for a padding row) and returns a list of :class:`KroneckerSums`, one per block of the
-  layer's weights that has a Kronecker form (a Dense or convolution kernel with its bias);
-  the layer's other variables, if any, still come from ``sum_sq`` / ``per_example``.  A
-  rule returns ``kron=None`` for a configuration without a Kronecker form (a grouped
-  convolution): the layer then keeps its diagonal.  A plain 3-tuple
-  ``(outputs, probe, sum_sq)`` is read as ``RuleOutput(outputs, probe, sum_sq=sum_sq)``.
-* ``merge(later)`` (optional: a layer called more than once in one forward pass, such as a
-  tied language-model head that embeds tokens and projects onto the same table) receives
-  the RuleOutput the same rule returned for the layer's later call and returns the
-  RuleOutput of both calls: its ``probe`` a tuple (or other nest) of the calls' probes,
-  its ``sum_sq`` / ``per_example`` given ``delta`` as the same nest of deltas, and each
-  example's gradient is the SUM of the calls' gradients, taken before squaring.  Without
-  ``merge`` a second call raises :class:`fastewc.capture.SharedLayerError`.
+The rule contract (what a rule returns, :class:`RuleOutput`; the Kronecker blocks it may
+supply, :class:`KroneckerSums`; :class:`UnsupportedLayerError`) is stated in
+:mod:`fastewc.contract`, a leaf module; its names are re-exported here.
 
 Registries are values (:class:`Rules`): ``default_rules().with_rule(MyLayer, my_rule)``
 makes a new registry, passed as ``rules=`` to :func:`fastewc.fisher_diagonal`,
@@ -53,63 +22,9 @@ such a subclass has no rule: ``method="auto"`` uses vmap for it, ``"factored"`` 
 """
 import collections.abc
 import inspect
-import typing
 
-
-
-class UnsupportedLayerError(ValueError):
-    """A layer the factored engine cannot take: no rule, a shared layer, or a
-    configuration its rule does not cover.  ``method="auto"`` steps down to vmap on it."""
-
-
-class KroneckerSums(typing.NamedTuple):
-    """One Kronecker block of a layer, summed over the rows of a batch (the engine divides
-    by the examples seen).  For input rows ā_nl = [a_nl, 1] (the 1 only with a bias) at the
-    L positions l of example n (L = 1 for a plain Dense layer) and deltas δ_knl:
-
-        a = Σ_n mask_n · (1/L) Σ_l ā_nl ā_nlᵀ              (d', d')
-        g = Σ_k Σ_n weight_kn Σ_l δ_knl δ_knlᵀ             (u, u)
-
-    (the "expand" convention of Eschenhagen et al. 2023, KFC's for convolutions: positions
-    are treated as examples).  ``variables`` is (kernel, bias) or (kernel,): the block's
-    weight matrix is the kernel reshaped to (d, u) with the bias as its last row
-    (:func:`fastewc.kronecker.weight_matrix`)."""
-    variables: tuple
-    a: typing.Any
-    g: typing.Any
-
-
-class RuleOutput(typing.NamedTuple):
-    """What a rule returns (see the module docstring)."""
-    outputs: typing.Any
-    probe: typing.Any
-    per_example: typing.Optional[typing.Callable] = None
-    sum_sq: typing.Optional[typing.Callable] = None
-    kron: typing.Optional[typing.Callable] = None
-    merge: typing.Optional[typing.Callable] = None
-
-    def square_sums(self, delta, weight):
-        """``[(variable, Σ_k Σ_n weight[k, n] · g_kn²)]``: the fast override if the rule
-        has one, else the generic weighted square sum of its per-example gradients."""
-        if self.sum_sq is not None:
-            return self.sum_sq(delta, weight)
-        from fastewc.rules._common import weighted_square_sum   # rules import this module
-        return [(variable, weighted_square_sum(g, weight)) for variable, g in self.per_example(delta)]
-
-
-def as_rule_output(result, layer):
-    """A rule's return value as a :class:`RuleOutput` (legacy 3-tuples accepted)."""
-    if isinstance(result, RuleOutput):
-        out = result
-    elif isinstance(result, tuple) and len(result) == 3:
-        out = RuleOutput(result[0], result[1], sum_sq=result[2])
-    else:
-        raise TypeError(f"The factored rule of layer '{layer.name}' ({type(layer).__name__}) must return "
-                        f"a fastewc.RuleOutput. Received: {type(result).__name__}")
-    if out.per_example is None and out.sum_sq is None:
-        raise TypeError(f"The factored rule of layer '{layer.name}' ({type(layer).__name__}) returned "
-                        "a RuleOutput with neither `per_example` nor `sum_sq`.")
-    return out
+from fastewc.contract import (KroneckerSums, RuleOutput, UnsupportedLayerError,  # noqa: F401 -- public here
+                              as_rule_output)
 
 
 def _check_entry(layer_class, rule):
@@ -229,5 +144,5 @@ def get_rule(layer, rules=None):
 
 def registration_hint(cls_name):
     return (f"Pass rules=fastewc.default_rules().with_rule({cls_name}, rule), or register one "
-            f"with fastewc.register_rule({cls_name}, rule) (see fastewc.registry for the rule "
+            f"with fastewc.register_rule({cls_name}, rule) (see fastewc.contract for the rule "
             "contract), or use method='vmap'.")

@@ -16,17 +16,6 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @keras.saving.register_keras_serializable(package="test_auto_ladder")
-class Scale(keras.layers.Layer):
-    """A weighted layer without a factored rule: vmap takes it."""
-
-    def build(self, shape):
-        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
-
-    def call(self, x):
-        return x * self.w
-
-
-@keras.saving.register_keras_serializable(package="test_auto_ladder")
 class TanhCell(keras.layers.Layer):
     """A custom RNN cell: no rule, and pfor cannot vectorize the RNN's while loop inside
     vmap's per-example function (a TensorList variant); jacobian takes it."""
@@ -68,13 +57,20 @@ def _mlp(middle):
                             + [keras.layers.Dense(4)])
 
 
+def _shared():
+    """A Dense layer called twice in one forward pass: the factored rules refuse it, vmap takes it."""
+    x = keras.Input((5,))
+    shared = keras.layers.Dense(5, activation="tanh", name="shared")
+    return keras.Model(x, keras.layers.Dense(4)(shared(shared(keras.layers.Dense(5, activation="tanh")(x)))))
+
+
 def _rnn():
     return keras.Sequential([keras.Input((4, 3)), keras.layers.RNN(TanhCell(4), name="rnn"), keras.layers.Dense(4)])
 
 
 RUNGS = {
     "factored": (lambda: _mlp([]), (5,), []),
-    "vmap": (lambda: _mlp([Scale(name="scale")]), (5,), ["'scale' (Scale)"]),
+    "vmap": (_shared, (5,), ["'shared' (Dense) is called more than once"]),
     "jacobian": (_rnn, (4, 3), ["'rnn' (RNN)", "method='vmap' cannot vectorize"]),
     "loop": (lambda: _mlp([EagerOnly()]), (5,), ["method='vmap' could not trace",
                                                 "method='jacobian' could not trace"]),
@@ -154,9 +150,13 @@ def test_onednn_broadcast_matmul_is_found_in_a_traced_graph():
         assert found == []
 
 
+def _refusing_rule(layer, inputs, *args, **kwargs):
+    raise fastewc.registry.UnsupportedLayerError(f"Layer '{layer.name}': refused by this test's rule.")
+
+
 def test_keras_hub_transformer_under_vmap_never_runs_the_crashing_kernel():
     """keras_hub GPT-2 (tiny): explicit vmap without XLA raises instead of crashing the
-    process; `auto` without a PositionEmbedding rule steps down to jacobian, which agrees
+    process; `auto` with a PositionEmbedding rule that refuses the layer steps down to jacobian, which agrees
     with factored (itself checked against float64 in tests/test_hub.py)."""
     keras_hub = pytest.importorskip("keras_hub")
     from fastewc import _keras_compat
@@ -175,7 +175,7 @@ def test_keras_hub_transformer_under_vmap_never_runs_the_crashing_kernel():
     y = np.arange(n) % 5
     with pytest.raises(UnsafeKernelError, match="oneDNN"):
         fastewc.fisher_diagonal(model, (x, y), loss=LOSS, method="vmap", jit_compile=False)
-    rules = fastewc.default_rules().without_rule(keras_hub.layers.PositionEmbedding)
+    rules = fastewc.default_rules().with_rule(keras_hub.layers.PositionEmbedding, _refusing_rule)
     estimator = fastewc.FisherEstimator(model, loss=LOSS, rules=rules, jit_compile=False)
     with pytest.warns(UserWarning, match="method='auto' uses 'jacobian'"):
         got = estimator((x, y))

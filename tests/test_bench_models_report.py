@@ -138,3 +138,35 @@ def test_sampled_in_place_of_exact_is_marked():
     assert "| gpt2_lm | 64 | 100.0 ms / 200.0 ms | 250.0 ms | 300.0 ms (sampled) | – | 7 |" in text
     after = report_models.comparison_table(doc, doc)
     assert "| gpt2_lm | 2.50× → 2.50× | 3.00× → 3.00× |" in after
+
+
+def _large(model, records, medians, first, peaks):
+    return {"name": f"test_large[CPU:0-{model}]", "group": f"large-{model}[CPU:0]", "stats": {"median": 0.0},
+            "extra_info": {"role": "large", "model": model, "describe": "224×224, 4", "params": 86_600_000,
+                           "records": records, "medians": medians, "first_call_s": first,
+                           "plans": {k: r["plan"] for k, r in records.items() if "plan" in r},
+                           "errors": {}, "peak_bytes": peaks, "first_call_peak_bytes": {}}}
+
+
+def test_large_table_rows():
+    plan = {"method": "factored", "K": 1, "rows": 16, "jit_compile": True}
+    doc = {"datetime": "2026-12-01T00:00:00", "machine_info": {"cpu": {"count": 2}, "python_version": "3.11"},
+           "benchmarks": [
+               # floor noxla 2.0 s is the faster: empirical 3.0 → 1.50×, sampled 5.0 → 2.50×; first calls 4 s
+               # → 10 s (2.5×) and 6 s (1.5×); exact refused after 0.25 s; peaks 2 GiB → 3 / 5 GiB
+               _large("vit_b16", {"floor_xla": {}, "floor_noxla": {}, "empirical": {"plan": plan},
+                                  "sampled": {"plan": plan, "warnings": ["fastewc: no factored Fisher rule for 'x'"]},
+                                  "exact": {"refused": "ValueError: ... Use kind='sampled' ...", "refused_after_s": 0.25}},
+                      medians={"floor_xla": 2.5, "floor_noxla": 2.0, "empirical": 3.0, "sampled": 5.0},
+                      first={"floor_xla": 9.0, "floor_noxla": 4.0, "empirical": 10.0, "sampled": 6.0},
+                      peaks={"floor_noxla": 2 * 2**30, "empirical": 3 * 2**30, "sampled": 5 * 2**30}),
+               _large("resnet50", {"floor_noxla": {}, "empirical": {"plan": plan},
+                                   "exact": {"plan": dict(plan, K=999), "exact_not_run": "K = 999"}},
+                      medians={"floor_noxla": 1.0, "empirical": 1.2}, first={"floor_noxla": 3.0, "empirical": 6.0},
+                      peaks={})]}
+    text = report_models.render(doc)
+    assert ("| vit_b16 (224×224, 4) | 86.6 M | factored (16 rows) | 2.0 s / 4.0 s (noxla) | 1.50× | 2.50× "
+            "| refused in 0.2 s (suggests sampled) | 2.5× / 1.5× | 2.0 → 3.0 / 5.0 |") in text
+    assert "| resnet50 (224×224, 4) | 86.6 M | factored (16 rows) | 1.0 s / 3.0 s (noxla) | 1.20× | – " \
+           "| not refused, not run: K = 999 | 2.0× / – | – → – / – |" in text
+    assert "- vit_b16 / sampled: fastewc: no factored Fisher rule for 'x'" in text

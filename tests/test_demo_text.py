@@ -168,8 +168,9 @@ def test_quick_text_run_outputs(quick_text_run):
         assert f"\n{method:<14}" in printed           # a row of the test-perplexity table
     assert results["ewc"]["ewc"] == {"mode": "separate", "curvature": "diagonal", "num_tasks": 1}
     # KFAC runs on the model with its tied ReversibleEmbedding: Kronecker blocks for the MLP
-    # Dense layers, the diagonal for the embedding, attention (EinsumDense) and norms
-    assert results["kfac"]["ewc"]["curvature"] == "kfac" and results["kfac"]["ewc"]["kronecker_blocks"] == 2 * config["num_layers"]
+    # Dense layers and the attention's query, key, value and output EinsumDense, the diagonal
+    # for the embedding and norms
+    assert results["kfac"]["ewc"]["curvature"] == "kfac" and results["kfac"]["ewc"]["kronecker_blocks"] == 6 * config["num_layers"]
     for method in ("ewc", "kfac"):
         c = results["consolidation"][method]
         # factored, no fallback: no error and no warning (e.g. "method='auto' uses 'vmap'")

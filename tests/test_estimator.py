@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import fastewc
+from fastewc import _cache
 from fastewc import capture as capture_lib
 from fastewc import fisher as fisher_lib
 from fastewc.rules.dense import dense_rule
@@ -146,6 +147,53 @@ def test_compiled_state_dies_with_the_model():
         del model, ewc, step
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_estimators_live_exactly_as_long_as_their_owner():
+    """One cache (fisher.estimator_for on fastewc._cache): fisher_diagonal's estimators are
+    the model's, an EWC's consolidate's are the EWC's, and each dies with its owner."""
+    model = mlp()
+    x, y = data()
+    fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact")
+    ewc = fastewc.EWC(model, lam=1.0)
+    ewc.consolidate((x, y), loss=LOGITS)
+    of_model = [weakref.ref(e) for e in model.__dict__[_cache.FISHER_ESTIMATORS].values()]
+    of_ewc = [weakref.ref(e) for e in ewc.__dict__[_cache.FISHER_ESTIMATORS].values()]
+    assert len(of_model) == len(of_ewc) == 1 and of_model[0]() is not of_ewc[0]()
+    del ewc
+    gc.collect()
+    assert of_ewc[0]() is None and of_model[0]() is not None
+    del model
+    gc.collect()
+    assert of_model[0]() is None
+
+
+def test_two_threads_first_use_of_a_configuration_share_one_estimator(monkeypatch):
+    """Both threads construct an estimator before either stores it (a barrier): both get
+    the one stored first, and the cache holds it alone."""
+    import threading
+
+    barrier, real = threading.Barrier(2), fisher_lib.FisherEstimator
+
+    def made_together(*args, **kwargs):
+        estimator = real(*args, **kwargs)
+        barrier.wait(timeout=60)
+        return estimator
+
+    monkeypatch.setattr(fisher_lib, "FisherEstimator", made_together)
+    model, got = mlp(), [None, None]
+
+    def first_use(i):
+        got[i] = fisher_lib.estimator_for(model, loss=LOGITS, kind="exact", method="auto", rules=None,
+                                          batch_size=None, num_samples=1, jit_compile=None)
+
+    threads = [threading.Thread(target=first_use, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is got[1]
+    assert list(model.__dict__[_cache.FISHER_ESTIMATORS].values()) == [got[0]]
 
 
 def test_tracing_count_of_a_model_sums_its_cached_estimators():

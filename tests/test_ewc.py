@@ -454,7 +454,7 @@ def test_load_tracks_the_files_variables_in_order_even_when_frozen_since(tmp_pat
 
 
 def test_the_plan_is_a_named_tuple_rebuilt_when_the_tracked_set_grows():
-    from fastewc.ewc import PenaltyPlan
+    from fastewc._tracking import PenaltyPlan
 
     model = make_model()
     ewc = fastewc.EWC(model, lam=LAM)
@@ -462,12 +462,12 @@ def test_the_plan_is_a_named_tuple_rebuilt_when_the_tracked_set_grows():
     plan = ewc._plan()
     assert isinstance(plan, PenaltyPlan) and ewc._plan() is plan          # cached
     assert plan.trainable == list(model.trainable_variables)
-    assert [plan.position[id(v)] for v in plan.variables] == list(range(len(plan.variables)))
+    assert [b.variables for b in plan.blocks] == [(v,) for v in model.trainable_variables]  # state order
     model.add(keras.layers.Dense(3, name="head2"))
     grown = ewc._plan()
-    assert grown is not plan and len(grown.trainable) == 6 and len(grown.variables) == 4
+    assert grown is not plan and len(grown.trainable) == 6 and len(grown.blocks) == 4
     ewc.add_task(random_fisher(model, np.random.default_rng(1)))
-    assert len(ewc._plan().variables) == 6
+    assert len(ewc._plan().blocks) == 6
 
 
 def test_file_module_round_trip_and_checks(tmp_path):

@@ -197,3 +197,36 @@ def test_position_embedding(case):
     ref = ft.reference_fisher_of(model, x, y, loss=LOSS, kind="exact")
     fisher = fastewc.fisher_diagonal(model, (x, y), loss=LOSS, kind="exact", method="factored")
     _assert_matches(model, fisher, ref)
+
+
+# -- ViTPatchingAndEmbedding ---------------------------------------------------------------
+VIT = dict(image_shape=(8, 8, 3), patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+
+
+def _vit_classifier(seed, dtype=None):
+    """A tiny ViTBackbone with Dense(CLASSES) on the class token (as ViTImageClassifier)."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.ViTBackbone(**VIT, dtype=dtype)
+    return keras.Model(backbone.input, keras.layers.Dense(CLASSES, dtype=dtype)(backbone.output[:, 0, :]))
+
+
+def _vit_twin(model):
+    """The float64 twin built from the configuration (ViTPatchingAndEmbedding's config does
+    not round-trip, so fastewc.testing.float64_twin cannot clone it), same weights."""
+    twin = _vit_classifier(seed=0, dtype="float64")
+    twin.set_weights([w.astype("float64") for w in model.get_weights()])
+    return twin
+
+
+@pytest.mark.parametrize("kind,jit_compile", [("exact", False), ("empirical", True)])
+def test_vit_patching_and_embedding_factored(kind, jit_compile):
+    model = _vit_classifier(seed=21)
+    rng = np.random.default_rng(22)
+    x, y = rng.normal(size=(N,) + VIT["image_shape"]).astype("float32"), rng.integers(0, CLASSES, N)
+    assert capture_lib.layers_without_rule(model, fastewc.default_rules()) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # auto takes the whole ViT factored, silently
+        estimator = fastewc.FisherEstimator(model, loss=LOSS, kind=kind, jit_compile=jit_compile)
+        assert estimator.plan((x, y)).method == "factored"
+        fisher = estimator((x, y))
+    _assert_matches(model, fisher, ft.reference_fisher(_vit_twin(model), x.astype("float64"), y, loss=LOSS, kind=kind))

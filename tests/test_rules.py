@@ -472,26 +472,58 @@ def scaled_conv_model():
                              L.Flatten(), L.Dense(CLASSES)])
 
 
-def test_call_overriding_subclass_factored_raises_naming_it():
-    keras.utils.set_random_seed(0)
-    x = np.random.default_rng(0).normal(size=(N_EXAMPLES, 5, 5, 2)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"'scaled' of class ScaledConv has trainable weights but no "
-                                         r"factored Fisher rule"):
-        fisher(scaled_conv_model(), x, np.arange(N_EXAMPLES) % CLASSES, "empirical")
-
-
 def test_auto_warns_once_naming_ruleless_layers_then_is_silent():
+    """A call-overriding subclass has no rule (its parent's would replace a forward pass it
+    does not know): the per-layer path takes it (fastewc.generic_rule)."""
     keras.utils.set_random_seed(0)
     model = scaled_conv_model()
     x = np.random.default_rng(0).normal(size=(N_EXAMPLES, 5, 5, 2)).astype(np.float32)
     y = np.arange(N_EXAMPLES) % CLASSES
     with pytest.warns(UserWarning, match=r"no factored Fisher rule for 'scaled' \(ScaledConv\); "
-                                         r"method='auto' uses 'vmap'"):
+                                         r"the factored engine takes its per-example gradients"):
         got = fisher(model, x, y, "empirical", method="auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fisher(model, x, y, "empirical", method="auto")
     assert_matches(model, got, reference(model, x, y, "empirical", 3))
+
+
+def _fastewc_imports():
+    """{module: the fastewc modules it imports, at module level or inside a function}, from
+    the source (ast), so a lazy import inside a function counts as an edge too."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fastewc.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastewc"):
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names if alias.name.startswith("fastewc"))
+        graph[name] = found
+    return {name: {m for m in found if m in graph} for name, found in graph.items()}
+
+
+def test_the_rule_contract_is_a_leaf_and_registry_and_rules_do_not_import_each_other():
+    graph = _fastewc_imports()
+    assert graph["fastewc.contract"] == set()
+    for module, target in [("fastewc.registry", "fastewc.rules._common"),
+                           ("fastewc.rules._common", "fastewc.registry")]:
+        reached, todo = set(), [module]
+        while todo:
+            for nxt in graph[todo.pop()] - reached:
+                reached.add(nxt)
+                todo.append(nxt)
+        assert target not in reached, f"{module} imports {target}"
+    assert registry.RuleOutput is fastewc.RuleOutput is fastewc.contract.RuleOutput
+    assert registry.KroneckerSums is fastewc.contract.KroneckerSums
+    assert registry.UnsupportedLayerError is fastewc.contract.UnsupportedLayerError
 
 
 # -- shapes and precision ----------------------------------------------------------------

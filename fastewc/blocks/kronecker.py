@@ -1,4 +1,6 @@
-"""The Kronecker kind: a layer's Fisher block as A ⊗ G (:mod:`fastewc.curvature`).
+"""The Kronecker kind: one block per Dense or convolution layer (kernel and bias), A ⊗ G.
+
+Estimation (:mod:`fastewc.curvature`):
 
     F_W̄ ≈ A ⊗ G,    A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ,    G = (1/N) Σ_n E_y[Σ_l δ_nl δ_nlᵀ]
 
@@ -17,13 +19,35 @@ oneDNN's (reference MLP, empirical: 20.3 ms with XLA against 14.9 ms without;
 ``benchmarks/bench_kfac.py``), so a plan with Kronecker blocks is not XLA on CPU by
 default.  The sums come only from a rule's layer inputs and deltas, which the
 per-example engines do not form.
+
+State, penalty and file: a block is keyed by its variables' EWC keys, ``(kernel key, bias
+key or None)``.  Its state is a list of terms (c_t, A_t, G_t, W̄_t) (:mod:`fastewc.kfac_penalty`), stored flat
+(4 float32 fields a term), and its penalty
+
+    P(θ) = λ/2 Σ_t c_t · vec(W̄ − W̄_t)ᵀ (A_t,δ ⊗ G_t,δ) vec(W̄ − W̄_t),
+    ∇_W̄ P = λ Σ_t c_t A_t,δ (W̄ − W̄_t) G_t,δ
+
+for the block's weight matrix W̄ (:func:`fastewc.kronecker.weight_matrix`) and the factors
+with damping δ (:func:`fastewc.kronecker.damped_factors`).  How a task enters the terms
+(separate; online with ``kfac_sum="exact"`` or ``"nearest"``) is
+:func:`fastewc.kfac_penalty.merge_block`'s.  The block's variables keep a diagonal block
+with A = 0 (:mod:`fastewc.blocks.diagonal`).
+
+Checkpoint: the t-th term's fields at ``ewc/_kronecker/_terms/<kernel key>|<bias key>|<t>|<field>``
+(field: coef, a, g, anchor).  File (version 2): the header's ``kronecker`` list of
+``{"kernel", "bias", "coefficients", "rows", "units"}`` and, for the j-th term over all
+blocks, the arrays ``kfaca_j`` (rows × rows), ``kfacg_j`` (units × units), ``kfacw_j``
+(rows × units).
 """
 import numpy as np
 import tensorflow as tf
 
-from fastewc import curvature
+from fastewc import curvature, kfac_penalty, kronecker
+from fastewc import penalty as penalty_lib
 from fastewc.blocks.base import Block
 from fastewc.blocks.diagonal import Diagonal, _path
+from fastewc.blocks.task import all_finite, float32_arrays, shape_of
+from fastewc.curvature import KroneckerFisher
 
 # Bytes a call holds per accumulated float of a plan with Kronecker blocks: the float64
 # total (8), the batch's float32 sum and its flattened copy (4 + 4), the float64 mean and
@@ -31,16 +55,57 @@ from fastewc.blocks.diagonal import Diagonal, _path
 BYTES_PER_FACTOR_FLOAT = 28
 
 
+FIELDS = ("coef", "a", "g", "anchor")
+_ARRAYS = ("kfaca", "kfacg", "kfacw")
+
+
+def block_shapes(kernel_shape, has_bias, input_rank=None):
+    """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape`` split after its first
+    ``input_rank`` axes (:func:`fastewc.kronecker.matrix_shape`)."""
+    rows, units = kronecker.matrix_shape(kernel_shape, input_rank)
+    rows += 1 if has_bias else 0
+    return (), (rows, rows), (units, units), (rows, units)
+
+
+def stored_input_rank(kernel, block, anchor):
+    """The input rank a block's stored anchor W̄* (d', u) was made with
+    (:func:`fastewc.kronecker.input_rank_of`): the state needs no field of its own."""
+    return kronecker.input_rank_of(tuple(kernel.shape), int(anchor.shape[0]) - (block[1] is not None))
+
+
+def terms(fields):
+    """The flat fields of a block as :class:`fastewc.kfac_penalty.Term` objects."""
+    return [kfac_penalty.Term(*fields[i:i + 4]) for i in range(0, len(fields), 4)]
+
+
+def flat(block_terms):
+    return [v for term in block_terms for v in term.values()]
+
+
+def term_key(block, t, field):
+    kernel, bias = block
+    return f"{kernel}|{bias or ''}|{t}|{field}"
+
+
+def parse_term_key(key):
+    """``(block, t, field)`` of a checkpoint key, or None if it is not one."""
+    parts = key.split("|")
+    if len(parts) != 4 or parts[3] not in FIELDS or not parts[2].isdigit():
+        return None
+    return (parts[0], parts[1] or None), int(parts[2]), parts[3]
+
+
 class Kronecker(Block):
-    """One layer's Kronecker-factored Fisher block over (kernel, bias) or (kernel,)."""
+    """A layer's Kronecker-factored Fisher block A ⊗ G over (kernel, bias) or (kernel,)."""
     kind = "kfac"
     rules_only = ("the Kronecker factors come from the factored rules' layer inputs and deltas, "
                   "which the per-example methods do not form")
     dense_sums = True
     xla_on_cpu = False
 
-    def __init__(self, layer_name, variables, a_shape, g_shape):
+    def __init__(self, layer_name, variables, a_shape, g_shape, input_rank=None):
         self.layer_name = layer_name
+        self.input_rank = input_rank
         self.variables = tuple(variables)
         self.sum_shapes = (tuple(a_shape), tuple(g_shape))
         path = _path(self.variables[0])
@@ -53,7 +118,7 @@ class Kronecker(Block):
             return []
         probe = result.probe
         delta = tf.zeros((1,) + tuple(probe.shape), tf.float32)
-        return [cls(layer.name, sums.variables, sums.a.shape, sums.g.shape)
+        return [cls(layer.name, sums.variables, sums.a.shape, sums.g.shape, sums.input_rank)
                 for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]]))]
 
     @classmethod
@@ -64,7 +129,7 @@ class Kronecker(Block):
         """The :class:`fastewc.curvature.KroneckerBlock` (factors symmetric up to the
         rounding of their matmuls, XᵀX: symmetrizing the reference CNN's 9217² A would
         cost 0.4 s, and the penalty's gradient 2AΔG is off by that rounding only)."""
-        return curvature.KroneckerBlock(self.layer_name, self.variables, means[0], means[1])
+        return curvature.KroneckerBlock(self.layer_name, self.variables, means[0], means[1], self.input_rank)
 
     @classmethod
     def assemble(cls, blocks, parts, variables):
@@ -89,19 +154,220 @@ class Kronecker(Block):
             f"an A of shape {largest.sum_shapes[0]} (A is d'² floats for d' inputs). Use "
             "curvature='diagonal' for this model, or reduce the layer's inputs (e.g. pool before it).")
 
+    # -- state -------------------------------------------------------------------------
+    OPTIONS = ("kfac_sum", "damping")
+    TABLES = {"terms": "_kronecker/_terms"}
+    FILE_FIELD, FILE_VERSION = "kronecker", 2
 
+    @staticmethod
+    def addresses(key, n):
+        return [("terms", term_key(key, i // 4, FIELDS[i % 4]), f"kfac_{FIELDS[i % 4]}") for i in range(n)]
 
+    @staticmethod
+    def model_variables(key, by_key):
+        return tuple(by_key[k] for k in key if k is not None)
 
+    @staticmethod
+    def label(key):
+        return key[0]
 
+    @staticmethod
+    def num_terms(fields):
+        return len(fields) // 4
 
+    @staticmethod
+    def snapshot(blocks):
+        """``{(kernel key, bias key or None): [(c, A, G, W̄*)]}``, float32 NumPy arrays."""
+        return {key: [float32_arrays(term.values()) for term in terms(fields)] for key, fields in blocks.items()}
 
+    @staticmethod
+    def check_options(mode, kfac_sum):
+        if kfac_sum == "nearest" and mode == "separate":
+            raise ValueError(
+                "`kfac_sum`='nearest' applies to mode='online' only: separate-mode tasks keep their "
+                "own anchors, and their Kronecker terms are summed exactly. Received: "
+                "kfac_sum='nearest' with mode='separate'")
 
+    # The task.
+    @staticmethod
+    def check_result(result, source, tracking):
+        if not isinstance(result, KroneckerFisher):
+            raise TypeError(
+                "`fisher` must be a fastewc.KroneckerFisher (fastewc.kfac_fisher's result) for "
+                f"an EWC with curvature='kfac'. Received: fisher of type {type(result).__name__}")
+        trainable = list(source.trainable_variables)
+        if [id(v) for v in result.variables] != [id(v) for v in trainable]:
+            raise ValueError(
+                f"`fisher` was computed for other trainable variables than model '{source.name}' "
+                f"has now ({len(result.variables)} then, {len(trainable)} now). Received: a "
+                "KroneckerFisher of another model or an older state of this one")
 
+    @staticmethod
+    def estimate(result, source, tracking):
+        """``{block key: (layer name, A, G)}`` of the result's blocks this EWC penalizes
+        (a block whose variables are all excluded is skipped; part of one excluded raises)."""
+        blocks = {}
+        for block in result.blocks:
+            excluded = [tracking.exclude(v) for v in block.variables]
+            if all(excluded):
+                continue
+            if any(excluded):
+                raise ValueError(
+                    f"`exclude` covers part of layer '{block.layer}''s Kronecker block "
+                    f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
+            keys = tuple(tracking.key(v) for v in block.variables)
+            blocks[keys if len(keys) == 2 else keys + (None,)] = (block.layer, block.a, block.g, block.input_rank)
+        return blocks
 
+    @staticmethod
+    def merge(current, task, settings, tracking):
+        """Every block's new terms (nothing assigned): the task's blocks merged at the
+        task's weights (:func:`fastewc.kfac_penalty.merge_block`), the others decayed
+        (:func:`fastewc.kfac_penalty.decay_block`).  Raises for factors that are not finite
+        or have a negative diagonal, and for terms float32 cannot hold, naming the layer."""
+        mode, kfac_sum, gamma = settings.mode, settings.kfac_sum, settings.gamma
+        pending = {}
 
+        def anchor_of(block, input_rank):
+            return kronecker.weight_matrix([task.theta[k] if k in task.theta else
+                                            penalty_lib.read_float32(task.by_key[k])
+                                            for k in block if k is not None], input_rank)
 
+        for block, (layer, a, g, input_rank) in task.estimates.get(Kronecker.kind, {}).items():
+            for label, factor in (("A", a), ("G", g)):
+                if not (all_finite([factor]) and bool(tf.reduce_all(tf.linalg.diag_part(factor) >= 0))):
+                    raise ValueError(
+                        f"`fisher`: the Kronecker factor {label} of layer '{layer}' must be finite "
+                        "with a non-negative diagonal. Received: NaN, Inf or a negative diagonal")
+            pending[block], _ = kfac_penalty.merge_block(
+                terms(current.get(block, [])), (tf.cast(a, tf.float32), tf.cast(g, tf.float32),
+                                                  anchor_of(block, input_rank)),
+                mode=mode, kfac_sum=kfac_sum, gamma=gamma)
+        for block, fields in current.items():
+            if block not in pending:
+                input_rank = stored_input_rank(task.by_key[block[0]], block, terms(fields)[0].anchor)
+                pending[block] = kfac_penalty.decay_block(terms(fields), anchor_of(block, input_rank), mode=mode,
+                                                          gamma=gamma)
+        for block, block_terms in pending.items():
+            if not all_finite(flat(block_terms)):
+                raise ValueError(
+                    f"`fisher`: adding this task would make the Kronecker terms of '{block[0]}' not "
+                    "finite in float32 (the weights or the factors are too large). The state is "
+                    "unchanged.")
+        return {block: flat(block_terms) for block, block_terms in pending.items()}, 0.0
 
+    # The penalty (:func:`fastewc.kfac_penalty.block_penalty`).
+    @staticmethod
+    def penalty(thetas, fields, lam, damping):
+        return kfac_penalty.block_penalty(thetas, [term.values() for term in terms(fields)], lam, damping)
 
+    @staticmethod
+    def explain(thetas, fields, lam):
+        return kfac_penalty.explain(thetas, lam)
 
+    # Checkpoint.
+    @staticmethod
+    def from_checkpoint(tables, tracking, current):
+        """``{block: fields}`` of a checkpoint's term fields ``{term key: tensor}``: every
+        term complete (c, A, G, W̄*), numbered from 0, shaped from the model's kernel."""
+        grouped = {}
+        for key, value in tables.get("terms", {}).items():
+            parsed = parse_term_key(key)
+            if parsed is None:
+                raise ValueError(f"Cannot restore EWC Kronecker state '{key}' from the checkpoint: "
+                                 "not a Kronecker term key.")
+            block, t, field = parsed
+            grouped.setdefault(block, {}).setdefault(t, {})[field] = value
+        blocks = {}
+        for block, block_terms in grouped.items():
+            kernel = tracking.restore_target(block[0], "EWC Kronecker state")
+            if block[1] is not None:
+                tracking.restore_target(block[1], "EWC Kronecker state")
+            anchor = block_terms.get(0, {}).get("anchor")
+            input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
+            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None, input_rank)))
+            if (sorted(block_terms) != list(range(len(block_terms)))
+                    or any(len(f) != len(FIELDS) for f in block_terms.values())):
+                raise ValueError(
+                    f"Cannot restore the EWC Kronecker state of '{block[0]}' from the checkpoint: its "
+                    f"terms are incomplete (numbers {sorted(block_terms)}, each needs {list(FIELDS)}).")
+            for t in range(len(block_terms)):
+                for field in FIELDS:
+                    if tuple(block_terms[t][field].shape) != shapes[field]:
+                        raise ValueError(
+                            f"Cannot restore the EWC Kronecker state of '{kernel.path}' from the "
+                            f"checkpoint: its term {t} field '{field}' has shape "
+                            f"{tuple(block_terms[t][field].shape)}, the model's kernel "
+                            f"{shape_of(kernel)} needs {shapes[field]}. Nothing was restored into "
+                            "the EWC. Restore into the model the checkpoint was written for.")
+            blocks[block] = [block_terms[t][f] for t in range(len(block_terms)) for f in FIELDS]
+        return blocks
 
-    # -- state -----------------------------------------------------------------------------
+    # File.
+    @staticmethod
+    def to_file(blocks):
+        return Kronecker.snapshot(blocks)
+
+    @staticmethod
+    def from_file(section, tracking, path):
+        """``{block: fields}`` of a file's ``kronecker`` section, each block checked against
+        the model (its variables exist, the terms' shapes follow its kernel)."""
+        model_name, by_key = tracking.model.name, tracking.by_key()
+        blocks = {}
+        for block, block_terms in section.items():
+            missing = [k for k in block if k is not None and k not in by_key]
+            if missing:
+                raise ValueError(
+                    f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
+                    f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
+            kernel = by_key[block[0]]
+            input_rank = stored_input_rank(kernel, block, block_terms[0][3]) if block_terms else None
+            shapes = block_shapes(shape_of(kernel), block[1] is not None, input_rank)
+            for term in block_terms:
+                if tuple(np.shape(v) for v in term) != shapes:
+                    raise ValueError(
+                        f"Cannot load EWC state from {path!r} onto model '{model_name}': the "
+                        f"Kronecker terms of '{block[0]}' have shapes {[np.shape(v) for v in term]}, "
+                        f"the model's kernel {shape_of(kernel)} needs {list(shapes)}.")
+            blocks[block] = [v for term in block_terms for v in term]
+        return blocks
+
+    @staticmethod
+    def file_arrays(section):
+        """``(header fields, arrays)`` of ``{block: [(c, A, G, W̄*)]}``."""
+        entries, arrays, j = [], {}, 0
+        for (kernel, bias), block_terms in section.items():
+            rows, units = (np.shape(block_terms[0][3]) if block_terms else (0, 0))
+            entries.append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
+                            "coefficients": [float(t[0]) for t in block_terms]})
+            for _, a, g, anchor in block_terms:
+                for kind, value in zip(_ARRAYS, (a, g, anchor)):
+                    arrays[f"{kind}_{j}"] = np.asarray(value, np.float32)
+                j += 1
+        return {"kronecker": entries}, arrays
+
+    @staticmethod
+    def file_shapes(header):
+        """``{array name: shape}`` of the terms the header lists; ValueError(reason) if malformed."""
+        shapes, j = {}, 0
+        try:
+            for block in header.get("kronecker", []):
+                rows, units = int(block["rows"]), int(block["units"])
+                for _ in block["coefficients"]:
+                    shapes.update({f"kfaca_{j}": (rows, rows), f"kfacg_{j}": (units, units),
+                                   f"kfacw_{j}": (rows, units)})
+                    j += 1
+        except Exception as err:     # noqa: BLE001
+            raise ValueError(f"bad Kronecker block list ({type(err).__name__}: {err})") from None
+        return shapes
+
+    @staticmethod
+    def read_file_arrays(header, arrays):
+        section, j = {}, 0
+        for block in header.get("kronecker", []):
+            block_terms = []
+            for c in block["coefficients"]:
+                block_terms.append((np.float32(c),) + tuple(arrays[f"{kind}_{j}"] for kind in _ARRAYS))
+                j += 1
+            section[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = block_terms
+        return section

@@ -32,7 +32,7 @@ input signature and registry) and owns its compiled and concrete functions: they
 long as the estimator.
 """
 import contextlib
-import threading
+import functools
 import typing
 
 import keras
@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from fastewc import _keras_compat as compat
 from fastewc import _policy
+from fastewc import capture as capture_lib
 from fastewc.likelihood import broadcast_weights
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
@@ -230,13 +231,6 @@ def embedding_layers(model):
     return out
 
 
-def swap_lock(model):
-    """The per-model lock held while layers' ``call`` are swapped for a Fisher pass: the one
-    :func:`fastewc.capture.capture` holds (re-entrant, so a guard nests inside a capture)."""
-    from fastewc import capture          # noqa: PLC0415 -- capture imports the rules, lazily
-    return capture.model_lock(model)
-
-
 class IdGuard:
     """Within this context each Embedding of ``model`` (or ``layers``) reads its ids clamped
     to its table, [-input_dim, input_dim) as ``keras.ops.take`` reads them (what XLA's
@@ -247,10 +241,10 @@ class IdGuard:
     Only integer or floating dense ids are read (floats are cast to int32, as Embedding
     does); a call with other arguments (keras_hub's ``ReversibleEmbedding(reverse=True)``
     projects hidden states) or other inputs (ragged, sparse) passes through unchanged.
-    The swap is an instance ``call`` attribute set and restored around the pass, under the
-    model's :func:`swap_lock`, and applies to the thread that opened the context only; it
-    nests inside :func:`fastewc.capture.capture` (it then wraps the rule's call).  Without
-    Embedding layers it does nothing."""
+    The swap is :func:`fastewc.capture.swapped_calls` (the thread that opened the context
+    only; restored on exit); it nests inside :func:`fastewc.capture.capture` (it then wraps
+    the rule's call) and around it.  The context can be entered again (the counts add up).
+    Without Embedding layers it does nothing."""
 
     def __init__(self, model, layers=None, *, ranges=False):
         self.model = model
@@ -258,29 +252,19 @@ class IdGuard:
         self._counts = [[] for _ in self.layers]
         self._ranges = [[] for _ in self.layers] if ranges else None
         self._counting = True
-        self._saved = []
-        self._lock = None
+        self._swap = None
 
     def __enter__(self):
         if self.layers:
-            self._lock = swap_lock(self.model)
-            self._lock.acquire()
-            thread = threading.get_ident()
-            for i, layer in enumerate(self.layers):
-                self._saved.append((layer, "call" in layer.__dict__, layer.__dict__.get("call")))
-                object.__setattr__(layer, "call", self._wrap(i, layer, layer.call, thread))
+            self._swap = capture_lib.swapped_calls(self.model, [
+                (layer, functools.partial(self._wrap, i, layer)) for i, layer in enumerate(self.layers)])
+            self._swap.__enter__()
         return self
 
     def __exit__(self, *exc_info):
-        for layer, had, call in reversed(self._saved):
-            if had:
-                object.__setattr__(layer, "call", call)
-            else:
-                layer.__dict__.pop("call", None)
-        self._saved = []
-        if self._lock is not None:
-            self._lock, lock = None, self._lock
-            lock.release()
+        swap, self._swap = self._swap, None
+        if swap is not None:
+            swap.__exit__(None, None, None)
         return False
 
     def freeze(self):
@@ -301,9 +285,9 @@ class IdGuard:
                     return layer, low, high
         return None
 
-    def _wrap(self, i, layer, previous, thread):
+    def _wrap(self, i, layer, previous):
         def call(inputs, *args, **kwargs):
-            ids = _dense_ids(inputs, args, kwargs) if threading.get_ident() == thread else None
+            ids = _dense_ids(inputs, args, kwargs)
             if ids is not None:
                 n = int(layer.input_dim)
                 if self._counting:

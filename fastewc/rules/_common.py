@@ -4,14 +4,16 @@ Every rule ends in the same contraction: given example n's gradient g_kn for cot
 
     Σ_k Σ_n w_kn · g_kn²
 
-:func:`weighted_square_sum` computes it from a (K, N, *shape) tensor of per-example
-gradients without assuming anything about the sign of w.
+:func:`weighted_square_sum` (in :mod:`fastewc.contract`, re-exported here) computes it
+from a (K, N, *shape) tensor of per-example gradients without assuming anything about the
+sign of w.
 """
 import string
 
 import tensorflow as tf
 
-from fastewc.registry import KroneckerSums, UnsupportedLayerError
+from fastewc.contract import (KroneckerSums, UnsupportedLayerError, static_or_dynamic_shape,  # noqa: F401
+                              weighted_rows, weighted_square_sum)
 
 
 def check_plain(layer, family, *, lora=False):
@@ -63,21 +65,6 @@ def check_inference(layer, family, training):
             f"Layer '{layer.name}' ({family}) was called with training={training!r}: the "
             "factored Fisher rule covers inference mode only (per-example gradients of "
             "batch statistics are not per-example). Call the model with training=False.")
-
-
-def weighted_square_sum(g, weight):
-    """Σ_k Σ_n weight[k, n] · g[k, n]² for ``g`` of shape (K, N, *shape): shape ``shape``."""
-    return weighted_rows(weight, tf.square(tf.cast(g, tf.float32)), 2)
-
-
-def weighted_rows(weight, t, lead=1):
-    """Σ_r weight_r t_r over the ``lead`` leading axes of ``t`` (weight of those axes'
-    shape): one (1 × R)(R × S) matmul.  Fewer graph ops than ``tf.tensordot`` (whose
-    reshapes and shape arithmetic are most of a rule's trace time on a deep model)."""
-    tail = static_or_dynamic_shape(t)[lead:]
-    size = t.shape[lead:].num_elements()
-    flat = tf.reshape(t, [-1, size if size is not None else tf.reduce_prod(tf.shape(t)[lead:])])
-    return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
 
 
 # Where pairs of positions beat per-example gradients, from a side-by-side measurement
@@ -146,15 +133,6 @@ def position_pair_square_sum(rows, delta, weight):
                      tf.reshape(c, [-1, delta.shape[-1]]), transpose_a=True)
 
 
-def static_or_dynamic_shape(t):
-    """``t``'s shape as a list: Python ints where static, scalar tensors elsewhere."""
-    static = t.shape.as_list()
-    if all(d is not None for d in static):
-        return static
-    dynamic = tf.shape(t)
-    return [d if d is not None else dynamic[i] for i, d in enumerate(static)]
-
-
 def leading_dims(delta):
     """(K, N) of a (K, N, ...) tensor: Python ints where static, scalar tensors elsewhere."""
     k, n = delta.shape[0], delta.shape[1]
@@ -168,7 +146,7 @@ def masked_rows(inputs, mask):
     return inputs * tf.reshape(mask, [-1] + [1] * (inputs.shape.rank - 1))
 
 
-def kronecker_sums(variables, rows, deltas, weight, mask, *, bias):
+def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=None):
     """The :class:`fastewc.registry.KroneckerSums` of a layer whose weight matrix maps input
     rows to output rows: ``rows`` (N, L, d) (float32; L positions per example; padding
     rows already zero, :func:`masked_rows`), ``deltas`` (K, N, L, u), ``weight`` (K, N),
@@ -177,7 +155,8 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias):
 
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
-    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u)."""
+    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u).  ``input_rank``:
+    :class:`fastewc.contract.KroneckerSums`'s (None: a kernel with one output axis)."""
     d, u = rows.shape[-1], deltas.shape[-1]
     positions = rows.shape[1] if rows.shape[1] is not None else tf.cast(tf.shape(rows)[1], tf.float32)
     flat = tf.reshape(rows, [-1, d])
@@ -189,4 +168,4 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias):
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
-    return KroneckerSums(tuple(variables), a, g)
+    return KroneckerSums(tuple(variables), a, g, input_rank)

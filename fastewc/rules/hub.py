@@ -49,6 +49,22 @@ For inputs (N, T, D) without ``positions`` the rows of one example are distinct,
 squares need no per-example scatter: row start_index + t gets Σ_kn w_kn δ_knt².
 Otherwise the Embedding machinery above does the per-example scatter.
 
+keras_hub's ``ViTPatchingAndEmbedding`` (ViT's first layer) patches the image with a
+Conv2D (kernel = stride = patch size, no activation), flattens the grid to P patches,
+prepends a class token c (1 × 1 × D) and adds a position table Q (P + 1 × D) read at
+positions 0..P:
+
+    o_n0 = c + Q[0],     o_n(1+p) = conv(x_n)_p + Q[1 + p]
+
+With δ_kn the gradients at o_n (K, N, P + 1, D), the conv's output gradients are δ_kn[1:]
+reshaped to its grid (handed to the Conv2D rule, :func:`fastewc.rules.conv.conv_rule`,
+whose Kronecker block the layer keeps), and each example reads every row of Q and the
+class token once:
+
+    g_kn(c) = δ_kn0,     g_kn(Q)[t] = δ_knt,     Σ_kn w_kn g_kn²  (no per-example scatter)
+
+so one probe, the layer output, serves all three.
+
 keras_hub's RMS normalizations (``RMS_NORMS``: Gemma, Llama, Mistral, Mixtral, Phi-3, Qwen)
 get :func:`fastewc.rules.norm.rms_norm_rule`.
 
@@ -62,8 +78,9 @@ import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
-from fastewc.rules._common import (check_plain, leading_dims, position_pair_square_sum, use_position_pairs,
-                                   weighted_square_sum)
+from fastewc.rules._common import (check_channels_last, check_plain, leading_dims, position_pair_square_sum,
+                                   static_or_dynamic_shape, use_position_pairs, weighted_square_sum)
+from fastewc.rules.conv import conv_rule
 from fastewc.rules.embedding import lookup, row_square_sums
 from fastewc.rules.norm import rms_norm_rule
 
@@ -234,6 +251,48 @@ def position_embedding_rule(layer, inputs, start_index=0, positions=None):
     return RuleOutput(outputs, outputs, sum_sq=sum_sq)
 
 
+# -- ViTPatchingAndEmbedding -------------------------------------------------------------
+def vit_patching_rule(layer, inputs):
+    check_plain(layer, "ViTPatchingAndEmbedding")
+    check_channels_last(layer, "ViTPatchingAndEmbedding")
+    conv = conv_rule(layer.patch_embedding, inputs)
+    grid = conv.outputs
+    shape = tf.shape(grid)
+    patches = tf.reshape(grid, [shape[0], -1, grid.shape[-1]])
+    positions = layer.position_embedding(layer.position_ids)
+    if layer.use_class_token:
+        patches = keras.ops.concatenate([keras.ops.tile(layer.class_token, (shape[0], 1, 1)), patches], axis=1)
+    outputs = keras.ops.add(patches, positions)
+    first = 1 if layer.use_class_token else 0
+    table = layer.position_embedding.embeddings
+
+    def conv_delta(delta):
+        return tf.reshape(delta[:, :, first:], list(leading_dims(delta)) + static_or_dynamic_shape(grid)[1:])
+
+    def sum_sq(delta, weight):
+        squares = tf.einsum("kn,kntd->td", weight, tf.square(delta))
+        pairs = conv.sum_sq(conv_delta(delta), weight) + [(table, squares)]
+        if layer.use_class_token:
+            pairs.append((layer.class_token, tf.reshape(squares[0], layer.class_token.shape)))
+        return pairs
+
+    kron = None
+    if conv.kron is not None:
+        def kron(delta, weight, mask):
+            return conv.kron(conv_delta(delta), weight, mask)
+
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq, kron=kron)
+
+
+def _vit_patching_class():
+    """keras_hub's ViTPatchingAndEmbedding (a private path: None where this keras_hub has none)."""
+    try:
+        from keras_hub.src.models.vit.vit_layers import ViTPatchingAndEmbedding   # noqa: PLC0415
+    except ImportError:
+        return None
+    return ViTPatchingAndEmbedding
+
+
 def _position_embedding_class():
     import keras_hub   # noqa: PLC0415 -- only reached with keras_hub installed
     return keras_hub.layers.PositionEmbedding
@@ -280,6 +339,9 @@ def _register():
                       "layers get no factored Fisher rule.", stacklevel=2)
         return
     register_rule(position_embedding, position_embedding_rule)
+    vit_patching = _vit_patching_class()
+    if vit_patching is not None:
+        register_rule(vit_patching, vit_patching_rule, subclasses=False)
     for cls in rms_norms:
         register_rule(cls, rms_norm_rule, subclasses=False)
 
