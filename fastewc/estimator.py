@@ -63,7 +63,7 @@ from fastewc import registry
 from fastewc._checks import (check_jit_compile, check_model, check_one_of, check_positive_int,
                              check_seed)
 from fastewc.engines import ENGINES, initial_state
-from fastewc.engines.base import IdGuard, is_distributed, mask_sources
+from fastewc.engines.base import Checks, IdGuard, is_distributed, mask_sources
 
 METHODS = ("auto",) + tuple(ENGINES)
 # What ``method="auto"`` tries, in order.  Factored takes every weighted layer (a rule, or
@@ -210,14 +210,13 @@ class FisherEstimator:
             except _CannotTrace as failure:      # the first batch of an `auto` plan only
                 plan = self._step_down(source, distributed, plan, failure.error)
         state = plan.engine.finish(state)
-        checks = state.checks
-        bad_ids = checks.bad_ids.numpy()                       # the one host sync
-        if bad_ids.any():
-            _raise_bad_ids(model, plan, source, [layer for layer, bad in zip(plan.engine.id_layers, bad_ids) if bad])
-        out_range = checks.output_range.numpy()
-        if not checks.finite.numpy():
-            _raise_not_finite(model, plan, state.means, source, out_range)
-        plan.likelihood.check_output_range(float(out_range[0]), float(out_range[1]))
+        checks = Checks.read(state.checks)                     # the one host sync
+        if checks.bad_ids.any():
+            _raise_bad_ids(model, plan, source,
+                           [layer for layer, bad in zip(plan.engine.id_layers, checks.bad_ids) if bad])
+        if not checks.finite:
+            _raise_not_finite(model, plan, state.means, source, checks.output_range)
+        plan.likelihood.check_output_range(float(checks.output_range[0]), float(checks.output_range[1]))
         return plan.blocks.assemble(state.means)
 
     def _stream(self, plan, source, seed, verbose, distributed):

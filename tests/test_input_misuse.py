@@ -161,7 +161,7 @@ def test_embedding_id_check_keeps_one_host_read_and_no_retrace():
     estimator((x, y))
     assert estimator.tracing_count() == traces
     state = estimator._initial_state(estimator.plan((x, y)).engine)
-    assert state.checks.bad_ids.shape == (1,)         # one count per Embedding
+    assert state.checks.shape == (3 + 1,)             # range, finite, one count per Embedding
 
 
 def test_embedding_guard_applies_to_its_own_thread_and_leaves_the_model_unchanged():

@@ -61,17 +61,33 @@ class BatchSums(typing.NamedTuple):
 
 
 class Checks(typing.NamedTuple):
-    """What the end of a call reads back to the host, once (:class:`FisherState`)."""
-    output_range: tf.Tensor   # (min, max) of the model outputs so far, float32
-    finite: tf.Tensor         # bool: the whole mean is finite (set by :func:`finish`)
-    bad_ids: tf.Tensor        # (E,) float32: the ids seen outside each Embedding's table
+    """What the end of a call checks on the host.  In a :class:`FisherState` they travel
+    packed in ONE float32 vector (:meth:`pack`; :meth:`unpack` in a traced function,
+    :meth:`read` on the host), so that a call reads one tensor back and its compiled
+    function has one input and one output for them."""
+    output_range: typing.Any  # (min, max) of the model outputs so far, float32
+    finite: typing.Any        # whether the whole mean is finite (set by :func:`finish`)
+    bad_ids: typing.Any       # (E,) float32: the ids seen outside each Embedding's table
+
+    def pack(self):
+        return tf.concat([self.output_range, tf.reshape(tf.cast(self.finite, tf.float32), [1]), self.bad_ids], 0)
+
+    @classmethod
+    def unpack(cls, vector):
+        return cls(vector[:2], vector[2], vector[3:])
+
+    @classmethod
+    def read(cls, vector):
+        """The host's view of a packed vector: the one host sync of a call."""
+        values = vector.numpy()
+        return cls(values[:2], bool(values[2]), values[3:])
 
 
 class FisherState(typing.NamedTuple):
     """The streamed accumulation: the float64 totals of every block's sums in ONE flat
     vector (the plan's sums in order), the examples seen (float64), the running float32
     means (a list shaped like the plan's sums, :attr:`fastewc.blocks.BlockPlan.shapes`)
-    and the :class:`Checks`.
+    and the :class:`Checks`, packed.
 
     Flat, because the per-batch fold then costs a handful of ops (concatenate, add,
     divide, cast, one finiteness check, split) instead of five per variable: on
@@ -79,7 +95,7 @@ class FisherState(typing.NamedTuple):
     totals: tf.Tensor
     examples: tf.Tensor
     means: list
-    checks: Checks
+    checks: tf.Tensor         # Checks.pack()
 
 
 def initial_state(shapes, num_id_layers=0):
@@ -88,7 +104,7 @@ def initial_state(shapes, num_id_layers=0):
     size = sum(int(np.prod(s)) for s in shapes)
     return FisherState(
         tf.zeros([size], tf.float64), tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
-        Checks(tf.constant([np.inf, -np.inf], tf.float32), tf.constant(True), tf.zeros([num_id_layers], tf.float32)))
+        tf.constant([np.inf, -np.inf, 1.0] + [0.0] * num_id_layers, tf.float32))
 
 
 def fold(batch, count, state, *, with_mean=True):
@@ -103,11 +119,12 @@ def fold(batch, count, state, *, with_mean=True):
     sums = [tf.reshape(s, [-1]) for s in tf.nest.flatten(batch.sums)]
     flat = tf.concat(sums, 0) if len(sums) > 1 else sums[0]
     totals = state.totals + tf.cast(flat, tf.float64)
-    seen_range, batch_range = state.checks.output_range, batch.output_range
-    out_range = tf.stack([tf.minimum(seen_range[0], batch_range[0]), tf.maximum(seen_range[1], batch_range[1])])
-    bad_ids = state.checks.bad_ids + tf.stack(batch.bad_ids) if batch.bad_ids else state.checks.bad_ids
+    checks, batch_range = Checks.unpack(state.checks), batch.output_range
+    out_range = tf.stack([tf.minimum(checks.output_range[0], batch_range[0]),
+                          tf.maximum(checks.output_range[1], batch_range[1])])
+    bad_ids = checks.bad_ids + tf.stack(batch.bad_ids) if batch.bad_ids else checks.bad_ids
     seen = state.examples + tf.cast(count, tf.float64)
-    folded = FisherState(totals, seen, state.means, Checks(out_range, state.checks.finite, bad_ids))
+    folded = FisherState(totals, seen, state.means, Checks(out_range, checks.finite, bad_ids).pack())
     return finish(folded) if with_mean else folded
 
 
@@ -123,7 +140,8 @@ def finish(state):
     pieces = tf.split(mean, sizes, num=num) if num > 1 else [mean]
     means = [tf.reshape(p, shape) for p, shape in zip(pieces, shapes)]
     finite = tf.reduce_all(tf.math.is_finite(mean))
-    return FisherState(state.totals, state.examples, means, state.checks._replace(finite=finite))
+    checks = Checks.unpack(state.checks)._replace(finite=finite).pack()
+    return FisherState(state.totals, state.examples, means, checks)
 
 
 fold_compiled = tf.function(fold, autograph=False, reduce_retracing=True)
