@@ -85,18 +85,18 @@ class SharedLayerError(registry.UnsupportedLayerError):
         self.layers = list(layers)
 
 
-def shared_layer_error(layers, *, curvature="diagonal"):
-    """The :class:`SharedLayerError` for ``layers``, with the way that works for
-    ``curvature``: the diagonal Fisher of such a model comes from per-example gradients
-    (method='vmap'); a Kronecker-factored one has no form for it (a layer applied at several
-    places per example has a sum of Kronecker products as its Fisher block, not one)."""
+def shared_layer_error(layers, *, refusal=None):
+    """The :class:`SharedLayerError` for ``layers``.  ``refusal``: why the curvature chosen
+    cannot take a shared layer at all (its kind's ``shared_layer_refusal``: a layer applied
+    at several places per example has a sum of Kronecker products as its Fisher block, not
+    one), then the diagonal is the way; None: the diagonal's own way, per-example gradients
+    (method='vmap')."""
     what = (f"Layer {describe(layers)} is called more than once in one forward pass (a shared "
             "layer). ")
-    if curvature == "kfac":
+    if refusal is not None:
         return SharedLayerError(
-            what + "curvature='kfac' cannot take a shared layer: its Fisher block is not one "
-            "Kronecker product A ⊗ G. Use curvature='diagonal' for this model (with method='auto' "
-            "its Fisher then comes from per-example gradients).", layers)
+            what + refusal + " Use curvature='diagonal' for this model (with method='auto' its "
+            "Fisher then comes from per-example gradients).", layers)
     return SharedLayerError(
         what + "The factored rules do not support shared layers yet: use method='vmap' for "
         "this model.", layers)

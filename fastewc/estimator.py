@@ -383,7 +383,8 @@ class FisherEstimator:
         try:
             return capture_lib.survey(self.model, x1, rules)
         except capture_lib.SharedLayerError as err:
-            raise capture_lib.shared_layer_error(err.layers, curvature=curvature) from None
+            raise capture_lib.shared_layer_error(
+                err.layers, refusal=blocks_lib.KINDS[curvature].shared_layer_refusal) from None
 
     def _choose_method(self, x1, rules):
         """(engine name, (records, probe floats per example) of the rules' eager pass or

@@ -30,6 +30,8 @@ class Block:
     #                              the fold
     xla_on_cpu = True            # False: jit_compile=None never means XLA on CPU for a
     #                              plan that has blocks of this kind
+    shared_layer_refusal = None  # why this kind cannot take a layer called twice in one
+    #                              forward pass (the error says it), or None
     # Per block (set by the kind's constructor):
     variables = ()               # the model variables it covers
     sum_shapes = ()              # the shapes of its per-batch sums, in order

@@ -102,6 +102,8 @@ class Kronecker(Block):
                   "which the per-example methods do not form")
     dense_sums = True
     xla_on_cpu = False
+    shared_layer_refusal = ("curvature='kfac' cannot take a shared layer: its Fisher block is not one "
+                            "Kronecker product A ⊗ G.")
 
     def __init__(self, layer_name, variables, a_shape, g_shape, input_rank=None):
         self.layer_name = layer_name
