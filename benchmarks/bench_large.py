@@ -38,7 +38,7 @@ difference is what the Fisher adds).  ``FASTEWC_BENCH_LOCK=<file>`` makes each c
 an exclusive lock on that file while it runs (one 124M-parameter process at a time on a
 shared machine); ``FASTEWC_BENCH_LARGE_MEMBERS=floor_noxla,empirical`` runs only those members.
 
-    FASTEWC_BENCH_LOCK=/work/wt/big.lock .venv/bin/python -m pytest \\
+    FASTEWC_BENCH_LOCK=/tmp/fastewc-large.lock .venv/bin/python -m pytest \\
         benchmarks/bench_large.py --benchmark-only -q -o python_files=bench_*.py \\
         --benchmark-json=large.json [-k vit]
     .venv/bin/python -m benchmarks.report_models large.json

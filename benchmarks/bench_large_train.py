@@ -21,7 +21,7 @@ per (trainer, EWC or not) that measures its own peak resident set (``VmHWM``, re
 Fisher's peak is not counted): ``first`` over the first call (trace and compile), ``steady``
 over the next ``PEAK_STEPS`` calls; both absolute (the process's whole resident set).
 
-    flock /work/wt/big.lock .venv/bin/python -m pytest benchmarks/bench_large_train.py \\
+    flock /tmp/fastewc-large.lock .venv/bin/python -m pytest benchmarks/bench_large_train.py \\
         --benchmark-only -q --benchmark-json=benchmarks/results/large_train.json
     .venv/bin/python -m benchmarks.bench_large_train benchmarks/results/large_train.json
     .venv/bin/python -m pytest benchmarks/bench_large_train.py --benchmark-disable -q  # smoke
