@@ -250,3 +250,21 @@ def test_second_moments_and_bad_estimates():
         fastewc.EWC(model, lam=LAM, curvature="ekfac", kfac_sum="nearest")
     ewc.add_task(fisher)                      # the valid task still goes in
     assert ewc.num_tasks == 1
+
+
+def test_a_rule_without_per_example_rows_is_refused_naming_the_layer():
+    """The second pass needs the rule's per-example rows: a ``kron`` that gives none (a
+    custom rule's) raises, naming the layer and the fix, and nothing is returned."""
+    from fastewc.rules.dense import dense_rule
+
+    def rule(layer, inputs, **kwargs):
+        out = dense_rule(layer, inputs, **kwargs)
+        return out._replace(kron=lambda d, w, m: [s._replace(rows=None, deltas=None) for s in out.kron(d, w, m)])
+
+    model = mlp()
+    rules = fastewc.default_rules().with_rule(keras.layers.Dense, rule)
+    estimator = fastewc.FisherEstimator(model, loss=LOSS, kind="empirical", curvature="ekfac", rules=rules,
+                                        jit_compile=False)
+    with pytest.raises(ValueError, match=r"curvature='ekfac' needs the per-example rows of layer 'd1': its "
+                                         r"rule's KroneckerSums has rows=None. Use curvature='kfac' for it."):
+        estimator(data(0))
