@@ -42,7 +42,7 @@ class BlockPlan:
     """The blocks of one estimator plan, for the chosen ``kind`` (a
     :class:`fastewc.blocks.base.Block` subclass) over ``variables``."""
 
-    def __init__(self, kind, variables, records=(), *, blocks=None):
+    def __init__(self, kind, variables, records=(), *, blocks=None, firsts=()):
         self.kind = kind
         self.variables = list(variables)
         if blocks is None:
@@ -59,7 +59,7 @@ class BlockPlan:
         self._kinds = sorted(kinds, key=lambda k: k.kind)
         self.passes = max(k.passes for k in kinds) if kinds else 1
         self._second = None
-        self._firsts = ()            # a second plan: the first plan's index of each block
+        self._firsts = tuple(firsts)     # a second plan: the first plan's index of each block
 
     def _blocks_of(self, kind, records):
         offered = {}
@@ -140,9 +140,8 @@ class BlockPlan:
         block of every block whose kind needs one (:meth:`Block.second_pass`)."""
         if self._second is None:
             firsts = [i for i, block in enumerate(self.blocks) if block.passes > 1]
-            self._second = BlockPlan(self.kind, self.variables,
+            self._second = BlockPlan(self.kind, self.variables, firsts=firsts,
                                      blocks=[self.blocks[i].second_pass() for i in firsts])
-            self._second._firsts = firsts
         return self._second
 
     def prepare(self, parts):
