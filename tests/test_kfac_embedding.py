@@ -192,6 +192,21 @@ def test_embedding_penalty_after_save_load_and_checkpoint(tmp_path):
     _assert_penalty(model, restored, want)
 
 
+def test_train_step_adds_the_embedding_penalty_gradient():
+    """One SGD step of make_train_step (lr 1): the loss's gradient (a tape on the model, the
+    table's an IndexedSlices) plus the np.kron penalty gradient."""
+    model, ewc, (_, penalty_grads) = _consolidated_and_moved()
+    x, y = _data(5)
+    with tf.GradientTape() as tape:
+        loss = LOGITS(y, model(x))
+    loss_grads = tape.gradient(loss, model.trainable_variables)
+    before = _weights(model)
+    step = fastewc.make_train_step(model, keras.optimizers.SGD(1.0), LOGITS, ewc=ewc)
+    step(x, y)
+    for v, g in zip(model.trainable_variables, loss_grads):
+        assert_close(before[v.path] - v.numpy(), tf.convert_to_tensor(g).numpy() + penalty_grads[v.path], rtol=1e-4)
+
+
 def test_embedding_online_decay():
     """Online, kfac_sum='exact': the first task's terms decayed by γ, every anchor the
     latest weights."""

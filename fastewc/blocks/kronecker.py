@@ -6,13 +6,13 @@ Estimation (:mod:`fastewc.curvature`):
 
 A block covers a kernel and its bias (W̄: the kernel reshaped to (d, u), the bias as its
 last row) of a layer whose rule has a Kronecker form (``kron`` in
-:class:`fastewc.registry.RuleOutput`: Dense and convolution kernels); its per-batch sums
-are the rule's :class:`fastewc.registry.KroneckerSums` (a, g) and their means are A and
-G, finished into a :class:`fastewc.curvature.KroneckerBlock`.  An Embedding's A is
-diagonal (its token counts) and travels as its diagonal, a vector of V floats, through
-the sums, the result, the state and the file (:mod:`fastewc.kronecker`'s diagonal form:
-every function there reads a vector a as diag(a); damping adds π√δ to a).  The plan finds the blocks
-and their factor shapes in its eager pass of one example (each ``kron`` called once on
+:class:`fastewc.registry.RuleOutput`: Dense, convolution, EinsumDense and Embedding
+kernels); its per-batch sums are the rule's :class:`fastewc.registry.KroneckerSums` (a, g)
+and their means are A and G, finished into a :class:`fastewc.curvature.KroneckerBlock`.
+An Embedding's A is diagonal (its token counts) and travels as its diagonal, a vector of
+V floats, through the sums, the result, the state and the file (the diagonal form of
+:mod:`fastewc.kronecker`: every function there reads a vector a as diag(a); damping adds
+π√δ to a).  The plan finds the blocks and their factor shapes in its eager pass of one example (each ``kron`` called once on
 zero deltas).
 
 The factors are dense: A alone is d'² floats (the reference CNN's Dense(9216 → 128):
