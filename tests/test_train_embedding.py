@@ -104,7 +104,8 @@ def test_embedding_model_trains_with_ewc_like_the_float64_update(kind, jit, curv
         assert_close(got.numpy(), want, rtol=1e-5)
 
     ewc.consolidate((ids, y), loss=LOSS)
-    assert len(ewc.kronecker_state()) == (2 if curvature == "kfac" else 0)   # KFAC: the Embedding's and the Dense's blocks
+    # KFAC: the Embedding's block (A the token counts) and the Dense's.
+    assert len(ewc.kronecker_state()) == (2 if curvature == "kfac" else 0)
     rng = np.random.default_rng(3)                              # move away from the anchors
     for v in model.trainable_variables:
         v.assign(v.numpy() + rng.normal(0, 0.5, v.shape).astype(np.float32))

@@ -12,8 +12,8 @@ and their means are A and G, finished into a :class:`fastewc.curvature.Kronecker
 An Embedding's A is diagonal (its token counts) and travels as its diagonal, a vector of
 V floats, through the sums, the result, the state and the file (the diagonal form of
 :mod:`fastewc.kronecker`: every function there reads a vector a as diag(a); damping adds
-π√δ to a).  The plan finds the blocks and their factor shapes in its eager pass of one example (each ``kron`` called once on
-zero deltas).
+π√δ to a).  The plan finds the blocks and their factor shapes in its eager pass of one
+example (each ``kron`` called once on zero deltas).
 
 The factors are dense: A alone is d'² floats (the reference CNN's Dense(9216 → 128):
 85M), so the mean is formed once per call rather than per batch (``dense_sums``), and a
