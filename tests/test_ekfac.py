@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import fastewc
 from fastewc.blocks.ekfac import EKFACBlock, EKFACFisher, second_moments
-from fastewc.testing import float64_twin, reference_kronecker_factors
+from fastewc.testing import float64_twin, reference_fisher_of, reference_kronecker_factors
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LAM, DAMPING = 2.0, 0.0
@@ -268,3 +268,18 @@ def test_a_rule_without_per_example_rows_is_refused_naming_the_layer():
     with pytest.raises(ValueError, match=r"curvature='ekfac' needs the per-example rows of layer 'd1': its "
                                          r"rule's KroneckerSums has rows=None. Use curvature='kfac' for it."):
         estimator(data(0))
+
+
+def test_an_embedding_table_keeps_its_diagonal():
+    """An Embedding's Kronecker block has a diagonal A (token counts); EKFAC gives the
+    table its diagonal Fisher instead (float64 reference), and the Dense layer a block."""
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(6, 2, name="emb"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="d2")])
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 6, size=(5, 3)).astype(np.int32), rng.integers(0, 3, size=5)
+    result = fastewc.FisherEstimator(model, loss=LOSS, kind="empirical", curvature="ekfac",
+                                     jit_compile=False)((x, y))
+    assert [b.layer for b in result.blocks] == ["d2"]
+    want = reference_fisher_of(model, x, y, loss=LOSS, kind="empirical")
+    np.testing.assert_allclose(result.diagonal[0], want[0], rtol=1e-4, atol=1e-7)

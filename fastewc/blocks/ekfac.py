@@ -186,6 +186,14 @@ class EKFAC(Kronecker):
         return EKFACBlock(self.layer_name, self.variables, tf.cast(u_a, tf.float32), tf.cast(u_g, tf.float32),
                           tf.cast(s, tf.float32), self.input_rank)
 
+    @classmethod
+    def blocks_of(cls, layer, result):
+        """The Kronecker kind's blocks whose A is a matrix.  A diagonal A (an Embedding
+        table's token counts, :mod:`fastewc.rules.embedding`) keeps its diagonal block: its
+        eigenbasis is the identity and the projected gradients a scatter over the table,
+        which the second pass does not form."""
+        return [block for block in super().blocks_of(layer, result) if len(block.sum_shapes[0]) == 2]
+
     def second_pass(self):
         return SecondMoments(self)
 
