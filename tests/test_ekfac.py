@@ -283,3 +283,17 @@ def test_an_embedding_table_keeps_its_diagonal():
     assert [b.layer for b in result.blocks] == ["d2"]
     want = reference_fisher_of(model, x, y, loss=LOSS, kind="empirical")
     np.testing.assert_allclose(result.diagonal[0], want[0], rtol=1e-4, atol=1e-7)
+
+
+def test_a_shared_layer_is_refused_with_the_kinds_reason():
+    """A layer called twice per forward pass: the shared-layer error with EKFAC's own
+    reason and the advice to use the diagonal."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((5,))
+    shared = keras.layers.Dense(5, activation="tanh", name="shared")
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(shared(shared(inp))))
+    with pytest.raises(ValueError, match=r"Layer 'shared' \(Dense\) is called more than once in one forward "
+                                         r"pass \(a shared layer\)\. curvature='ekfac' cannot take a shared "
+                                         r"layer: its Fisher block is not one Kronecker eigenbasis\. Use "
+                                         r"curvature='diagonal'"):
+        fastewc.FisherEstimator(model, loss=LOSS, curvature="ekfac")(data(0))
