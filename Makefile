@@ -31,7 +31,8 @@ test: $(STAMP)
 
 # The long tests `make test` leaves out (marked `slow`: other oracle variants, larger models).
 test-slow: $(STAMP)
-	$(PY) -m pytest tests -q -m slow
+	$(PY) -m pytest tests -q -m slow -n $(TEST_WORKERS)
+	FASTEWC_FUZZ_EXAMPLES=300 $(PY) -m pytest tests/test_fuzz.py -q -n $(TEST_WORKERS)
 
 demo: $(STAMP)
 	$(PY) -m fastewc demo $(ARGS)

@@ -8,6 +8,7 @@ another exception type, never NaN out, and an EWC call that raises leaves the st
 was.
 """
 import datetime
+import os
 import re
 import warnings
 
@@ -20,7 +21,9 @@ from hypothesis import strategies as st
 
 import fastewc
 
-FUZZ = settings(max_examples=150, deadline=datetime.timedelta(seconds=30), derandomize=True,
+# Examples per fuzz test: 50 in `make test` (the same derandomized draws every run),
+# FASTEWC_FUZZ_EXAMPLES in `make test-slow` (300).
+FUZZ = settings(max_examples=int(os.environ.get("FASTEWC_FUZZ_EXAMPLES", "50")), deadline=datetime.timedelta(seconds=30), derandomize=True,
                 database=None, suppress_health_check=list(HealthCheck))
 
 ARGUMENTS = ("data", "loss", "kind", "method", "batch_size", "num_samples", "seed", "jit_compile",

@@ -75,7 +75,8 @@ def _assert_matches(model, fisher, ref):
 
 
 @pytest.mark.parametrize("which,kind,jit_compile", [
-    ("bert", "empirical", False), ("bert", "exact", True), ("gpt2", "empirical", True), ("gpt2", "exact", False)],
+    ("bert", "empirical", False), pytest.param("bert", "exact", True, marks=pytest.mark.slow),
+    pytest.param("gpt2", "empirical", True, marks=pytest.mark.slow), ("gpt2", "exact", False)],
     ids=["bert-empirical-eager", "bert-exact-xla", "gpt2-empirical-xla", "gpt2-exact-eager"])
 def test_backbone_classifier_factored_matches_float64(hub_models, which, kind, jit_compile):
     model, x, y, refs = hub_models[which]

@@ -93,7 +93,8 @@ def factored_without_warning(model, data, **kwargs):
     return fisher
 
 
-@pytest.mark.parametrize("which,kind", [("gpt2", "empirical"), ("gemma", "sampled"), ("mistral", "empirical")])
+@pytest.mark.parametrize("which,kind", [("gpt2", "empirical"), ("gemma", "sampled"),
+                                        pytest.param("mistral", "empirical", marks=pytest.mark.slow)])
 def test_per_token_fisher_factored_matches_float64(lms, which, kind):
     lm = lms[which]
     x, y = lm_data()
@@ -102,7 +103,7 @@ def test_per_token_fisher_factored_matches_float64(lms, which, kind):
     assert_matches(lm.trainable_variables, fisher, ref)
 
 
-@pytest.mark.parametrize("which", ["gpt2", "mistral"])
+@pytest.mark.parametrize("which", ["gpt2", pytest.param("mistral", marks=pytest.mark.slow)])
 def test_last_token_exact_matches_float64(lms, which):
     """kind="exact" (V cotangents per example) through every rule, the tied table included
     (Gemma's RMS norm under K > 1: test_rms_norm_rule)."""
