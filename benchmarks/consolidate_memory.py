@@ -5,7 +5,7 @@ parameters, 4 × 128 tokens), then, reading the resident set (``VmRSS``) and its
 high-water mark (``VmHWM``) after each stage:
 
     model        the model and its data exist
-    consolidate  EWC(model).consolidate(one batch, kind=KIND) returned
+    consolidate  EWC(model).consolidate(one batch, kind=KIND) returned (it trims, below, itself)
     gc           gc.collect()
     trim         glibc ``malloc_trim(0)`` (freed memory the allocator kept goes back)
     estimator    the EWC's estimator cache dropped (its ``_cache.FISHER_ESTIMATORS`` attribute), gc, trim
