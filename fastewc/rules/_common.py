@@ -156,7 +156,9 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
     Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u).  ``input_rank``:
-    :class:`fastewc.contract.KroneckerSums`'s (None: a kernel with one output axis)."""
+    :class:`fastewc.contract.KroneckerSums`'s (None: a kernel with one output axis); its
+    ``rows`` are ``rows`` with the bias's column (the mask) appended, its ``deltas``
+    ``deltas``."""
     d, u = rows.shape[-1], deltas.shape[-1]
     positions = rows.shape[1] if rows.shape[1] is not None else tf.cast(tf.shape(rows)[1], tf.float32)
     flat = tf.reshape(rows, [-1, d])
@@ -168,4 +170,7 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
-    return KroneckerSums(tuple(variables), a, g, input_rank)
+    if bias:
+        ones = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
+        rows = tf.concat([rows, tf.cast(ones, rows.dtype)], -1)
+    return KroneckerSums(tuple(variables), a, g, input_rank, rows, deltas)
