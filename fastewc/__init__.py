@@ -18,10 +18,11 @@ from fastewc.penalty import (ewc_penalty, ewc_penalty_and_gradients, ewc_penalty
                              merge_online, merge_separate)
 from fastewc.train import TrainStep, make_train_step
 from fastewc.keras_fit import EWCModel
+from fastewc.likelihood import max_exact_cotangents, set_max_exact_cotangents
 
 __version__ = "0.1.0"
 __all__ = ["fisher_diagonal", "kfac_fisher", "KroneckerFisher", "KroneckerBlock", "FisherEstimator", "Rules", "RuleOutput", "default_rules",
            "register_rule", "unregister_rule",
            "EWC", "ewc_penalty", "ewc_penalty_gradients", "ewc_penalty_and_gradients",
            "merge_separate", "merge_online",
-           "make_train_step", "TrainStep", "EWCModel"]
+           "make_train_step", "TrainStep", "EWCModel", "max_exact_cotangents", "set_max_exact_cotangents"]

@@ -62,7 +62,8 @@ the example's gradient, g_n = Σ_t c_n s_nt J_ntᵀ u_nt:
   and E[g_n g_nᵀ] (its diagonal) = c_n² Σ_t s_nt² E[(J_ntᵀ u_nt)²]: the family's exact
   cotangents of each position, scaled by c_n s_nt and placed at that position (zero
   elsewhere), K = K_family · P backward passes per example.  Above
-  ``MAX_EXACT_COTANGENTS`` it raises before any work (:meth:`Likelihood.check_exact_cost`).
+  ``MAX_EXACT_COTANGENTS`` (any output: 256 by default, :func:`set_max_exact_cotangents`)
+  it raises before any work (:meth:`Likelihood.check_exact_cost`).
 
 Keras trains on the mean over tokens, whose Fisher is 1/T² of the sum's per example
 (T = #{t: s_t > 0}).  The sum is the default: it is the log-likelihood of the sequence,
@@ -89,10 +90,35 @@ import tensorflow as tf
 
 KINDS = ("empirical", "sampled", "exact")
 POSITIONS = ("sum", "mean")
-# The exact kind's most output cotangents (backward passes) per example: above, it raises
-# before any work and suggests kind="sampled" (a vocabulary times the positions of a
-# sequence is millions of backward passes).
-MAX_EXACT_COTANGENTS = 4096
+# The exact kind's most output cotangents (backward passes) per example by default; above,
+# it raises before any work and suggests kind="sampled".  Exact costs about K times the
+# empirical kind (K backward passes, K rows of per-example tensors per chunk): 10 or 100
+# classes (K = 9, 99) run, an ImageNet head (K = 999) or a vocabulary over a sequence does
+# not.  Read it with max_exact_cotangents(), raise it with set_max_exact_cotangents().
+MAX_EXACT_COTANGENTS = 256
+
+
+def max_exact_cotangents():
+    """The exact kind's most backward passes per example (``MAX_EXACT_COTANGENTS``, 256
+    unless :func:`set_max_exact_cotangents` changed it)."""
+    return MAX_EXACT_COTANGENTS
+
+
+def set_max_exact_cotangents(value):
+    """Set the exact kind's most backward passes per example, for this process.
+
+    ``kind="exact"`` needs K output cotangents per example (C − 1 for C classes from
+    logits, C from probabilities, times the positions of a per-position output) and costs
+    about K times the empirical kind; above this limit the planning pass raises before any
+    work.  Raise it to run exact on a wider head knowingly (``set_max_exact_cotangents(999)``
+    for 1000 classes: about 1000 backward passes per example), like ``keras.config``
+    settings it holds for every later call in the process.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError("`max_exact_cotangents` must be an integer >= 1 (backward passes per example). "
+                         f"Received: max_exact_cotangents={value!r}")
+    global MAX_EXACT_COTANGENTS
+    MAX_EXACT_COTANGENTS = int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +268,9 @@ class Likelihood:
 
     def check_exact_cost(self, kind, out_tail):
         """Raise before any work if the exact kind needs more than
-        ``MAX_EXACT_COTANGENTS`` backward passes per example (a vocabulary times the
-        positions of a sequence), naming the cost and the kinds that cost one pass."""
+        ``MAX_EXACT_COTANGENTS`` backward passes per example (an ImageNet head, a
+        vocabulary times the positions of a sequence), naming the cost, the kinds that
+        cost one pass and the setting that allows it."""
         if kind != "exact":
             return
         k = self.num_cotangents(kind, 1, out_tail)
@@ -254,11 +281,12 @@ class Likelihood:
                if positions else "")
         raise ValueError(
             f"`kind`='exact' needs {k} backward passes per example{per} for a model output of "
-            f"shape {_batch_shape(tuple(out_tail))}, more than fastewc.likelihood."
-            f"MAX_EXACT_COTANGENTS={MAX_EXACT_COTANGENTS}: nothing was computed. Use "
-            "kind='sampled' (one backward pass per draw, num_samples draws; an unbiased estimate "
-            "of the same Fisher) or kind='empirical' (one pass, the true labels). "
-            f"Received: kind='exact'")
+            f"shape {_batch_shape(tuple(out_tail))}, more than the limit of {MAX_EXACT_COTANGENTS} "
+            "(fastewc.max_exact_cotangents()): nothing was computed. Use kind='sampled' (one backward "
+            "pass per draw, num_samples draws; an unbiased estimate of the same Fisher) or "
+            "kind='empirical' (one pass, the true labels), or, to pay about "
+            f"{k}x the empirical kind's cost, first call fastewc.set_max_exact_cotangents({k}). "
+            "Received: kind='exact'")
 
     def check_labels(self, y, out_dim, out_tail=None):
         """Raise a clear error if labels ``y`` (NumPy) do not fit this loss; return them

@@ -194,3 +194,51 @@ def test_importing_fastewc_leaves_tensorflow_uninitialized():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("2")
+
+
+def _wide_head(classes):
+    """Dense(4 -> classes) on logits: exact's closed form is known (below)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(classes)])
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    return model, x, np.arange(3, dtype=np.int32)
+
+
+def _exact_dense_fisher(model, x):
+    """exact for z = xW + b, p = softmax(z): Σ_c p_c (p − e_c)_j² = p_j (1 − p_j), so
+    F_W = mean_n x_n² ⊗ p_n (1 − p_n), F_b = mean_n p_n (1 − p_n), in float64."""
+    w, b = (np.asarray(v, np.float64) for v in model.get_weights())
+    z = x.astype(np.float64) @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    v = p * (1 - p)
+    return [np.einsum("ni,nj->ij", x.astype(np.float64) ** 2, v) / len(x), v.mean(0)]
+
+
+def test_exact_on_1000_classes_is_refused_before_any_work_unless_allowed():
+    """1000 classes from logits: K = 999 backward passes per example, above the default
+    limit (256): refused from the plan, state untouched, naming sampled and the setting;
+    10 classes run; set_max_exact_cotangents(999) lets 1000 run (closed form above)."""
+    assert fastewc.max_exact_cotangents() == 256
+    model, x, y = _wide_head(1000)
+    ewc = fastewc.EWC(model, lam=1.0)
+    with pytest.raises(ValueError, match=r"`kind`='exact' needs 999 backward passes per example for a model output "
+                                         r"of shape \(batch, 1000\), more than the limit of 256 .*nothing was computed"
+                                         r".*Use kind='sampled'.*fastewc.set_max_exact_cotangents\(999\)"):
+        ewc.consolidate((x, y), loss=LOGITS)
+    assert ewc.num_tasks == 0
+    small, xs, ys = _wide_head(10)
+    for got, want in zip(fastewc.fisher_diagonal(small, (xs, ys), loss=LOGITS, kind="exact"),
+                         _exact_dense_fisher(small, xs)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"`max_exact_cotangents` must be an integer >= 1 .*"
+                                         r"Received: max_exact_cotangents=0"):
+        fastewc.set_max_exact_cotangents(0)
+    assert fastewc.max_exact_cotangents() == 256
+    try:
+        fastewc.set_max_exact_cotangents(999)
+        got = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS, kind="exact")
+    finally:
+        fastewc.set_max_exact_cotangents(256)
+    for g, want in zip(got, _exact_dense_fisher(model, x)):
+        np.testing.assert_allclose(g.numpy(), want, rtol=1e-4, atol=1e-9)

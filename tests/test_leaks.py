@@ -27,6 +27,9 @@ import subprocess
 import sys
 import textwrap
 
+import keras
+import numpy as np
+
 MODELS = 60
 XLA_MODELS = 12
 ALLOWED_GROWTH_MIB = 50
@@ -101,3 +104,42 @@ def test_models_used_and_dropped_leave_nothing_behind_but_xla_executables():
 if __name__ == "__main__":
     print(run_script(int(sys.argv[1]) if len(sys.argv) > 1 else MODELS,
                      int(sys.argv[2]) if len(sys.argv) > 2 else XLA_MODELS))
+
+
+def _held_tensor_bytes(obj, seen):
+    """Bytes of the tf.Tensors reachable from ``obj`` through containers and fastewc's own
+    objects (not into Keras layers or TensorFlow's functions: their variables are the model's)."""
+    import tensorflow as tf
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, tf.Tensor):
+        return int(np.prod(obj.shape)) * obj.dtype.size
+    if isinstance(obj, dict):
+        return sum(_held_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(_held_tensor_bytes(v, seen) for v in obj)
+    if type(obj).__module__.startswith("fastewc") and hasattr(obj, "__dict__"):
+        return _held_tensor_bytes(vars(obj), seen)
+    return 0
+
+
+def test_an_ewcs_kept_estimator_holds_no_tensor_of_the_models_size():
+    """An EWC keeps its Fisher estimator for the next task (its traces), so after
+    consolidate the estimator must hold compiled functions, not data: the zero state of a
+    call (float64 totals and float32 sums, 12 bytes per parameter: 1.5 GB at GPT-2 base's
+    124M) is made per call.  Bound: under a quarter of the parameters' float32 bytes."""
+    import fastewc
+    from fastewc import _cache
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64, activation="tanh"),
+                              keras.layers.Dense(10)])
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    ewc = fastewc.EWC(model, lam=1.0)
+    ewc.consolidate((x, np.arange(3)), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    kind="empirical")
+    estimators = list(ewc.__dict__[_cache.FISHER_ESTIMATORS].values())
+    assert len(estimators) == 1
+    parameter_bytes = 4 * (4 * 64 + 64 + 64 * 10 + 10)
+    held = _held_tensor_bytes(estimators, set())
+    assert held < parameter_bytes / 4, f"the estimator holds {held} bytes of tensors ({parameter_bytes} of parameters)"
