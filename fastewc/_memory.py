@@ -79,14 +79,14 @@ def release_free_memory():
 
     glibc serves blocks below its mmap threshold from its heaps and keeps them when they
     are freed, and the threshold grows (to 32 MiB) each time a larger mmapped block is
-    freed, so after a Fisher the per-layer tensors it freed stay resident: 2.5 GiB of
-    free memory after GPT-2 base's (124M parameters), until the process reuses it.  Called
-    once per :meth:`fastewc.EWC.consolidate`, not per Fisher call: the next call would
-    fault those pages back in."""
+    freed, so after a Fisher the per-layer tensors it freed stay resident (gigabytes at
+    GPT-2 base size: README, "Real sizes") until the process reuses them.  Called once
+    per :meth:`fastewc.EWC.consolidate`, not per Fisher call: the next call would fault
+    those pages back in."""
     import ctypes
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):     # no C library by that name (Windows)
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))

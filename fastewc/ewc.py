@@ -253,7 +253,7 @@ class EWC(tf.Module):
         ``verbose`` and ``max_examples`` are per call.  All or nothing and thread-safe (the
         lock is held from the Fisher to the commit).  Then the free memory the C allocator
         kept from the Fisher's transients goes back to the system
-        (:func:`fastewc._memory.release_free_memory`: 2.5 GiB after GPT-2 base's).  Returns
+        (:func:`fastewc._memory.release_free_memory`).  Returns
         the Fisher (a list, or a :class:`fastewc.KroneckerFisher` with ``curvature="kfac"``).
         """
         self._require_eager("consolidate")
