@@ -6,10 +6,10 @@ with ``jit_compile=False``, then with the defaults.  A weak reference to each mo
 die.  Resident memory is read after glibc's free lists are trimmed (what the process
 really holds):
 
-* ``jit_compile=False``, 60 models: after the last within 50 MiB of after the 20th.
+* ``jit_compile=False``, 40 models: after the last within 50 MiB of after the 20th.
   Keras itself keeps a little per model it ever built (name counters and the like): that
   is the floor the 50 MiB allows for.  The leak this guards against (issue 14) grew
-  6 MiB per model, 240 MiB over these 40.
+  6 MiB per model, 120 MiB over these 20.
 * Defaults (``jit_compile=None``: XLA on CPU for a model without convolutions), 12
   models: at most ``XLA_MIB_PER_MODEL`` per model after the 4th.  TensorFlow keeps every
   XLA executable it compiled in its process-wide compilation cache (``DeviceCompiler`` in
@@ -30,7 +30,7 @@ import textwrap
 import keras
 import numpy as np
 
-MODELS = 60
+MODELS = 40
 XLA_MODELS = 12
 ALLOWED_GROWTH_MIB = 50
 XLA_MIB_PER_MODEL = 13        # measured 9.6-9.8 MiB per model (README, "Memory")
