@@ -15,8 +15,11 @@ and its output axes as columns, the bias as its last row;
 positions l of example n and the output deltas δ = ∂ℓ/∂z, with y as the kind says
 (true label, sampled, or the full expectation through the K weighted cotangents).  For
 one example at one position A ⊗ G IS the Fisher block E_y[vec(ā δᵀ) vec(ā δᵀ)ᵀ]; in
-general it assumes the input rows independent of the deltas.  Every other variable (norms,
-embeddings, depthwise and grouped convolutions) keeps its diagonal.
+general it assumes the input rows independent of the deltas.  An Embedding's table (V × D) is a block
+too, a Dense layer on one-hot rows: its A is diagonal, the mean token counts per position,
+and is kept as that vector of V floats (:mod:`fastewc.rules.embedding`).  Every other
+variable (norms, position embeddings, a tied embedding table read both ways, depthwise and
+grouped convolutions) keeps its diagonal.
 
 Positions count as examples (the "expand" convention of Eschenhagen et al. 2023, KFC's for
 convolutions): A divides by L, G sums over l, so no per-example sum over positions is
@@ -49,7 +52,8 @@ class KroneckerBlock(typing.NamedTuple):
     """One layer's Kronecker-factored Fisher block, A ⊗ G (float32, symmetric PSD)."""
     layer: str              # the layer's name
     variables: tuple        # (kernel, bias) or (kernel,): the model variables it covers
-    a: tf.Tensor            # (d', d'), d' = kernel rows (+1 with a bias)
+    a: tf.Tensor            # (d', d'), d' = kernel rows (+1 with a bias); or its diagonal
+    #                         (d',) when A is diagonal (an Embedding's: the token counts)
     g: tf.Tensor            # (u, u), u = kernel columns
     # The kernel's leading axes that are inputs (rows); None: all but the last
     # (:func:`fastewc.kronecker.matrix_shape`; an EinsumDense kernel may have several outputs).
@@ -69,7 +73,7 @@ class KroneckerFisher(typing.NamedTuple):
         block, diag(A ⊗ G) = diag(A) ⊗ diag(G) split into its kernel and bias."""
         out = {id(v): f for v, f in zip(self.variables, self.diagonal) if f is not None}
         for block in self.blocks:
-            diag = tf.tensordot(tf.linalg.diag_part(block.a), tf.linalg.diag_part(block.g), 0)
+            diag = tf.tensordot(kronecker.diagonal_of(block.a), tf.linalg.diag_part(block.g), 0)
             kernel = block.variables[0]
             rows = kronecker.matrix_shape(kernel.shape, block.input_rank)[0]
             out[id(kernel)] = tf.reshape(diag[:rows], kernel.shape)

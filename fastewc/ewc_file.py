@@ -10,7 +10,8 @@ excluded when saved) and ``sha256``), then each block kind's section (its
   shape; :class:`fastewc.blocks.diagonal.Diagonal`).
 * Version 2 (written when a kind of version 2 has a section; version 1 files still read)
   adds ``curvature``, ``damping``, ``kfac_sum`` and the Kronecker blocks: ``kronecker``, a
-  list of ``{"kernel", "bias", "coefficients", "rows", "units"}``, and the arrays ``kfaca_j``,
+  list of ``{"kernel", "bias", "coefficients", "rows", "units"}`` (and ``"a": "diagonal"``
+  for a block whose A is stored as its diagonal: an Embedding's), and the arrays ``kfaca_j``,
   ``kfacg_j``, ``kfacw_j`` of the j-th term over all blocks
   (:class:`fastewc.blocks.kronecker.Kronecker`).
 

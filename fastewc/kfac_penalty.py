@@ -1,7 +1,8 @@
 """The Kronecker-factored EWC penalty as pure functions: its value, its analytic gradient
 and the merge of a task into a block's terms.
 
-For a block (a Dense or convolution kernel with its bias, :mod:`fastewc.curvature`) with
+For a block (a Dense or convolution kernel with its bias, or an Embedding table whose A is
+diagonal and stored as its diagonal, :mod:`fastewc.curvature`) with
 weight matrix W̄(θ) (:func:`fastewc.kronecker.weight_matrix`) an EWC keeps terms
 (c_t, A_t, G_t, W̄_t) and the penalty is
 

@@ -20,7 +20,10 @@ Conventions (every function here and every caller relies on them):
   shape[input_rank:], as the last row); None means input_rank = rank − 1
   (:func:`matrix_shape`, :func:`input_rank_of`).
 * Factors.  A (d', d') and G (u, u), symmetric positive semi-definite, float32 (float64
-  accepted).  vec is the row-major flatten (``np.reshape(W̄, -1)``:
+  accepted).  A diagonal A may be given as its diagonal, a vector a of shape (d',), and
+  then means diag(a) everywhere (an Embedding's A is the diagonal of its token counts: a
+  vocabulary of 50 257 rows takes 50 257 floats, not 50 257²); every function here takes
+  either form and returns A in the form it received.  vec is the row-major flatten (``np.reshape(W̄, -1)``:
   vec(W̄)[i·u + j] = W̄[i, j]); in that order the Fisher block of vec(W̄) is approximated by
   A ⊗ G exactly as ``np.kron(A, G)`` writes it: (A ⊗ G)[(i, j), (k, l)] = A[i, k] · G[j, l].
 * Quadratic.  For Δ = W̄ − W̄* of shape (d', u):
@@ -30,9 +33,10 @@ Conventions (every function here and every caller relies on them):
 
   so the EWC penalty λ/2 · vec(Δ)ᵀ (A ⊗ G) vec(Δ) and its gradient λ A Δ G cost two
   matrix products, O(d'²u + d'u²), and never form the (d'u × d'u) block.
-  :func:`quadratic_form` computes both.
+  :func:`quadratic_form` computes both (a diagonal A: A Δ G = a ⊙ (Δ G), row by row).
 * Damping.  Factored Tikhonov damping with the π correction (Martens & Grosse 2015, §6.3):
   A + π√δ I and G + √δ/π I with π² = (tr(A)/d') / (tr(G)/u).  :func:`damped_factors`.
+  A diagonal A is damped as the matrix diag(a) is: a + π√δ, tr(A) = Σ a.
 * Merging tasks.  A sum of Kronecker products Σ_t c_t A_t ⊗ G_t is not one Kronecker
   product; :func:`nearest_kronecker` returns the nearest one in Frobenius norm (Van Loan &
   Pitsianis 1993, "Approximation with Kronecker products", in Linear Algebra for Large
@@ -76,6 +80,22 @@ def _dim(t, axis):
     """Size of ``t`` along ``axis``: a Python int when static, a scalar tensor otherwise."""
     size = t.shape[axis]
     return size if size is not None else tf.shape(t)[axis]
+
+
+def _trace(a):
+    """tr(A) of a matrix A or of diag(a) for a vector a."""
+    return tf.reduce_sum(a) if a.shape.rank == 1 else tf.linalg.trace(a)
+
+
+def _add_to_diagonal(a, shift):
+    """A + shift·I of a matrix A, or a + shift for a diagonal A given as its vector a."""
+    return a + shift if a.shape.rank == 1 else tf.linalg.set_diag(a, tf.linalg.diag_part(a) + shift)
+
+
+def diagonal_of(a):
+    """The diagonal of A: A itself when it is given as its diagonal (a vector)."""
+    a = tf.convert_to_tensor(a)
+    return a if a.shape.rank == 1 else tf.linalg.diag_part(a)
 
 
 # -- layout ----------------------------------------------------------------------------
@@ -202,16 +222,20 @@ def quadratic_form(delta, a, g):
 
     Args:
       delta: Δ = W̄ − W̄*, shape (d', u).
-      a: A, shape (d', d'), symmetric.
+      a: A, shape (d', d'), symmetric, or its diagonal a, shape (d',) (A = diag(a)).
       g: G, shape (u, u), symmetric.
 
     Computed in float64 when all three are float64, else in float32.  Two matrix
     products: O(d'²u + d'u²) time, O(d'u) extra memory; no Kronecker product is formed.
+    A diagonal A: m = a ⊙ (Δ G) row by row, O(d'u²).
     """
     delta, a, g = tf.convert_to_tensor(delta), tf.convert_to_tensor(a), tf.convert_to_tensor(g)
     dtype = _common_dtype(delta, a, g)
     delta, a, g = _as_float(delta, dtype), _as_float(a, dtype), _as_float(g, dtype)
-    m = tf.matmul(tf.matmul(a, delta), g)
+    if a.shape.rank == 1:
+        m = a[:, tf.newaxis] * tf.matmul(delta, g)
+    else:
+        m = tf.matmul(tf.matmul(a, delta), g)
     q = tf.reduce_sum(delta * m)
     return q, m
 
@@ -233,7 +257,7 @@ def _pi_correction(a, g):
     (float64 when both are float64, else float32).  O(d' + u)."""
     a, g = _as_float(a), _as_float(g)
     dtype = _common_dtype(a, g)
-    tr_a, tr_g = tf.cast(tf.linalg.trace(a), dtype), tf.cast(tf.linalg.trace(g), dtype)
+    tr_a, tr_g = tf.cast(_trace(a), dtype), tf.cast(tf.linalg.trace(g), dtype)
     mean_a = tr_a / tf.cast(_dim(a, 0), dtype)
     mean_g = tr_g / tf.cast(_dim(g, 0), dtype)
     ok = (tr_a > 0) & (tr_g > 0)
@@ -257,7 +281,8 @@ def damped_factors(a, g, damping):
     δ > 0 both damped factors are then positive definite whenever A and G are PSD.
 
     Args:
-      a: A (d', d'), symmetric PSD, float32 or float64.
+      a: A (d', d'), symmetric PSD, float32 or float64; or its diagonal (d',), ≥ 0
+        (damped as diag(a): a + π√δ, tr(A) = Σ a).
       g: G (u, u), symmetric PSD, float32 or float64.
       damping: δ ≥ 0, a Python float (checked) or a scalar tensor (not checked: reading it
         would cost a host sync; a negative tensor gives NaN).
@@ -271,8 +296,7 @@ def damped_factors(a, g, damping):
     pi = _pi_correction(a, g)
     root = tf.sqrt(_as_float(damping, dtype))
     a_shift, g_shift = tf.cast(pi * root, a.dtype), tf.cast(root / pi, g.dtype)
-    return (tf.linalg.set_diag(a, tf.linalg.diag_part(a) + a_shift),
-            tf.linalg.set_diag(g, tf.linalg.diag_part(g) + g_shift))
+    return _add_to_diagonal(a, a_shift), _add_to_diagonal(g, g_shift)
 
 
 # -- nearest Kronecker product ----------------------------------------------------------
@@ -306,8 +330,10 @@ def _check_terms(coefficients, a_list, g_list):
             shape = value.shape
             if shape.rank is None:
                 continue
-            if shape.rank != 2 or shape[0] != shape[1] or not shape.is_compatible_with(first):
-                raise ValueError(f"`{label}` must hold square matrices of one shape. Received: "
+            diagonal = label == "a_list" and shape.rank == 1      # A given as its diagonal
+            if (not diagonal and (shape.rank != 2 or shape[0] != shape[1])) or not shape.is_compatible_with(first):
+                raise ValueError(f"`{label}` must hold square matrices of one shape"
+                                 f"{' (or diagonals: vectors of one shape)' if label == 'a_list' else ''}. Received: "
                                  f"{label}[{i}] of shape {tuple(shape)}, {label}[0] of shape "
                                  f"{tuple(first) if first.rank is not None else None}")
     return coefficients, a_list, g_list
@@ -356,7 +382,7 @@ def _balance(a, g):
         r = num / tf.where(ok, den, tf.ones_like(den))
         return r, ok & tf.math.is_finite(r) & (r > 0)
 
-    by_trace, trace_ok = ratio(tf.linalg.trace(g) / u, tf.linalg.trace(a) / d)
+    by_trace, trace_ok = ratio(tf.linalg.trace(g) / u, _trace(a) / d)
     by_norm, norm_ok = ratio(tf.norm(g) / tf.sqrt(u), tf.norm(a) / tf.sqrt(d))
     one = tf.ones_like(by_trace)
     square = tf.where(trace_ok, by_trace, tf.where(norm_ok, by_norm, one))
@@ -407,7 +433,8 @@ def nearest_kronecker(coefficients, a_list, g_list):
 
     Args:
       coefficients: c, T numbers (a list or a tensor of shape (T,)).
-      a_list: T matrices A_t (d', d'), symmetric (PSD for the sign guarantee).
+      a_list: T matrices A_t (d', d'), symmetric (PSD for the sign guarantee), or T
+        diagonals (d',) (A_t = diag(a_t), ⟨A_t, A_s⟩_F = Σ a_t ⊙ a_s; A is then a diagonal).
       g_list: T matrices G_t (u, u), symmetric (PSD for the sign guarantee).
 
     Returns ``(A, G, relative_error)``, float64 (inputs are cast to float64).  Finite when

@@ -59,12 +59,16 @@ def _penalty_gradient64(model, ewc, thetas):
         grads[i] += lam * a.astype(np.float64) * (thetas[i] - mu.astype(np.float64))
     for (kernel_key, bias_key), terms in ewc.kronecker_state().items():
         k = next(i for i, p in enumerate(paths) if p.endswith(kernel_key))
-        b = next(i for i, p in enumerate(paths) if p.endswith(bias_key))
-        w = np.concatenate([thetas[k], thetas[b][None]], 0)
-        m = sum(float(c) * a.astype(np.float64) @ (w - anchor) @ g.astype(np.float64)
-                for c, a, g, anchor in terms)
-        grads[k] += lam * m[:-1]
-        grads[b] += lam * m[-1]
+        w = thetas[k].reshape(-1, thetas[k].shape[-1])
+        if bias_key is not None:         # the bias is W̄'s last row (the Embedding has none)
+            b = next(i for i, p in enumerate(paths) if p.endswith(bias_key))
+            w = np.concatenate([w, thetas[b][None]], 0)
+        # An Embedding's A is kept as its diagonal (the token counts): A = diag(a).
+        m = sum(float(c) * (np.diag(a) if a.ndim == 1 else a).astype(np.float64) @ (w - anchor)
+                @ g.astype(np.float64) for c, a, g, anchor in terms)
+        grads[k] += lam * m[:thetas[k].shape[0]]
+        if bias_key is not None:
+            grads[b] += lam * m[-1]
     return grads
 
 
@@ -100,7 +104,8 @@ def test_embedding_model_trains_with_ewc_like_the_float64_update(kind, jit, curv
         assert_close(got.numpy(), want, rtol=1e-5)
 
     ewc.consolidate((ids, y), loss=LOSS)
-    assert bool(ewc.kronecker_state()) == (curvature == "kfac")   # KFAC: the Dense's block
+    # KFAC: the Embedding's block (A the token counts) and the Dense's.
+    assert len(ewc.kronecker_state()) == (2 if curvature == "kfac" else 0)
     rng = np.random.default_rng(3)                              # move away from the anchors
     for v in model.trainable_variables:
         v.assign(v.numpy() + rng.normal(0, 0.5, v.shape).astype(np.float32))

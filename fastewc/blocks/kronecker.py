@@ -1,4 +1,4 @@
-"""The Kronecker kind: one block per Dense or convolution layer (kernel and bias), A ⊗ G.
+"""The Kronecker kind: one block per Dense, convolution, EinsumDense or Embedding layer, A ⊗ G.
 
 Estimation (:mod:`fastewc.curvature`):
 
@@ -6,11 +6,14 @@ Estimation (:mod:`fastewc.curvature`):
 
 A block covers a kernel and its bias (W̄: the kernel reshaped to (d, u), the bias as its
 last row) of a layer whose rule has a Kronecker form (``kron`` in
-:class:`fastewc.registry.RuleOutput`: Dense and convolution kernels); its per-batch sums
-are the rule's :class:`fastewc.registry.KroneckerSums` (a, g) and their means are A and
-G, finished into a :class:`fastewc.curvature.KroneckerBlock`.  The plan finds the blocks
-and their factor shapes in its eager pass of one example (each ``kron`` called once on
-zero deltas).
+:class:`fastewc.registry.RuleOutput`: Dense, convolution, EinsumDense and Embedding
+kernels); its per-batch sums are the rule's :class:`fastewc.registry.KroneckerSums` (a, g)
+and their means are A and G, finished into a :class:`fastewc.curvature.KroneckerBlock`.
+An Embedding's A is diagonal (its token counts) and travels as its diagonal, a vector of
+V floats, through the sums, the result, the state and the file (the diagonal form of
+:mod:`fastewc.kronecker`: every function there reads a vector a as diag(a); damping adds
+π√δ to a).  The plan finds the blocks and their factor shapes in its eager pass of one
+example (each ``kron`` called once on zero deltas).
 
 The factors are dense: A alone is d'² floats (the reference CNN's Dense(9216 → 128):
 85M), so the mean is formed once per call rather than per batch (``dense_sums``), and a
@@ -34,10 +37,11 @@ with damping δ (:func:`fastewc.kronecker.damped_factors`).  How a task enters t
 with A = 0 (:mod:`fastewc.blocks.diagonal`).
 
 Checkpoint: the t-th term's fields at ``ewc/_kronecker/_terms/<kernel key>|<bias key>|<t>|<field>``
-(field: coef, a, g, anchor).  File (version 2): the header's ``kronecker`` list of
-``{"kernel", "bias", "coefficients", "rows", "units"}`` and, for the j-th term over all
-blocks, the arrays ``kfaca_j`` (rows × rows), ``kfacg_j`` (units × units), ``kfacw_j``
-(rows × units).
+(field: coef, a, g, anchor; a diagonal A's ``a`` is a vector, and its rank says so on
+restore).  File (version 2): the header's ``kronecker`` list of
+``{"kernel", "bias", "coefficients", "rows", "units"}`` (plus ``"a": "diagonal"`` for a
+diagonal A) and, for the j-th term over all blocks, the arrays ``kfaca_j`` (rows × rows,
+or rows for a diagonal A), ``kfacg_j`` (units × units), ``kfacw_j`` (rows × units).
 """
 import numpy as np
 import tensorflow as tf
@@ -59,12 +63,13 @@ FIELDS = ("coef", "a", "g", "anchor")
 _ARRAYS = ("kfaca", "kfacg", "kfacw")
 
 
-def block_shapes(kernel_shape, has_bias, input_rank=None):
+def block_shapes(kernel_shape, has_bias, input_rank=None, diagonal_a=False):
     """Shapes of (coef, A, G, W̄*) for a kernel of ``kernel_shape`` split after its first
-    ``input_rank`` axes (:func:`fastewc.kronecker.matrix_shape`)."""
+    ``input_rank`` axes (:func:`fastewc.kronecker.matrix_shape`); ``diagonal_a``: A kept
+    as its diagonal (rows,)."""
     rows, units = kronecker.matrix_shape(kernel_shape, input_rank)
     rows += 1 if has_bias else 0
-    return (), (rows, rows), (units, units), (rows, units)
+    return (), ((rows,) if diagonal_a else (rows, rows)), (units, units), (rows, units)
 
 
 def stored_input_rank(kernel, block, anchor):
@@ -237,7 +242,7 @@ class Kronecker(Block):
 
         for block, (layer, a, g, input_rank) in task.estimates.get(Kronecker.kind, {}).items():
             for label, factor in (("A", a), ("G", g)):
-                if not (all_finite([factor]) and bool(tf.reduce_all(tf.linalg.diag_part(factor) >= 0))):
+                if not (all_finite([factor]) and bool(tf.reduce_all(kronecker.diagonal_of(factor) >= 0))):
                     raise ValueError(
                         f"`fisher`: the Kronecker factor {label} of layer '{layer}' must be finite "
                         "with a non-negative diagonal. Received: NaN, Inf or a negative diagonal")
@@ -285,9 +290,10 @@ class Kronecker(Block):
             kernel = tracking.restore_target(block[0], "EWC Kronecker state")
             if block[1] is not None:
                 tracking.restore_target(block[1], "EWC Kronecker state")
-            anchor = block_terms.get(0, {}).get("anchor")
+            anchor, a = block_terms.get(0, {}).get("anchor"), block_terms.get(0, {}).get("a")
             input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
-            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None, input_rank)))
+            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None, input_rank,
+                                                   a is not None and len(a.shape) == 1)))
             if (sorted(block_terms) != list(range(len(block_terms)))
                     or any(len(f) != len(FIELDS) for f in block_terms.values())):
                 raise ValueError(
@@ -324,7 +330,8 @@ class Kronecker(Block):
                     f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
             kernel = by_key[block[0]]
             input_rank = stored_input_rank(kernel, block, block_terms[0][3]) if block_terms else None
-            shapes = block_shapes(shape_of(kernel), block[1] is not None, input_rank)
+            diagonal_a = bool(block_terms) and np.ndim(block_terms[0][1]) == 1
+            shapes = block_shapes(shape_of(kernel), block[1] is not None, input_rank, diagonal_a)
             for term in block_terms:
                 if tuple(np.shape(v) for v in term) != shapes:
                     raise ValueError(
@@ -342,6 +349,8 @@ class Kronecker(Block):
             rows, units = (np.shape(block_terms[0][3]) if block_terms else (0, 0))
             entries.append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
                             "coefficients": [float(t[0]) for t in block_terms]})
+            if block_terms and np.ndim(block_terms[0][1]) == 1:
+                entries[-1]["a"] = "diagonal"
             for _, a, g, anchor in block_terms:
                 for kind, value in zip(_ARRAYS, (a, g, anchor)):
                     arrays[f"{kind}_{j}"] = np.asarray(value, np.float32)
@@ -355,8 +364,11 @@ class Kronecker(Block):
         try:
             for block in header.get("kronecker", []):
                 rows, units = int(block["rows"]), int(block["units"])
+                if block.get("a", "diagonal") != "diagonal":
+                    raise ValueError(f"'a' must be 'diagonal' or absent, not {block['a']!r}")
+                a_shape = (rows,) if "a" in block else (rows, rows)
                 for _ in block["coefficients"]:
-                    shapes.update({f"kfaca_{j}": (rows, rows), f"kfacg_{j}": (units, units),
+                    shapes.update({f"kfaca_{j}": a_shape, f"kfacg_{j}": (units, units),
                                    f"kfacw_{j}": (rows, units)})
                     j += 1
         except Exception as err:     # noqa: BLE001

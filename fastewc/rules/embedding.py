@@ -11,10 +11,25 @@ non-zero, so the per-example gradients are never formed as (N, vocabulary, dim):
 example's positions are sorted by id, equal ids form one segment (at most T per example),
 the segments are summed, squared, weighted and scattered into the table's rows.  Memory
 K·N·T·dim; every shape is static, so it also runs under XLA.
+
+Kronecker factors (``kron``, :class:`fastewc.contract.KroneckerSums`): the lookup is a
+Dense layer whose input rows are one-hot, ā_nt = e_{ids[n, t]}, without a bias.  With the
+Dense rule's convention (positions as examples, A divided by the L positions, G summed
+over them) A is diagonal, the mean token counts per position,
+
+    A = diag(a),   a_v = (1/N) Σ_n (1/L) Σ_t m_nt [ids[n, t] = v],
+    G = (1/N) Σ_n Σ_k w_kn Σ_t m_nt δ_knt δ_kntᵀ                          (dim × dim)
+
+and ``a`` is kept as that vector of V floats, never V × V
+(:mod:`fastewc.kronecker`'s diagonal form).  m_nt is 0 at a masked position (a padding
+row of the batch, or id 0 of an Embedding with ``mask_zero=True``): it counts in neither
+factor, while L stays the number of positions, as for a Dense layer over a sequence.
+Cost: a scatter of N·L counts and one (dim × K·N·L)(K·N·L × dim) matmul.
 """
 import keras
 import tensorflow as tf
 
+from fastewc.contract import KroneckerSums
 from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
 from fastewc.rules._common import check_plain, leading_dims
 
@@ -48,7 +63,30 @@ def lookup_rule(layer, inputs, forward, family):
     def sum_sq(delta, weight):
         return [(table, row_square_sums(ids, delta, weight, layer.input_dim))]
 
-    return RuleOutput(outputs, outputs, sum_sq=sum_sq)
+    def kron(delta, weight, mask):
+        return [lookup_kronecker_sums(layer, ids, delta, weight, mask)]
+
+    return RuleOutput(outputs, outputs, sum_sq=sum_sq, kron=kron)
+
+
+def lookup_kronecker_sums(layer, ids, delta, weight, mask):
+    """The :class:`fastewc.contract.KroneckerSums` of a lookup into ``layer.embeddings``
+    (V, D) at ``ids`` (N, ...) in [0, V) with deltas (K, N, ..., D), the cotangents'
+    ``weight`` (K, N) and the rows' ``mask`` (N,) (the module docstring):
+    a = Σ_n (1/L) Σ_t m_nt e_{ids[n, t]} (V,), g = Σ_kn w_kn Σ_t m_nt δ_knt δ_kntᵀ (D, D).
+    Also used by :mod:`fastewc.rules.hub` (a ReversibleEmbedding's lookup)."""
+    (k, n), dim = leading_dims(delta), delta.shape[-1]
+    flat_ids = tf.reshape(ids, [n, -1])                                   # (N, L)
+    positions = flat_ids.shape[1] if flat_ids.shape[1] is not None else tf.cast(tf.shape(flat_ids)[1], tf.float32)
+    present = tf.broadcast_to(tf.reshape(mask, [-1, 1]), tf.shape(flat_ids))
+    if layer.mask_zero:
+        present = present * tf.cast(flat_ids != 0, tf.float32)
+    a = tf.math.unsorted_segment_sum(tf.reshape(present, [-1]), tf.reshape(flat_ids, [-1]),
+                                     layer.input_dim) / positions
+    deltas = tf.reshape(delta, [k, n, -1, dim]) * present[None, :, :, None]
+    weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, dim])
+    g = tf.matmul(weighted, tf.reshape(deltas, [-1, dim]), transpose_a=True)
+    return KroneckerSums((layer.embeddings,), a, g)
 
 
 def lookup(layer, inputs, forward, family):

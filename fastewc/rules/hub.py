@@ -39,6 +39,11 @@ rows: K·N·T·(S + D) floats, no V × D tensor per example.  Untied (Llama) the
 read different tables, E from the lookups and R from the projections, and nothing
 crosses.  Several lookups (or projections) are concatenated along the positions first.
 
+With ``curvature="kfac"`` a ReversibleEmbedding called once, as a lookup, has the
+Embedding's Kronecker block (A the diagonal of token counts,
+:mod:`fastewc.rules.embedding`); a reverse call, or a tied table read both ways, keeps its
+diagonal (a tied table's Fisher block is not one Kronecker product).
+
 ``keras_hub.layers.PositionEmbedding`` (a table P of sequence_length × D) outputs, for
 inputs of shape (N, ..., T, D), the rows p_t = start_index + t broadcast over the batch
 (or the rows given by ``positions``).  Example n reads row p_t at position t:
@@ -81,7 +86,7 @@ from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
 from fastewc.rules._common import (check_channels_last, check_plain, leading_dims, position_pair_square_sum,
                                    static_or_dynamic_shape, use_position_pairs, weighted_square_sum)
 from fastewc.rules.conv import conv_rule
-from fastewc.rules.embedding import lookup, row_square_sums
+from fastewc.rules.embedding import lookup, lookup_kronecker_sums, row_square_sums
 from fastewc.rules.norm import rms_norm_rule
 
 _ReversibleEmbedding = getattr(keras.layers, "ReversibleEmbedding", None)
@@ -139,9 +144,17 @@ class _TableSquareSums:
 
 
 def _rule_output(layer, outputs, calls):
+    """One call's RuleOutput, or several calls' merged into one.  A single lookup has the
+    Embedding's Kronecker block (:func:`fastewc.rules.embedding.lookup_kronecker_sums`:
+    A the diagonal of token counts); a reverse call or several calls (a tied LM head: the
+    table's Fisher block is not one Kronecker product) keep the diagonal."""
     probe = calls[0].probe if len(calls) == 1 else tuple(c.probe for c in calls)
     sum_sq = _TableSquareSums(layer, calls)
-    return RuleOutput(outputs, probe, sum_sq=sum_sq,
+    kron = None
+    if len(calls) == 1 and not calls[0].reverse:
+        def kron(delta, weight, mask):
+            return [lookup_kronecker_sums(layer, calls[0].read, delta, weight, mask)]
+    return RuleOutput(outputs, probe, sum_sq=sum_sq, kron=kron,
                       merge=lambda later: _rule_output(layer, later.outputs, calls + later.sum_sq.calls))
 
 
