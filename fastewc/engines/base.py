@@ -6,9 +6,10 @@ diagonal block's
 
     S_i = Σ_n mask_n Σ_k W_kn (J_nᵀ U_kn)_i²         (U, W: the likelihood's cotangents)
 
-(:meth:`Engine.batch_sums`, traceable) and folds them into a float64 running total
-(:func:`fold`) inside the same compiled function, so a batch costs one dispatch and a
-whole call one host sync.  Engines differ only in how they get the sums (see
+(:meth:`Engine.batch_sums`, traceable).  A call of one batch divides them by its examples
+in the same compiled function (:func:`mean`, float32): one dispatch; a call of several
+folds each batch's into float64 totals (:func:`fold`) and forms the mean once
+(:func:`finish`); either way a whole call has one host sync.  Engines differ only in how they get the sums (see
 :mod:`fastewc.fisher` for the table); the interface is
 
 * ``rows_per_call(batch_size, num_cotangents, probe_floats, budget)``: examples per
@@ -18,7 +19,8 @@ whole call one host sync.  Engines differ only in how they get the sums (see
 * ``batch_sums(x, y, mask, noise)``: a :class:`BatchSums` (traced once per plan): the
   sums by block, one count per Embedding layer (``id_layers``) of the ids outside its
   table, the output's (min, max);
-* ``run(batch, noise, state)``: one batch through the compiled function, the new state;
+* ``run(batch, noise, state, alone=...)``: one batch through the compiled function, the
+  new state (``alone``: the call's only batch, whose state is final);
 * ``finish(state)``: the call's final state, its means and :class:`Checks` complete.
 
 Embedding ids are checked where they are used, on the compiled side (:class:`IdGuard`):
