@@ -164,7 +164,8 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     a kernel with one output axis)."""
     d, u = rows.shape[-1], deltas.shape[-1]
     positions = rows.shape[1] if rows.shape[1] is not None else tf.cast(tf.shape(rows)[1], tf.float32)
-    per_position = (lambda t: t) if positions == 1 and isinstance(positions, int) else (lambda t: t / positions)  # noqa: E731
+    one = isinstance(positions, int) and positions == 1
+    per_position = (lambda t: t) if one else (lambda t: t / positions)  # noqa: E731
     flat = tf.reshape(rows, [-1, d])
     if bias and flat.shape[0] is not None and flat.shape[0] <= d:
         column = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
