@@ -65,11 +65,20 @@ class KroneckerSums(typing.NamedTuple):
     delta holds).  ``input_rank`` None means all axes but the last (a Dense or convolution
     kernel); an EinsumDense kernel such as MultiHeadAttention's query (d_model, heads,
     head_dim) has input_rank 1, u = heads·head_dim, and its bias (heads, head_dim) is the
-    last row."""
+    last row.
+
+    ``rows`` (N, L, d') and ``deltas`` (K, N, L, u) are the per-example rows these sums
+    come from: the input rows ā_nl (with the bias's 1, zero for a padding row) and the
+    deltas, so that example n's gradient of the block for cotangent k is
+    ḡ_kn = Σ_l ā_nl δ_knlᵀ (a kind's second pass reads them; a pass that does not read
+    them does not compute them: the graph prunes them).  None: the rule does not give
+    them."""
     variables: tuple
     a: typing.Any
     g: typing.Any
     input_rank: typing.Optional[int] = None
+    rows: typing.Any = None
+    deltas: typing.Any = None
 
 
 class RuleOutput(typing.NamedTuple):

@@ -46,7 +46,14 @@ import tensorflow as tf
 
 from fastewc import kronecker
 
-CURVATURES = ("diagonal", "kfac")     # the keys of fastewc.blocks.KINDS
+
+def __getattr__(name):
+    """``CURVATURES``: the curvature names, the keys of :data:`fastewc.blocks.KINDS` (read
+    when asked: the block kinds import this module's result types)."""
+    if name == "CURVATURES":
+        from fastewc.blocks import KINDS
+        return tuple(KINDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class KroneckerBlock(typing.NamedTuple):

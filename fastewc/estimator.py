@@ -171,6 +171,7 @@ class FisherEstimator:
         self._confirmed = set()      # id(engine) of plans whose first batch ran
         self._noise_functions = {}
         self._retired_traces = 0
+        self._second_plans = {}      # id(a plan's engine) -> the Plan of its second pass
 
     @property
     def rules(self):
@@ -217,7 +218,29 @@ class FisherEstimator:
         if not checks.finite:
             _raise_not_finite(model, plan, state.means, source, checks.output_range)
         plan.likelihood.check_output_range(float(checks.output_range[0]), float(checks.output_range[1]))
-        return plan.blocks.assemble(state.means)
+        if plan.blocks.passes == 1:
+            return plan.blocks.assemble(state.means)
+        parts = self._second_pass(plan, source, seed, distributed, plan.blocks.finish(state.means))
+        return plan.blocks.assemble_parts(parts)
+
+    def _second_pass(self, plan, source, seed, distributed, parts):
+        """A kind with two passes (:mod:`fastewc.blocks.plan`): ``source`` again, with the
+        same seed (the same sampled labels), through an engine of the plan's second-pass
+        blocks (made once per plan), each given its first-pass part; ``parts`` with theirs
+        finished."""
+        second = self._second_plans.get(id(plan.engine))
+        if second is None:
+            blocks = plan.blocks.second_plan()
+            engine = type(plan.engine)(self.model, plan.likelihood, self.kind, self.num_samples,
+                                       jit_compile=plan.engine.jit_compile, rules=plan.engine.rules,
+                                       blocks=blocks, out_tail=plan.out_tail)
+            second = self._second_plans[id(plan.engine)] = plan._replace(engine=engine, blocks=blocks)
+        second.blocks.prepare(parts)
+        state = second.engine.finish(self._stream(second, source, seed, 0, distributed))
+        checks = Checks.read(state.checks)
+        if not checks.finite:
+            _raise_not_finite(self.model, second, state.means, source, checks.output_range)
+        return second.blocks.finish_second(state.means, parts)
 
     def _stream(self, plan, source, seed, verbose, distributed):
         """Every batch of ``source`` through ``plan``'s engine: the final FisherState.
@@ -290,7 +313,8 @@ class FisherEstimator:
 
     def tracing_count(self):
         """Traces of every compiled function this estimator made (a no-retrace check)."""
-        return self._retired_traces + sum(p.engine.tracing_count() for p in self._plans.values())
+        plans = list(self._plans.values()) + list(self._second_plans.values())
+        return self._retired_traces + sum(p.engine.tracing_count() for p in plans)
 
     # -- planning -------------------------------------------------------------------------
     def _plan_for(self, source, distributed):
@@ -299,6 +323,7 @@ class FisherEstimator:
         if valid_for != self._plans_valid_for:
             self._retired_traces = self.tracing_count()
             self._plans, self._initial_states, self._confirmed = {}, {}, set()
+            self._second_plans = {}
             self._plans_valid_for = valid_for
         key = (source.signature, distributed)
         plan = self._plans.get(key)

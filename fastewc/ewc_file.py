@@ -54,7 +54,10 @@ _REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256"
 
 class EWCFile(NamedTuple):
     """The contents of an EWC file.  ``state`` maps each variable's path to its (A, μ)
-    float32 arrays, in state order."""
+    float32 arrays, in state order (the diagonal kind's section, ``FILE_FIELD = "state"``);
+    ``sections`` maps every other kind's ``FILE_FIELD`` to its section (each kind owns
+    its own: ``{"kronecker": {(kernel path, bias path or None): [(c, A, G, W̄*)]}}``), a
+    kind without state absent."""
     mode: str
     lam: float
     gamma: float
@@ -65,13 +68,22 @@ class EWCFile(NamedTuple):
     curvature: str = "diagonal"
     damping: float = 0.0
     kfac_sum: str = "exact"
-    kronecker: dict = None       # {(kernel path, bias path or None): [(c, A, G, W̄*)]}
+    sections: dict = None        # {kind's FILE_FIELD: its section}, every kind but the diagonal
+
+    def section(self, field):
+        """The section of the kind whose ``FILE_FIELD`` is ``field``, or None."""
+        return self.state if field == "state" else (self.sections or {}).get(field)
+
+    @property
+    def kronecker(self):
+        """The Kronecker kind's section (``section("kronecker")``), or None."""
+        return self.section("kronecker")
 
 
 def write(path, contents):
     """Write ``contents`` (an :class:`EWCFile`) to ``path``, atomically."""
     path = os.fspath(path)
-    kinds = [kind for kind in KINDS.values() if getattr(contents, kind.FILE_FIELD) is not None]
+    kinds = [kind for kind in KINDS.values() if contents.section(kind.FILE_FIELD) is not None]
     version = max(kind.FILE_VERSION for kind in kinds)
     header = {
         "format": FORMAT, "version": version, "mode": contents.mode,
@@ -82,7 +94,7 @@ def write(path, contents):
         header.update(curvature=contents.curvature, damping=contents.damping, kfac_sum=contents.kfac_sum)
     arrays = {}
     for kind in kinds:
-        fields, kind_arrays = kind.file_arrays(getattr(contents, kind.FILE_FIELD))
+        fields, kind_arrays = kind.file_arrays(contents.section(kind.FILE_FIELD))
         header.update(fields)
         arrays.update(kind_arrays)
     header["sha256"] = digest(header, arrays)
@@ -123,7 +135,8 @@ def read(path):
                    num_tasks=header["num_tasks"], const=header["const"],
                    excluded=list(header.get("excluded", [])),
                    curvature=header.get("curvature", "diagonal"), damping=header.get("damping", 0.0),
-                   kfac_sum=header.get("kfac_sum", "exact"), **sections)
+                   kfac_sum=header.get("kfac_sum", "exact"), state=sections.pop("state"),
+                   sections=sections)
 
 
 def digest(header, arrays):

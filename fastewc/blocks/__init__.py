@@ -25,14 +25,15 @@ from fastewc._checks import as_float32, check_one_of
 from fastewc.blocks.task import Settings, Task
 from fastewc.blocks.diagonal import Diagonal, check_aligned
 from fastewc.blocks.kronecker import Kronecker
+from fastewc.blocks.ekfac import EKFAC
 from fastewc.blocks.plan import BlockPlan
 from fastewc.kfac_penalty import KFAC_SUMS
 from fastewc.penalty import read_float32
 
-KINDS = {kind.kind: kind for kind in (Diagonal, Kronecker)}
+KINDS = {kind.kind: kind for kind in (Diagonal, Kronecker, EKFAC)}
 BASE = Diagonal
 
-__all__ = ["KINDS", "BASE", "BlockPlan", "Diagonal", "Kronecker", "Settings", "Task", "kinds_of", "check_options", "task"]
+__all__ = ["KINDS", "BASE", "BlockPlan", "Diagonal", "Kronecker", "EKFAC", "Settings", "Task", "kinds_of", "check_options", "task"]
 
 
 def kinds_of(curvature):

@@ -32,6 +32,11 @@ class Block:
     #                              plan that has blocks of this kind
     shared_layer_refusal = None  # why this kind cannot take a layer called twice in one
     #                              forward pass (the error says it), or None
+    passes = 1                   # 2: its estimate needs a second pass over the same data,
+    #                              whose sums use the first pass's part (second_pass)
+    own_sums = False             # True: the engine asks the BLOCK's rule_sums (an instance
+    #                              method: a second-pass block's sums use its own state),
+    #                              not its kind's
     # Per block (set by the kind's constructor):
     variables = ()               # the model variables it covers
     sum_shapes = ()              # the shapes of its per-batch sums, in order
@@ -65,6 +70,17 @@ class Block:
         """Its part of the result from the means of its sums (float32, in order)."""
         raise NotImplementedError
 
+    def second_pass(self):
+        """A kind with ``passes = 2``: this block's block of the second pass (made once per
+        plan, :meth:`fastewc.blocks.plan.BlockPlan.second_plan`).  That block has
+        ``own_sums`` and its ``sum_shapes`` / ``sum_names``; ``prepare(first)`` gives it
+        this block's first-pass part before each second pass (a traced pass reads it from
+        variables: no retrace per call); ``rule_sums(result, delta, weight, mask)`` (an
+        instance method) forms its sums from a rule's output, e.g. the per-example rows
+        of :class:`fastewc.contract.KroneckerSums`; ``finish(means, first)`` is this
+        block's final part."""
+        raise NotImplementedError(f"curvature={self.kind!r} has one estimation pass")
+
     @classmethod
     def assemble(cls, blocks, parts, variables):
         """The estimate a plan of this kind returns (a public type), from every block's
@@ -83,8 +99,10 @@ class Block:
 # :class:`fastewc.blocks.store.State` as tf.Variables, each checkpointed at one address
 # ``(table, table key)`` of the kind's ``TABLES``:
 #
-# * ``OPTIONS``: the EWC options it reads; ``TABLES``: ``{table: checkpoint path}``;
-#   ``FILE_FIELD`` / ``FILE_VERSION``: its field of :class:`fastewc.ewc_file.EWCFile` and
+# * ``OPTIONS``: the EWC options it reads; ``MODES``: the EWC modes it takes; ``METHOD`` /
+#   ``TITLE``: the prefix and title of its methods in the demo ("kfac_online": "KFAC-EWC
+#   (online)", :mod:`fastewc.demo.run`); ``TABLES``: ``{table: checkpoint path}``;
+#   ``FILE_FIELD`` / ``FILE_VERSION``: its section's name in :class:`fastewc.ewc_file.EWCFile` and
 #   the file version that holds it.
 # * ``check_result(result, source, tracking)``: refuse a Fisher result it cannot use;
 #   ``estimate(result, source, tracking)`` → ``{key: estimate}`` of a task.

@@ -72,6 +72,8 @@ class Diagonal(Block):
 
     # -- state -------------------------------------------------------------------------
     OPTIONS = ()
+    MODES = ("separate", "online")          # the EWC modes it takes
+    METHOD, TITLE = "ewc", "EWC"            # its demo methods' prefix ("ewc_separate") and title
     TABLES = {"fisher": "_fisher", "anchor": "_anchor"}   # table -> checkpoint path
     FILE_FIELD, FILE_VERSION = "state", 1
 

@@ -165,6 +165,8 @@ class Kronecker(Block):
 
     # -- state -------------------------------------------------------------------------
     OPTIONS = ("kfac_sum", "damping")
+    MODES = ("separate", "online")
+    METHOD, TITLE = "kfac", "KFAC-EWC"
     TABLES = {"terms": "_kronecker/_terms"}
     FILE_FIELD, FILE_VERSION = "kronecker", 2
 

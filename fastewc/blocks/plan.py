@@ -24,6 +24,13 @@ An engine is built with the plan and asks it, never the kind:
 The estimator asks it the XLA default (:attr:`BlockPlan.xla_on_cpu`), checks memory
 (:meth:`BlockPlan.check_memory`) and turns the call's means into the public result
 (:meth:`BlockPlan.assemble`: a list of tensors, or a :class:`fastewc.KroneckerFisher`).
+
+Two passes (:attr:`BlockPlan.passes` = 2 when a block's kind has ``passes = 2``): after
+the first pass the estimator finishes every block's part (:meth:`BlockPlan.finish`), runs
+the same data through an engine built with :meth:`BlockPlan.second_plan` (the blocks'
+second-pass blocks, :meth:`fastewc.blocks.base.Block.second_pass`), each given its first
+part (:meth:`BlockPlan.prepare`), and replaces those parts by the second pass's
+(:meth:`BlockPlan.finish_second`) before assembling them (:meth:`BlockPlan.assemble_parts`).
 """
 import math
 
@@ -34,9 +41,26 @@ class BlockPlan:
     """The blocks of one estimator plan, for the chosen ``kind`` (a
     :class:`fastewc.blocks.base.Block` subclass) over ``variables``."""
 
-    def __init__(self, kind, variables, records=()):
+    def __init__(self, kind, variables, records=(), *, blocks=None, firsts=()):
         self.kind = kind
         self.variables = list(variables)
+        if blocks is None:
+            blocks = self._blocks_of(kind, records)
+        self.blocks = tuple(blocks)
+        self.shapes = [shape for block in blocks for shape in block.sum_shapes]
+        self.names = [name for block in blocks for name in block.sum_names]
+        self._block_of = {id(v): block for block in blocks for v in block.variables}
+        self._kinds_of = {}
+        kinds = {type(block) for block in blocks}
+        self.xla_on_cpu = all(k.xla_on_cpu for k in kinds)
+        dense = any(k.dense_sums for k in kinds)
+        self.amortized_floats = sum(math.prod(shape) for shape in self.shapes) if dense else 0
+        self._kinds = sorted(kinds, key=lambda k: k.kind)
+        self.passes = max(k.passes for k in kinds) if kinds else 1
+        self._second = None
+        self._firsts = tuple(firsts)     # a second plan: the first plan's index of each block
+
+    def _blocks_of(self, kind, records):
         offered = {}
         for layer, result in records:
             for block in kind.blocks_of(layer, result):
@@ -48,16 +72,7 @@ class BlockPlan:
                 blocks.append(offered[id(v)])
             elif id(v) not in covered:
                 blocks.append(Diagonal(v))
-        self.blocks = tuple(blocks)
-        self.shapes = [shape for block in blocks for shape in block.sum_shapes]
-        self.names = [name for block in blocks for name in block.sum_names]
-        self._block_of = {id(v): block for block in blocks for v in block.variables}
-        self._kinds_of = {}
-        kinds = {type(block) for block in blocks}
-        self.xla_on_cpu = all(k.xla_on_cpu for k in kinds)
-        dense = any(k.dense_sums for k in kinds)
-        self.amortized_floats = sum(math.prod(shape) for shape in self.shapes) if dense else 0
-        self._kinds = sorted(kinds, key=lambda k: k.kind)
+        return blocks
 
     def __repr__(self):
         counts = {}
@@ -67,12 +82,15 @@ class BlockPlan:
 
     # -- engines --------------------------------------------------------------------------
     def kinds_of(self, layer):
-        """The kinds whose sums the factored engine asks of ``layer``'s rule (those of the
-        blocks covering its trainable variables), in a fixed order."""
+        """What the factored engine asks for the sums of ``layer``'s blocks (those covering
+        its trainable variables), each by its ``rule_sums``, in a fixed order: their kinds,
+        and a block whose sums are its own (``own_sums``: a second pass's) itself."""
         kinds = self._kinds_of.get(id(layer))
         if kinds is None:
-            found = {type(self._block_of[id(v)]) for v in layer.trainable_variables if id(v) in self._block_of}
-            kinds = self._kinds_of[id(layer)] = [k for k in self._kinds if k in found]
+            found = [self._block_of[id(v)] for v in layer.trainable_variables if id(v) in self._block_of]
+            types = {type(b) for b in found if not b.own_sums}
+            kinds = self._kinds_of[id(layer)] = ([k for k in self._kinds if k in types]
+                                                 + list(dict.fromkeys(b for b in found if b.own_sums)))
         return kinds
 
     def collect(self, sums):
@@ -97,9 +115,44 @@ class BlockPlan:
     def assemble(self, means):
         """The estimate from the call's means (aligned with :attr:`shapes`): each block
         finishes its own, and the chosen kind assembles them into its public type."""
-        parts, i = [], 0
+        return self.assemble_parts(self.finish(means))
+
+    def finish(self, means):
+        """Each block's part (aligned with :attr:`blocks`) from the call's means."""
+        return [block.finish(m) for block, m in zip(self.blocks, self._split(means))]
+
+    def assemble_parts(self, parts):
+        """The chosen kind's public estimate from every block's part."""
+        return self.kind.assemble(self.blocks, parts, self.variables)
+
+    def _split(self, means):
+        out, i = [], 0
         for block in self.blocks:
             n = len(block.sum_shapes)
-            parts.append(block.finish(means[i:i + n]))
+            out.append(means[i:i + n])
             i += n
-        return self.kind.assemble(self.blocks, parts, self.variables)
+        return out
+
+    # -- a second pass --------------------------------------------------------------------
+    def second_plan(self):
+        """The plan of the second pass (:attr:`passes` = 2; made once): the second-pass
+        block of every block whose kind needs one (:meth:`Block.second_pass`)."""
+        if self._second is None:
+            firsts = [i for i, block in enumerate(self.blocks) if block.passes > 1]
+            self._second = BlockPlan(self.kind, self.variables, firsts=firsts,
+                                     blocks=[self.blocks[i].second_pass() for i in firsts])
+        return self._second
+
+    def prepare(self, parts):
+        """Give each second-pass block its first-pass part (``parts``: the first plan's,
+        aligned with its blocks), before the second pass."""
+        for block, i in zip(self.blocks, self._firsts):
+            block.prepare(parts[i])
+
+    def finish_second(self, means, parts):
+        """``parts`` (the first plan's) with each second-pass block's replaced by what it
+        finishes from the second pass's ``means`` and its first part."""
+        parts = list(parts)
+        for block, m, i in zip(self.blocks, self._split(means), self._firsts):
+            parts[i] = block.finish(m, parts[i])
+        return parts

@@ -227,12 +227,12 @@ class State(tf.Module):
             gamma=float(self._gamma.numpy()), num_tasks=int(self._num_tasks.numpy()),
             const=float(self._const.numpy()), excluded=excluded, curvature=curvature,
             damping=float(self._damping.numpy()), kfac_sum=KFAC_SUMS[int(self._kfac_sum_index.numpy())],
-            **sections)
+            state=sections.pop("state"), sections=sections)
 
     def load(self, contents, tracking, path):
         """Each kind's blocks from a file's ``contents``, all checked against the model
         (:meth:`fastewc.blocks.base.Block.from_file`) before any is created."""
-        loaded = {kind: kind.from_file(getattr(contents, kind.FILE_FIELD) or {}, tracking, path)
+        loaded = {kind: kind.from_file(contents.section(kind.FILE_FIELD) or {}, tracking, path)
                   for kind in kinds_of(contents.curvature)}
         for kind, blocks in loaded.items():
             self.replace(kind, blocks)

@@ -48,15 +48,14 @@ import time
 
 import numpy as np
 
-from fastewc.demo import metrics, run, scenarios
+from fastewc.blocks import BASE, KINDS
+from fastewc.demo import metrics, report, run, scenarios
 
-METHODS = ("finetune", "ewc_separate", "ewc_online", "kfac_separate", "kfac_online")
+METHODS = run.all_methods()          # every kind's (fastewc.blocks.KINDS), the demo's names
 DEFAULT_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 DEFAULT_TASKS = (5, 20)
 DEFAULT_SEEDS = (0, 1, 2)
-LABELS = {"finetune": "fine-tuning", "ewc_separate": "diagonal EWC (separate)",
-          "ewc_online": "diagonal EWC (online)", "kfac_separate": "KFAC-EWC (separate)",
-          "kfac_online": "KFAC-EWC (online)"}
+LABELS = {m: ("diagonal " if m in run.METHODS[1:] else "") + report.LABELS[m] for m in METHODS}
 
 
 class _NoTensorBoard:
@@ -104,11 +103,16 @@ class _Setup:
 def run_one(setup, tasks, method, lam, seed, args, protocol):
     """Train ``method`` at ``lam`` on the (T, seed) setup; the cache record."""
     import keras
+    spec = run.method_spec(method)
+    curvature = BASE.kind if spec is None else spec[1]
+    kind = KINDS[curvature]
     config = run.DemoConfig(scenario=args.scenario, tasks=tasks, epochs=args.epochs,
                             lam=lam if lam is not None else 0.0,
-                            kfac_lam=lam if lam is not None else 0.0, curvature="kfac",
-                            damping=args.damping, kfac_sum=args.kfac_sum, kind=args.kind,
-                            seed=seed, out="unused").resolved()
+                            kfac_lam=None if kind is BASE else (lam if lam is not None else 0.0),
+                            curvature=curvature,
+                            damping=args.damping if "damping" in kind.OPTIONS else 0.0,
+                            kfac_sum=args.kfac_sum if "kfac_sum" in kind.OPTIONS else "exact",
+                            kind=args.kind, seed=seed, out="unused").resolved()
     log = (lambda line: print("    " + line, flush=True)) if args.verbose else (lambda line: None)
     t0 = time.perf_counter()
     result, _ = run.train_sequence(method, setup.scenario, config, setup.init, log, _NoTensorBoard())

@@ -4,14 +4,20 @@ import os
 
 import numpy as np
 
-LABELS = {"finetune": "fine-tuning", "ewc_separate": "EWC (separate)",
-          "ewc_online": "EWC (online)", "kfac_separate": "KFAC-EWC (separate)",
-          "kfac_online": "KFAC-EWC (online)"}
-COLORS = {"finetune": "tab:red", "ewc_separate": "tab:blue", "ewc_online": "tab:green",
-          "kfac_separate": "tab:purple", "kfac_online": "tab:orange"}
-# Diagonal EWC solid, KFAC-EWC dashed (the same mode in a related colour family would be
+from fastewc.blocks import BASE, KINDS
+
+# Every kind's methods (``fastewc.demo.run.methods_for``): "<METHOD>_<mode>", titled
+# "<TITLE> (<mode>)".  A colour per method in that order; the diagonal EWC solid, each
+# other kind a line style of its own (the same mode in a related colour family would be
 # too subtle in a small panel).
-STYLES = {"kfac_separate": "--", "kfac_online": "--"}
+_PALETTE = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+            "tab:olive", "tab:cyan", "tab:gray")
+_LINES = ("--", ":", "-.")
+_KIND_METHODS = {f"{kind.METHOD}_{mode}": (kind, mode) for kind in KINDS.values() for mode in kind.MODES}
+LABELS = {"finetune": "fine-tuning", **{m: f"{kind.TITLE} ({mode})" for m, (kind, mode) in _KIND_METHODS.items()}}
+COLORS = dict(zip(LABELS, _PALETTE))
+STYLES = {m: _LINES[list(KINDS.values()).index(kind) % len(_LINES) - 1]
+          for m, (kind, _) in _KIND_METHODS.items() if kind is not BASE}
 
 
 def format_matrix(acc, task_names=None):

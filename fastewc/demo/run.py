@@ -34,26 +34,45 @@ import time
 
 import numpy as np
 
+from fastewc.blocks import BASE, KINDS as _CURVATURE_KINDS
 from fastewc.demo import metrics, report, scenarios
+from fastewc.kfac_penalty import KFAC_SUMS
 
-METHODS = ("finetune", "ewc_separate", "ewc_online")
-KFAC_METHODS = ("kfac_separate", "kfac_online")        # added with curvature="kfac"
 KINDS = ("exact", "empirical", "sampled")
-CURVATURES = ("diagonal", "kfac")
-KFAC_SUMS = ("exact", "nearest")
+CURVATURES = tuple(_CURVATURE_KINDS)     # the block kinds (fastewc.blocks.KINDS)
 
 
 def methods_for(curvature):
-    """The methods a run trains, in order: the diagonal ones, plus KFAC-EWC's for "kfac"."""
-    return METHODS + (KFAC_METHODS if curvature == "kfac" else ())
+    """The methods a run trains, in order: fine-tuning, the diagonal EWC's, then those of
+    ``curvature``'s kind (each kind names them: ``METHOD`` + one per mode it takes)."""
+    kinds = dict.fromkeys((BASE, _CURVATURE_KINDS[curvature]))
+    return ("finetune",) + tuple(f"{kind.METHOD}_{mode}" for kind in kinds for mode in kind.MODES)
+
+
+def all_methods():
+    """Every method of every curvature, in order (fine-tuning, the diagonal's, each kind's)."""
+    return tuple(dict.fromkeys(m for curvature in CURVATURES for m in methods_for(curvature)))
+
+
+METHODS = methods_for(BASE.kind)
+KFAC_METHODS = methods_for("kfac")[len(METHODS):]        # added with curvature="kfac"
 
 
 def method_spec(method):
     """``(mode, curvature)`` of an EWC method, None for fine-tuning."""
     if method == "finetune":
         return None
-    family, mode = method.split("_", 1)
-    return mode, ("kfac" if family == "kfac" else "diagonal")
+    prefix, mode = method.split("_", 1)
+    return mode, next(name for name, kind in _CURVATURE_KINDS.items() if kind.METHOD == prefix)
+
+
+def ewc_options(curvature, mode, damping, kfac_sum):
+    """The ``fastewc.EWC`` keyword arguments of ``curvature`` in ``mode``: the curvature
+    and those of the demo's options its kind reads (``OPTIONS``); ``kfac_sum`` applies to
+    mode='online' only."""
+    options = {"damping": damping, "kfac_sum": kfac_sum if mode == "online" else "exact"}
+    kind = _CURVATURE_KINDS[curvature]
+    return {"curvature": curvature, **{name: options[name] for name in kind.OPTIONS}}
 
 # Tuned on seeds 0-2 (MLP 64-256-256, Adam 1e-3, batch 32).  Permuted digits: with 5
 # epochs per task fine-tuning ends near 50 % average accuracy and EWC near 70-77 %.  Split
@@ -108,8 +127,8 @@ class DemoConfig:
         if c.kind not in KINDS:
             raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}. "
                              f"Received: kind={c.kind!r}")
-        if c.curvature not in CURVATURES:
-            raise ValueError(f"`curvature` must be one of {', '.join(map(repr, CURVATURES))}. "
+        if c.curvature not in _CURVATURE_KINDS:
+            raise ValueError(f"`curvature` must be one of {', '.join(map(repr, _CURVATURE_KINDS))}. "
                              f"Received: curvature={c.curvature!r}")
         if c.kfac_sum not in KFAC_SUMS:
             raise ValueError(f"`kfac_sum` must be one of {', '.join(map(repr, KFAC_SUMS))}. "
@@ -119,10 +138,18 @@ class DemoConfig:
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                           and 0 <= value < float("inf")):
                 raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
-        if c.curvature == "diagonal" and (c.kfac_lam is not None or c.damping != 0 or c.kfac_sum != "exact"):
+        kind = _CURVATURE_KINDS[c.curvature]
+        if kind is BASE and (c.kfac_lam is not None or c.damping != 0 or c.kfac_sum != "exact"):
             raise ValueError("`kfac_lam`, `damping` and `kfac_sum` apply to curvature='kfac' only. "
                              f"Received: kfac_lam={c.kfac_lam!r}, damping={c.damping!r}, "
                              f"kfac_sum={c.kfac_sum!r} with curvature='diagonal'")
+        unread = [f"{name}={value!r}" for name, value, default in (("damping", c.damping, 0),
+                                                                    ("kfac_sum", c.kfac_sum, "exact"))
+                  if value != default and name not in kind.OPTIONS]
+        if kind is not BASE and unread:
+            takers = " or ".join(repr(n) for n, k in _CURVATURE_KINDS.items() if "damping" in k.OPTIONS)
+            raise ValueError(f"`damping` and `kfac_sum` apply to curvature={takers} only. Received: "
+                             f"{', '.join(unread)} with curvature={c.curvature!r}")
         for name, low in (("tasks", 2), ("epochs", 1)):
             value = getattr(c, name)
             if value is not None and (not isinstance(value, int) or value < low):
@@ -134,7 +161,7 @@ class DemoConfig:
             c.epochs = quick.get("epochs", DEFAULT_EPOCHS[c.scenario])
         if c.lam is None:
             c.lam = DEFAULT_LAM[c.scenario]
-        if c.kfac_lam is None and c.curvature == "kfac":
+        if c.kfac_lam is None and kind is not BASE:
             c.kfac_lam = DEFAULT_KFAC_LAM[c.scenario]
         if c.speedup_examples is None:
             c.speedup_examples = quick.get("speedup_examples", 64)
@@ -149,9 +176,10 @@ class DemoConfig:
         return methods_for(self.curvature)
 
     def lam_of(self, method):
-        """λ of ``method``: ``kfac_lam`` for KFAC-EWC, ``lam`` otherwise."""
+        """λ of ``method``: ``lam`` for the diagonal EWC, ``kfac_lam`` for another kind's
+        (KFAC-EWC's and the like: not on the diagonal's scale)."""
         spec = method_spec(method)
-        return self.kfac_lam if spec is not None and spec[1] == "kfac" else self.lam
+        return self.lam if spec is None or _CURVATURE_KINDS[spec[1]] is BASE else self.kfac_lam
 
 
 def _unique(path):
@@ -199,12 +227,9 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
     ewc, spec = None, method_spec(method)
     if spec is not None:
         mode, curvature = spec
-        kfac = {}
-        if curvature == "kfac":
-            kfac = {"curvature": "kfac", "damping": config.damping,
-                    "kfac_sum": config.kfac_sum if mode == "online" else "exact"}
         ewc = fastewc.EWC(model, lam=config.lam_of(method), mode=mode,
-                          gamma=config.gamma if mode == "online" else 1.0, **kfac)
+                          gamma=config.gamma if mode == "online" else 1.0,
+                          **ewc_options(curvature, mode, config.damping, config.kfac_sum))
     width = max(12, *(len(m) for m in config.methods))
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     B = config.batch_size
@@ -286,10 +311,10 @@ def train_sequence(method, scenario, config, init_weights, log, tb):
 def _ewc_summary(ewc):
     out = {"mode": ewc.mode, "lam": float(ewc.lam), "gamma": float(ewc.gamma),
            "num_tasks": int(ewc.num_tasks), "curvature": ewc.curvature}
-    if ewc.curvature == "kfac":
-        blocks = ewc.kronecker_state()
-        out.update(damping=float(ewc.damping), kfac_sum=ewc.kfac_sum,
-                   kronecker_blocks=len(blocks),
+    kind = _CURVATURE_KINDS[ewc.curvature]
+    if kind is not BASE:        # the kind's blocks (public copies) and the options it reads
+        blocks = kind.snapshot(ewc._state.variables(kind))
+        out.update({name: getattr(ewc, name) for name in kind.OPTIONS}, kronecker_blocks=len(blocks),
                    kronecker_terms_per_block=max((len(t) for t in blocks.values()), default=0),
                    state_bytes=int(ewc.state_bytes))
     return out
@@ -352,9 +377,12 @@ def run_demo(config=None, log=print):
     log(f"  head: {scenario.head}; model: {model_desc}")
     log(f"  {config.epochs} epochs per task, lam={config.lam:g}, {config.kind} Fisher, "
         f"seed {config.seed}; output: {config.out}")
-    if config.curvature == "kfac":
-        log(f"  KFAC-EWC: lam={config.kfac_lam:g}, damping={config.damping:g}, "
-            f"kfac_sum={config.kfac_sum!r} for kfac_online (kfac_separate: a term per task)")
+    kind = _CURVATURE_KINDS[config.curvature]
+    if "kfac_sum" in kind.OPTIONS:
+        log(f"  {kind.TITLE}: lam={config.kfac_lam:g}, damping={config.damping:g}, "
+            f"kfac_sum={config.kfac_sum!r} for {kind.METHOD}_online ({kind.METHOD}_separate: a term per task)")
+    elif kind is not BASE:
+        log(f"  {kind.TITLE}: lam={config.kfac_lam:g}")
     methods = config.methods
 
     tb = report.TensorBoardLog(config.out)

@@ -161,7 +161,8 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     CNN's Dense(9216 → 128): 256 rows, an 85M-float ``a``); else (a convolution's patches)
     its last row and column are the rows' sums, and a copy of ``a`` joins them.  No
     division where L = 1.  ``input_rank``: :class:`fastewc.contract.KroneckerSums`'s (None:
-    a kernel with one output axis)."""
+    a kernel with one output axis); its ``rows`` are ``rows`` with the bias's column (the
+    mask) appended, its ``deltas`` ``deltas``."""
     d, u = rows.shape[-1], deltas.shape[-1]
     positions = rows.shape[1] if rows.shape[1] is not None else tf.cast(tf.shape(rows)[1], tf.float32)
     one = isinstance(positions, int) and positions == 1
@@ -180,4 +181,7 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
-    return KroneckerSums(tuple(variables), a, g, input_rank)
+    if bias:
+        ones = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
+        rows = tf.concat([rows, tf.cast(ones, rows.dtype)], -1)
+    return KroneckerSums(tuple(variables), a, g, input_rank, rows, deltas)

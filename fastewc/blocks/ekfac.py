@@ -1,0 +1,403 @@
+"""The EKFAC kind: a Kronecker block's eigenbasis with per-coordinate second moments in it
+(George et al. 2018, eigenvalue-corrected KFAC).
+
+For a layer's weight matrix W̄ (d', u) (:func:`fastewc.kronecker.weight_matrix`) with
+Kronecker factors A = U_A Λ_A U_Aᵀ and G = U_G Λ_G U_Gᵀ (:mod:`fastewc.blocks.kronecker`),
+EKFAC keeps the eigenbases and replaces the Kronecker eigenvalues λ_A,i λ_G,j by the second
+moments of the per-example gradients ḡ_n = Σ_l ā_nl δ_nlᵀ in that basis:
+
+    S_ij = (1/N) Σ_n E_y[ (U_Aᵀ ḡ_n U_G)_ij² ],        F_W̄ ≈ (U_A ⊗ U_G) diag(vec S) (U_A ⊗ U_G)ᵀ
+
+(with one position per example, (U_Aᵀ ā_n)_i² (U_Gᵀ δ_n)_j²).  It is the diagonal in the
+Kronecker eigenbasis that is closest to the true block in Frobenius norm; S = Λ_A ⊗ Λ_G
+gives KFAC back.
+
+Estimation, two passes over the data (``passes = 2``, :mod:`fastewc.blocks.plan`): the
+first gives the Kronecker factors' sums (a, g) as the Kronecker kind's, finished into the
+eigenbases (:func:`eigenbasis`); the second, with those bases, the sums
+
+    Σ_k Σ_n w_kn (U_Aᵀ ḡ_kn U_G)²,        ḡ_kn = Σ_l ā_nl δ_knlᵀ
+
+from the rule's per-example rows (:class:`fastewc.contract.KroneckerSums` ``rows``,
+``deltas``), whose mean is S.  With one position per example (a Dense layer on vectors)
+(U_Aᵀ ḡ_kn U_G)² = (U_Aᵀ ā_n)² (U_Gᵀ δ_kn)²ᵀ, one (d' × N)(N × u) matmul of squares; with L
+positions (a sequence, a convolution's patches) the projected per-example gradients are
+formed, K · N · d' · u floats a call.  The second pass costs about the first one again
+(one forward and K backward passes) plus those products.  Sampled labels are the same in
+both passes (the same seed).
+
+State, penalty and file: a block is keyed ``(kernel key, bias key or None)`` as the
+Kronecker kind's, and holds one term (U_A, U_G, S, W̄*) per task (``mode="separate"``
+only: a decayed online sum of terms with different bases is not diagonal in any one of
+them, so ``mode="online"`` is refused).  The penalty (the EWC's ``damping`` is not an
+option of this kind: δ = 0 here, the form below keeps it for the shared penalty signature),
+
+    P(θ) = λ/2 Σ_t Σ_ij (S_t + δ)_ij (U_A,tᵀ (W̄ − W̄_t) U_G,t)_ij²,
+    ∇_W̄ P = λ Σ_t U_A,t ((S_t + δ) ⊙ (U_A,tᵀ (W̄ − W̄_t) U_G,t)) U_G,tᵀ
+
+costs four matrix products per term, O(d'²u + d'u²).  The block's variables keep a
+diagonal block with A = 0 (:mod:`fastewc.blocks.diagonal`).
+
+Checkpoint: ``ewc/_ekfac/_terms/<kernel key>|<bias key>|<t>|<field>`` (field: u_a, u_g, s,
+anchor).  File (version 2): the header's ``ekfac`` list of ``{"kernel", "bias", "terms",
+"rows", "units"}`` and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows ×
+rows), ``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units).
+"""
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from fastewc import curvature, kronecker
+from fastewc import penalty as penalty_lib
+from fastewc.blocks.base import Block
+from fastewc.blocks.diagonal import Diagonal, _path
+from fastewc.blocks.kronecker import Kronecker, block_shapes, stored_input_rank
+from fastewc.blocks.task import all_finite, float32_arrays, shape_of
+
+FIELDS = ("u_a", "u_g", "s", "anchor")
+_ARRAYS = ("ekfua", "ekfug", "ekfs", "ekfw")
+
+
+class EKFACBlock(typing.NamedTuple):
+    """One layer's EKFAC block (float32): F_W̄ ≈ (U_A ⊗ U_G) diag(vec S) (U_A ⊗ U_G)ᵀ."""
+    layer: str              # the layer's name
+    variables: tuple        # (kernel, bias) or (kernel,)
+    u_a: tf.Tensor          # (d', d') orthogonal: the eigenvectors of A, as columns
+    u_g: tf.Tensor          # (u, u) orthogonal: the eigenvectors of G
+    s: tf.Tensor            # (d', u) ≥ 0: the second moments in that basis
+    input_rank: typing.Optional[int] = None
+
+
+class EKFACFisher(curvature.KroneckerFisher):
+    """The result of a ``curvature="ekfac"`` Fisher: ``blocks`` are :class:`EKFACBlock`,
+    ``diagonal`` and ``variables`` as :class:`fastewc.KroneckerFisher`'s."""
+    __slots__ = ()
+
+    def full_diagonal(self):
+        """The diagonal of the whole approximation per variable: for a block,
+        diag_(ij) = Σ_kl U_A,ik² S_kl U_G,jl² = (U_A ⊙ U_A) S (U_G ⊙ U_G)ᵀ."""
+        out = {id(v): f for v, f in zip(self.variables, self.diagonal) if f is not None}
+        for block in self.blocks:
+            diag = tf.matmul(tf.matmul(tf.square(block.u_a), block.s), tf.square(block.u_g), transpose_b=True)
+            shapes = [tuple(v.shape) for v in block.variables]
+            for v, part in zip(block.variables, kronecker.split_matrix(diag, shapes, block.input_rank)):
+                out[id(v)] = part
+        return [out[id(v)] for v in self.variables]
+
+
+def eigenbasis(factor):
+    """``(eigenvalues, eigenvectors)`` of a symmetric PSD factor, float64 (symmetrized
+    first; eigenvalues clipped at 0, the rounding of a PSD matrix's)."""
+    factor = tf.cast(factor, tf.float64)
+    values, vectors = tf.linalg.eigh(0.5 * (factor + tf.transpose(factor)))
+    return tf.maximum(values, 0.0), vectors
+
+
+def second_moments(per_example, u_a, u_g, weights=None):
+    """S = Σ_n w_n (U_Aᵀ ḡ_n U_G)² / Σ_n w_n from per-example weight-matrix gradients
+    ``per_example`` (N, d', u) (each ḡ_n = Σ_l ā_nl δ_nlᵀ for one sampled or weighted
+    label; ``weights`` (N,) the labels' weights, None: 1), float64: the EKFAC correction."""
+    g = tf.cast(per_example, tf.float64)
+    projected = tf.einsum("ai,naj,jb->nib", tf.cast(u_a, tf.float64), g, tf.cast(u_g, tf.float64))
+    w = tf.ones([tf.shape(g)[0]], tf.float64) if weights is None else tf.cast(weights, tf.float64)
+    return tf.einsum("n,nij->ij", w, tf.square(projected)) / tf.reduce_sum(w)
+
+
+def _terms(fields):
+    return [fields[i:i + 4] for i in range(0, len(fields), 4)]
+
+
+def _term_key(block, t, field):
+    kernel, bias = block
+    return f"{kernel}|{bias or ''}|{t}|{field}"
+
+
+def _parse_term_key(key):
+    parts = key.split("|")
+    if len(parts) != 4 or parts[3] not in FIELDS or not parts[2].isdigit():
+        return None
+    return (parts[0], parts[1] or None), int(parts[2]), parts[3]
+
+
+def _shapes(kernel, block, anchor):
+    """Shapes of (U_A, U_G, S, W̄*) for ``block`` whose first anchor is ``anchor``."""
+    input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
+    _, a, g, w = block_shapes(shape_of(kernel), block[1] is not None, input_rank)
+    return a, g, w, w
+
+
+class SecondMoments(Block):
+    """The second pass of an EKFAC block: the sums Σ_kn w_kn (U_Aᵀ ḡ_kn U_G)² (d', u) in
+    the first pass's eigenbases, held in variables (:meth:`prepare`: no retrace per call)."""
+    kind = "ekfac"
+    own_sums = True
+
+    def __init__(self, block):
+        self.layer_name, self.variables = block.layer_name, block.variables
+        (rows, _), (units, _) = block.sum_shapes
+        self.sum_shapes = ((rows, units),)
+        self.sum_names = (f"{_path(self.variables[0])} (EKFAC second moments S)",)
+        self.u_a = tf.Variable(tf.zeros((rows, rows)), trainable=False, name="ekfac_u_a")
+        self.u_g = tf.Variable(tf.zeros((units, units)), trainable=False, name="ekfac_u_g")
+
+    def prepare(self, first):
+        """Take the first pass's eigenbases (an :class:`EKFACBlock`)."""
+        self.u_a.assign(first.u_a)
+        self.u_g.assign(first.u_g)
+
+    def rule_sums(self, result, delta, weight, mask):
+        for sums in result.kron(delta, weight, mask):
+            if sums.variables[0] is self.variables[0]:
+                return {self.key: (self._sums(sums, weight),)}
+        return {}
+
+    def _sums(self, sums, weight):
+        if sums.rows is None:
+            raise ValueError(f"curvature='ekfac' needs the per-example rows of layer '{self.layer_name}': "
+                             "its rule's KroneckerSums has rows=None. Use curvature='kfac' for it.")
+        p = tf.einsum("nld,de->nle", sums.rows, self.u_a)             # U_Aᵀ ā_nl
+        q = tf.einsum("knlu,uv->knlv", sums.deltas, self.u_g)         # U_Gᵀ δ_knl
+        if sums.rows.shape[1] == 1:        # one position: (U_Aᵀ ā)² (Σ_k w (U_Gᵀ δ)²)ᵀ
+            d = tf.einsum("kn,knu->nu", weight, tf.square(q[:, :, 0]))
+            return tf.matmul(tf.square(p[:, 0]), d, transpose_a=True)
+        projected = tf.einsum("nld,knlu->kndu", p, q)
+        return tf.einsum("kn,kndu->du", weight, tf.square(projected))
+
+    def finish(self, means, first):
+        """The block's :class:`EKFACBlock` with S = the mean of the sums."""
+        return first._replace(s=means[0])
+
+
+class EKFAC(Kronecker):
+    """A layer's EKFAC block over (kernel, bias) or (kernel,): the Kronecker kind's sums,
+    finished into its eigenbasis (module docstring)."""
+    kind = "ekfac"
+    passes = 2
+    shared_layer_refusal = ("curvature='ekfac' cannot take a shared layer: its Fisher block is not "
+                            "one Kronecker eigenbasis.")
+
+    # -- estimation ------------------------------------------------------------------------
+    def finish(self, means):
+        """The first pass's :class:`EKFACBlock`: A and G's eigenbases, and S = λ_A λ_Gᵀ
+        (KFAC's block in its eigenbasis; the second pass replaces it)."""
+        (lam_a, u_a), (lam_g, u_g) = eigenbasis(means[0]), eigenbasis(means[1])
+        s = lam_a[:, None] * lam_g[None, :]
+        return EKFACBlock(self.layer_name, self.variables, tf.cast(u_a, tf.float32), tf.cast(u_g, tf.float32),
+                          tf.cast(s, tf.float32), self.input_rank)
+
+    @classmethod
+    def blocks_of(cls, layer, result):
+        """The Kronecker kind's blocks whose A is a matrix.  A diagonal A (an Embedding
+        table's token counts, :mod:`fastewc.rules.embedding`) keeps its diagonal block: its
+        eigenbasis is the identity and the projected gradients a scatter over the table,
+        which the second pass does not form."""
+        return [block for block in super().blocks_of(layer, result) if len(block.sum_shapes[0]) == 2]
+
+    def second_pass(self):
+        return SecondMoments(self)
+
+    @classmethod
+    def assemble(cls, blocks, parts, variables):
+        """An :class:`EKFACFisher`: the EKFAC blocks, and the diagonal of every variable
+        they do not cover (None where one does)."""
+        diagonal = {id(b.variables[0]): p for b, p in zip(blocks, parts) if isinstance(b, Diagonal)}
+        return EKFACFisher([p for b, p in zip(blocks, parts) if isinstance(b, cls)],
+                           [diagonal.get(id(v)) for v in variables], list(variables))
+
+    # -- state -------------------------------------------------------------------------
+    OPTIONS = ()             # no damping: S >= 0 is used as estimated (a PSD precision)
+    MODES = ("separate",)
+    METHOD, TITLE = "ekfac", "EKFAC-EWC"
+    TABLES = {"ekfac_terms": "_ekfac/_terms"}
+    FILE_FIELD, FILE_VERSION = "ekfac", 2
+
+    @staticmethod
+    def addresses(key, n):
+        return [("ekfac_terms", _term_key(key, i // 4, FIELDS[i % 4]), f"ekfac_{FIELDS[i % 4]}")
+                for i in range(n)]
+
+    @staticmethod
+    def snapshot(blocks):
+        """``{(kernel key, bias key or None): [(U_A, U_G, S, W̄*)]}``, float32 NumPy arrays."""
+        return {key: [float32_arrays(term) for term in _terms(fields)] for key, fields in blocks.items()}
+
+    @staticmethod
+    def check_options(mode, kfac_sum):
+        if mode != "separate":
+            raise ValueError(
+                "curvature='ekfac' supports mode='separate' only: an online sum of EKFAC terms "
+                "in different eigenbases is not diagonal in any one of them. Received: "
+                f"mode={mode!r}. Use mode='separate', or curvature='kfac' for an online EWC.")
+
+    # The task.
+    @staticmethod
+    def check_result(result, source, tracking):
+        if not isinstance(result, EKFACFisher):
+            raise TypeError(
+                "`fisher` must be a fastewc.blocks.ekfac.EKFACFisher (a curvature='ekfac' "
+                "Fisher's result) for an EWC with curvature='ekfac'. Received: fisher of type "
+                f"{type(result).__name__}")
+        Kronecker.check_result(result, source, tracking)
+
+    @staticmethod
+    def estimate(result, source, tracking):
+        """``{block key: (layer name, U_A, U_G, S, input_rank)}`` of the blocks this EWC
+        penalizes (as :meth:`Kronecker.estimate`: all or none of a block's variables)."""
+        blocks = {}
+        for block in result.blocks:
+            excluded = [tracking.exclude(v) for v in block.variables]
+            if all(excluded):
+                continue
+            if any(excluded):
+                raise ValueError(
+                    f"`exclude` covers part of layer '{block.layer}''s EKFAC block "
+                    f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
+            keys = tuple(tracking.key(v) for v in block.variables)
+            blocks[keys if len(keys) == 2 else keys + (None,)] = (
+                block.layer, block.u_a, block.u_g, block.s, block.input_rank)
+        return blocks
+
+    @staticmethod
+    def merge(current, task, settings, tracking):
+        """Every changed block's terms (nothing assigned): a task's block gets its term
+        (U_A, U_G, S, W̄_t) appended (separate mode); the others are unchanged.  Raises for
+        S negative or not finite, or bases not finite, naming the layer."""
+        pending = {}
+        for block, (layer, u_a, u_g, s, input_rank) in task.estimates.get(EKFAC.kind, {}).items():
+            u_a, u_g, s = (tf.cast(x, tf.float32) for x in (u_a, u_g, s))
+            if not (all_finite([u_a, u_g, s]) and bool(tf.reduce_all(s >= 0))):
+                raise ValueError(
+                    f"`fisher`: the EKFAC block of layer '{layer}' must have finite bases and "
+                    "finite second moments S >= 0. Received: NaN, Inf or a negative S")
+            anchor = kronecker.weight_matrix([task.theta[k] if k in task.theta else
+                                              penalty_lib.read_float32(task.by_key[k])
+                                              for k in block if k is not None], input_rank)
+            if not all_finite([anchor]):
+                raise ValueError(f"`anchors`: the weights of layer '{layer}' must be finite. "
+                                 "Received: NaN or Inf")
+            pending[block] = list(current.get(block, [])) + [u_a, u_g, s, anchor]
+        return pending, 0.0
+
+    @staticmethod
+    def penalty(thetas, fields, lam, damping):
+        """``(λ/2 Σ_t Σ (S_t + δ) ⊙ M_t², [∇ per theta])``, M_t = U_A,tᵀ (W̄ − W̄_t) U_G,t."""
+        input_rank = kronecker.input_rank_of(thetas[0].shape, fields[3].shape[0] - len(thetas) + 1)
+        w = kronecker.weight_matrix(thetas, input_rank)
+        value, grad = tf.constant(0.0), tf.zeros_like(w)
+        for u_a, u_g, s, anchor in _terms(fields):
+            m = tf.matmul(tf.matmul(u_a, w - anchor, transpose_a=True), u_g)
+            weighted = (s + damping) * m
+            value += tf.reduce_sum(weighted * m)
+            grad += tf.matmul(tf.matmul(u_a, weighted), u_g, transpose_b=True)
+        return (0.5 * lam) * value, kronecker.split_matrix(lam * grad, [tuple(t.shape) for t in thetas],
+                                                           input_rank)
+
+    @staticmethod
+    def explain(thetas, fields, lam):
+        return (f"the EKFAC penalty of {len(fields) // 4} term(s) is not finite in float32 (the "
+                f"distance to the anchors or S too large for lam={float(lam):.4g})")
+
+    # Checkpoint.
+    @staticmethod
+    def from_checkpoint(tables, tracking, current):
+        """``{block: fields}`` of a checkpoint's EKFAC term fields: every term complete,
+        numbered from 0, shaped from the model's kernel."""
+        grouped = {}
+        for key, value in tables.get("ekfac_terms", {}).items():
+            parsed = _parse_term_key(key)
+            if parsed is None:
+                raise ValueError(f"Cannot restore EWC EKFAC state '{key}' from the checkpoint: "
+                                 "not an EKFAC term key.")
+            block, t, field = parsed
+            grouped.setdefault(block, {}).setdefault(t, {})[field] = value
+        blocks = {}
+        for block, block_terms in grouped.items():
+            kernel = tracking.restore_target(block[0], "EWC EKFAC state")
+            if block[1] is not None:
+                tracking.restore_target(block[1], "EWC EKFAC state")
+            if (sorted(block_terms) != list(range(len(block_terms)))
+                    or any(len(f) != len(FIELDS) for f in block_terms.values())):
+                raise ValueError(
+                    f"Cannot restore the EWC EKFAC state of '{block[0]}' from the checkpoint: its "
+                    f"terms are incomplete (numbers {sorted(block_terms)}, each needs {list(FIELDS)}).")
+            shapes = dict(zip(FIELDS, _shapes(kernel, block, block_terms[0]["anchor"])))
+            for t in range(len(block_terms)):
+                for field in FIELDS:
+                    if tuple(block_terms[t][field].shape) != shapes[field]:
+                        raise ValueError(
+                            f"Cannot restore the EWC EKFAC state of '{kernel.path}' from the "
+                            f"checkpoint: its term {t} field '{field}' has shape "
+                            f"{tuple(block_terms[t][field].shape)}, the model's kernel "
+                            f"{shape_of(kernel)} needs {shapes[field]}. Nothing was restored into "
+                            "the EWC. Restore into the model the checkpoint was written for.")
+            blocks[block] = [block_terms[t][f] for t in range(len(block_terms)) for f in FIELDS]
+        return blocks
+
+    # File.
+    @staticmethod
+    def to_file(blocks):
+        return EKFAC.snapshot(blocks)
+
+    @staticmethod
+    def from_file(section, tracking, path):
+        """``{block: fields}`` of a file's ``ekfac`` section, each block checked against the
+        model (its variables exist, the terms' shapes follow its kernel)."""
+        model_name, by_key = tracking.model.name, tracking.by_key()
+        blocks = {}
+        for block, block_terms in section.items():
+            missing = [k for k in block if k is not None and k not in by_key]
+            if missing:
+                raise ValueError(
+                    f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
+                    f"has EKFAC terms for variable '{missing[0]}', which the model does not have.")
+            kernel = by_key[block[0]]
+            shapes = _shapes(kernel, block, block_terms[0][3] if block_terms else None)
+            for term in block_terms:
+                if tuple(np.shape(v) for v in term) != shapes:
+                    raise ValueError(
+                        f"Cannot load EWC state from {path!r} onto model '{model_name}': the "
+                        f"EKFAC terms of '{block[0]}' have shapes {[np.shape(v) for v in term]}, "
+                        f"the model's kernel {shape_of(kernel)} needs {list(shapes)}.")
+            blocks[block] = [v for term in block_terms for v in term]
+        return blocks
+
+    @staticmethod
+    def file_arrays(section):
+        """``(header fields, arrays)`` of ``{block: [(U_A, U_G, S, W̄*)]}``."""
+        entries, arrays, j = [], {}, 0
+        for (kernel, bias), block_terms in section.items():
+            rows, units = (np.shape(block_terms[0][3]) if block_terms else (0, 0))
+            entries.append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
+                            "terms": len(block_terms)})
+            for term in block_terms:
+                for name, value in zip(_ARRAYS, term):
+                    arrays[f"{name}_{j}"] = np.asarray(value, np.float32)
+                j += 1
+        return {"ekfac": entries}, arrays
+
+    @staticmethod
+    def file_shapes(header):
+        """``{array name: shape}`` of the terms the header lists; ValueError(reason) if malformed."""
+        shapes, j = {}, 0
+        try:
+            for block in header.get("ekfac", []):
+                rows, units = int(block["rows"]), int(block["units"])
+                for _ in range(int(block["terms"])):
+                    shapes.update({f"ekfua_{j}": (rows, rows), f"ekfug_{j}": (units, units),
+                                   f"ekfs_{j}": (rows, units), f"ekfw_{j}": (rows, units)})
+                    j += 1
+        except Exception as err:     # noqa: BLE001
+            raise ValueError(f"bad EKFAC block list ({type(err).__name__}: {err})") from None
+        return shapes
+
+    @staticmethod
+    def read_file_arrays(header, arrays):
+        section, j = {}, 0
+        for block in header.get("ekfac", []):
+            block_terms = []
+            for _ in range(int(block["terms"])):
+                block_terms.append(tuple(arrays[f"{name}_{j}"] for name in _ARRAYS))
+                j += 1
+            section[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = block_terms
+        return section
