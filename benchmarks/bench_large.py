@@ -249,17 +249,17 @@ def measure(name, member, *, small=False, batch_size=None, jit_compile=None, rou
 
 
 def _fold_alone(model, jit_compile):
-    """The Fisher's accumulation alone: one compiled :func:`fastewc.engines.base.fold` of
-    per-variable sums shaped like the model's trainable variables into the float64 state
-    (the mean formed in the same function), as the engines run it after each batch."""
+    """The Fisher's float64 accumulation alone: one compiled :func:`fastewc.engines.base.fold`
+    of per-variable sums shaped like the model's trainable variables into float64 totals,
+    as the engines run it after each batch of a call of several batches."""
     import tensorflow as tf
     from fastewc.engines import base
     shapes = [tuple(v.shape) for v in model.trainable_variables]
-    state = base.initial_state(shapes)
-    sums = [tf.ones(shape, tf.float32) for shape in shapes] + [tf.constant([0.0, 1.0])]
+    batch = base.BatchSums(tuple(tf.ones(shape, tf.float32) for shape in shapes), [], tf.constant([0.0, 1.0]))
     count = tf.constant(4, tf.int32)
+    state = base.fold(batch, count, base.initial_state())
     fold = tf.function(base.fold, jit_compile=jit_compile, autograph=False)
-    return lambda: fold(sums, count, state).checks.numpy()
+    return lambda: fold(batch, count, state).checks.numpy()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,10 @@ order), with the cotangents of the kind: the true label (empirical), one label d
 p(·|x_n) (sampled), or the K = classes cotangents √p_k (e_k − p) of the exact Fisher of
 the logits, diag(p) − ppᵀ = Σ_k p_k (e_k − p)(e_k − p)ᵀ.  Float32 throughout, one batch,
 no streaming, no checks: the floor of what KFAC factors cost on this machine, which
-``benchmarks/bench_kfac.py`` sets fastewc's factors against.
+``benchmarks/bench_kfac.py`` sets fastewc's factors against.  Written as a user who
+minds the cost would: im2col by ``tf.image.extract_patches``, one matmul per factor and
+per cotangent, no copy or pass over a large A that the rows can take instead
+(:func:`_a_factor`).
 """
 import keras
 import tensorflow as tf
@@ -30,17 +33,31 @@ def _weighted_layers(model):
     return layers
 
 
-def _rows(layer, inputs):
-    """The layer's input rows ā = [a, 1] (bias) as (N, L, d'): L positions per example."""
+def _a_factor(layer, inputs):
+    """A = (1/N) Σ_n (1/L) Σ_l ā_nl ā_nlᵀ with ONE matmul over the layer's input rows
+    (N·L, d) (a convolution's im2col by ``tf.image.extract_patches``) and no pass over A
+    beyond the matmul's own where A is the larger: the 1/(N·L) goes into the rows as
+    1/√(N·L), and the bias's 1 as a column of the rows, when the rows are fewer floats
+    than A (the reference CNN's Dense(9216 → 128): 256 rows against a 9217² A); else
+    (a convolution's N·L patches) A's last row and column are the rows' column sums."""
     if isinstance(layer, keras.layers.Conv2D):
         kh, kw = layer.kernel_size
         patches = tf.image.extract_patches(inputs, [1, kh, kw, 1], [1, 1, 1, 1], [1, 1, 1, 1], "VALID")
-        rows = tf.reshape(patches, [tf.shape(inputs)[0], -1, patches.shape[-1]])
+        rows = tf.reshape(patches, [-1, patches.shape[-1]])
     else:
-        rows = inputs[:, None, :]
-    if layer.use_bias:
-        rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
-    return rows
+        rows = inputs
+    count = tf.cast(tf.shape(rows)[0], tf.float32)           # N·L
+    d = rows.shape[-1]
+    if rows.shape[0] is not None and rows.shape[0] <= d:     # rows fewer than A's floats
+        rows = rows * tf.math.rsqrt(count)
+        if layer.use_bias:
+            rows = tf.concat([rows, tf.fill([tf.shape(rows)[0], 1], tf.math.rsqrt(count))], -1)
+        return tf.matmul(rows, rows, transpose_a=True)
+    a = tf.matmul(rows, rows, transpose_a=True) / count
+    if not layer.use_bias:
+        return a
+    column = tf.reduce_sum(rows, 0)[:, None] / count
+    return tf.concat([tf.concat([a, column], 1), tf.concat([tf.transpose(column), [[1.0]]], 1)], 0)
 
 
 def _pre_activation(layer, h):
@@ -90,13 +107,6 @@ def kfac_function(model, kind, *, jit_compile=False):
             for name, delta in zip(names, deltas):
                 d = tf.reshape(delta, [-1, delta.shape[-1]])
                 g[name] += tf.matmul(d, d, transpose_a=True)
-        result = []
-        for layer in weighted:
-            rows = _rows(layer, inputs[layer.name])
-            positions = tf.cast(tf.shape(rows)[1], tf.float32)
-            flat = tf.reshape(rows, [-1, rows.shape[-1]])
-            a = tf.matmul(flat, flat, transpose_a=True) / (n * positions)
-            result.append((a, g[layer.name] / n))
-        return result
+        return [(_a_factor(layer, inputs[layer.name]), g[layer.name] / n) for layer in weighted]
 
     return factors

@@ -26,8 +26,9 @@ convolutions): A divides by L, G sums over l, so no per-example sum over positio
 formed.
 
 Both are streamed like the diagonal: each batch's sums (Σ over rows, not yet divided by N)
-are folded into one float64 total (:class:`fastewc.engines.base.FisherState`), so a Kronecker
-block costs d'² + u² floats of state, and the result is float32.  Cost per batch on top of
+are divided by N in float32 when the call has one batch, else folded into float64 totals
+(:class:`fastewc.engines.base.FisherState`), so a Kronecker block costs d'² + u² floats of
+state, and the result is float32.  Cost per batch on top of
 the factored engine's forward and K backward passes: N·L·d'² multiply-adds for A and
 K·N·L·u² for G per block.  A is what dominates where d' is large (a Dense after Flatten:
 the reference CNN's 9217² A costs more than the whole forward+backward; README), and

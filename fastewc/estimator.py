@@ -255,18 +255,25 @@ class FisherEstimator:
         check_labels = lambda y: lik.check_labels(y, out_dim, out_tail=list(plan.out_tail))  # noqa: E731
         check_weights = lambda w: likelihood_lib.check_sample_weight(lik, w, plan.out_tail)  # noqa: E731
         model = self.model
-        for batch in source.batches(plan.rows, plan.cast, check_labels, check_weights):
+        # One batch read ahead: a call whose first batch is also its last runs it `alone`
+        # (its mean in float32 in the batch's function, no float64: engines.base.mean).
+        upcoming = source.batches(plan.rows, plan.cast, check_labels, check_weights)
+        batch, first = next(upcoming), True
+        while batch is not None:
+            following = next(upcoming, None)
+            alone, first = first and following is None, False
             noise = self._noise(seed, batch, plan)
             with _explained_input_errors(model, source, plan.method):
                 if id(plan.engine) in self._confirmed:
-                    state = plan.engine.run(batch, noise, state, distributed=distributed)
+                    state = plan.engine.run(batch, noise, state, alone=alone, distributed=distributed)
                 else:
-                    state = self._first_run(plan, batch, noise, state, distributed)
+                    state = self._first_run(plan, batch, noise, state, distributed, alone)
             if progbar is not None:
                 progbar.add(1)
+            batch = following
         return state
 
-    def _first_run(self, plan, batch, noise, state, distributed):
+    def _first_run(self, plan, batch, noise, state, distributed, alone):
         """A plan's first batch.  For a plan ``method="auto"`` chose, its function is traced
         first, and a failure there (pfor without a converter for an op, an op with no graph
         form) becomes :class:`_CannotTrace`: the step down the :data:`LADDER`."""
@@ -276,10 +283,10 @@ class FisherEstimator:
                 # pfor logs the op it could not convert at ERROR level before raising; the
                 # step down warns with the error instead.
                 with _tf_logs_silenced():
-                    plan.engine.trace(batch, noise, state)
+                    plan.engine.trace(batch, noise, state, alone=alone)
             except Exception as err:           # noqa: BLE001 -- every rung below takes the model
                 raise _CannotTrace(err) from err
-        state = plan.engine.run(batch, noise, state, distributed=distributed)
+        state = plan.engine.run(batch, noise, state, alone=alone, distributed=distributed)
         self._confirmed.add(id(plan.engine))
         return state
 
@@ -440,10 +447,9 @@ class FisherEstimator:
 
     # -- per-call tensors -----------------------------------------------------------------
     def _initial_state(self, engine):
-        """The zero state of one call, made per call: kept, its float64 totals and float32
-        sums (12 bytes per parameter) would stay resident as long as the estimator, and an
-        EWC keeps its estimators for the next task (1.5 GB at GPT-2 base's 124M)."""
-        return initial_state(engine.blocks.shapes, len(engine.id_layers))
+        """The state before a call's first batch (a few scalars: nothing the size of the
+        sums), made per call, so an estimator an EWC keeps for its next task holds none."""
+        return initial_state(len(engine.id_layers))
 
     def _noise(self, seed, batch, plan):
         """The sampled kind's noise for ``batch``, drawn eagerly-equivalent: a tf.function

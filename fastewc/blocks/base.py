@@ -16,18 +16,18 @@ class Block:
 
     # -- estimation half (engines, estimator, plan) -----------------------------------
     # Per batch an engine forms each block's sums, Σ over the batch's rows of the kind's
-    # per-example quantities (not yet divided by the examples N), folds them into ONE
-    # float64 total with every other block's (fastewc.engines.base.fold), and at the end
-    # of a call hands each block the means (sums / N, float32) to finish.
+    # per-example quantities (not yet divided by the examples N); a one-batch call divides
+    # them by N in float32 (fastewc.engines.base.mean), a longer one folds them into
+    # float64 totals, sum by sum (fastewc.engines.base.fold); at the end of a call each
+    # block gets its means (sums / N, float32) to finish.
     #
     # Class attributes (the kind's properties, read by the plan, never branched on):
     rules_only = None            # None, or why this kind's sums come only from rules'
     #                              outputs: the plan then needs a rule for every weighted
     #                              layer and the factored engine
     dense_sums = False           # True: its sums are dense matrices (d'² floats, not one
-    #                              per parameter): the mean is formed once per call, not
-    #                              per batch, and a call takes rows enough to amortize
-    #                              the fold
+    #                              per parameter): a call takes rows enough to amortize
+    #                              the fold of a call of several batches
     xla_on_cpu = True            # False: jit_compile=None never means XLA on CPU for a
     #                              plan that has blocks of this kind
     shared_layer_refusal = None  # why this kind cannot take a layer called twice in one

@@ -16,8 +16,8 @@ V floats, through the sums, the result, the state and the file (the diagonal for
 example (each ``kron`` called once on zero deltas).
 
 The factors are dense: A alone is d'² floats (the reference CNN's Dense(9216 → 128):
-85M), so the mean is formed once per call rather than per batch (``dense_sums``), and a
-call takes rows enough to amortize the fold; XLA's CPU dot for their XᵀX is slower than
+85M), so a call takes rows enough to amortize the float64 fold of a call of several
+batches (``dense_sums``; a one-batch call has none); XLA's CPU dot for their XᵀX is slower than
 oneDNN's (reference MLP, empirical: 20.3 ms with XLA against 14.9 ms without;
 ``benchmarks/bench_kfac.py``), so a plan with Kronecker blocks is not XLA on CPU by
 default.  The sums come only from a rule's layer inputs and deltas, which the
@@ -53,10 +53,12 @@ from fastewc.blocks.diagonal import Diagonal, _path
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
 from fastewc.curvature import KroneckerFisher
 
-# Bytes a call holds per accumulated float of a plan with Kronecker blocks: the float64
-# total (8), the batch's float32 sum and its flattened copy (4 + 4), the float64 mean and
-# its float32 cast at the end (8 + 4).
-BYTES_PER_FACTOR_FLOAT = 28
+# Bytes a call holds per accumulated float of a plan with Kronecker blocks, at most: a call
+# of several batches holds the float64 totals (8) and, while it folds a batch, that batch's
+# float32 sum (4) and its float64 cast (8, which the addition writes into); at the end the
+# float64 mean and its float32 cast (8 + 4) beside the totals.  A one-batch call: the sum
+# and its float32 mean (4 + 4).
+BYTES_PER_FACTOR_FLOAT = 20
 
 
 FIELDS = ("coef", "a", "g", "anchor")

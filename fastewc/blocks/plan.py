@@ -17,10 +17,9 @@ An engine is built with the plan and asks it, never the kind:
   (:meth:`BlockPlan.collect`);
 * the per-example engines, the blocks' sums from the squared gradients
   (:meth:`BlockPlan.from_gradients`);
-* every engine, the shapes it accumulates (:attr:`BlockPlan.shapes`), whether each batch's
-  function forms the mean (:attr:`BlockPlan.mean_per_batch`) and which floats a call
-  folds that its rows should amortize (:attr:`BlockPlan.amortized_floats`: all of its sums
-  when some are dense, else none).
+* every engine, the shapes it accumulates (:attr:`BlockPlan.shapes`) and which floats a
+  call of several batches folds per batch that its rows should amortize
+  (:attr:`BlockPlan.amortized_floats`: all of its sums when some are dense, else none).
 
 The estimator asks it the XLA default (:attr:`BlockPlan.xla_on_cpu`), checks memory
 (:meth:`BlockPlan.check_memory`) and turns the call's means into the public result
@@ -53,9 +52,9 @@ class BlockPlan:
         self._block_of = {id(v): block for block in blocks for v in block.variables}
         self._kinds_of = {}
         kinds = {type(block) for block in blocks}
-        self.mean_per_batch = not any(k.dense_sums for k in kinds)
         self.xla_on_cpu = all(k.xla_on_cpu for k in kinds)
-        self.amortized_floats = 0 if self.mean_per_batch else sum(math.prod(shape) for shape in self.shapes)
+        dense = any(k.dense_sums for k in kinds)
+        self.amortized_floats = sum(math.prod(shape) for shape in self.shapes) if dense else 0
         self._kinds = sorted(kinds, key=lambda k: k.kind)
         self.passes = max(k.passes for k in kinds) if kinds else 1
         self._second = None

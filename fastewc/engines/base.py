@@ -6,9 +6,10 @@ diagonal block's
 
     S_i = Σ_n mask_n Σ_k W_kn (J_nᵀ U_kn)_i²         (U, W: the likelihood's cotangents)
 
-(:meth:`Engine.batch_sums`, traceable) and folds them into a float64 running total
-(:func:`fold`) inside the same compiled function, so a batch costs one dispatch and a
-whole call one host sync.  Engines differ only in how they get the sums (see
+(:meth:`Engine.batch_sums`, traceable).  A call of one batch divides them by its examples
+in the same compiled function (:func:`mean`, float32): one dispatch; a call of several
+folds each batch's into float64 totals (:func:`fold`) and forms the mean once
+(:func:`finish`); either way a whole call has one host sync.  Engines differ only in how they get the sums (see
 :mod:`fastewc.fisher` for the table); the interface is
 
 * ``rows_per_call(batch_size, num_cotangents, probe_floats, budget)``: examples per
@@ -18,7 +19,8 @@ whole call one host sync.  Engines differ only in how they get the sums (see
 * ``batch_sums(x, y, mask, noise)``: a :class:`BatchSums` (traced once per plan): the
   sums by block, one count per Embedding layer (``id_layers``) of the ids outside its
   table, the output's (min, max);
-* ``run(batch, noise, state)``: one batch through the compiled function, the new state;
+* ``run(batch, noise, state, alone=...)``: one batch through the compiled function, the
+  new state (``alone``: the call's only batch, whose state is final);
 * ``finish(state)``: the call's final state, its means and :class:`Checks` complete.
 
 Embedding ids are checked where they are used, on the compiled side (:class:`IdGuard`):
@@ -84,67 +86,78 @@ class Checks(typing.NamedTuple):
 
 
 class FisherState(typing.NamedTuple):
-    """The streamed accumulation: the float64 totals of every block's sums in ONE flat
-    vector (the plan's sums in order), the examples seen (float64), the running float32
-    means (a list shaped like the plan's sums, :attr:`fastewc.blocks.BlockPlan.shapes`)
-    and the :class:`Checks`, packed.
+    """A call's accumulation: the float64 running totals of the plan's sums (a tuple
+    aligned with :attr:`fastewc.blocks.BlockPlan.shapes`; ``()`` before the first fold and
+    in a one-batch call), the examples seen (float64), the float32 means (aligned the same
+    way; ``()`` until the call's last step forms them) and the :class:`Checks`, packed.
 
-    Flat, because the per-batch fold then costs a handful of ops (concatenate, add,
-    divide, cast, one finiteness check, split) instead of five per variable: on
-    MobileNetV2 (158 variables, no XLA) those were ~8% of a Fisher call."""
-    totals: tf.Tensor
+    Nothing in it is the size of the sums until a batch has run: the initial state is a
+    few scalars, so holding it costs no memory (GPT-2 base: no 1 GB of float64 zeros)."""
+    totals: tuple
     examples: tf.Tensor
-    means: list
+    means: tuple
     checks: tf.Tensor         # Checks.pack()
 
 
-def initial_state(shapes, num_id_layers=0):
-    """The zero state for sums of ``shapes`` (a plan's, :class:`fastewc.blocks.BlockPlan`)."""
-    shapes = [tuple(s) for s in shapes]
-    size = sum(int(np.prod(s)) for s in shapes)
-    return FisherState(
-        tf.zeros([size], tf.float64), tf.constant(0.0, tf.float64), [tf.zeros(s, tf.float32) for s in shapes],
-        tf.constant([np.inf, -np.inf, 1.0] + [0.0] * num_id_layers, tf.float32))
+def initial_state(num_id_layers=0):
+    """The state before a call's first batch (``num_id_layers``: the Embedding layers
+    whose ids are counted, :class:`IdGuard`)."""
+    return FisherState((), tf.constant(0.0, tf.float64), (),
+                       tf.constant([np.inf, -np.inf, 1.0] + [0.0] * num_id_layers, tf.float32))
 
 
-def fold(batch, count, state, *, with_mean=True):
-    """Add a batch's float32 sums (:class:`BatchSums`) into the float64 state and,
-    ``with_mean``, return it with its mean (:func:`finish`) formed in the same compiled
-    function.  Without it the mean is left to one :func:`finish` per call (a plan whose
-    sums are dense matrices: :attr:`fastewc.blocks.BlockPlan.mean_per_batch`): Kronecker
-    factors are large, and a per-batch mean costs five passes over every quantity (the
-    reference CNN's 85M-float A: 0.5 s a batch); for a diagonal the passes fuse into the
-    batch's compiled function, where a separate call would cost more host time than they
-    do (0.9 ms on the reference MLP)."""
-    sums = [tf.reshape(s, [-1]) for s in tf.nest.flatten(batch.sums)]
-    flat = tf.concat(sums, 0) if len(sums) > 1 else sums[0]
-    totals = state.totals + tf.cast(flat, tf.float64)
+def _checks(batch, state, finite=None):
+    """``state``'s packed checks with ``batch``'s output range and id counts added
+    (``finite``, when given, replaces the flag)."""
     checks, batch_range = Checks.unpack(state.checks), batch.output_range
     out_range = tf.stack([tf.minimum(checks.output_range[0], batch_range[0]),
                           tf.maximum(checks.output_range[1], batch_range[1])])
     bad_ids = checks.bad_ids + tf.stack(batch.bad_ids) if batch.bad_ids else checks.bad_ids
-    seen = state.examples + tf.cast(count, tf.float64)
-    folded = FisherState(totals, seen, state.means, Checks(out_range, checks.finite, bad_ids).pack())
-    return finish(folded) if with_mean else folded
+    return Checks(out_range, checks.finite if finite is None else finite, bad_ids).pack()
+
+
+def _all_finite(means):
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(m)) for m in means]))
+
+
+# How a call turns batches' float32 sums (:class:`BatchSums`) into its means.  Measured
+# (float32 sums of 256 squared normal gradients per batch, entries spread over e^±9, max
+# relative error of the mean against a float64 NumPy reference): one batch 1.0e-6, the
+# float32 sum's own rounding; accumulated over B batches in float64 the error stays there
+# or below (B = 1024: 7.6e-8); accumulated in float32 it is 2x float64's from B = 16 and
+# grows as B * 2^-24 past B ~ 256 (B = 1024: 2.1e-6).  Hence: a one-batch call never
+# touches float64 (:func:`mean`: sums / count, in the batch's compiled function); a call of
+# several batches folds each into float64 totals (:func:`fold`, per sum, no concatenation)
+# and forms the mean once (:func:`finish`).  Either way the mean is within the float32
+# rounding of ONE batch's sums (rows * 2^-24 at worst, ~1e-6 measured) of the exact mean,
+# whatever the number of batches.
+def mean(batch, count, state):
+    """A one-batch call's final state: the means sums / count in float32 (no float64: one
+    rounding of the division on top of the sums' own) and ``checks.finite``."""
+    n = tf.cast(count, tf.float32)
+    means = tuple(s / n for s in tf.nest.flatten(batch.sums))
+    return FisherState((), state.examples + tf.cast(count, tf.float64), means,
+                       _checks(batch, state, _all_finite(means)))
+
+
+def fold(batch, count, state):
+    """Add a batch's float32 sums into the state's float64 totals, sum by sum (the first
+    batch's cast IS the totals: no zeros are allocated or added).  A fold allocates one
+    float64 copy of each sum (the cast, into which the addition writes) while the previous
+    totals are alive: 8 bytes per float above the 8 of the totals."""
+    cast = [tf.cast(s, tf.float64) for s in tf.nest.flatten(batch.sums)]
+    totals = tuple(cast) if not state.totals else tuple(t + c for t, c in zip(state.totals, cast))
+    return FisherState(totals, state.examples + tf.cast(count, tf.float64), (), _checks(batch, state))
 
 
 def finish(state):
-    """The state with its means = totals / examples (float32, shaped like ``state.means``)
-    and ``checks.finite`` = whether all of them are finite (see :func:`fold` for when)."""
-    num = len(state.means)
-    mean = tf.cast(state.totals / state.examples, tf.float32)
-    if all(f.shape.is_fully_defined() for f in state.means):
-        sizes, shapes = [int(np.prod(f.shape)) for f in state.means], [f.shape for f in state.means]
-    else:          # a shape-relaxed trace (reduce_retracing), for the loop engine
-        sizes, shapes = tf.stack([tf.size(f) for f in state.means]), [tf.shape(f) for f in state.means]
-    pieces = tf.split(mean, sizes, num=num) if num > 1 else [mean]
-    means = [tf.reshape(p, shape) for p, shape in zip(pieces, shapes)]
-    finite = tf.reduce_all(tf.math.is_finite(mean))
-    checks = Checks.unpack(state.checks)._replace(finite=finite).pack()
+    """A folded state with its means = totals / examples (float64 division, then float32)
+    and ``checks.finite``: once per call of several batches."""
+    means = tuple(tf.cast(t / state.examples, tf.float32) for t in state.totals)
+    checks = Checks.unpack(state.checks)._replace(finite=_all_finite(means)).pack()
     return FisherState(state.totals, state.examples, means, checks)
 
 
-fold_compiled = tf.function(fold, autograph=False, reduce_retracing=True)
 
 
 def cotangent_scale(dtype):
@@ -334,12 +347,12 @@ class Engine:
         self.id_layers = embedding_layers(model)      # checked by IdGuard in every pass
         self.out_tail = tuple(out_tail)               # the output's per-example shape
         self.jit_compile = jit_compile
-        self._function = None       # fold(batch_sums(...)): one dispatch per batch
-        self._finish = None         # finish(state): the mean, once per call
-        self._concrete = {}         # rows per batch -> its concrete function
+        self._function = None       # mean(batch_sums(...)): a one-batch call in one dispatch
+        self._steps = {}            # (mean/fold/finish, folded yet) -> concrete function
+        self._concrete = {}         # (rows per batch, alone) -> its concrete function
         self._unoptimized = {}      # id(concrete function) -> called without Grappler
         self._counts = {}           # real rows -> an int32 scalar tensor
-        self._sums_function = None  # batch_sums alone: the per-replica function
+        self._sums_function = None  # batch_sums alone: a longer call's, the per-replica function
         self._replicated = {}       # strategy id -> (strategy, replicated function)
 
     @classmethod
@@ -354,9 +367,12 @@ class Engine:
         raise NotImplementedError
 
     # -- running ----------------------------------------------------------------------
-    def run(self, batch, noise, state, *, distributed=False):
-        """``batch`` (a :class:`fastewc.data.Batch`) through the compiled function;
-        ``distributed``: a strategy with more than one replica is in scope."""
+    def run(self, batch, noise, state, *, alone=False, distributed=False):
+        """``batch`` (a :class:`fastewc.data.Batch`) through the compiled function.
+        ``alone``: it is the call's only batch, and the state returned is final (:func:`mean`
+        in the same compiled function: no float64, no second dispatch); else its sums are
+        folded into the state's float64 totals (:func:`fold`) and :meth:`finish` forms the
+        means.  ``distributed``: a strategy with more than one replica is in scope."""
         count = self._counts.get(batch.count)
         if count is None:
             count = self._counts[batch.count] = tf.constant(batch.count, tf.int32)
@@ -364,24 +380,35 @@ class Engine:
             from fastewc import distribute   # rows split over replicas, sums all-reduced
             sums = distribute.run_fisher_batch(self._replicated, self._traced_sums(),
                                                batch.x, batch.y, batch.mask, noise)
-            return fold_compiled(sums, count, state, with_mean=self.blocks.mean_per_batch)
-        args = (batch.x, batch.y, batch.mask, noise, count, state)
-        concrete = self._concrete_for(args)
+            return self._step(mean if alone else fold, sums, count, state)
+        if alone:
+            args = (batch.x, batch.y, batch.mask, noise, count, state)
+            concrete = self._concrete_for(args, alone=True)
+            with self._call_options(concrete):
+                return FisherState(*compat.call_concrete(concrete, args))
+        args = (batch.x, batch.y, batch.mask, noise)
+        concrete = self._concrete_for(args, alone=False)
         with self._call_options(concrete):
-            return FisherState(*compat.call_concrete(concrete, args))
+            sums = BatchSums(*compat.call_concrete(concrete, args))
+        return self._step(fold, sums, count, state)
 
     def finish(self, state):
-        """The final state of a call: ``state`` itself where each batch's fold formed the
-        mean (:attr:`fastewc.blocks.BlockPlan.mean_per_batch`), else its mean and
-        finiteness (:func:`finish`), one concrete function per engine (the state's shapes
-        are the plan's) called with its flat inputs like :meth:`run` (no XLA: one pass, not
-        worth a compile)."""
-        if self.blocks.mean_per_batch:
-            return state
-        if self._finish is None:
-            self._finish = tf.function(finish, autograph=False, jit_compile=False).get_concrete_function(state)
-        with self._call_options(self._finish):
-            return FisherState(*compat.call_concrete(self._finish, (state,)))
+        """The final state of a call: ``state`` itself where its means are formed (a
+        one-batch call), else :func:`finish`'s."""
+        return state if state.means or not state.totals else self._step(finish, state)
+
+    def _step(self, fn, *args):
+        """``fn(*args)`` for :func:`mean`, :func:`fold` or :func:`finish` on batch sums
+        that another function formed: one concrete function per engine and input structure
+        (the first fold has no totals yet), called with its flat inputs like :meth:`run`
+        (no XLA: a few passes over the sums, not worth a compile)."""
+        key = (fn.__name__, bool(args[-1].totals))
+        concrete = self._steps.get(key)
+        if concrete is None:
+            concrete = self._steps[key] = tf.function(fn, autograph=False, jit_compile=False) \
+                .get_concrete_function(*args)
+        with self._call_options(concrete):
+            return FisherState(*compat.call_concrete(concrete, args))
 
     def _call_options(self, concrete):
         """The call options of a compiled function, the same on every call of it: Grappler
@@ -393,37 +420,43 @@ class Engine:
             return compat.without_graph_optimizer()
         return contextlib.nullcontext()
 
-    def trace(self, batch, noise, state):
+    def trace(self, batch, noise, state, *, alone=False):
         """Trace (without running) the compiled function ``run`` would call for ``batch``:
         where a model the engine cannot take fails (pfor without a converter, an op that
         has no graph form).  A no-op for engines that run eagerly."""
-        count = tf.constant(batch.count, tf.int32)
-        self._concrete_for((batch.x, batch.y, batch.mask, noise, count, state))
+        if alone:
+            self._concrete_for((batch.x, batch.y, batch.mask, noise, tf.constant(batch.count, tf.int32), state),
+                               alone=True)
+        else:
+            self._concrete_for((batch.x, batch.y, batch.mask, noise), alone=False)
 
-    def _concrete_for(self, args):
+    def _concrete_for(self, args, *, alone):
         # The concrete function of this batch size, called directly with its flat inputs:
         # the polymorphic dispatch and the argument binding are host time on every call.
-        # Within a plan only the rows vary (inputs, labels, noise and state are fixed by it).
-        rows = int(args[2].shape[0])
-        concrete = self._concrete.get(rows)
+        # Within a plan only the rows vary (inputs, labels, noise and state are fixed by
+        # it); a one-batch call runs sums and mean in one function, a longer one the sums.
+        key = (int(args[2].shape[0]), alone)
+        concrete = self._concrete.get(key)
         if concrete is None:
             with compat.release_custom_gradients_with(self) as graphs:
-                concrete = self._compiled().get_concrete_function(*args)
+                function = self._compiled() if alone else self._traced_sums()
+                concrete = function.get_concrete_function(*args)
                 graphs.append(concrete.graph)
-            self._concrete[rows] = concrete
+            self._concrete[key] = concrete
         return concrete
 
     def _compiled(self):
+        """sums and :func:`mean` in one function: a one-batch call's."""
         if self._function is None:
             sums = self.batch_sums
             self._function = tf.function(
-                lambda x, y, mask, noise, count, state: fold(sums(x, y, mask, noise), count, state,
-                                                             with_mean=self.blocks.mean_per_batch),
+                lambda x, y, mask, noise, count, state: mean(sums(x, y, mask, noise), count, state),
                 jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
         return self._function
 
     def _traced_sums(self):
-        """The batch sums alone, compiled (the per-replica function under a strategy)."""
+        """The batch sums alone, compiled: each batch of a longer call, and the per-replica
+        function under a strategy."""
         if self._sums_function is None:
             self._sums_function = tf.function(
                 self.batch_sums, jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
@@ -431,6 +464,6 @@ class Engine:
 
     def tracing_count(self):
         """Traces of this engine's per-batch compiled functions (a no-retrace check for
-        tests); :meth:`finish` is traced once per engine and not counted."""
+        tests); the small :meth:`_step` functions are traced once per engine and not counted."""
         fns = (self._function, self._sums_function)
         return sum(fn.experimental_get_tracing_count() for fn in fns if fn is not None)

@@ -107,14 +107,15 @@ class FactoredEngine(Engine):
                 pooling.covers(layer) for layer in compat.nested_layers(self.model))
         return self._unroll
 
-    def _concrete_for(self, args):
-        new = int(args[2].shape[0]) not in self._concrete
-        concrete = super()._concrete_for(args)
+    def _concrete_for(self, args, *, alone):
+        key = (int(args[2].shape[0]), alone)
+        new = key not in self._concrete
+        concrete = super()._concrete_for(args, alone=alone)
         if new and not self.jit_compile and self._vectorized \
                 and per_example.onednn_broadcast_matmuls(concrete.graph):
-            del self._concrete[int(args[2].shape[0])]
+            del self._concrete[key]
             self._unroll, self._function, self._sums_function = True, None, None
-            concrete = super()._concrete_for(args)
+            concrete = super()._concrete_for(args, alone=alone)
         return concrete
 
     def batch_sums(self, x, y, mask, noise):

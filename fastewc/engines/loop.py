@@ -4,8 +4,8 @@ reference twin of every other engine (float32, like them); N·K eager passes."""
 import numpy as np
 import tensorflow as tf
 
-from fastewc.engines.base import (BatchSums, Engine, IdGuard, cotangent_scale, dense_gradients,
-                                  fold_compiled, weighted_cotangents)
+from fastewc.engines.base import (BatchSums, Engine, IdGuard, cotangent_scale, dense_gradients, fold,
+                                  mean, weighted_cotangents)
 
 
 class LoopEngine(Engine):
@@ -35,9 +35,9 @@ class LoopEngine(Engine):
         return BatchSums(self.blocks.from_gradients([tf.constant(s) for s in sums]), ids.counts(),
                          tf.constant([low, high], tf.float32))
 
-    def trace(self, batch, noise, state):
+    def trace(self, batch, noise, state, *, alone=False):
         """Nothing to trace: the loop runs eagerly."""
 
-    def run(self, batch, noise, state, *, distributed=False):
-        return fold_compiled(self.batch_sums(batch.x, batch.y, batch.mask, noise),
-                             tf.constant(batch.count, tf.int32), state, with_mean=self.blocks.mean_per_batch)
+    def run(self, batch, noise, state, *, alone=False, distributed=False):
+        return self._step(mean if alone else fold, self.batch_sums(batch.x, batch.y, batch.mask, noise),
+                          tf.constant(batch.count, tf.int32), state)

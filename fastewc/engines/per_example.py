@@ -90,14 +90,14 @@ def onednn_broadcast_matmuls(graph):
 class VmapEngine(_PerExampleEngine):
     name = "vmap"
 
-    def _concrete_for(self, args):
-        new = int(args[2].shape[0]) not in self._concrete
-        concrete = super()._concrete_for(args)
+    def _concrete_for(self, args, *, alone):
+        key = (int(args[2].shape[0]), alone)
+        new = key not in self._concrete
+        concrete = super()._concrete_for(args, alone=alone)
         if new and not self.jit_compile:
             risky = onednn_broadcast_matmuls(concrete.graph)
             if risky:
-                rows = int(args[2].shape[0])
-                del self._concrete[rows]
+                del self._concrete[key]
                 op = risky[0]
                 raise UnsafeKernelError(
                     f"method='vmap' without XLA would run {len(risky)} batched matmuls that "

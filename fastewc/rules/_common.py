@@ -151,22 +151,33 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     rows to output rows: ``rows`` (N, L, d) (float32; L positions per example; padding
     rows already zero, :func:`masked_rows`), ``deltas`` (K, N, L, u), ``weight`` (K, N),
     ``mask`` (N,).  With ``bias`` each row gets a 1 appended (the bias is the weight
-    matrix's last row), without building the (N·L, d + 1) rows:
+    matrix's last row; the mask, 0 on padding rows):
 
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
-    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u).  ``input_rank``:
-    :class:`fastewc.contract.KroneckerSums`'s (None: a kernel with one output axis); its
-    ``rows`` are ``rows`` with the bias's column (the mask) appended, its ``deltas``
-    ``deltas``."""
+    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u), and no pass over a
+    (d+1)² ``a`` larger than the rows: where the N·L rows are at most d (statically), the
+    column is appended to the rows and ``a`` is the matmul's output alone (the reference
+    CNN's Dense(9216 → 128): 256 rows, an 85M-float ``a``); else (a convolution's patches)
+    its last row and column are the rows' sums, and a copy of ``a`` joins them.  No
+    division where L = 1.  ``input_rank``: :class:`fastewc.contract.KroneckerSums`'s (None:
+    a kernel with one output axis); its ``rows`` are ``rows`` with the bias's column (the
+    mask) appended, its ``deltas`` ``deltas``."""
     d, u = rows.shape[-1], deltas.shape[-1]
     positions = rows.shape[1] if rows.shape[1] is not None else tf.cast(tf.shape(rows)[1], tf.float32)
+    one = isinstance(positions, int) and positions == 1
+    per_position = (lambda t: t) if one else (lambda t: t / positions)  # noqa: E731
     flat = tf.reshape(rows, [-1, d])
-    a = tf.matmul(flat, flat, transpose_a=True) / positions
-    if bias:
-        column = tf.reduce_sum(flat, axis=0)[:, None] / positions
-        corner = tf.reshape(tf.reduce_sum(mask), [1, 1])
-        a = tf.concat([tf.concat([a, column], 1), tf.concat([tf.transpose(column), corner], 1)], 0)
+    if bias and flat.shape[0] is not None and flat.shape[0] <= d:
+        column = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
+        flat = tf.reshape(tf.concat([rows, tf.cast(column, rows.dtype)], -1), [-1, d + 1])
+        a = per_position(tf.matmul(flat, flat, transpose_a=True))
+    else:
+        a = per_position(tf.matmul(flat, flat, transpose_a=True))
+        if bias:
+            column = per_position(tf.reduce_sum(flat, axis=0)[:, None])
+            corner = tf.reshape(tf.reduce_sum(mask), [1, 1])
+            a = tf.concat([tf.concat([a, column], 1), tf.concat([tf.transpose(column), corner], 1)], 0)
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)

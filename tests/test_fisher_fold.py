@@ -1,0 +1,72 @@
+"""How a call turns its batches' float32 sums into the mean (fastewc.engines.base: mean,
+fold, finish): a one-batch call in float32 inside the batch's compiled function, a call of
+several batches through float64 totals.  Each against a float64 NumPy reference."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from fastewc.testing import float64_twin, reference_fisher
+
+from conftest import data, mlp
+
+LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _float64_tensors(graph):
+    """The ops of ``graph`` with a float64 output larger than a scalar (the examples
+    counter is a float64 scalar)."""
+    return [op.name for op in graph.get_operations()
+            if any(t.dtype == tf.float64 and t.shape.rank != 0 for t in op.outputs)]
+
+
+@pytest.mark.parametrize("curvature", ["diagonal", "kfac"])
+def test_a_one_batch_call_matches_float64_without_any_float64(curvature):
+    """One batch: the mean is sums / count in float32, formed in the batch's own compiled
+    function; no op of it has a float64 tensor output, and the result is within float32
+    rounding of the float64 reference."""
+    model = mlp()
+    x, y = data(n=13)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", curvature=curvature)
+    got = estimator((x, y))
+    if curvature == "kfac":           # the first layer's A = (1/N) Σ_n [x_n, 1][x_n, 1]ᵀ
+        rows = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], 1)
+        np.testing.assert_allclose(got.blocks[0].a.numpy(), rows.T @ rows / len(x), rtol=1e-6, atol=1e-7)
+    else:
+        want = reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind="exact")
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-10)
+    engine = estimator.plan((x, y)).engine
+    assert engine._concrete, "the call ran through a compiled function"
+    for concrete in engine._concrete.values():
+        assert _float64_tensors(concrete.graph) == []
+    assert not engine._steps          # no second function: no fold, no finish
+
+
+@pytest.mark.parametrize("curvature", ["diagonal", "kfac"])
+def test_a_many_batch_call_accumulates_in_float64(curvature):
+    """64 batches of one example: x = 2^12, then 63 ones.  F(w) = mean x² for a linear
+    Dense(1) under a unit-variance Gaussian (exact kind: the cotangent is 1), and for KFAC
+    A = mean x², G = 1.  A float32 running total would stay at 2^24 (each +1 rounds away,
+    a relative error of 3.8e-6 in the mean); the float64 totals keep every batch, so the
+    mean is within one float32 rounding of the exact (2^24 + 63) / 64."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    x = np.ones((64, 1), np.float32)
+    x[0, 0] = 2.0**12
+    y = np.zeros((64, 1), np.float32)
+    want = np.mean(x.astype(np.float64) ** 2)
+    estimator = fastewc.FisherEstimator(model, loss="mse", kind="exact", batch_size=1, curvature=curvature)
+    got = estimator((x, y))
+    if curvature == "kfac":
+        (block,) = got.blocks
+        np.testing.assert_allclose(block.a.numpy(), [[want]], rtol=1e-7)
+        np.testing.assert_allclose(block.g.numpy(), [[1.0]], rtol=1e-7)
+    else:
+        np.testing.assert_allclose(got[0].numpy(), [[want]], rtol=1e-7)
+    # the same data as a dataset of unknown length: the batches are read one ahead
+    stream = tf.data.Dataset.from_tensor_slices((x, y)).batch(1).filter(lambda a, b: True)
+    again = estimator(stream)
+    first = again.blocks[0].a if curvature == "kfac" else again[0]
+    np.testing.assert_allclose(first.numpy(), [[want]], rtol=1e-7)
