@@ -54,7 +54,8 @@ def build_parser():
                     "digit tasks; print the accuracy matrices, average accuracy, forgetting, "
                     "timings and the live Fisher speed-up; write results.json, accuracy.png "
                     "and TensorBoard scalars into --out. --curvature kfac adds KFAC-EWC "
-                    "(separate and online) to the comparison.")
+                    "(separate and online) to the comparison, --curvature ekfac EKFAC-EWC "
+                    "(separate).")
     demo.add_argument("--scenario", choices=SCENARIOS + (TEXT,), default="permuted",
                       help="permuted digits (shared 10-way head; default), split digits "
                            "(shared 2-way head, label = digit mod 2), or text: a byte-level "
@@ -75,10 +76,12 @@ def build_parser():
     demo.add_argument("--curvature", choices=CURVATURES, default=None,
                       help="diagonal: fine-tuning and diagonal EWC (default); kfac: also "
                            "KFAC-EWC (Kronecker-factored Fisher blocks, Ritter et al. 2018) in "
-                           "both modes, kfac_separate and kfac_online, on the same batches")
+                           "both modes, kfac_separate and kfac_online, on the same batches; "
+                           "ekfac: also EKFAC-EWC (eigenvalue-corrected, George et al. 2018), "
+                           "ekfac_separate")
     demo.add_argument("--kfac-lam", type=_float_in(0.0), default=None,
                       help="KFAC-EWC strength lambda >= 0 (default 30 for permuted, 100 for "
-                           "split, tuned on validation; --curvature kfac only)")
+                           "split, tuned on validation; also EKFAC-EWC's; not with --curvature diagonal)")
     demo.add_argument("--damping", type=_float_in(0.0), default=None,
                       help="KFAC-EWC factored Tikhonov damping >= 0 (default 0; "
                            "--curvature kfac only)")
@@ -118,14 +121,17 @@ def main(argv=None):
         if args.scenario == "split" and args.tasks is not None and args.tasks > MAX_SPLIT_TASKS:
             parser.error(f"argument --tasks: must be <= {MAX_SPLIT_TASKS} with --scenario split "
                          f"(10 digits, 2 per task). Received: {args.tasks}")
+        from fastewc.blocks import BASE, KINDS
+
         args.curvature = args.curvature or "diagonal"
-        if args.curvature != "kfac":
-            for option, value in (("--kfac-lam", args.kfac_lam), ("--damping", args.damping),
-                                  ("--kfac-sum", args.kfac_sum)):
-                if value is not None:
-                    parser.error(f"argument {option}: applies to --curvature kfac only "
-                                 f"(KFAC-EWC). Received: {option} {value} with --curvature "
-                                 f"{args.curvature}")
+        kind = KINDS[args.curvature]
+        for option, value, name in (("--kfac-lam", args.kfac_lam, None), ("--damping", args.damping, "damping"),
+                                    ("--kfac-sum", args.kfac_sum, "kfac_sum")):
+            if value is None or (kind is not BASE and (name is None or name in kind.OPTIONS)):
+                continue
+            takers = [c for c, k in KINDS.items() if k is not BASE and (name is None or name in k.OPTIONS)]
+            parser.error(f"argument {option}: applies to --curvature {' or '.join(takers)} only. "
+                         f"Received: {option} {value} with --curvature {args.curvature}")
         config = DemoConfig(scenario=args.scenario, tasks=args.tasks, epochs=args.epochs,
                             lam=args.lam, gamma=1.0 if args.gamma is None else args.gamma,
                             kind=args.kind or "exact", seed=args.seed,

@@ -134,6 +134,8 @@ def test_quick_run_prints_progress_and_tables(quick_run):
     (["demo", "--damping", "0.1"], "--damping"),
     (["demo", "--kfac-sum", "nearest"], "--kfac-sum"),
     (["demo", "--curvature", "diagonal", "--kfac-lam", "10"], "--kfac-lam"),
+    (["demo", "--curvature", "ekfac", "--damping", "0.1"], "--damping"),       # EKFAC has no damping
+    (["demo", "--curvature", "ekfac", "--kfac-sum", "nearest"], "--kfac-sum"),  # nor online mode
 ])
 def test_bad_option_exits_nonzero_and_names_it(argv, option, capsys):
     with pytest.raises(SystemExit) as info:
@@ -141,6 +143,15 @@ def test_bad_option_exits_nonzero_and_names_it(argv, option, capsys):
     assert info.value.code != 0
     err = capsys.readouterr().err
     assert option in err
+
+
+def test_ekfac_takes_its_own_lambda_from_the_command_line(monkeypatch):
+    """--kfac-lam is the λ of every non-diagonal kind (DemoConfig.lam_of), EKFAC's too."""
+    from fastewc.demo import run
+    seen = []
+    monkeypatch.setattr(run, "run_demo", lambda config, log=None: seen.append(config) or {})
+    main(["demo", "--quick", "--curvature", "ekfac", "--kfac-lam", "30"])
+    assert seen[0].curvature == "ekfac" and seen[0].lam_of("ekfac_separate") == 30
 
 
 def test_out_must_not_be_a_file(tmp_path, capsys):
