@@ -34,7 +34,7 @@ import threading
 
 import tensorflow as tf
 
-from fastewc import _cache, _memory, blocks, ewc_file
+from fastewc import _allocator, _cache, blocks, ewc_file
 from fastewc._checks import check_lam, check_model
 from fastewc._rwlock import ReadersWriterLock
 from fastewc._structure import StructureGuard
@@ -253,7 +253,7 @@ class EWC(tf.Module):
         ``verbose`` and ``max_examples`` are per call.  All or nothing and thread-safe (the
         lock is held from the Fisher to the commit).  Then the free memory the C allocator
         kept from the Fisher's transients goes back to the system
-        (:func:`fastewc._memory.release_free_memory`).  Returns
+        (:func:`fastewc._allocator.release_free_memory`).  Returns
         the Fisher (a list, or a :class:`fastewc.KroneckerFisher` with ``curvature="kfac"``).
         """
         self._require_eager("consolidate")
@@ -267,7 +267,7 @@ class EWC(tf.Module):
                                         curvature=self.curvature, positions=positions)
             fisher = estimator(data, seed=seed, verbose=verbose, max_examples=max_examples)
             self.add_task(fisher, model=model)
-        _memory.release_free_memory()
+        _allocator.release_free_memory()
         return fisher
 
     def _estimator(self, model, **config):

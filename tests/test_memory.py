@@ -41,39 +41,60 @@ def test_default_batch_size_takes_every_example_in_one_call_when_it_fits():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=0)
 
 
-def _resident_bytes():
+ALLOCATOR_SCRIPT = """
+import ctypes, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[1])
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)                  # ctypes only: no other thread in this process
+libc = ctypes.CDLL(None)
+libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def resident():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096
+
+mib, count = 2**20, 256
+libc.free(libc.malloc(16 * mib))                 # mmapped, freed: the threshold becomes 16 MiB
+blocks = [libc.malloc(mib) for _ in range(count)]
+for block in blocks:
+    ctypes.memset(block, 1, mib)                 # resident
+for block in blocks[:-1]:
+    libc.free(block)                             # freed below the last: kept by glibc
+kept = resident()
+trimmed = allocator.release_free_memory()
+print(json.dumps({"trimmed": trimmed, "released": kept - resident()}))
+"""
 
 
 def test_free_memory_the_allocator_kept_goes_back_and_consolidate_returns_it(monkeypatch):
     """glibc keeps freed blocks below its mmap threshold (raised by freeing a larger mmapped
     block) resident; release_free_memory returns them (the kernel's resident set drops by
-    what was freed), and consolidate calls it once, after the Fisher."""
+    what was freed), and consolidate calls it once, after the Fisher.  The allocator part
+    runs in a fresh process that loads only ``fastewc/_allocator.py``: in a test process
+    other threads' allocations could reuse the freed blocks before the reading."""
     import ctypes
+    import json
+    import subprocess
+    import sys
     import pytest
+    from fastewc import _allocator
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim, libc.malloc, libc.free  # noqa: B018 -- glibc only
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         pytest.skip("not glibc")
-    libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
+    proc = subprocess.run([sys.executable, "-c", ALLOCATOR_SCRIPT, _allocator.__file__],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     mib, count = 2**20, 256
-    libc.free(libc.malloc(16 * mib))                 # mmapped, freed: the threshold becomes 16 MiB
-    blocks = [libc.malloc(mib) for _ in range(count)]
-    for block in blocks:
-        ctypes.memset(block, 1, mib)                 # resident
-    for block in blocks[:-1]:
-        libc.free(block)                             # freed below the last: kept by glibc
-    kept = _resident_bytes()
-    assert _memory.release_free_memory() is True
-    released = kept - _resident_bytes()
-    libc.free(blocks[-1])
-    assert released >= (count - 1) * mib * 0.9, f"released {released / mib:.0f} MiB of {count - 1} freed"
+    assert result["trimmed"] is True
+    assert result["released"] >= (count - 1) * mib * 0.9, (
+        f"released {result['released'] / mib:.0f} MiB of {count - 1} freed")
 
     calls = []
-    monkeypatch.setattr(_memory, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(_allocator, "release_free_memory", lambda: calls.append(1))
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
     fastewc.EWC(model, lam=1.0).consolidate((np.ones((2, 3), np.float32), np.array([0, 1])),
