@@ -168,9 +168,11 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     one = isinstance(positions, int) and positions == 1
     per_position = (lambda t: t) if one else (lambda t: t / positions)  # noqa: E731
     flat = tf.reshape(rows, [-1, d])
-    if bias and flat.shape[0] is not None and flat.shape[0] <= d:
+    if bias:      # the rows with the bias's column (the mask): KroneckerSums.rows
         column = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
-        flat = tf.reshape(tf.concat([rows, tf.cast(column, rows.dtype)], -1), [-1, d + 1])
+        rows_with_bias = tf.concat([rows, tf.cast(column, rows.dtype)], -1)
+    if bias and flat.shape[0] is not None and flat.shape[0] <= d:
+        flat = tf.reshape(rows_with_bias, [-1, d + 1])
         a = per_position(tf.matmul(flat, flat, transpose_a=True))
     else:
         a = per_position(tf.matmul(flat, flat, transpose_a=True))
@@ -181,7 +183,4 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
-    if bias:
-        ones = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
-        rows = tf.concat([rows, tf.cast(ones, rows.dtype)], -1)
-    return KroneckerSums(tuple(variables), a, g, input_rank, rows, deltas)
+    return KroneckerSums(tuple(variables), a, g, input_rank, rows_with_bias if bias else rows, deltas)
