@@ -1,0 +1,180 @@
+"""Where the EWC's time goes in a GPT-2 base train step (issue 24 item 5): the update part of
+the step alone, with and without the penalty, at 124.4M parameters.
+
+One process: the GPT-2 classifier of :mod:`benchmarks.bench_large_train` (random init),
+an EWC over every trainable variable with a random Fisher (``add_task``: A, μ float32), a
+Keras Adam, and fixed gradients (random; the token table's an ``IndexedSlices`` of
+BATCH × LENGTH rows, as its gather's gradient is).  Each member is one XLA-compiled
+function of those gradients, the model's step without its forward and backward pass:
+
+    plain       optimizer.apply(grads)                          (the plain step's update)
+    ewc         add_penalty(ewc, grads) then optimizer.apply     (the EWC step's update)
+    penalty     add_penalty(ewc, grads) alone, its outputs returned (no update)
+    stream      y = 2·x over one tensor of P floats (read P, write P: a bandwidth bound)
+
+timed alternating (:func:`benchmarks.conftest.rotate`'s order) after a warm-up round.
+``ewc − plain`` is what the penalty adds to the step, in seconds; the plain train step's
+time (``bench_large_train``) is what it is compared with.
+
+    /work/wt/bin/quiet flock /work/wt/big.lock .venv/bin/python -m benchmarks.ewc_step_parts \\
+        [--rounds 7] [--policy float32] [--members plain,ewc,penalty,stream] [--dump DIR]
+
+``--dump DIR`` writes XLA's HLO (text, after optimization) of each member there instead
+of timing (``XLA_FLAGS`` must be set before TensorFlow loads, so this re-executes itself).
+Prints one JSON line: seconds per member (median, min), and P.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import fastewc  # noqa: E402
+from fastewc._penalty_term import add_penalty  # noqa: E402
+
+
+def setup(policy, tiny=False):
+    """(model variables, EWC, Adam, gradients as a flat list of tensors, a function that
+    rebuilds the gradient list from them)."""
+    from benchmarks import bench_large_train as large
+    keras.mixed_precision.set_global_policy(policy)
+    model = large.gpt2_classifier(tiny)
+    variables = list(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    ewc = fastewc.EWC(model, lam=1.0)
+    ewc.add_task([rng.random(v.shape, np.float32) for v in variables])
+    optimizer = keras.optimizers.Adam(1e-4)
+    optimizer.build(variables)
+    vocabulary = (large.TINY if tiny else large.BASE)["vocabulary_size"]
+    rows = (large.TINY_BATCH * large.TINY_LENGTH) if tiny else (large.BATCH * large.LENGTH)
+    flat, layout = [], []
+    for v in variables:
+        if tuple(v.shape)[0] == vocabulary and len(v.shape) == 2:     # the token table
+            flat.append(tf.constant(rng.standard_normal((rows, v.shape[1]), np.float32) * 1e-3))
+            flat.append(tf.constant(rng.integers(0, vocabulary, rows).astype(np.int32)))
+            layout.append(("sparse", tuple(v.shape)))
+        else:
+            flat.append(tf.constant(rng.standard_normal(v.shape, np.float32) * 1e-3))
+            layout.append(("dense", None))
+
+    def grads_of(flat):
+        out, i = [], 0
+        for kind, shape in layout:
+            if kind == "sparse":
+                out.append(tf.IndexedSlices(flat[i], flat[i + 1], tf.constant(shape, tf.int64)))
+                i += 2
+            else:
+                out.append(flat[i])
+                i += 1
+        return out
+
+    return model, variables, ewc, optimizer, flat, grads_of
+
+
+def members(variables, ewc, optimizer, flat, grads_of):
+    """{name: compiled function of ``flat``}."""
+    params = int(sum(np.prod(v.shape) for v in variables))
+    one = tf.constant(1.0)
+
+    def plain(flat):
+        optimizer.apply(grads_of(flat), variables)
+        return tf.constant(0.0)
+
+    def with_ewc(flat):
+        penalty, grads = add_penalty(ewc, grads_of(flat), variables, optimizer=optimizer, replica_scale=one)
+        optimizer.apply(grads, variables)
+        return penalty
+
+    def penalty(flat):
+        value, grads = add_penalty(ewc, grads_of(flat), variables, optimizer=optimizer, replica_scale=one)
+        return value, grads
+
+    big = tf.constant(np.ones(params, np.float32))
+
+    def stream(x):
+        return 2.0 * x
+
+    compiled = {name: tf.function(fn, jit_compile=True, autograph=False)
+                for name, fn in (("plain", plain), ("ewc", with_ewc), ("penalty", penalty))}
+    stream = tf.function(stream, jit_compile=True, autograph=False)
+    compiled["stream"] = lambda flat: stream(big)
+    return compiled, params
+
+
+def _patched(fns, variant, variables, ewc, optimizer, grads_of):
+    """EXPERIMENT: the ewc member traced with penalty._half_sum replaced."""
+    from fastewc import penalty as penalty_lib
+    from fastewc import _keras_compat as compat
+
+    def half_sum(t):
+        if variant == "none":
+            return tf.zeros([], t.dtype)
+        if variant == "scalar" or t.shape.rank is None or t.shape.rank < 2:
+            return tf.reduce_sum(0.5 * t)
+        rows = tf.reshape(t, [-1, t.shape[-1]])
+        if variant == "rows":
+            return tf.reduce_sum(tf.reduce_sum(0.5 * rows, axis=-1))
+        raise ValueError(variant)
+
+    one = tf.constant(1.0)
+
+    def body(flat):
+        original = penalty_lib._half_sum
+        penalty_lib._half_sum = half_sum
+        try:
+            penalty, grads = add_penalty(ewc, grads_of(flat), variables, optimizer=optimizer, replica_scale=one)
+        finally:
+            penalty_lib._half_sum = original
+        optimizer.apply(grads, variables)
+        return penalty
+
+    return tf.function(body, jit_compile=True, autograph=False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--policy", default="float32")
+    parser.add_argument("--members", default="plain,ewc,penalty,stream")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--dump", default=None)
+    parser.add_argument("--variant", default="")   # EXPERIMENT: comma list of half-sum variants
+    args = parser.parse_args(argv)
+    if args.dump and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text").strip()
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.ewc_step_parts", *(argv or sys.argv[1:])])
+    _, variables, ewc, optimizer, flat, grads_of = setup(args.policy, args.tiny)
+    fns, params = members(variables, ewc, optimizer, flat, grads_of)
+    names = args.members.split(",")
+    for variant in filter(None, args.variant.split(",")):
+        fns["ewc_" + variant] = _patched(fns, variant, variables, ewc, optimizer, grads_of)
+        names.append("ewc_" + variant)
+    times = {name: [] for name in names}
+    order = list(names)
+    for round_ in range(args.rounds + 1):
+        for name in order:
+            start = time.perf_counter()
+            out = fns[name](flat)
+            # a tensor's .numpy() waits for the whole function (all outputs are ready)
+            tf.nest.flatten(out)[0].numpy()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+        order.reverse()
+        if args.dump:
+            break
+    print(json.dumps({"params": params, "policy": args.policy,
+                      "median": {k: float(np.median(v)) for k, v in times.items() if v},
+                      "min": {k: float(np.min(v)) for k, v in times.items() if v}}))
+
+
+if __name__ == "__main__":
+    main()
