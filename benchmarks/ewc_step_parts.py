@@ -10,7 +10,8 @@ function of those gradients, the model's step without its forward and backward p
     plain       optimizer.apply(grads)                          (the plain step's update)
     ewc         add_penalty(ewc, grads) then optimizer.apply     (the EWC step's update)
     penalty     add_penalty(ewc, grads) alone, its outputs returned (no update)
-    stream      y = 2·x over one tensor of P floats (read P, write P: a bandwidth bound)
+    stream      w ← w/2 + 1 over copies of the variables (read P, write P in place: a
+                bandwidth bound)
 
 timed alternating (:func:`benchmarks.conftest.rotate`'s order) after a warm-up round.
 ``ewc − plain`` is what the penalty adds to the step, in seconds; the plain train step's
@@ -97,15 +98,16 @@ def members(variables, ewc, optimizer, flat, grads_of):
         value, grads = add_penalty(ewc, grads_of(flat), variables, optimizer=optimizer, replica_scale=one)
         return value, grads
 
-    big = tf.constant(np.ones(params, np.float32))
+    copies = [tf.Variable(tf.zeros(v.shape, tf.float32)) for v in variables]
 
-    def stream(x):
-        return 2.0 * x
+    def stream(flat):
+        for c in copies:
+            c.assign(c * 0.5 + 1.0)
+        return tf.constant(0.0)
 
     compiled = {name: tf.function(fn, jit_compile=True, autograph=False)
                 for name, fn in (("plain", plain), ("ewc", with_ewc), ("penalty", penalty))}
-    stream = tf.function(stream, jit_compile=True, autograph=False)
-    compiled["stream"] = lambda flat: stream(big)
+    compiled["stream"] = tf.function(stream, jit_compile=True, autograph=False)
     return compiled, params
 
 
@@ -122,6 +124,11 @@ def _patched(fns, variant, variables, ewc, optimizer, grads_of):
         rows = tf.reshape(t, [-1, t.shape[-1]])
         if variant == "rows":
             return tf.reduce_sum(tf.reduce_sum(0.5 * rows, axis=-1))
+        if variant == "cols":
+            return tf.reduce_sum(tf.reduce_sum(0.5 * rows, axis=0))
+        if variant == "vecmat":
+            half = tf.fill([rows.shape[0]], tf.constant(0.5, t.dtype))
+            return tf.reduce_sum(tf.linalg.matvec(rows, half, transpose_a=True))
         raise ValueError(variant)
 
     one = tf.constant(1.0)
