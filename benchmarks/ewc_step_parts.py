@@ -4,21 +4,24 @@ the step alone, with and without the penalty, at 124.4M parameters.
 One process: the GPT-2 classifier of :mod:`benchmarks.bench_large_train` (random init),
 an EWC over every trainable variable with a random Fisher (``add_task``: A, μ float32), a
 Keras Adam, and fixed gradients (random; the token table's an ``IndexedSlices`` of
-BATCH × LENGTH rows, as its gather's gradient is).  Each member is one XLA-compiled
-function of those gradients, the model's step without its forward and backward pass:
+BATCH × LENGTH rows, as its gather's gradient is).  Each member is one compiled function
+(XLA unless ``--no-xla``) of those gradients, the model's step without its forward and
+backward pass:
 
     plain       optimizer.apply(grads)                          (the plain step's update)
     ewc         add_penalty(ewc, grads) then optimizer.apply     (the EWC step's update)
     penalty     add_penalty(ewc, grads) alone, its outputs returned (no update)
     stream      w ← w/2 + 1 over copies of the variables (read P, write P in place: a
                 bandwidth bound)
+    ewc_<v>     ewc with one piece in another form (``--variants``, :func:`_patched`)
 
 timed alternating (:func:`benchmarks.conftest.rotate`'s order) after a warm-up round.
 ``ewc − plain`` is what the penalty adds to the step, in seconds; the plain train step's
 time (``bench_large_train``) is what it is compared with.
 
     /work/wt/bin/quiet flock /work/wt/big.lock .venv/bin/python -m benchmarks.ewc_step_parts \\
-        [--rounds 7] [--policy float32] [--members plain,ewc,penalty,stream] [--dump DIR]
+        [--rounds 7] [--policy float32] [--members plain,ewc,penalty,stream] [--no-xla]
+        [--variants none,scalar,rows,cols,vecmat,densify] [--dump DIR]
 
 ``--dump DIR`` writes XLA's HLO (text, after optimization) of each member there instead
 of timing (``XLA_FLAGS`` must be set before TensorFlow loads, so this re-executes itself).
@@ -80,8 +83,8 @@ def setup(policy, tiny=False):
     return model, variables, ewc, optimizer, flat, grads_of
 
 
-def members(variables, ewc, optimizer, flat, grads_of):
-    """{name: compiled function of ``flat``}."""
+def members(variables, ewc, optimizer, flat, grads_of, *, jit=True, variants=()):
+    """({name: compiled function of ``flat``}, P)."""
     params = int(sum(np.prod(v.shape) for v in variables))
     one = tf.constant(1.0)
 
@@ -105,45 +108,53 @@ def members(variables, ewc, optimizer, flat, grads_of):
             c.assign(c * 0.5 + 1.0)
         return tf.constant(0.0)
 
-    compiled = {name: tf.function(fn, jit_compile=True, autograph=False)
-                for name, fn in (("plain", plain), ("ewc", with_ewc), ("penalty", penalty))}
-    compiled["stream"] = tf.function(stream, jit_compile=True, autograph=False)
-    return compiled, params
+    fns = {"plain": plain, "ewc": with_ewc, "penalty": penalty, "stream": stream}
+    fns.update({"ewc_" + variant: _patched(with_ewc, variant) for variant in variants})
+    return {name: tf.function(fn, jit_compile=jit, autograph=False) for name, fn in fns.items()}, params
 
 
-def _patched(fns, variant, variables, ewc, optimizer, grads_of):
-    """EXPERIMENT: the ewc member traced with penalty._half_sum replaced."""
+def _patched(with_ewc, variant):
+    """The ``ewc`` member traced with another form of one piece, for comparison:
+
+    none     the value's sums left out (½ Σ g·d taken as 0: the gradient's cost alone)
+    scalar   ½ Σ g·d as one reduce_sum to a scalar
+    rows     per-row sums (reduce over the last axis), then their sum
+    cols     per-column sums (reduce over the rows), then their sum
+    vecmat   the rows' sum as a vector-matrix product (½·1)ᵀ·rows, then its sum
+    densify  a sparse data gradient densified, then added (instead of added into the
+             penalty gradient row by row)
+    """
+    from fastewc import _penalty_term
     from fastewc import penalty as penalty_lib
-    from fastewc import _keras_compat as compat
 
     def half_sum(t):
         if variant == "none":
             return tf.zeros([], t.dtype)
-        if variant == "scalar" or t.shape.rank is None or t.shape.rank < 2:
+        if variant == "scalar" or t.shape.rank < 2:
             return tf.reduce_sum(0.5 * t)
         rows = tf.reshape(t, [-1, t.shape[-1]])
         if variant == "rows":
             return tf.reduce_sum(tf.reduce_sum(0.5 * rows, axis=-1))
         if variant == "cols":
             return tf.reduce_sum(tf.reduce_sum(0.5 * rows, axis=0))
-        if variant == "vecmat":
-            half = tf.fill([rows.shape[0]], tf.constant(0.5, t.dtype))
-            return tf.reduce_sum(tf.linalg.matvec(rows, half, transpose_a=True))
-        raise ValueError(variant)
+        half = tf.fill([rows.shape[0]], tf.constant(0.5, t.dtype))       # vecmat
+        return tf.reduce_sum(tf.linalg.matvec(rows, half, transpose_a=True))
 
-    one = tf.constant(1.0)
+    def plus(g, p):
+        return _penalty_term._dense(g) + p
+
+    module, name, replacement = ((_penalty_term, "_plus", plus) if variant == "densify"
+                                 else (penalty_lib, "_half_sum", half_sum))
 
     def body(flat):
-        original = penalty_lib._half_sum
-        penalty_lib._half_sum = half_sum
+        original = getattr(module, name)
+        setattr(module, name, replacement)          # only while tracing
         try:
-            penalty, grads = add_penalty(ewc, grads_of(flat), variables, optimizer=optimizer, replica_scale=one)
+            return with_ewc(flat)
         finally:
-            penalty_lib._half_sum = original
-        optimizer.apply(grads, variables)
-        return penalty
+            setattr(module, name, original)
 
-    return tf.function(body, jit_compile=True, autograph=False)
+    return body
 
 
 def main(argv=None):
@@ -153,18 +164,17 @@ def main(argv=None):
     parser.add_argument("--members", default="plain,ewc,penalty,stream")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--dump", default=None)
-    parser.add_argument("--variant", default="")   # EXPERIMENT: comma list of half-sum variants
+    parser.add_argument("--variants", default="", help="comma list: none,scalar,rows,cols,vecmat,densify")
+    parser.add_argument("--no-xla", action="store_true")
     args = parser.parse_args(argv)
     if args.dump and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text").strip()
         os.execv(sys.executable, [sys.executable, "-m", "benchmarks.ewc_step_parts", *(argv or sys.argv[1:])])
     _, variables, ewc, optimizer, flat, grads_of = setup(args.policy, args.tiny)
-    fns, params = members(variables, ewc, optimizer, flat, grads_of)
-    names = args.members.split(",")
-    for variant in filter(None, args.variant.split(",")):
-        fns["ewc_" + variant] = _patched(fns, variant, variables, ewc, optimizer, grads_of)
-        names.append("ewc_" + variant)
+    variants = [v for v in args.variants.split(",") if v]
+    fns, params = members(variables, ewc, optimizer, flat, grads_of, jit=not args.no_xla, variants=variants)
+    names = args.members.split(",") + ["ewc_" + v for v in variants]
     times = {name: [] for name in names}
     order = list(names)
     for round_ in range(args.rounds + 1):
@@ -178,7 +188,7 @@ def main(argv=None):
         order.reverse()
         if args.dump:
             break
-    print(json.dumps({"params": params, "policy": args.policy,
+    print(json.dumps({"params": params, "policy": args.policy, "xla": not args.no_xla,
                       "median": {k: float(np.median(v)) for k, v in times.items() if v},
                       "min": {k: float(np.min(v)) for k, v in times.items() if v}}))
 

@@ -126,8 +126,8 @@ def add_penalty(ewc, grads, variables, *, optimizer, replica_scale):
 
     Sparse data gradients (``tf.IndexedSlices``: an Embedding table, whose batch reads a
     few rows).  The penalty's gradient λ·A·(θ − μ) is dense -- every row with A > 0, read
-    by the batch or not -- so the sum g_j + s·r·∇P_j is a dense tensor (g_j scattered into
-    the table's shape, :func:`scaled_sum`).  Both branches of a ``tf.cond`` must return the
+    by the batch or not -- so the sum g_j + s·r·∇P_j is a dense tensor (g_j's rows added
+    into s·r·∇P_j, :func:`scaled_sum`).  Both branches of a ``tf.cond`` must return the
     same type (and, under XLA, shape), and a dense zero ∇P_j in the inactive branch would
     cost a table-sized write and add; so the inactive branch densifies g_j alone: one
     scatter of the batch's rows into a zero table per step, decided per variable at trace
@@ -164,8 +164,9 @@ def _dense(g):
 def scaled_sum(grads, variables, penalty_grads, penalized, scale):
     """``g_j + scale·p_j`` for each variable j of ``variables``, where p_j is the entry of
     ``penalty_grads`` (aligned with ``penalized``) for the same variable, if any; a None
-    ``g_j`` becomes ``scale·p_j``, and a sparse one (``tf.IndexedSlices``) is densified
-    first: p_j covers every row.  Cast to the data gradient's (or variable's) dtype."""
+    ``g_j`` becomes ``scale·p_j``, and a sparse one (``tf.IndexedSlices``) is added into
+    ``scale·p_j`` row by row (:func:`_plus`): p_j covers every row.  Cast to the data
+    gradient's (or variable's) dtype."""
     penalty_grads = list(penalty_grads)
     if len(penalty_grads) != len(penalized):
         raise ValueError(
@@ -179,5 +180,15 @@ def scaled_sum(grads, variables, penalty_grads, penalized, scale):
             out.append(g)
             continue
         p = tf.cast(p * scale, v.dtype if g is None else g.dtype)
-        out.append(p if g is None else _dense(g) + p)
+        out.append(p if g is None else _plus(g, p))
     return out
+
+
+def _plus(g, p):
+    """``g + p``, p dense; a sparse ``g`` (``tf.IndexedSlices``) is added into p row by row
+    (a scatter-add into p, which is a fresh tensor: no zero table, no second table-sized
+    pass, as densifying g first would cost).  Rows listed several times are added in turn,
+    so the sum differs from g's dense form plus p only in float32 rounding order."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.tensor_scatter_nd_add(p, tf.expand_dims(g.indices, -1), g.values)
+    return g + p

@@ -138,6 +138,30 @@ def test_embedding_rows_outside_the_batch_get_the_penalty_gradient():
 
 
 @pytest.mark.parametrize("jit", [False, True])
+def test_sparse_gradient_rows_are_added_into_the_scaled_penalty_gradient(jit):
+    """scaled_sum with a tf.IndexedSlices data gradient (rows repeated, rows absent) and a
+    dense one: g + s·p against float64 NumPy, eagerly and under XLA."""
+    from fastewc._penalty_term import scaled_sum
+    rng = np.random.default_rng(6)
+    table, dense = tf.Variable(np.zeros((VOCAB, DIM), np.float32)), tf.Variable(np.zeros(DIM, np.float32))
+    p_table, p_dense = rng.normal(size=(VOCAB, DIM)).astype(np.float32), rng.normal(size=DIM).astype(np.float32)
+    rows, ids = rng.normal(size=(5, DIM)).astype(np.float32), np.array([4, 1, 4, 0, 4], np.int32)
+    g_dense, scale = rng.normal(size=DIM).astype(np.float32), 0.25
+
+    @tf.function(jit_compile=jit, autograph=False)
+    def summed():
+        sparse = tf.IndexedSlices(tf.constant(rows), tf.constant(ids), tf.constant([VOCAB, DIM]))
+        return scaled_sum([sparse, tf.constant(g_dense)], [table, dense],
+                          [tf.constant(p_table), tf.constant(p_dense)], [table, dense], tf.constant(scale))
+
+    got_table, got_dense = summed()
+    want_table = scale * p_table.astype(np.float64)
+    np.add.at(want_table, ids, rows.astype(np.float64))
+    assert_close(got_table.numpy(), want_table, rtol=1e-6)
+    assert_close(got_dense.numpy(), g_dense + scale * p_dense.astype(np.float64), rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
 def test_embedding_with_stop_on_nonfinite_and_steps_per_call(jit):
     """Sparse data gradients through the stop_on_nonfinite cond and the k-step loop: two
     steps in one call equal two float64 updates; a non-finite step is not applied."""
