@@ -28,6 +28,7 @@ of timing (``XLA_FLAGS`` must be set before TensorFlow loads, so this re-execute
 Prints one JSON line: seconds per member (median, min), and P.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -113,8 +114,9 @@ def members(variables, ewc, optimizer, flat, grads_of, *, jit=True, variants=())
     return {name: tf.function(fn, jit_compile=jit, autograph=False) for name, fn in fns.items()}, params
 
 
-def _patched(with_ewc, variant):
-    """The ``ewc`` member traced with another form of one piece, for comparison:
+@contextlib.contextmanager
+def patched(variant):
+    """While tracing: one piece of the EWC step in another form, for comparison:
 
     none     the value's sums left out (½ Σ g·d taken as 0: the gradient's cost alone)
     scalar   ½ Σ g·d as one reduce_sum to a scalar
@@ -123,8 +125,9 @@ def _patched(with_ewc, variant):
     vecmat   the rows' sum as a vector-matrix product (½·1)ᵀ·rows, then its sum
     densify  a sparse data gradient densified, then added (instead of added into the
              penalty gradient row by row)
+    nocond   the penalty without its tf.cond on ``penalty_is_active`` (always computed)
     """
-    from fastewc import _penalty_term
+    from fastewc import _penalty_term, keras_fit, train
     from fastewc import penalty as penalty_lib
 
     def half_sum(t):
@@ -143,18 +146,66 @@ def _patched(with_ewc, variant):
     def plus(g, p):
         return _penalty_term._dense(g) + p
 
-    module, name, replacement = ((_penalty_term, "_plus", plus) if variant == "densify"
-                                 else (penalty_lib, "_half_sum", half_sum))
+    def add_penalty_nocond(ewc, grads, variables, *, optimizer, replica_scale):
+        scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float32) * replica_scale
+        value, penalty_grads = ewc.penalty_and_gradients(inline=True)
+        return tf.cast(value, tf.float32), _penalty_term.scaled_sum(
+            grads, variables, penalty_grads, ewc.model.trainable_variables, scale)
 
+    if variant == "densify":
+        targets = [(_penalty_term, "_plus", plus)]
+    elif variant == "nocond":
+        targets = [(m, "add_penalty", add_penalty_nocond) for m in (sys.modules[__name__], train, keras_fit)]
+    else:
+        targets = [(penalty_lib, "_half_sum", half_sum)]
+    originals = [(m, name, getattr(m, name)) for m, name, _ in targets]
+    for m, name, replacement in targets:
+        setattr(m, name, replacement)
+    try:
+        yield
+    finally:
+        for m, name, original in originals:
+            setattr(m, name, original)
+
+
+def _patched(with_ewc, variant):
+    """``with_ewc`` traced under :func:`patched`."""
     def body(flat):
-        original = getattr(module, name)
-        setattr(module, name, replacement)          # only while tracing
-        try:
+        with patched(variant):
             return with_ewc(flat)
-        finally:
-            setattr(module, name, original)
-
     return body
+
+
+def full_steps(policy, variants, tiny=False):
+    """({name: one make_train_step call}, P): the GPT-2 step of
+    :mod:`benchmarks.bench_large_train` (its model, batch and loss; the EWC from a random
+    Fisher instead of a consolidation), plain, with the EWC, and with the EWC traced under
+    each variant (its first call, the warm-up, traces it)."""
+    from benchmarks import bench_large_train as large
+    s = large.Setup(policy, tiny, with_ewc=False)
+    rng = np.random.default_rng(0)
+    ewc = fastewc.EWC(s.model, lam=1.0)
+    ewc.add_task([rng.random(v.shape, np.float32) for v in s.model.trainable_variables])
+    runs = {}
+    for name, variant in [("plain", None), ("ewc", None)] + [("ewc_" + v, v) for v in variants]:
+        step = fastewc.make_train_step(s.model, keras.optimizers.Adam(1e-4), s.loss,
+                                       ewc=None if name == "plain" else ewc)
+        runs[name] = _first_call_patched(step, variant, s.x_step, s.y_step)
+    return runs, s.params
+
+
+def _first_call_patched(step, variant, x, y):
+    calls = []
+
+    def run(_):
+        if variant is not None and not calls:
+            with patched(variant):
+                out = step(x, y)
+        else:
+            out = step(x, y)
+        calls.append(1)
+        return out
+    return run
 
 
 def main(argv=None):
@@ -166,15 +217,21 @@ def main(argv=None):
     parser.add_argument("--dump", default=None)
     parser.add_argument("--variants", default="", help="comma list: none,scalar,rows,cols,vecmat,densify")
     parser.add_argument("--no-xla", action="store_true")
+    parser.add_argument("--full", action="store_true", help="whole make_train_step calls")
     args = parser.parse_args(argv)
     if args.dump and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text").strip()
         os.execv(sys.executable, [sys.executable, "-m", "benchmarks.ewc_step_parts", *(argv or sys.argv[1:])])
-    _, variables, ewc, optimizer, flat, grads_of = setup(args.policy, args.tiny)
     variants = [v for v in args.variants.split(",") if v]
-    fns, params = members(variables, ewc, optimizer, flat, grads_of, jit=not args.no_xla, variants=variants)
-    names = args.members.split(",") + ["ewc_" + v for v in variants]
+    if args.full:
+        fns, params = full_steps(args.policy, variants, args.tiny)
+        names, flat = list(fns), None
+    else:
+        _, variables, ewc, optimizer, flat, grads_of = setup(args.policy, args.tiny)
+        fns, params = members(variables, ewc, optimizer, flat, grads_of, jit=not args.no_xla,
+                              variants=variants)
+        names = args.members.split(",") + ["ewc_" + v for v in variants]
     times = {name: [] for name in names}
     order = list(names)
     for round_ in range(args.rounds + 1):
@@ -188,7 +245,7 @@ def main(argv=None):
         order.reverse()
         if args.dump:
             break
-    print(json.dumps({"params": params, "policy": args.policy, "xla": not args.no_xla,
+    print(json.dumps({"params": params, "policy": args.policy, "xla": not args.no_xla, "full": args.full,
                       "median": {k: float(np.median(v)) for k, v in times.items() if v},
                       "min": {k: float(np.min(v)) for k, v in times.items() if v}}))
 
