@@ -16,6 +16,8 @@ backward pass:
     ewc_<v>     ewc with one piece in another form (``--variants``, :func:`_patched`)
 
 timed alternating (:func:`benchmarks.conftest.rotate`'s order) after a warm-up round.
+``--full`` times whole ``make_train_step`` calls instead (the model's batch, forward and
+backward included): ``plain``, ``ewc`` and ``ewc_<v>``.
 ``ewc − plain`` is what the penalty adds to the step, in seconds; the plain train step's
 time (``bench_large_train``) is what it is compared with.
 
@@ -47,8 +49,8 @@ from fastewc._penalty_term import add_penalty  # noqa: E402
 
 
 def setup(policy, tiny=False):
-    """(model variables, EWC, Adam, gradients as a flat list of tensors, a function that
-    rebuilds the gradient list from them)."""
+    """(the model, its trainable variables, the EWC, Adam, the gradients as a flat list of
+    tensors, a function that rebuilds the gradient list from them)."""
     from benchmarks import bench_large_train as large
     keras.mixed_precision.set_global_policy(policy)
     model = large.gpt2_classifier(tiny)
