@@ -131,8 +131,8 @@ def weighted_rows(weight, t, lead=1):
 
 def few_rows(rows):
     """Whether ``rows`` (N, L, d') are statically at most d' rows, so fewer floats than the
-    d'² factor they form: then :func:`row_gram` forms it, scales folded
-    into the rows (the reference CNN's Dense(9216 → 128): 256 rows, an 85M-float A)."""
+    d'² factor they form: then :func:`row_gram` forms it, its scales folded into the rows
+    (the reference CNN's Dense(9216 → 128): 256 rows, an 85M-float A)."""
     count = rows.shape[:-1].num_elements()
     return count is not None and count <= rows.shape[-1]
 

@@ -35,6 +35,7 @@ second-pass blocks, :meth:`fastewc.blocks.base.Block.second_pass`), each given i
 part (:meth:`BlockPlan.prepare`), and replaces those parts by the second pass's
 (:meth:`BlockPlan.finish_second`) before assembling them (:meth:`BlockPlan.assemble_parts`).
 """
+import itertools
 import math
 
 from fastewc.blocks.diagonal import Diagonal
@@ -55,8 +56,8 @@ class BlockPlan:
         # Per sum: whether its kind's rule_sums scales it (Block.scales_sums) and whether
         # it is a Gram matrix, finite where its diagonal is (Block.gram_sums).
         self.scaled = tuple(block.scales_sums for block in blocks for _ in block.sum_shapes)
-        self.gram = tuple(flag for block in blocks
-                          for flag in (tuple(block.gram_sums) + (False,) * len(block.sum_shapes))[:len(block.sum_shapes)])
+        self.gram = tuple(bool(flag) for block in blocks
+                          for flag, _ in itertools.zip_longest(block.gram_sums, block.sum_shapes))
         self._block_of = {id(v): block for block in blocks for v in block.variables}
         self._kinds_of = {}
         kinds = {type(block) for block in blocks}
