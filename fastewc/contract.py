@@ -129,6 +129,28 @@ def weighted_rows(weight, t, lead=1):
     return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
 
 
+def few_rows(rows):
+    """Whether ``rows`` (N, L, d') are statically at most d' rows, so fewer floats than the
+    d'² factor they form: then :func:`row_gram` forms it, its scales folded into the rows
+    (the reference CNN's Dense(9216 → 128): 256 rows, an 85M-float A)."""
+    count = rows.shape[:-1].num_elements()
+    return count is not None and count <= rows.shape[-1]
+
+
+def row_gram(rows, scale=None):
+    """Σ_n (1/L) Σ_l ā_nl ā_nlᵀ (times ``scale``, a float32 scalar, when given) of ``rows``
+    (N, L, d') with a static L: :class:`KroneckerSums`'s ``a`` from its ``rows``.  One
+    (d' × N·L)(N·L × d') matmul with the 1/L and the scale folded into the rows as
+    √(scale / L): no pass over the d'² result, the cheaper form where the rows are fewer
+    floats than it (a Dense layer with many inputs)."""
+    positions, d = rows.shape[1], rows.shape[-1]
+    factor = 1.0 / positions if scale is None else scale / positions
+    flat = tf.reshape(rows, [-1, d])
+    if scale is not None or positions != 1:
+        flat = flat * tf.sqrt(tf.cast(factor, flat.dtype))
+    return tf.matmul(flat, flat, transpose_a=True)
+
+
 def static_or_dynamic_shape(t):
     """``t``'s shape as a list: Python ints where static, scalar tensors elsewhere."""
     static = t.shape.as_list()

@@ -62,7 +62,7 @@ from fastewc import likelihood as likelihood_lib
 from fastewc import registry
 from fastewc._checks import (check_jit_compile, check_model, check_one_of, check_positive_int,
                              check_seed)
-from fastewc.engines import ENGINES, initial_state
+from fastewc.engines import ENGINES
 from fastewc.engines.base import Checks, IdGuard, is_distributed, mask_sources
 
 METHODS = ("auto",) + tuple(ENGINES)
@@ -449,9 +449,10 @@ class FisherEstimator:
 
     # -- per-call tensors -----------------------------------------------------------------
     def _initial_state(self, engine):
-        """The state before a call's first batch (a few scalars: nothing the size of the
-        sums), made per call, so an estimator an EWC keeps for its next task holds none."""
-        return initial_state(len(engine.id_layers))
+        """The state before a call's first batch: a few scalars, nothing the size of the
+        sums (so an estimator an EWC keeps for its next task holds none), made once per
+        engine (:meth:`fastewc.engines.base.Engine.start_state`)."""
+        return engine.start_state()
 
     def _noise(self, seed, batch, plan):
         """The sampled kind's noise for ``batch``, drawn eagerly-equivalent: a tf.function

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 import fastewc
-from fastewc.testing import float64_twin, reference_fisher
+from fastewc.engines.base import all_finite
+from fastewc.testing import float64_twin, reference_fisher, reference_kronecker_factors
 
 from conftest import data, mlp
 
@@ -70,3 +71,81 @@ def test_a_many_batch_call_accumulates_in_float64(curvature):
     again = estimator(stream)
     first = again.blocks[0].a if curvature == "kfac" else again[0]
     np.testing.assert_allclose(first.numpy(), [[want]], rtol=1e-7)
+
+
+def _running_ops(concrete):
+    """The ops the outputs of ``concrete`` depend on: what a call runs (the function's
+    runtime prunes the rest, e.g. a rule's unscaled factor that nothing reads)."""
+    seen, stack = {}, [t.op for t in concrete.outputs]
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen[op.name] = op
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    return list(seen.values())
+
+
+def _conv_dense():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((4, 4, 2)),
+        keras.layers.Conv2D(3, 2, activation="tanh"),       # A 9², from 6 · 9 patches: A · 1/N
+        keras.layers.Flatten(),
+        keras.layers.Dense(4, activation="tanh"),            # A 28², from 8 rows: 1/N in the rows
+        keras.layers.Dense(3),                               # A 5², from 8 rows: A · 1/N
+    ])
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_a_one_batch_call_forms_a_large_factor_by_its_matmul_alone(kind):
+    """A one-batch call's Kronecker sums come as means: 1/N folded into the weights (G)
+    and, where the rows are fewer floats than A, into the rows (Dense(27 → 4) on 8 rows,
+    A 28²), else A · 1/N (the convolution's patches, the last Dense).  Against float64,
+    with 2 padding rows (6 examples in 8 rows); and in the graph that runs, the only op
+    with an output of the large A's shape is its matmul: no division and no finiteness
+    pass over A (its diagonal is checked: engines.base.all_finite)."""
+    model = _conv_dense()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 4, 4, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind=kind, curvature="kfac", batch_size=8)
+    got = estimator((x, y))
+    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=LOGITS, kind=kind)
+    for block in got.blocks:
+        a, g = reference[block.layer]
+        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
+    engine = estimator.plan((x, y)).engine
+    (rows, alone), = engine._concrete
+    assert (rows, alone) == (8, True)
+    large = [op.type for op in _running_ops(engine._concrete[(rows, alone)])
+             if op.type != "Identity" and any(t.shape == (28, 28) for t in op.outputs)]
+    assert large == ["MatMul"]
+
+
+def test_a_non_finite_factor_still_raises_naming_it():
+    """The finiteness check of a Gram factor reads its diagonal: a mean that overflows
+    float32 in A (x = 1e20 in one of 5 rows: x²/5 = 2e39) shows there, and the call raises
+    naming A.  (x = 3e19 no longer raises: x²/5 = 1.8e38 is finite, and with the 1/N in
+    the rows no sum overflows on the way.)"""
+    model = mlp(d_in=30)
+    x, y = data(n=5, d_in=30)
+    x[2, 7] = 1e20
+    with pytest.raises(ValueError, match=r"dense(_\d+)?/kernel \(Kronecker factor A\)' is not finite"):
+        fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", curvature="kfac")((x, y))
+
+
+def test_a_gram_matrix_is_finite_where_its_diagonal_is():
+    """all_finite's diagonal check of A = XᵀX agrees with a check of every entry, for rows
+    with a NaN, an inf, a finite value whose square overflows, and none (float32 matmul,
+    each case against NumPy's isfinite of the whole product)."""
+    rng = np.random.default_rng(2)
+    for bad in (None, np.nan, np.inf, -np.inf, 2e19, 1e19):
+        x = rng.normal(size=(7, 5)).astype(np.float32)
+        if bad is not None:
+            x[rng.integers(7), rng.integers(5)] = bad
+        a = tf.matmul(x, x, transpose_a=True)
+        full = bool(np.all(np.isfinite(a.numpy())))
+        assert bool(all_finite((a,), (True,))) == full, bad
+        assert bool(all_finite((a, tf.constant([np.nan])), (True,))) is False

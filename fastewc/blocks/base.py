@@ -37,10 +37,16 @@ class Block:
     own_sums = False             # True: the engine asks the BLOCK's rule_sums (an instance
     #                              method: a second-pass block's sums use its own state),
     #                              not its kind's
+    scales_sums = False          # True: rule_sums takes ``scale`` (a float32 scalar) and
+    #                              returns its sums times it: a one-batch call passes 1/N
+    #                              and its sums are the means, with no pass to divide them
     # Per block (set by the kind's constructor):
     variables = ()               # the model variables it covers
     sum_shapes = ()              # the shapes of its per-batch sums, in order
     sum_names = ()               # one name per sum, for messages
+    gram_sums = ()               # per sum, True for a Gram matrix Σ_r c_r x_r x_rᵀ (c_r ≥ 0):
+    #                              finite where its diagonal is (engines.base.all_finite);
+    #                              missing entries are False
 
     @property
     def key(self):
@@ -58,7 +64,8 @@ class Block:
     def rule_sums(cls, result, delta, weight, mask):
         """``{block key: tuple of sums}`` of this kind's blocks in one layer, from its
         rule's output ``result``, its float32 deltas (K, N, *probe), the cotangents'
-        ``weight`` (K, N) and the rows' 0/1 ``mask`` (N,) (the factored engine)."""
+        ``weight`` (K, N) and the rows' 0/1 ``mask`` (N,) (the factored engine); a kind
+        with ``scales_sums`` also takes ``scale=`` (None: 1)."""
         raise NotImplementedError
 
     def gradient_sums(self, squares):

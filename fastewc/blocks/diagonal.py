@@ -48,6 +48,7 @@ class Diagonal(Block):
     variable; on the EWC side keyed by the variable's EWC key (its path)."""
 
     kind = "diagonal"
+    scales_sums = True
 
     def __init__(self, variable):
         self.variables = (variable,)
@@ -56,7 +57,9 @@ class Diagonal(Block):
 
     # -- estimation ------------------------------------------------------------------------
     @classmethod
-    def rule_sums(cls, result, delta, weight, mask):
+    def rule_sums(cls, result, delta, weight, mask, scale=None):
+        """Σ_k Σ_n w_kn g_kn² (times ``scale``, folded into the weights: the sums are linear in them)."""
+        weight = weight if scale is None else weight * scale
         return {(cls.kind, id(variable)): (value,) for variable, value in result.square_sums(delta, weight)}
 
     def gradient_sums(self, squares):

@@ -51,6 +51,7 @@ from fastewc import penalty as penalty_lib
 from fastewc.blocks.base import Block
 from fastewc.blocks.diagonal import Diagonal, _path
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
+from fastewc.contract import few_rows, row_gram
 from fastewc.curvature import KroneckerFisher
 
 # Bytes a call holds per accumulated float of a plan with Kronecker blocks, at most: a call
@@ -183,6 +184,7 @@ class Kronecker(Block):
                   "which the per-example methods do not form")
     dense_sums = True
     xla_on_cpu = False
+    scales_sums = True
     shared_layer_refusal = ("curvature='kfac' cannot take a shared layer: its Fisher block is not one "
                             "Kronecker product A ⊗ G.")
 
@@ -191,6 +193,7 @@ class Kronecker(Block):
         self.input_rank = input_rank
         self.variables = tuple(variables)
         self.sum_shapes = (tuple(a_shape), tuple(g_shape))
+        self.gram_sums = (len(a_shape) == 2, False)     # A = Σ_nl (m_n/L) ā āᵀ; G is small
         path = _path(self.variables[0])
         self.sum_names = (f"{path} (Kronecker factor A)", f"{path} (Kronecker factor G)")
 
@@ -205,8 +208,21 @@ class Kronecker(Block):
                 for sums in result.kron(delta, tf.ones([1, probe.shape[0]]), tf.ones([probe.shape[0]]))]
 
     @classmethod
-    def rule_sums(cls, result, delta, weight, mask):
-        return {(cls.kind, id(sums.variables[0])): (sums.a, sums.g) for sums in result.kron(delta, weight, mask)}
+    def rule_sums(cls, result, delta, weight, mask, scale=None):
+        """The rule's (a, g) per block; with ``scale`` (a one-batch call's 1/N) times it,
+        at no pass over them: g through the weights (it is linear in them), a through the
+        rows (:func:`fastewc.contract.row_gram`, √scale folded into them) where the rule
+        gives them and they are fewer floats than a (the reference CNN's 256 rows of
+        9217, against its 9217² a: the rule's own a is then unused and pruned from the
+        graph), else a · scale (a is smaller than the rows it came from)."""
+        if scale is None:
+            return {(cls.kind, id(sums.variables[0])): (sums.a, sums.g) for sums in result.kron(delta, weight, mask)}
+        out = {}
+        for sums in result.kron(delta, weight * scale, mask):
+            rows = sums.rows
+            by_rows = rows is not None and sums.a.shape.rank == 2 and few_rows(rows)
+            out[(cls.kind, id(sums.variables[0]))] = (row_gram(rows, scale) if by_rows else sums.a * scale, sums.g)
+        return out
 
     def finish(self, means):
         """The :class:`fastewc.curvature.KroneckerBlock` (factors symmetric up to the

@@ -19,7 +19,10 @@ An engine is built with the plan and asks it, never the kind:
   (:meth:`BlockPlan.from_gradients`);
 * every engine, the shapes it accumulates (:attr:`BlockPlan.shapes`) and which floats a
   call of several batches folds per batch that its rows should amortize
-  (:attr:`BlockPlan.amortized_floats`: all of its sums when some are dense, else none).
+  (:attr:`BlockPlan.amortized_floats`: all of its sums when some are dense, else none);
+  per sum, whether its kind's rule scales it (:attr:`BlockPlan.scaled`: a one-batch
+  call's sums come as means) and whether it is a Gram matrix, checked finite on its
+  diagonal (:attr:`BlockPlan.gram`).
 
 The estimator asks it the XLA default (:attr:`BlockPlan.xla_on_cpu`), checks memory
 (:meth:`BlockPlan.check_memory`) and turns the call's means into the public result
@@ -32,6 +35,7 @@ second-pass blocks, :meth:`fastewc.blocks.base.Block.second_pass`), each given i
 part (:meth:`BlockPlan.prepare`), and replaces those parts by the second pass's
 (:meth:`BlockPlan.finish_second`) before assembling them (:meth:`BlockPlan.assemble_parts`).
 """
+import itertools
 import math
 
 from fastewc.blocks.diagonal import Diagonal
@@ -49,6 +53,11 @@ class BlockPlan:
         self.blocks = tuple(blocks)
         self.shapes = [shape for block in blocks for shape in block.sum_shapes]
         self.names = [name for block in blocks for name in block.sum_names]
+        # Per sum: whether its kind's rule_sums scales it (Block.scales_sums) and whether
+        # it is a Gram matrix, finite where its diagonal is (Block.gram_sums).
+        self.scaled = tuple(block.scales_sums for block in blocks for _ in block.sum_shapes)
+        self.gram = tuple(bool(flag) for block in blocks
+                          for flag, _ in itertools.zip_longest(block.gram_sums, block.sum_shapes))
         self._block_of = {id(v): block for block in blocks for v in block.variables}
         self._kinds_of = {}
         kinds = {type(block) for block in blocks}

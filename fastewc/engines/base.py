@@ -18,7 +18,8 @@ folds each batch's into float64 totals (:func:`fold`) and forms the mean once
 * ``default_jit_compile(model, blocks)``: the XLA setting ``jit_compile=None`` means;
 * ``batch_sums(x, y, mask, noise)``: a :class:`BatchSums` (traced once per plan): the
   sums by block, one count per Embedding layer (``id_layers``) of the ids outside its
-  table, the output's (min, max);
+  table, the output's (min, max); an engine with ``scales_sums`` also takes ``scale=``
+  (a one-batch call's 1/N, passed to the kinds that scale their sums);
 * ``run(batch, noise, state, alone=...)``: one batch through the compiled function, the
   new state (``alone``: the call's only batch, whose state is final);
 * ``finish(state)``: the call's final state, its means and :class:`Checks` complete.
@@ -116,8 +117,20 @@ def _checks(batch, state, finite=None):
     return Checks(out_range, checks.finite if finite is None else finite, bad_ids).pack()
 
 
-def _all_finite(means):
-    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(m)) for m in means]))
+def all_finite(means, gram=()):
+    """Whether every mean is finite, a Gram matrix's (``gram[i]``, e.g. a Kronecker factor
+    A = Σ_r c_r x_r x_rᵀ with c_r ≥ 0) checked on its diagonal alone: a pass over d'
+    floats, not d'² (the reference CNN's 9217² A: 85M).  Sound: a non-finite x_ri makes
+    A_ii = Σ_r c_r x_ri² non-finite (inf or NaN, and no later term brings it back); with
+    every x finite, |x_ri x_rj| ≤ max(x_ri², x_rj²), so a product that overflows makes a
+    diagonal entry overflow too, and |A_ij| ≤ √(A_ii A_jj) (Cauchy–Schwarz, also for each
+    partial sum of the matmul) bounds the off-diagonal sums by the diagonal's.  The one
+    gap is rounding: an off-diagonal entry could round past float32's maximum (3.4e38)
+    only where a diagonal entry lies within a factor 1 + rows · 2⁻²⁴ of it.  The same holds
+    for a float64 total cast to float32 (:func:`finish`).  Other means are checked whole."""
+    flags = tuple(gram) + (False,) * (len(means) - len(gram))
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(m) if g else m))
+                                   for m, g in zip(means, flags)]))
 
 
 # How a call turns batches' float32 sums (:class:`BatchSums`) into its means.  Measured
@@ -131,13 +144,17 @@ def _all_finite(means):
 # and forms the mean once (:func:`finish`).  Either way the mean is within the float32
 # rounding of ONE batch's sums (rows * 2^-24 at worst, ~1e-6 measured) of the exact mean,
 # whatever the number of batches.
-def mean(batch, count, state):
+def mean(batch, count, state, *, scaled=(), gram=()):
     """A one-batch call's final state: the means sums / count in float32 (no float64: one
-    rounding of the division on top of the sums' own) and ``checks.finite``."""
+    rounding of the division on top of the sums' own) and ``checks.finite``
+    (:func:`all_finite`, ``gram`` per sum).  ``scaled`` (per sum, aligned with the
+    flattened sums; missing entries False): the sums that came already times 1/count
+    (:attr:`fastewc.blocks.base.Block.scales_sums`), the means as they are: no pass."""
     n = tf.cast(count, tf.float32)
-    means = tuple(s / n for s in tf.nest.flatten(batch.sums))
+    flags = tuple(scaled) + (False,) * len(tf.nest.flatten(batch.sums))
+    means = tuple(s if done else s / n for s, done in zip(tf.nest.flatten(batch.sums), flags))
     return FisherState((), state.examples + tf.cast(count, tf.float64), means,
-                       _checks(batch, state, _all_finite(means)))
+                       _checks(batch, state, all_finite(means, gram)))
 
 
 def fold(batch, count, state):
@@ -150,11 +167,11 @@ def fold(batch, count, state):
     return FisherState(totals, state.examples + tf.cast(count, tf.float64), (), _checks(batch, state))
 
 
-def finish(state):
+def finish(state, *, gram=()):
     """A folded state with its means = totals / examples (float64 division, then float32)
-    and ``checks.finite``: once per call of several batches."""
+    and ``checks.finite`` (:func:`all_finite`): once per call of several batches."""
     means = tuple(tf.cast(t / state.examples, tf.float32) for t in state.totals)
-    checks = Checks.unpack(state.checks)._replace(finite=_all_finite(means)).pack()
+    checks = Checks.unpack(state.checks)._replace(finite=all_finite(means, gram)).pack()
     return FisherState(state.totals, state.examples, means, checks)
 
 
@@ -335,6 +352,7 @@ class Engine:
 
     name = None
     xla_capable = True          # False: jit_compile=None never means XLA for this engine
+    scales_sums = False         # True: batch_sums takes scale= (its kinds' sums times it)
 
     def __init__(self, model, likelihood, kind, num_samples, *, jit_compile, blocks, out_tail, rules=None):
         self.model = model
@@ -354,6 +372,7 @@ class Engine:
         self._counts = {}           # real rows -> an int32 scalar tensor
         self._sums_function = None  # batch_sums alone: a longer call's, the per-replica function
         self._replicated = {}       # strategy id -> (strategy, replicated function)
+        self._start = None          # the state before a call's first batch (start_state)
 
     @classmethod
     def default_jit_compile(cls, model, blocks):
@@ -367,6 +386,13 @@ class Engine:
         raise NotImplementedError
 
     # -- running ----------------------------------------------------------------------
+    def start_state(self):
+        """The state before a call's first batch (:func:`initial_state`), made once: a few
+        immutable scalars, so a call reuses them rather than making two tensors."""
+        if self._start is None:
+            self._start = initial_state(len(self.id_layers))
+        return self._start
+
     def run(self, batch, noise, state, *, alone=False, distributed=False):
         """``batch`` (a :class:`fastewc.data.Batch`) through the compiled function.
         ``alone``: it is the call's only batch, and the state returned is final (:func:`mean`
@@ -405,7 +431,8 @@ class Engine:
         key = (fn.__name__, bool(args[-1].totals))
         concrete = self._steps.get(key)
         if concrete is None:
-            concrete = self._steps[key] = tf.function(fn, autograph=False, jit_compile=False) \
+            step = fn if fn is fold else functools.partial(fn, gram=self.blocks.gram)
+            concrete = self._steps[key] = tf.function(step, autograph=False, jit_compile=False) \
                 .get_concrete_function(*args)
         with self._call_options(concrete):
             return FisherState(*compat.call_concrete(concrete, args))
@@ -446,12 +473,21 @@ class Engine:
         return concrete
 
     def _compiled(self):
-        """sums and :func:`mean` in one function: a one-batch call's."""
+        """sums and :func:`mean` in one function: a one-batch call's.  An engine that
+        ``scales_sums`` asks its sums times 1/count (``batch_sums(..., scale=)``): the
+        blocks whose kind scales them (:attr:`fastewc.blocks.BlockPlan.scaled`) return
+        their means, and no pass divides them."""
         if self._function is None:
-            sums = self.batch_sums
-            self._function = tf.function(
-                lambda x, y, mask, noise, count, state: mean(sums(x, y, mask, noise), count, state),
-                jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
+            sums, gram = self.batch_sums, self.blocks.gram
+            scaled = self.blocks.scaled if self.scales_sums else ()
+
+            def call(x, y, mask, noise, count, state):
+                if not any(scaled):
+                    return mean(sums(x, y, mask, noise), count, state, gram=gram)
+                scale = 1.0 / tf.cast(count, tf.float32)
+                return mean(sums(x, y, mask, noise, scale=scale), count, state, scaled=scaled, gram=gram)
+            self._function = tf.function(call, jit_compile=self.jit_compile, reduce_retracing=True,
+                                         autograph=False)
         return self._function
 
     def _traced_sums(self):

@@ -75,6 +75,7 @@ def _scope_name(layer):
 
 class FactoredEngine(Engine):
     name = "factored"
+    scales_sums = True       # batch_sums(..., scale=): the kinds that can return their sums times it
     _unroll = None           # decided on first use: see unroll_cotangents
     _vectorized = False      # the last trace vectorized its K backward passes
 
@@ -118,15 +119,15 @@ class FactoredEngine(Engine):
             concrete = super()._concrete_for(args, alone=alone)
         return concrete
 
-    def batch_sums(self, x, y, mask, noise):
+    def batch_sums(self, x, y, mask, noise, scale=None):
         model, variables = self.model, self.variables
         with tf.name_scope("fastewc/fisher"):
             with capture_lib.capture(model, self.rules) as recorder, IdGuard(model, self.id_layers) as ids:
                 with tf.GradientTape(persistent=True) as tape:
                     out = model(x, training=False)
             u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise, x, self.out_tail)
-            scale = cotangent_scale(out.dtype)
-            u = tf.cast(u * scale, out.dtype)
+            loss_scale = cotangent_scale(out.dtype)
+            u = tf.cast(u * loss_scale, out.dtype)
             probes = [result.probe for _, result in recorder.records]   # a nest for a shared layer
             k = u.shape[0]
             unroll = self.unroll_cotangents
@@ -142,11 +143,12 @@ class FactoredEngine(Engine):
                 if delta is None:
                     return tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(probe)], 0), tf.float32)
                 delta = tf.cast(delta, tf.float32)
-                return delta / scale if scale != 1.0 else delta
+                return delta / loss_scale if loss_scale != 1.0 else delta
 
             for (layer, result), delta in zip(recorder.records, deltas):
                 with tf.name_scope(_scope_name(layer)):      # a profile names the layer
                     delta = tf.nest.map_structure(prepared, result.probe, delta)
                     for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
-                        sums.update(kind.rule_sums(result, delta, w, mask))
+                        scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
+                        sums.update(kind.rule_sums(result, delta, w, mask, **scaling))
             return BatchSums(self.blocks.collect(sums), ids.counts(), output_range(out))

@@ -12,8 +12,8 @@ import string
 
 import tensorflow as tf
 
-from fastewc.contract import (KroneckerSums, UnsupportedLayerError, static_or_dynamic_shape,  # noqa: F401
-                              weighted_rows, weighted_square_sum)
+from fastewc.contract import (KroneckerSums, UnsupportedLayerError, few_rows,  # noqa: F401
+                              row_gram, static_or_dynamic_shape, weighted_rows, weighted_square_sum)
 
 
 def check_plain(layer, family, *, lora=False):
@@ -156,11 +156,12 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
     Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u), and no pass over a
-    (d+1)² ``a`` larger than the rows: where the N·L rows are at most d (statically), the
-    column is appended to the rows and ``a`` is the matmul's output alone (the reference
-    CNN's Dense(9216 → 128): 256 rows, an 85M-float ``a``); else (a convolution's patches)
-    its last row and column are the rows' sums, and a copy of ``a`` joins them.  No
-    division where L = 1.  ``input_rank``: :class:`fastewc.contract.KroneckerSums`'s (None:
+    (d+1)² ``a`` larger than the rows: where the N·L rows are at most d' (statically,
+    :func:`fastewc.contract.few_rows`), ``a`` is :func:`fastewc.contract.row_gram` of the
+    rows with the bias's column, the 1/L folded into them (the reference CNN's
+    Dense(9216 → 128): 256 rows, an 85M-float ``a``); else (a convolution's patches) its
+    last row and column are the rows' sums, and a copy of ``a`` joins them.  No division
+    where L = 1.  ``input_rank``: :class:`fastewc.contract.KroneckerSums`'s (None:
     a kernel with one output axis); its ``rows`` are ``rows`` with the bias's column (the
     mask) appended, its ``deltas`` ``deltas``."""
     d, u = rows.shape[-1], deltas.shape[-1]
@@ -171,9 +172,9 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     if bias:      # the rows with the bias's column (the mask): KroneckerSums.rows
         column = tf.broadcast_to(tf.reshape(mask, [-1, 1, 1]), tf.concat([tf.shape(rows)[:2], [1]], 0))
         rows_with_bias = tf.concat([rows, tf.cast(column, rows.dtype)], -1)
-    if bias and flat.shape[0] is not None and flat.shape[0] <= d:
-        flat = tf.reshape(rows_with_bias, [-1, d + 1])
-        a = per_position(tf.matmul(flat, flat, transpose_a=True))
+    rows_out = rows_with_bias if bias else rows
+    if few_rows(rows_out):
+        a = row_gram(rows_out)
     else:
         a = per_position(tf.matmul(flat, flat, transpose_a=True))
         if bias:
@@ -183,4 +184,4 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     flat_deltas = tf.reshape(deltas, [-1, u])
     weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
-    return KroneckerSums(tuple(variables), a, g, input_rank, rows_with_bias if bias else rows, deltas)
+    return KroneckerSums(tuple(variables), a, g, input_rank, rows_out, deltas)
