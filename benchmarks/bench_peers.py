@@ -23,6 +23,7 @@ from benchmarks import peers_kfac  # noqa: E402
 from benchmarks.conftest import rotate  # noqa: E402
 
 torch.set_num_threads(peers_kfac.threads())
+pytestmark = pytest.mark.filterwarnings("ignore:Using a non-full backward hook:FutureWarning")
 
 
 @pytest.mark.parametrize("kind", peers_kfac.KINDS)
