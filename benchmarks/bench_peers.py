@@ -1,8 +1,9 @@
 """fastewc's KFAC factors against the PyTorch peers (ASDL, curvlinops) and the hand-written
 kernel: ``benchmarks/peers_kfac.py`` as a pytest-benchmark suite, one test per (problem,
 kind), its members rotated (``conftest.rotate``) after the agreement checks (logits to
-1e-5; empirical and exact factors of every member within 2e-6 of float64; sampled: A, and
-G's shapes).  Needs torch, ``asdfghjkl`` and ``curvlinops-for-pytorch`` (``make
+1e-5; empirical and exact factors within 2e-6 of float64 for fastewc and the kernel, within
+1e-4 for the PyTorch peers, whose float32 CNN factors are 5e-6 to 4e-5 off; sampled: A,
+and G's shapes).  Needs torch, ``asdfghjkl`` and ``curvlinops-for-pytorch`` (``make
 bench-peers`` installs them in ``.venv-peers``); without them every test skips.  The smoke
 pass (``--benchmark-disable``) runs the MLP's exact kind on 8 examples.
 
@@ -36,9 +37,10 @@ def test_peers(benchmark, smoke, device, name, kind):
     group = peers_kfac.Group(name, kind, small=smoke)
     agreement = group.agreement()
     for member, errors in agreement.items():
+        bound = peers_kfac.AGREEMENT if member in ("fastewc", "kernel") else peers_kfac.PEER_AGREEMENT
         for factor in ("a", "g"):
             if errors[factor] is not None:
-                assert errors[factor] <= peers_kfac.AGREEMENT, (member, factor, errors)
+                assert errors[factor] <= bound, (member, factor, errors)
     benchmark.group = f"kfac-peers[{device}]"
     times = rotate(benchmark, group.members, rounds=3 if smoke else peers_kfac.ROUNDS[name])
     medians = None if times is None else {k: sorted(t)[len(t) // 2] for k, t in times.items()}

@@ -79,7 +79,10 @@ KINDS = ("empirical", "sampled", "exact")
 MEMBERS = ("fastewc", "kernel", "asdl", "curvlinops")
 ROUNDS = {"mlp": 31, "cnn": 5}
 LOGIT_TOLERANCE = 1e-5
-AGREEMENT = 2e-6
+AGREEMENT = 2e-6          # issue 25's bound, met by fastewc and the kernel
+# The PyTorch peers' float32 CNN factors are 5e-6 to 4e-5 off float64 (the README's table):
+# a bound that still catches a wrong convention (an unpermuted row order, a missing 1/N).
+PEER_AGREEMENT = 1e-4
 # ASDL's hooks are torch's non-full backward hooks (the output's gradient is right; torch
 # warns that the inputs' may not be, which ASDL does not read).
 warnings.filterwarnings("ignore", message="Using a non-full backward hook", category=FutureWarning)
