@@ -167,10 +167,8 @@ def keras_order(factors, orders, *, bias=True):
     """PyTorch-ordered ``[(A, G)]`` → Keras-ordered NumPy float32 (A's bias row stays last)."""
     out = []
     for (a, g), order in zip(factors, orders, strict=True):
-        a = a.detach().numpy() if hasattr(a, "detach") else np.asarray(a)
         index = np.concatenate([order, [len(order)]]) if bias else order
-        out.append((np.take(np.take(a, index, 0), index, 1), np.asarray(g.detach().numpy()
-                                                                        if hasattr(g, "detach") else g)))
+        out.append((np.take(np.take(a.detach().numpy(), index, 0), index, 1), g.detach().numpy()))
     return out
 
 
