@@ -11,7 +11,16 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 BENCH_FILES := -o python_files=bench_*.py
 export PYTHONHASHSEED ?= 0
 
-.PHONY: venv test test-slow demo bench profile clean
+# The PyTorch peers of the KFAC factors (benchmarks/peers_kfac.py) live in a venv of their
+# own, so that .venv (make test, CI) never holds torch. TORCH_CPU: torch's CPU build, which
+# pip must find (on this machine, in its local wheels; elsewhere add PyTorch's CPU wheel
+# index with PIP_EXTRA_INDEX_URL): the pin fails rather than fetch the CUDA build.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+TORCH_CPU ?= torch==2.13.0+cpu
+
+.PHONY: venv test test-slow demo bench bench-peers profile clean
 
 venv: $(STAMP)
 
@@ -41,8 +50,21 @@ bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(BENCH_FILES) $(ARGS)
 
+$(PEERS_STAMP): setup.py
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PEERS_PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(PEERS_PY) -m pip install --quiet -e ".[tf-cpu,dev,peers]"
+	touch $(PEERS_STAMP)
+
+# fastewc's KFAC factors, the hand-written kernel, ASDL and curvlinops, interleaved
+# (ARGS: e.g. --problems mlp --kinds exact --rounds 5).
+bench-peers: $(PEERS_STAMP)
+	mkdir -p benchmarks/results
+	$(PEERS_PY) -m benchmarks.peers_kfac --json benchmarks/results/peers.json $(ARGS)
+
 profile: $(STAMP)
 	$(PY) -m profiles.capture $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .benchmarks build *.egg-info

@@ -4,6 +4,12 @@ TensorFlow is an extra, not a hard requirement (as in tensorflow-probability): p
 ``fastewc[tf-cpu]`` on a CPU-only machine, ``fastewc[tf]`` for the standard build, or
 ``fastewc[cuda]`` for the CUDA wheels.  Bounds are the versions we have tested.
 
+``fastewc[peers]`` holds the PyTorch peers of ``benchmarks/peers_kfac.py`` (ASDL and
+curvlinops, with torch): a benchmark's needs, never the package's.  Install torch's CPU
+build first (``torch==2.13.0+cpu``, from PyTorch's CPU wheel index): the plain ``torch``
+wheel of the registry is the CUDA build, gigabytes of libraries.  ``make bench-peers``
+does both in a venv of its own, ``.venv-peers``.
+
 ``fastewc[hub]`` holds what keras_hub needs at run time, except ``tensorflow-text``:
 that wheel requires the ``tensorflow`` distribution unconditionally, which pip would
 install over ``tensorflow-cpu`` (two distributions writing one ``tensorflow`` package).
@@ -38,6 +44,11 @@ setup(
             "kagglesdk==0.1.28",
             "packaging>=23,<27",
             "rich>=13,<16",
+        ],
+        "peers": [    # tested: torch 2.13.0+cpu, asdfghjkl 0.1a5, curvlinops-for-pytorch 3.0.1
+            "torch>=2.13,<2.14",
+            "asdfghjkl>=0.1a5,<0.2",
+            "curvlinops-for-pytorch>=3.0.1,<3.1",
         ],
         "dev": [
             "pytest>=9.0,<10",
