@@ -116,8 +116,22 @@ def _checks(batch, state, finite=None):
     return Checks(out_range, checks.finite if finite is None else finite, bad_ids).pack()
 
 
+# Sums of at most this many floats are checked for finiteness together (:func:`_all_finite`).
+FINITE_TOGETHER_FLOATS = 2**16
+
+
 def _all_finite(means):
-    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(m)) for m in means]))
+    """Whether every entry of ``means`` is finite.  The small ones (at most
+    ``FINITE_TOGETHER_FLOATS`` floats) are concatenated and checked in ONE reduction, each
+    large one alone: compiled with XLA every reduction is kernels of its own (is-finite,
+    reduce; GPT-2's 199 sums made 890 of its Fisher's 1,766 kernels, where the floor's whole
+    forward+backward has 939, and kernels are what XLA's CPU code generation spends the
+    first call on), while concatenating a large sum would copy it."""
+    def small(m):
+        return m.shape.num_elements() is not None and m.shape.num_elements() <= FINITE_TOGETHER_FLOATS
+    together = [tf.reshape(m, [-1]) for m in means if small(m)]
+    parts = ([tf.concat(together, 0)] if together else []) + [m for m in means if not small(m)]
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(p)) for p in parts]))
 
 
 # How a call turns batches' float32 sums (:class:`BatchSums`) into its means.  Measured
