@@ -219,10 +219,10 @@ class FisherEstimator:
         plan.likelihood.check_output_range(float(checks.output_range[0]), float(checks.output_range[1]))
         if plan.blocks.passes == 1:
             return plan.blocks.assemble(state.means)
-        parts = self._second_pass(plan, source, seed, distributed, plan.blocks.finish(state.means))
+        parts = self._second_pass(plan, source, seed, verbose, distributed, plan.blocks.finish(state.means))
         return plan.blocks.assemble_parts(parts)
 
-    def _second_pass(self, plan, source, seed, distributed, parts):
+    def _second_pass(self, plan, source, seed, verbose, distributed, parts):
         """A kind with two passes (:mod:`fastewc.blocks.plan`): ``source`` again, with the
         same seed (the same sampled labels), through an engine of the plan's second-pass
         blocks (made once per plan), each given its first-pass part; ``parts`` with theirs
@@ -235,19 +235,21 @@ class FisherEstimator:
                                        blocks=blocks, out_tail=plan.out_tail)
             second = self._second_plans[id(plan.engine)] = plan._replace(engine=engine, blocks=blocks)
         second.blocks.prepare(parts)
-        state = second.engine.finish(self._stream(second, source, seed, 0, distributed))
+        announce = f"fastewc.fisher_diagonal: second pass of curvature={plan.blocks.kind.kind!r}"
+        state = second.engine.finish(self._stream(second, source, seed, verbose, distributed, announce))
         checks = Checks.read(state.checks)
         if not checks.finite:
             _raise_not_finite(self.model, second, state.means, source, checks.output_range)
         return second.blocks.finish_second(state.means, parts)
 
-    def _stream(self, plan, source, seed, verbose, distributed):
-        """Every batch of ``source`` through ``plan``'s engine: the final FisherState.
+    def _stream(self, plan, source, seed, verbose, distributed, announce=None):
+        """Every batch of ``source`` through ``plan``'s engine: the final FisherState (with
+        ``verbose``, ``announce`` or the method chosen printed, then a progress bar).
         Raises :class:`_CannotTrace` from the first batch of an unconfirmed plan that
         ``method="auto"`` chose, when its engine cannot trace the model (before anything
         was accumulated)."""
         if verbose:
-            print(f"fastewc.fisher_diagonal: kind={self.kind!r}, method={self.method!r} -> {plan.method!r}")
+            print(announce or f"fastewc.fisher_diagonal: kind={self.kind!r}, method={self.method!r} -> {plan.method!r}")
         lik, out_dim = plan.likelihood, plan.out_tail[-1]
         progbar = keras.utils.Progbar(source.steps(plan.rows), verbose=verbose, unit_name="batch") \
             if verbose else None

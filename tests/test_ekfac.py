@@ -297,3 +297,17 @@ def test_a_shared_layer_is_refused_with_the_kinds_reason():
                                          r"layer: its Fisher block is not one Kronecker eigenbasis\. Use "
                                          r"curvature='diagonal'"):
         fastewc.FisherEstimator(model, loss=LOSS, curvature="ekfac")(data(0))
+
+
+def test_the_second_pass_shows_its_own_progress(capsys):
+    """``verbose`` covers both passes: the first pass's line and bar, then the second's."""
+    model = mlp()
+    x, y = data(5, n=8)
+    estimator = fastewc.FisherEstimator(model, loss=LOSS, kind="empirical", curvature="ekfac",
+                                        batch_size=4, jit_compile=False)
+    estimator((x, y), verbose=1)
+    out = capsys.readouterr().out
+    first = out.index("fastewc.fisher_diagonal: kind='empirical'")
+    second = out.index("fastewc.fisher_diagonal: second pass of curvature='ekfac'")
+    assert first < second
+    assert "2/2" in out[first:second] and "2/2" in out[second:]

@@ -52,7 +52,8 @@ from fastewc import curvature, kronecker
 from fastewc import penalty as penalty_lib
 from fastewc.blocks.base import Block
 from fastewc.blocks.diagonal import Diagonal, _path
-from fastewc.blocks.kronecker import Kronecker, block_shapes, stored_input_rank
+from fastewc.blocks.kronecker import (Kronecker, block_shapes, stored_input_rank, term_key,
+                                      terms_from_checkpoint, terms_from_file)
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
 
 FIELDS = ("u_a", "u_g", "s", "anchor")
@@ -108,21 +109,10 @@ def _terms(fields):
     return [fields[i:i + 4] for i in range(0, len(fields), 4)]
 
 
-def _term_key(block, t, field):
-    kernel, bias = block
-    return f"{kernel}|{bias or ''}|{t}|{field}"
-
-
-def _parse_term_key(key):
-    parts = key.split("|")
-    if len(parts) != 4 or parts[3] not in FIELDS or not parts[2].isdigit():
-        return None
-    return (parts[0], parts[1] or None), int(parts[2]), parts[3]
-
-
-def _shapes(kernel, block, anchor):
-    """Shapes of (U_A, U_G, S, W̄*) for ``block`` whose first anchor is ``anchor``."""
-    input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
+def _shapes(kernel, block, first):
+    """Shapes of (U_A, U_G, S, W̄*) for ``block`` whose first term is ``first`` (None: no
+    term; its anchor gives the input rank)."""
+    input_rank = None if first is None else stored_input_rank(kernel, block, first[3])
     _, a, g, w = block_shapes(shape_of(kernel), block[1] is not None, input_rank)
     return a, g, w, w
 
@@ -214,7 +204,7 @@ class EKFAC(Kronecker):
 
     @staticmethod
     def addresses(key, n):
-        return [("ekfac_terms", _term_key(key, i // 4, FIELDS[i % 4]), f"ekfac_{FIELDS[i % 4]}")
+        return [("ekfac_terms", term_key(key, i // 4, FIELDS[i % 4]), f"ekfac_{FIELDS[i % 4]}")
                 for i in range(n)]
 
     @staticmethod
@@ -303,36 +293,8 @@ class EKFAC(Kronecker):
     def from_checkpoint(tables, tracking, current):
         """``{block: fields}`` of a checkpoint's EKFAC term fields: every term complete,
         numbered from 0, shaped from the model's kernel."""
-        grouped = {}
-        for key, value in tables.get("ekfac_terms", {}).items():
-            parsed = _parse_term_key(key)
-            if parsed is None:
-                raise ValueError(f"Cannot restore EWC EKFAC state '{key}' from the checkpoint: "
-                                 "not an EKFAC term key.")
-            block, t, field = parsed
-            grouped.setdefault(block, {}).setdefault(t, {})[field] = value
-        blocks = {}
-        for block, block_terms in grouped.items():
-            kernel = tracking.restore_target(block[0], "EWC EKFAC state")
-            if block[1] is not None:
-                tracking.restore_target(block[1], "EWC EKFAC state")
-            if (sorted(block_terms) != list(range(len(block_terms)))
-                    or any(len(f) != len(FIELDS) for f in block_terms.values())):
-                raise ValueError(
-                    f"Cannot restore the EWC EKFAC state of '{block[0]}' from the checkpoint: its "
-                    f"terms are incomplete (numbers {sorted(block_terms)}, each needs {list(FIELDS)}).")
-            shapes = dict(zip(FIELDS, _shapes(kernel, block, block_terms[0]["anchor"])))
-            for t in range(len(block_terms)):
-                for field in FIELDS:
-                    if tuple(block_terms[t][field].shape) != shapes[field]:
-                        raise ValueError(
-                            f"Cannot restore the EWC EKFAC state of '{kernel.path}' from the "
-                            f"checkpoint: its term {t} field '{field}' has shape "
-                            f"{tuple(block_terms[t][field].shape)}, the model's kernel "
-                            f"{shape_of(kernel)} needs {shapes[field]}. Nothing was restored into "
-                            "the EWC. Restore into the model the checkpoint was written for.")
-            blocks[block] = [block_terms[t][f] for t in range(len(block_terms)) for f in FIELDS]
-        return blocks
+        return terms_from_checkpoint(tables.get("ekfac_terms", {}), tracking, label="EKFAC",
+                                     fields=FIELDS, shapes_of=_shapes)
 
     # File.
     @staticmethod
@@ -343,24 +305,7 @@ class EKFAC(Kronecker):
     def from_file(section, tracking, path):
         """``{block: fields}`` of a file's ``ekfac`` section, each block checked against the
         model (its variables exist, the terms' shapes follow its kernel)."""
-        model_name, by_key = tracking.model.name, tracking.by_key()
-        blocks = {}
-        for block, block_terms in section.items():
-            missing = [k for k in block if k is not None and k not in by_key]
-            if missing:
-                raise ValueError(
-                    f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
-                    f"has EKFAC terms for variable '{missing[0]}', which the model does not have.")
-            kernel = by_key[block[0]]
-            shapes = _shapes(kernel, block, block_terms[0][3] if block_terms else None)
-            for term in block_terms:
-                if tuple(np.shape(v) for v in term) != shapes:
-                    raise ValueError(
-                        f"Cannot load EWC state from {path!r} onto model '{model_name}': the "
-                        f"EKFAC terms of '{block[0]}' have shapes {[np.shape(v) for v in term]}, "
-                        f"the model's kernel {shape_of(kernel)} needs {list(shapes)}.")
-            blocks[block] = [v for term in block_terms for v in term]
-        return blocks
+        return terms_from_file(section, tracking, path, label="EKFAC", shapes_of=_shapes)
 
     @staticmethod
     def file_arrays(section):

@@ -94,12 +94,86 @@ def term_key(block, t, field):
     return f"{kernel}|{bias or ''}|{t}|{field}"
 
 
-def parse_term_key(key):
-    """``(block, t, field)`` of a checkpoint key, or None if it is not one."""
+def parse_term_key(key, fields=FIELDS):
+    """``(block, t, field)`` of a checkpoint key (its field one of ``fields``), or None if it
+    is not one."""
     parts = key.split("|")
-    if len(parts) != 4 or parts[3] not in FIELDS or not parts[2].isdigit():
+    if len(parts) != 4 or parts[3] not in fields or not parts[2].isdigit():
         return None
     return (parts[0], parts[1] or None), int(parts[2]), parts[3]
+
+
+def _term_shapes(kernel, block, first):
+    """Shapes of (coef, A, G, W̄*) for ``block`` whose first term is ``first`` (None: no term;
+    its anchor gives the input rank, the rank of its A whether A is diagonal)."""
+    input_rank = None if first is None else stored_input_rank(kernel, block, first[3])
+    diagonal_a = first is not None and len(first[1].shape) == 1
+    return block_shapes(shape_of(kernel), block[1] is not None, input_rank, diagonal_a)
+
+
+def terms_from_checkpoint(table, tracking, *, label, fields, shapes_of):
+    """``{block: flat fields}`` of a checkpoint's term table ``{term key: tensor}``
+    (:func:`term_key`) for a kind whose blocks hold terms of ``fields`` (a Kronecker-like
+    kind, named ``label`` in messages), each block checked against the model: its
+    variables exist, its terms are complete and numbered from 0, and each term's fields
+    have the shapes ``shapes_of(kernel, block, first term)`` gives (the first term as a
+    tuple in ``fields`` order).  Raises a ValueError naming the first mismatch."""
+    grouped = {}
+    for key, value in table.items():
+        parsed = parse_term_key(key, fields)
+        if parsed is None:
+            raise ValueError(f"Cannot restore EWC {label} state '{key}' from the checkpoint: "
+                             f"not {'an' if label[0] in 'AEIOU' else 'a'} {label} term key.")
+        block, t, field = parsed
+        grouped.setdefault(block, {}).setdefault(t, {})[field] = value
+    blocks = {}
+    for block, block_terms in grouped.items():
+        kernel = tracking.restore_target(block[0], f"EWC {label} state")
+        if block[1] is not None:
+            tracking.restore_target(block[1], f"EWC {label} state")
+        if (sorted(block_terms) != list(range(len(block_terms)))
+                or any(len(f) != len(fields) for f in block_terms.values())):
+            raise ValueError(
+                f"Cannot restore the EWC {label} state of '{block[0]}' from the checkpoint: its "
+                f"terms are incomplete (numbers {sorted(block_terms)}, each needs {list(fields)}).")
+        ordered = [tuple(block_terms[t][f] for f in fields) for t in range(len(block_terms))]
+        shapes = shapes_of(kernel, block, ordered[0])
+        for t, term in enumerate(ordered):
+            for field, value, shape in zip(fields, term, shapes):
+                if tuple(value.shape) != tuple(shape):
+                    raise ValueError(
+                        f"Cannot restore the EWC {label} state of '{kernel.path}' from the "
+                        f"checkpoint: its term {t} field '{field}' has shape "
+                        f"{tuple(value.shape)}, the model's kernel "
+                        f"{shape_of(kernel)} needs {tuple(shape)}. Nothing was restored into "
+                        "the EWC. Restore into the model the checkpoint was written for.")
+        blocks[block] = [v for term in ordered for v in term]
+    return blocks
+
+
+def terms_from_file(section, tracking, path, *, label, shapes_of):
+    """``{block: flat fields}`` of a file's section ``{block: [term tuple]}`` for a
+    Kronecker-like kind (``label`` in messages), each block checked against the model: its
+    variables exist and each term's arrays have the shapes ``shapes_of(kernel, block, first
+    term or None)`` gives.  Raises a ValueError naming the first mismatch."""
+    model_name, by_key = tracking.model.name, tracking.by_key()
+    blocks = {}
+    for block, block_terms in section.items():
+        missing = [k for k in block if k is not None and k not in by_key]
+        if missing:
+            raise ValueError(
+                f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
+                f"has {label} terms for variable '{missing[0]}', which the model does not have.")
+        kernel = by_key[block[0]]
+        shapes = tuple(tuple(s) for s in shapes_of(kernel, block, block_terms[0] if block_terms else None))
+        for term in block_terms:
+            if tuple(np.shape(v) for v in term) != shapes:
+                raise ValueError(
+                    f"Cannot load EWC state from {path!r} onto model '{model_name}': the "
+                    f"{label} terms of '{block[0]}' have shapes {[np.shape(v) for v in term]}, "
+                    f"the model's kernel {shape_of(kernel)} needs {list(shapes)}.")
+        blocks[block] = [v for term in block_terms for v in term]
+    return blocks
 
 
 class Kronecker(Block):
@@ -281,39 +355,8 @@ class Kronecker(Block):
     def from_checkpoint(tables, tracking, current):
         """``{block: fields}`` of a checkpoint's term fields ``{term key: tensor}``: every
         term complete (c, A, G, W̄*), numbered from 0, shaped from the model's kernel."""
-        grouped = {}
-        for key, value in tables.get("terms", {}).items():
-            parsed = parse_term_key(key)
-            if parsed is None:
-                raise ValueError(f"Cannot restore EWC Kronecker state '{key}' from the checkpoint: "
-                                 "not a Kronecker term key.")
-            block, t, field = parsed
-            grouped.setdefault(block, {}).setdefault(t, {})[field] = value
-        blocks = {}
-        for block, block_terms in grouped.items():
-            kernel = tracking.restore_target(block[0], "EWC Kronecker state")
-            if block[1] is not None:
-                tracking.restore_target(block[1], "EWC Kronecker state")
-            anchor, a = block_terms.get(0, {}).get("anchor"), block_terms.get(0, {}).get("a")
-            input_rank = None if anchor is None else stored_input_rank(kernel, block, anchor)
-            shapes = dict(zip(FIELDS, block_shapes(shape_of(kernel), block[1] is not None, input_rank,
-                                                   a is not None and len(a.shape) == 1)))
-            if (sorted(block_terms) != list(range(len(block_terms)))
-                    or any(len(f) != len(FIELDS) for f in block_terms.values())):
-                raise ValueError(
-                    f"Cannot restore the EWC Kronecker state of '{block[0]}' from the checkpoint: its "
-                    f"terms are incomplete (numbers {sorted(block_terms)}, each needs {list(FIELDS)}).")
-            for t in range(len(block_terms)):
-                for field in FIELDS:
-                    if tuple(block_terms[t][field].shape) != shapes[field]:
-                        raise ValueError(
-                            f"Cannot restore the EWC Kronecker state of '{kernel.path}' from the "
-                            f"checkpoint: its term {t} field '{field}' has shape "
-                            f"{tuple(block_terms[t][field].shape)}, the model's kernel "
-                            f"{shape_of(kernel)} needs {shapes[field]}. Nothing was restored into "
-                            "the EWC. Restore into the model the checkpoint was written for.")
-            blocks[block] = [block_terms[t][f] for t in range(len(block_terms)) for f in FIELDS]
-        return blocks
+        return terms_from_checkpoint(tables.get("terms", {}), tracking, label="Kronecker",
+                                     fields=FIELDS, shapes_of=_term_shapes)
 
     # File.
     @staticmethod
@@ -324,26 +367,7 @@ class Kronecker(Block):
     def from_file(section, tracking, path):
         """``{block: fields}`` of a file's ``kronecker`` section, each block checked against
         the model (its variables exist, the terms' shapes follow its kernel)."""
-        model_name, by_key = tracking.model.name, tracking.by_key()
-        blocks = {}
-        for block, block_terms in section.items():
-            missing = [k for k in block if k is not None and k not in by_key]
-            if missing:
-                raise ValueError(
-                    f"Cannot load EWC state from {path!r} onto model '{model_name}': the file "
-                    f"has Kronecker terms for variable '{missing[0]}', which the model does not have.")
-            kernel = by_key[block[0]]
-            input_rank = stored_input_rank(kernel, block, block_terms[0][3]) if block_terms else None
-            diagonal_a = bool(block_terms) and np.ndim(block_terms[0][1]) == 1
-            shapes = block_shapes(shape_of(kernel), block[1] is not None, input_rank, diagonal_a)
-            for term in block_terms:
-                if tuple(np.shape(v) for v in term) != shapes:
-                    raise ValueError(
-                        f"Cannot load EWC state from {path!r} onto model '{model_name}': the "
-                        f"Kronecker terms of '{block[0]}' have shapes {[np.shape(v) for v in term]}, "
-                        f"the model's kernel {shape_of(kernel)} needs {list(shapes)}.")
-            blocks[block] = [v for term in block_terms for v in term]
-        return blocks
+        return terms_from_file(section, tracking, path, label="Kronecker", shapes_of=_term_shapes)
 
     @staticmethod
     def file_arrays(section):

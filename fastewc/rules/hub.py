@@ -190,12 +190,16 @@ def reverse_square_sum(h, delta, weight):
     if not isinstance(n, int) or n * size <= EXAMPLE_FLOATS:
         return chunk_sum(h, delta, weight)
     c = max([c for c in range(1, n + 1) if n % c == 0 and c * size <= EXAMPLE_FLOATS] or [1])
+    # The chunks along a new axis, read with a gather: a `tf.slice` at a loop-dependent
+    # start becomes, under XLA, a pad of its operand to twice every dimension (the
+    # (K, N, T, V) deltas 2⁴ times over).
+    h_chunks = tf.reshape(h, tf.concat([[n // c, c], tf.shape(h)[1:]], 0))
+    delta_chunks = tf.reshape(delta, tf.concat([[k, n // c, c], tf.shape(delta)[2:]], 0))
+    weight_chunks = tf.reshape(weight, [k, n // c, c])
 
     def body(i, total):
-        start = i * c
-        return i + 1, total + chunk_sum(tf.slice(h, [start, 0, 0], [c, -1, -1]),
-                                        tf.slice(delta, [0, start, 0, 0], [-1, c, -1, -1]),
-                                        tf.slice(weight, [0, start], [-1, c]))
+        return i + 1, total + chunk_sum(tf.gather(h_chunks, i), tf.gather(delta_chunks, i, axis=1),
+                                        tf.gather(weight_chunks, i, axis=1))
 
     total = tf.zeros([delta.shape[-1], h.shape[-1]], tf.float32)
     return tf.while_loop(lambda i, _: i < n // c, body, (tf.constant(0), total))[1]
