@@ -149,3 +149,30 @@ def test_a_gram_matrix_is_finite_where_its_diagonal_is():
         full = bool(np.all(np.isfinite(a.numpy())))
         assert bool(all_finite((a,), (True,))) == full, bad
         assert bool(all_finite((a, tf.constant([np.nan])), (True,))) is False
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_the_finite_flag_sees_every_entry_of_small_and_large_sums(jit_compile):
+    """``checks.finite`` of a one-batch call's mean is False as soon as ONE entry of one sum
+    is inf or NaN, whether that sum is small (checked with the other small ones, together)
+    or large (checked alone), and True when every entry is finite; compiled as the engines
+    compile it, with and without XLA."""
+    from fastewc.engines import base
+    large = base.FINITE_TOGETHER_FLOATS + 3
+    shapes = [(3, 4), (5,), (large,), (2, 2)]
+    batch_range = tf.constant([0.0, 1.0])
+    mean = tf.function(base.mean, jit_compile=jit_compile, autograph=False)
+
+    def finite(sums):
+        batch = base.BatchSums((tuple(tf.constant(s) for s in sums),), [], batch_range)
+        state = mean(batch, tf.constant(2, tf.int32), base.initial_state())
+        return base.Checks.read(state.checks).finite
+
+    rng = np.random.default_rng(0)
+    sums = [rng.random(shape, dtype=np.float32) * 1e30 for shape in shapes]   # large, still finite
+    assert finite(sums)
+    for index in range(len(shapes)):
+        for bad in (np.inf, -np.inf, np.nan):
+            corrupted = [s.copy() for s in sums]
+            corrupted[index].reshape(-1)[-1] = bad
+            assert not finite(corrupted), (index, bad)

@@ -117,6 +117,10 @@ def _checks(batch, state, finite=None):
     return Checks(out_range, checks.finite if finite is None else finite, bad_ids).pack()
 
 
+# Sums of at most this many floats are checked for finiteness together (:func:`all_finite`).
+FINITE_TOGETHER_FLOATS = 2**16
+
+
 def all_finite(means, gram=()):
     """Whether every mean is finite, a Gram matrix's (``gram[i]``, e.g. a Kronecker factor
     A = Σ_r c_r x_r x_rᵀ with c_r ≥ 0) checked on its diagonal alone: a pass over d'
@@ -127,10 +131,22 @@ def all_finite(means, gram=()):
     partial sum of the matmul) bounds the off-diagonal sums by the diagonal's.  The one
     gap is rounding: an off-diagonal entry could round past float32's maximum (3.4e38)
     only where a diagonal entry lies within a factor 1 + rows · 2⁻²⁴ of it.  The same holds
-    for a float64 total cast to float32 (:func:`finish`).  Other means are checked whole."""
+    for a float64 total cast to float32 (:func:`finish`).  Other means are checked whole.
+
+    What is checked (each mean, or its diagonal) is, when small (at most
+    ``FINITE_TOGETHER_FLOATS`` floats), concatenated with the other small ones and checked
+    in ONE reduction; a large one alone (concatenating it would copy it).  Compiled with
+    XLA every reduction is kernels of its own (is-finite, reduce), and kernels are what
+    XLA's CPU code generation spends a first call on (GPT-2's 199 sums: README, "First
+    call ÷ floor's first call on GPT-2")."""
     flags = tuple(gram) + (False,) * (len(means) - len(gram))
-    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(m) if g else m))
-                                   for m, g in zip(means, flags)]))
+    checked = [tf.linalg.diag_part(m) if g else m for m, g in zip(means, flags)]
+
+    def small(m):
+        return m.shape.num_elements() is not None and m.shape.num_elements() <= FINITE_TOGETHER_FLOATS
+    together = [tf.reshape(m, [-1]) for m in checked if small(m)]
+    parts = ([tf.concat(together, 0)] if together else []) + [m for m in checked if not small(m)]
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(p)) for p in parts]))
 
 
 # How a call turns batches' float32 sums (:class:`BatchSums`) into its means.  Measured

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from fastewc.registry import RuleOutput, register_rule
-from fastewc.rules._common import (check_plain, kronecker_sums, lora_square_sums, masked_rows,
+from fastewc.rules._common import (check_plain, kronecker_sums, leading_dims, lora_square_sums, masked_rows,
                                    position_pair_square_sum, use_position_pairs)
 
 
@@ -56,9 +56,10 @@ def dense_rule(layer, inputs, training=None):
             sq_bias = tf.reduce_sum(d, axis=0)
         else:
             positions = a.shape[1:-1].num_elements()
-            a3 = tf.reshape(a, [tf.shape(a)[0], positions or -1, a.shape[-1]])
-            d3 = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], positions or -1,
-                                    delta.shape[-1]])
+            # Static shapes where known: a dynamic dimension is ops of its own in the graph.
+            a3 = tf.reshape(a, [-1, positions, a.shape[-1]] if positions else
+                            [tf.shape(a)[0], -1, a.shape[-1]])
+            d3 = tf.reshape(delta, list(leading_dims(delta)) + [positions or -1, delta.shape[-1]])
             if use_position_pairs(positions, delta.shape[0]):
                 sq_kernel = position_pair_square_sum(a3, d3, weight)
             else:
@@ -74,7 +75,7 @@ def dense_rule(layer, inputs, training=None):
         positions = a.shape[1:-1].num_elements() if a.shape.rank > 2 else 1
         positions = tf.reduce_prod(tf.shape(a)[1:-1]) if positions is None else positions
         rows = tf.reshape(masked_rows(a, mask), [-1, positions, a.shape[-1]])
-        deltas = tf.reshape(delta, [tf.shape(delta)[0], -1, positions, delta.shape[-1]])
+        deltas = tf.reshape(delta, [leading_dims(delta)[0], -1, positions, delta.shape[-1]])
         block = (layer.kernel,) if layer.bias is None else (layer.kernel, layer.bias)
         return [kronecker_sums(block, rows, deltas, weight, mask, bias=layer.bias is not None)]
 
