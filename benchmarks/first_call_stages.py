@@ -89,9 +89,8 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump}").strip()
     import numpy as np
     import keras
-    import tensorflow as tf
     import fastewc
-    from benchmarks import models
+    from benchmarks import models, problems
     from fastewc.engines import base
 
     keras.utils.set_random_seed(0)
@@ -100,19 +99,12 @@ def main(argv=None):
     x, y = models._gpt2_inputs(rng, 4, 128), rng.integers(0, models.CLASSES, 4).astype(np.int32)
     out = {"size": args.size, "member": args.member}
     if args.member.startswith("floor"):
-        jit = args.member == "floor_xla"
-
-        @tf.function(jit_compile=jit)
-        def forward_backward(x, y):
-            with tf.GradientTape() as tape:
-                value = models.LOSS(y, model(x, training=False))
-            return tape.gradient(value, model.trainable_variables)
-
+        floor = problems.floor_function(model, args.member == "floor_xla", models.LOSS)
         start = time.perf_counter()
-        concrete = forward_backward.get_concrete_function(x, y)
+        concrete = floor.function.get_concrete_function(x, y)
         out["trace_s"] = time.perf_counter() - start
         out["graph"] = op_summary(concrete.graph)
-        run = lambda: forward_backward(x, y)[-1].numpy()     # noqa: E731
+        run = lambda: floor(x, y)     # noqa: E731
     else:
         options = {} if args.jit is None else {"jit_compile": bool(args.jit)}
         estimator = fastewc.FisherEstimator(model, loss=models.LOSS, kind=args.member, **options)
