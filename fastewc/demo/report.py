@@ -122,10 +122,12 @@ def plot(path, results):
         ax.set_xlabel("after training task", fontsize=8)
     axes[T].legend(fontsize=8, loc="lower left")
     cfg = results["config"]
-    kfac = ""
-    if cfg.get("curvature") == "kfac":
-        kfac = (f" (KFAC-EWC: lam={cfg['kfac_lam']:g}, damping {cfg['damping']:g}, "
-                f"{cfg['kfac_sum']} sum)")
+    kfac, kind = "", KINDS.get(cfg.get("curvature", BASE.kind), BASE)
+    if kind is not BASE:        # a block kind's own λ and the options it reads
+        parts = [f"{kind.TITLE}: lam={cfg['kfac_lam']:g}"]
+        parts += [f"damping {cfg['damping']:g}" if name == "damping" else f"{cfg[name]} sum"
+                  for name in kind.OPTIONS]
+        kfac = f" ({', '.join(parts)})"
     fig.suptitle(f"fastewc demo: {results['scenario']['name']} digits, {T} tasks, "
                  f"{cfg['epochs']} epochs/task, lam={cfg['lam']:g}{kfac}, {cfg['kind']} Fisher\n"
                  "test accuracy on each task after each training stage "

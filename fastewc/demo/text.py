@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from fastewc.blocks import BASE, KINDS
 from fastewc.demo import report, text_data
 
 TEXT = "text"
@@ -413,8 +414,9 @@ def _ewc_summary(ewc):
     if ewc is None:
         return None
     out = {"mode": ewc.mode, "curvature": ewc.curvature, "num_tasks": int(ewc.num_tasks)}
-    if ewc.curvature == "kfac":
-        out["kronecker_blocks"] = len(ewc.kronecker_state())
+    kind = KINDS[ewc.curvature]
+    if kind is not BASE:        # the kind's blocks (public copies)
+        out["kronecker_blocks"] = len(kind.snapshot(ewc._state.variables(kind)))
     return out
 
 
