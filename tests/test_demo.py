@@ -180,7 +180,7 @@ def test_run_demo_checks_its_config():
         run_demo(DemoConfig(curvature="kfac", kfac_sum="approx"))
     with pytest.raises(ValueError, match="`damping` must be a finite number >= 0"):
         run_demo(DemoConfig(curvature="kfac", damping=-1.0))
-    with pytest.raises(ValueError, match="apply to curvature='kfac' or 'ekfac' only"):
+    with pytest.raises(ValueError, match="apply to curvature='kfac' only"):
         run_demo(DemoConfig(damping=0.1))
 
 
