@@ -45,8 +45,8 @@ Kronecker kind's, and holds terms (U_A, U_G, S, W̄*).  How a task enters them
 
   and the state becomes (U_A,t, U_G,t, γ S_proj + S_t, W̄_t).  The projection keeps the
   trace: P ⊙ P of an orthogonal P is doubly stochastic (its rows and columns are unit
-  vectors), so Σ S_proj = Σ S' and tr(γ F̃' + F_t) is tr of the state; S_proj ≥ 0.  What
-  it drops is the old term's part off the diagonal in the new basis (zero when the bases
+  vectors), so Σ S_proj = Σ S' = tr F', and the state's trace γ tr F̃' + tr F_t is the
+  exact decayed sum's; S_proj ≥ 0.  What it drops is the old term's part off the diagonal in the new basis (zero when the bases
   agree up to signs and permutations: then S_proj is S' permuted).  A block the task
   does not estimate (its variables frozen) has its S decayed by γ and its anchor moved
   to the task's weights, as the diagonal online EWC does with F = 0.  Memory: one term
@@ -140,8 +140,7 @@ def project(s, u_a_old, u_g_old, u_a, u_g):
     the diagonal in the basis (U_A, U_G) closest in Frobenius norm to the EKFAC term
     (U_A,old ⊗ U_G,old) diag(vec S) (U_A,old ⊗ U_G,old)ᵀ, with the same sum as S (module
     docstring: the online merge)."""
-    f64 = [tf.cast(x, tf.float64) for x in (s, u_a_old, u_g_old, u_a, u_g)]
-    s, u_a_old, u_g_old, u_a, u_g = f64
+    s, u_a_old, u_g_old, u_a, u_g = (tf.cast(x, tf.float64) for x in (s, u_a_old, u_g_old, u_a, u_g))
     p_a = tf.square(tf.matmul(u_a, u_a_old, transpose_a=True))
     p_g = tf.square(tf.matmul(u_g, u_g_old, transpose_a=True))
     return tf.matmul(tf.matmul(p_a, s), p_g, transpose_b=True)
@@ -318,8 +317,9 @@ class EKFAC(Kronecker):
             if not online:
                 pending[block] = list(current.get(block, [])) + [u_a, u_g, s, anchor]
                 continue
-            old = sum((project(s_old, u_a_old, u_g_old, u_a, u_g)
-                       for u_a_old, u_g_old, s_old, _ in _terms(current.get(block, []))), tf.zeros_like(s, tf.float64))
+            old = tf.zeros_like(s, tf.float64)       # the block's one term (none before its first task)
+            for u_a_old, u_g_old, s_old, _ in _terms(current.get(block, [])):
+                old += project(s_old, u_a_old, u_g_old, u_a, u_g)
             pending[block] = [u_a, u_g, tf.cast(gamma * old + tf.cast(s, tf.float64), tf.float32), anchor]
         for block, fields in current.items() if online else ():
             if block not in pending:
