@@ -47,7 +47,9 @@ Kronecker kind's, and holds terms (U_A, U_G, S, W̄*).  How a task enters them
   trace: P ⊙ P of an orthogonal P is doubly stochastic (its rows and columns are unit
   vectors), so Σ S_proj = Σ S' = tr F', and the state's trace γ tr F̃' + tr F_t is the
   exact decayed sum's; S_proj ≥ 0.  What it drops is the old term's part off the diagonal in the new basis (zero when the bases
-  agree up to signs and permutations: then S_proj is S' permuted).  A block the task
+  agree up to signs and permutations: then S_proj is S' permuted; when they are far
+  apart, as for tasks with permuted inputs, it is most of it: the old precision keeps its
+  trace but is spread over the new coordinates).  A block the task
   does not estimate (its variables frozen) has its S decayed by γ and its anchor moved
   to the task's weights, as the diagonal online EWC does with F = 0.  Memory: one term
   per block whatever the tasks; the projection costs O(d'³ + u³ + d'²u + d'u²) a task
