@@ -83,8 +83,8 @@ def build_parser():
                       help="KFAC-EWC strength lambda >= 0 (default 30 for permuted, 100 for "
                            "split, tuned on validation; also EKFAC-EWC's; not with --curvature diagonal)")
     demo.add_argument("--damping", type=_float_in(0.0), default=None,
-                      help="KFAC-EWC factored Tikhonov damping >= 0 (default 0; "
-                           "--curvature kfac only)")
+                      help="Tikhonov damping >= 0 of KFAC-EWC (factored) and EKFAC-EWC "
+                           "(default 0; not with --curvature diagonal)")
     demo.add_argument("--kfac-sum", choices=KFAC_SUMS, default=None,
                       help="how kfac_online adds a task: exact (a Kronecker term per task; "
                            "default) or nearest (one term per layer, the nearest Kronecker "

@@ -57,11 +57,14 @@ class EWC(tf.Module):
       gamma: γ ∈ [0, 1], the online decay of older tasks (only with ``mode="online"``).
       exclude: variables never penalized: a list of variables or paths, or a predicate
         ``fn(variable) -> bool``.
-      curvature: ``"diagonal"`` (the diagonal Fisher) or ``"kfac"``: Kronecker-factored
+      curvature: ``"diagonal"`` (the diagonal Fisher), ``"kfac"``: Kronecker-factored
         blocks A ⊗ G for Dense, convolution and EinsumDense layers
-        (:func:`fastewc.kfac_fisher`), the diagonal for the other variables.
-      damping: δ ≥ 0 (``"kfac"`` only), factored Tikhonov damping of every Kronecker term,
-        (A + π√δ I) ⊗ (G + √δ/π I) (:func:`fastewc.kronecker.damped_factors`).  Default 0:
+        (:func:`fastewc.kfac_fisher`), the diagonal for the other variables, or ``"ekfac"``:
+        those blocks' eigenbases with second moments re-estimated in them
+        (:mod:`fastewc.blocks.ekfac`).
+      damping: δ ≥ 0 (``"kfac"`` and ``"ekfac"``): for KFAC the factored Tikhonov damping
+        of every Kronecker term, (A + π√δ I) ⊗ (G + √δ/π I)
+        (:func:`fastewc.kronecker.damped_factors`); for EKFAC S + δ, i.e. F + δI.  Default 0:
         nothing is inverted, so no damping is needed.  Settable later.
       kfac_sum: how tasks add up in ``mode="online"`` (``"kfac"`` only): ``"exact"`` keeps a
         term per task, ``"nearest"`` one term per layer, the nearest Kronecker product to the
@@ -123,7 +126,7 @@ class EWC(tf.Module):
                    lambda self, value: self._state._lam.assign(check_lam(value)))
     damping = property(lambda self: float(self._state._damping.numpy()), lambda self, value: self._state._damping.assign(
         blocks.check_options(self.curvature, value, self.kfac_sum, self.mode)),
-        doc="δ ≥ 0, the factored Tikhonov damping of the Kronecker terms (settable).")
+        doc="δ ≥ 0, the Tikhonov damping of the Kronecker and EKFAC terms (settable).")
 
     @property
     def num_tasks(self):

@@ -180,8 +180,14 @@ def test_run_demo_checks_its_config():
         run_demo(DemoConfig(curvature="kfac", kfac_sum="approx"))
     with pytest.raises(ValueError, match="`damping` must be a finite number >= 0"):
         run_demo(DemoConfig(curvature="kfac", damping=-1.0))
-    with pytest.raises(ValueError, match="apply to curvature='kfac' only"):
+    with pytest.raises(ValueError, match="`damping` applies to curvature='kfac' or 'ekfac' only. "
+                                         "Received: damping=0.1 with curvature='diagonal'"):
         run_demo(DemoConfig(damping=0.1))
+    with pytest.raises(ValueError, match="`kfac_sum` applies to curvature='kfac' only. "
+                                         "Received: kfac_sum='nearest' with curvature='diagonal'"):
+        run_demo(DemoConfig(kfac_sum="nearest"))
+    with pytest.raises(ValueError, match="`kfac_lam` applies to curvature='kfac' or 'ekfac' only"):
+        run_demo(DemoConfig(kfac_lam=3.0))
 
 
 # -- --curvature kfac ------------------------------------------------------------------------

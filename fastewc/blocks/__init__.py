@@ -42,6 +42,11 @@ def kinds_of(curvature):
     return tuple(dict.fromkeys((BASE, KINDS[curvature])))
 
 
+def option_takers(option, kinds):
+    """``'kfac' or 'ekfac'``: the names in ``kinds`` ({name: kind}) whose kind reads ``option``."""
+    return " or ".join(repr(name) for name, kind in kinds.items() if option in kind.OPTIONS)
+
+
 def check_options(curvature, damping, kfac_sum, mode):
     """Check ``curvature`` and the options of its kinds (``damping``, ``kfac_sum``)
     together; returns damping as a float.  An option no kind of ``curvature`` reads must
@@ -52,11 +57,11 @@ def check_options(curvature, damping, kfac_sum, mode):
         raise ValueError(f"`damping` must be a finite number >= 0. Received: damping={damping!r}")
     damping = _kronecker_maths.check_damping(damping)
     kinds = kinds_of(curvature)
-    if not any(kind.OPTIONS for kind in kinds) and (damping != 0 or kfac_sum != "exact"):
-        what = f"damping={damping!r}" if damping != 0 else f"kfac_sum={kfac_sum!r}"
-        takers = " or ".join(repr(name) for name, kind in KINDS.items() if kind.OPTIONS)
-        raise ValueError(f"`damping` and `kfac_sum` apply to curvature={takers} only. Received: "
-                         f"{what} with curvature={curvature!r}")
+    if not any(kind.OPTIONS for kind in kinds):
+        for name, value, default in (("damping", damping, 0), ("kfac_sum", kfac_sum, "exact")):
+            if value != default:
+                raise ValueError(f"`{name}` applies to curvature={option_takers(name, KINDS)} only. "
+                                 f"Received: {name}={value!r} with curvature={curvature!r}")
     for kind in kinds:
         if hasattr(kind, "check_options"):
             kind.check_options(mode, kfac_sum)

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from fastewc.blocks import BASE, KINDS as _CURVATURE_KINDS
+from fastewc.blocks import BASE, KINDS as _CURVATURE_KINDS, option_takers
 from fastewc.demo import metrics, report, scenarios
 from fastewc.kfac_penalty import KFAC_SUMS
 
@@ -139,17 +139,14 @@ class DemoConfig:
                                           and 0 <= value < float("inf")):
                 raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
         kind = _CURVATURE_KINDS[c.curvature]
-        if kind is BASE and (c.kfac_lam is not None or c.damping != 0 or c.kfac_sum != "exact"):
-            raise ValueError("`kfac_lam`, `damping` and `kfac_sum` apply to curvature='kfac' only. "
-                             f"Received: kfac_lam={c.kfac_lam!r}, damping={c.damping!r}, "
-                             f"kfac_sum={c.kfac_sum!r} with curvature='diagonal'")
-        unread = [f"{name}={value!r}" for name, value, default in (("damping", c.damping, 0),
-                                                                    ("kfac_sum", c.kfac_sum, "exact"))
-                  if value != default and name not in kind.OPTIONS]
-        if kind is not BASE and unread:
-            takers = " or ".join(repr(n) for n, k in _CURVATURE_KINDS.items() if "damping" in k.OPTIONS)
-            raise ValueError(f"`damping` and `kfac_sum` apply to curvature={takers} only. Received: "
-                             f"{', '.join(unread)} with curvature={c.curvature!r}")
+        for name, value, default in (("kfac_lam", c.kfac_lam, None), ("damping", c.damping, 0),
+                                     ("kfac_sum", c.kfac_sum, "exact")):
+            reads = kind is not BASE if name == "kfac_lam" else name in kind.OPTIONS
+            if value != default and not reads:
+                takers = (" or ".join(repr(n) for n, k in _CURVATURE_KINDS.items() if k is not BASE)
+                          if name == "kfac_lam" else option_takers(name, _CURVATURE_KINDS))
+                raise ValueError(f"`{name}` applies to curvature={takers} only. Received: "
+                                 f"{name}={value!r} with curvature={c.curvature!r}")
         for name, low in (("tasks", 2), ("epochs", 1)):
             value = getattr(c, name)
             if value is not None and (not isinstance(value, int) or value < low):
