@@ -41,6 +41,7 @@ Rule contract::
 """
 import typing
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -127,6 +128,15 @@ def weighted_rows(weight, t, lead=1):
     size = t.shape[lead:].num_elements()
     flat = tf.reshape(t, [-1, size if size is not None else tf.reduce_prod(tf.shape(t)[lead:])])
     return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
+
+
+def unit_weights(weight):
+    """Whether the cotangents' ``weight`` (K, N) is statically all 1, as the factored
+    engine's is (it folds √w into the cotangents,
+    :func:`fastewc.engines.base.folded_weights`): a sum Σ_kn w_kn q(δ_kn) then needs no
+    pass that weighs the deltas."""
+    value = tf.get_static_value(weight)
+    return value is not None and bool(np.all(value == 1.0))
 
 
 def few_rows(rows):
