@@ -62,9 +62,6 @@ class BlockPlan:
         self._kinds_of = {}
         kinds = {type(block) for block in blocks}
         self.xla_on_cpu = all(k.xla_on_cpu for k in kinds)
-        # Every block takes its deltas per cotangent (Block.per_cotangent): unrolled backward
-        # passes then copy no deltas (engines.factored.FactoredEngine.unroll_cotangents).
-        self.per_cotangent = bool(blocks) and all(block.per_cotangent for block in blocks)
         dense = any(k.dense_sums for k in kinds)
         self.amortized_floats = sum(math.prod(shape) for shape in self.shapes) if dense else 0
         self._kinds = sorted(kinds, key=lambda k: k.kind)
