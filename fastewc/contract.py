@@ -22,7 +22,9 @@ Rule contract::
 * ``sum_sq(delta, weight)`` (the optional fast override) receives ``weight`` float32 (K, N)
   as well and returns ``(variable, Σ_k Σ_n weight[k, n] · g_kn²)`` pairs directly, for
   rules that never need to hold K·N·|θ| floats (a Dense layer: one matmul of squares).
-  When both are given the engine uses ``sum_sq``.
+  When both are given the engine uses ``sum_sq``.  (The factored engine folds √weight
+  into the cotangents and passes weights that are statically 1, :func:`unit_weights`;
+  a rule still weighs by what it receives.)
 * ``kron(delta, weight, mask)`` (optional: Kronecker-factored curvature, see
   :mod:`fastewc.curvature`) receives ``mask`` float32 (N,) as well (1 for an example, 0
   for a padding row) and returns a list of :class:`KroneckerSums`, one per block of the
