@@ -22,7 +22,9 @@ Rule contract::
 * ``sum_sq(delta, weight)`` (the optional fast override) receives ``weight`` float32 (K, N)
   as well and returns ``(variable, Σ_k Σ_n weight[k, n] · g_kn²)`` pairs directly, for
   rules that never need to hold K·N·|θ| floats (a Dense layer: one matmul of squares).
-  When both are given the engine uses ``sum_sq``.
+  When both are given the engine uses ``sum_sq``.  (The factored engine folds √weight
+  into the cotangents and passes weights that are statically 1, :func:`unit_weights`;
+  a rule still weighs by what it receives.)
 * ``kron(delta, weight, mask)`` (optional: Kronecker-factored curvature, see
   :mod:`fastewc.curvature`) receives ``mask`` float32 (N,) as well (1 for an example, 0
   for a padding row) and returns a list of :class:`KroneckerSums`, one per block of the
@@ -41,6 +43,7 @@ Rule contract::
 """
 import typing
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -127,6 +130,15 @@ def weighted_rows(weight, t, lead=1):
     size = t.shape[lead:].num_elements()
     flat = tf.reshape(t, [-1, size if size is not None else tf.reduce_prod(tf.shape(t)[lead:])])
     return tf.reshape(tf.matmul(tf.reshape(weight, [1, -1]), flat), tail)
+
+
+def unit_weights(weight):
+    """Whether the cotangents' ``weight`` (K, N) is statically all 1, as the factored
+    engine's is (it folds √w into the cotangents,
+    :func:`fastewc.engines.base.folded_weights`): a sum Σ_kn w_kn q(δ_kn) then needs no
+    pass that weighs the deltas."""
+    value = tf.get_static_value(weight)
+    return value is not None and bool(np.all(value == 1.0))
 
 
 def few_rows(rows):

@@ -466,11 +466,12 @@ class FisherEstimator:
         shape = (int(batch.mask.shape[0]),) + plan.out_tail
         key = (plan.likelihood.key, shape)
         fn = self._noise_functions.get(key)
-        if fn is None:
+        if fn is None:      # its concrete function, called flat (no dispatch or binding per call)
             lik, k = plan.likelihood, self.num_samples
             fn = self._noise_functions[key] = tf.function(
-                lambda seed: lik.noise(seed, k, list(shape)), jit_compile=False, autograph=False)
-        return fn(tf.constant([seed, batch.index], tf.int32))
+                lambda seed: lik.noise(seed, k, list(shape)), jit_compile=False, autograph=False
+            ).get_concrete_function(tf.TensorSpec([2], tf.int32))
+        return compat.call_concrete(fn, (tf.constant([seed, batch.index], tf.int32),))
 
 
 @contextlib.contextmanager

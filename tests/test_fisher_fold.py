@@ -176,3 +176,62 @@ def test_the_finite_flag_sees_every_entry_of_small_and_large_sums(jit_compile):
             corrupted = [s.copy() for s in sums]
             corrupted[index].reshape(-1)[-1] = bad
             assert not finite(corrupted), (index, bad)
+
+
+def test_the_kronecker_sums_weigh_no_deltas():
+    """The factored engine folds √w into the cotangents (engines.base.folded_weights), so a
+    rule's Kronecker sums weigh no deltas: probabilities out (exact kind: K = 3 outcomes
+    weighted by p_c) and 2 padding rows (weight 0; 6 examples in 8 rows), and no op that
+    runs multiplies a layer's deltas (K, N, L, u) by anything.  Both factors against float64."""
+    model = _conv_dense()
+    model.layers[-1].activation = keras.activations.softmax
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 4, 4, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    estimator = fastewc.FisherEstimator(model, loss=loss, kind="exact", curvature="kfac", batch_size=8)
+    got = estimator((x, y))
+    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=loss, kind="exact")
+    for block in got.blocks:
+        a, g = reference[block.layer]
+        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
+    engine = estimator.plan((x, y)).engine
+    (concrete,) = engine._concrete.values()
+    deltas = {(3, 8, 9, 3), (3, 8, 1, 4), (3, 8, 1, 3)}      # the conv's 9 positions, the Dense layers'
+    weighing = [op.name for op in _running_ops(concrete)
+                if op.type == "Mul" and tuple(op.outputs[0].shape) in deltas]
+    assert weighing == []
+
+
+def test_unrolled_cotangents_reach_the_kronecker_sums_unstacked():
+    """With the K backward passes unrolled (a max pooling: engines.factored
+    unroll_cotangents), a Kronecker block takes each cotangent's deltas apart
+    (Block.per_cotangent): G = Σ_k δ_kᵀδ_k, one matmul per cotangent, and no op that runs
+    stacks the deltas into (K, N, ...).  Both factors against float64, exact kind (K = 3
+    outcomes weighted by p_c), with 2 padding rows."""
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([
+        keras.Input((5, 5, 2)),
+        keras.layers.Conv2D(3, 2, activation="tanh"),       # deltas (N, 4, 4, 3)
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 5, 5, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    estimator = fastewc.FisherEstimator(model, loss=loss, kind="exact", curvature="kfac", batch_size=8)
+    got = estimator((x, y))
+    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=loss, kind="exact")
+    for block in got.blocks:
+        a, g = reference[block.layer]
+        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
+    engine = estimator.plan((x, y)).engine
+    assert engine.unroll_cotangents
+    (concrete,) = engine._concrete.values()
+    stacks = [op.name for op in _running_ops(concrete)
+              if op.type == "Pack" and tuple(op.outputs[0].shape) in {(3, 8, 4, 4, 3), (3, 8, 3)}]
+    assert stacks == []

@@ -37,6 +37,9 @@ class Block:
     own_sums = False             # True: the engine asks the BLOCK's rule_sums (an instance
     #                              method: a second-pass block's sums use its own state),
     #                              not its kind's
+    per_cotangent = False        # True: rule_sums also takes the deltas as a list of the K
+    #                              cotangents' (N, *probe) tensors (the factored engine's
+    #                              unrolled backward passes, not stacked: no copy of them)
     scales_sums = False          # True: rule_sums takes ``scale`` (a float32 scalar) and
     #                              returns its sums times it: a one-batch call passes 1/N
     #                              and its sums are the means, with no pass to divide them
@@ -65,7 +68,8 @@ class Block:
         """``{block key: tuple of sums}`` of this kind's blocks in one layer, from its
         rule's output ``result``, its float32 deltas (K, N, *probe), the cotangents'
         ``weight`` (K, N) and the rows' 0/1 ``mask`` (N,) (the factored engine); a kind
-        with ``scales_sums`` also takes ``scale=`` (None: 1)."""
+        with ``scales_sums`` also takes ``scale=`` (None: 1), one with ``per_cotangent``
+        the deltas as a list of K (N, *probe) tensors too."""
         raise NotImplementedError
 
     def gradient_sums(self, squares):

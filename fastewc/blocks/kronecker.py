@@ -51,7 +51,7 @@ from fastewc import penalty as penalty_lib
 from fastewc.blocks.base import Block
 from fastewc.blocks.diagonal import Diagonal, _path
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
-from fastewc.contract import few_rows, row_gram
+from fastewc.contract import few_rows, row_gram, unit_weights
 from fastewc.curvature import KroneckerFisher
 
 # Bytes a call holds per accumulated float of a plan with Kronecker blocks, at most: a call
@@ -185,6 +185,7 @@ class Kronecker(Block):
     dense_sums = True
     xla_on_cpu = False
     scales_sums = True
+    per_cotangent = True
     shared_layer_refusal = ("curvature='kfac' cannot take a shared layer: its Fisher block is not one "
                             "Kronecker product A ⊗ G.")
 
@@ -210,18 +211,35 @@ class Kronecker(Block):
     @classmethod
     def rule_sums(cls, result, delta, weight, mask, scale=None):
         """The rule's (a, g) per block; with ``scale`` (a one-batch call's 1/N) times it,
-        at no pass over them: g through the weights (it is linear in them), a through the
+        at no pass over them: g through the weights (it is linear in them; g · scale where
+        the weights are statically 1, :func:`fastewc.contract.unit_weights`: the rule
+        then weighs no deltas, and g is u² floats), a through the
         rows (:func:`fastewc.contract.row_gram`, √scale folded into them) where the rule
         gives them and they are fewer floats than a (the reference CNN's 256 rows of
         9217, against its 9217² a: the rule's own a is then unused and pruned from the
-        graph), else a · scale (a is smaller than the rows it came from)."""
+        graph), else a · scale (a is smaller than the rows it came from).
+
+        ``delta`` a list of the K cotangents' deltas (``per_cotangent``): g = Σ_k g_k, the
+        rule's sums of each cotangent alone (its a, the same for each, is taken from the
+        first: the others are unused, pruned from the graph), with no stack of the deltas."""
+        unit = scale is None or unit_weights(weight)   # then g · scale: a pass over g, not the deltas
+        weight = weight if unit else weight * scale
+        if isinstance(delta, list):
+            ones = unit and weight.shape.is_fully_defined()      # each cotangent's weights, static
+            parts = [result.kron(d[None], tf.ones([1, weight.shape[1]]) if ones else weight[k:k + 1], mask)
+                     for k, d in enumerate(delta)]
+            blocks = [sums._replace(g=tf.add_n([part[i].g for part in parts]), deltas=None)
+                      for i, sums in enumerate(parts[0])]
+        else:
+            blocks = result.kron(delta, weight, mask)
         if scale is None:
-            return {(cls.kind, id(sums.variables[0])): (sums.a, sums.g) for sums in result.kron(delta, weight, mask)}
+            return {(cls.kind, id(sums.variables[0])): (sums.a, sums.g) for sums in blocks}
         out = {}
-        for sums in result.kron(delta, weight * scale, mask):
+        for sums in blocks:
             rows = sums.rows
             by_rows = rows is not None and sums.a.shape.rank == 2 and few_rows(rows)
-            out[(cls.kind, id(sums.variables[0]))] = (row_gram(rows, scale) if by_rows else sums.a * scale, sums.g)
+            out[(cls.kind, id(sums.variables[0]))] = (row_gram(rows, scale) if by_rows else sums.a * scale,
+                                                      sums.g * scale if unit else sums.g)
         return out
 
     def finish(self, means):

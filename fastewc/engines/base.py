@@ -45,6 +45,7 @@ import tensorflow as tf
 from fastewc import _keras_compat as compat
 from fastewc import _policy
 from fastewc import capture as capture_lib
+from fastewc.contract import static_or_dynamic_shape
 from fastewc.likelihood import broadcast_weights
 
 FLOAT16_COTANGENT_SCALE = 2.0**8
@@ -217,6 +218,21 @@ def weighted_cotangents(likelihood, kind, out, y, mask, noise, x=None, out_tail=
     weights = position_weights(likelihood, out, x, sample_weight)
     u, w = likelihood.cotangents(out, y, kind, noise if kind == "sampled" else None, weights)
     return u, w * mask[None]
+
+
+def folded_weights(u, w):
+    """(U·√W, 1) for the cotangents U (K, N, *out) and their weights W (K, N) ≥ 0 (the
+    likelihood's p, 1/num_samples or 1, times the 0/1 row mask).  Every sum a factored
+    rule forms is Σ_kn w_kn q(δ_kn) for a quadratic q of the deltas (a diagonal's
+    g_kn², a Kronecker factor's δ δᵀ; g_kn is linear in δ_kn), and δ_kn is linear in
+    U_kn, so w q(δ(U)) = q(δ(√w U)): with √W folded into the cotangents the rules
+    receive unit weights, statically 1 (:func:`fastewc.contract.unit_weights`), and
+    the weighting is one pass over U (K·N·out floats) instead of one over each
+    layer's deltas (K·N·probe floats: the reference CNN's second convolution, exact,
+    9 · 256 · 36 864)."""
+    root = tf.reshape(tf.sqrt(w), static_or_dynamic_shape(w) + [1] * (u.shape.rank - 2))
+    ones = tf.ones(w.shape if w.shape.is_fully_defined() else tf.shape(w), tf.float32)
+    return u * root, ones
 
 
 PADDING_MASK = "padding_mask"      # keras_hub's input key for the unpadded tokens

@@ -61,7 +61,7 @@ from fastewc import capture as capture_lib
 from fastewc import pooling
 from fastewc.engines import per_example
 from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard, cotangent_scale,
-                                  output_range, weighted_cotangents)
+                                  folded_weights, output_range, weighted_cotangents)
 
 MAX_ROWS = 4096
 CACHE_FLOATS = 2**24
@@ -79,15 +79,18 @@ def vectorizes(k, unroll):
     return not (k == 1 or (unroll and k is not None and k <= UNROLL_COTANGENTS))
 
 
-def cotangent_deltas(tape, out, probes, u, *, unroll=True):
+def cotangent_deltas(tape, out, probes, u, *, unroll=True, apart=()):
     """∂⟨u_k, out⟩/∂probe for each of the K cotangents ``u`` (K, *out.shape): for each
     probe a (K, *probe.shape) tensor, or None where the probe does not reach ``out``.
     With ``unroll`` and up to ``UNROLL_COTANGENTS`` the K backward passes are unrolled in
-    the graph (no pfor converter needed); else one ``tf.vectorized_map``."""
+    the graph (no pfor converter needed), and the probes whose index is in ``apart`` get
+    the list of the K passes' (*probe.shape) tensors instead (no stack: a copy of K·probe
+    floats); else one ``tf.vectorized_map``."""
     k = u.shape[0]
     if not vectorizes(k, unroll):
         per_k = [tape.gradient(out, probes, output_gradients=u[i]) for i in range(k)]
-        return [None if per_probe[0] is None else tf.stack(per_probe) for per_probe in zip(*per_k)]
+        return [None if per_probe[0] is None else list(per_probe) if i in apart else tf.stack(per_probe)
+                for i, per_probe in enumerate(zip(*per_k))]
     return tf.vectorized_map(lambda uk: tape.gradient(out, probes, output_gradients=uk), u,
                              fallback_to_while_loop=False)
 
@@ -128,7 +131,10 @@ class FactoredEngine(Engine):
         the mask is built once and reused by the K passes, which the reference CNN measured
         faster; its vectorized form is a rank-7 broadcast TensorFlow's CPU kernels refuse),
         and where the vectorized graph would run a batched matmul oneDNN gets wrong
-        (:func:`fastewc.engines.per_example.onednn_broadcast_matmuls`): then traced again."""
+        (:func:`fastewc.engines.per_example.onednn_broadcast_matmuls`): then traced again.
+        Not for a plan of Kronecker blocks alone (the reference MLP, exact): unrolled, its
+        call measured 0.91× the vectorized one's but its first call 2–4× (README, "√w in
+        the cotangents")."""
         if self._unroll is None:
             self._unroll = not self.jit_compile and any(
                 pooling.covers(layer) for layer in compat.nested_layers(self.model))
@@ -145,13 +151,27 @@ class FactoredEngine(Engine):
             concrete = super()._concrete_for(args, alone=alone)
         return concrete
 
+    def _apart(self, records):
+        """The flat indices (over the records' probes) of the probes whose deltas the
+        unrolled backward passes leave as K tensors: a layer of one probe whose kinds all
+        take them so (``Block.per_cotangent``, e.g. a Kronecker factor G = Σ_k δ_kᵀδ_k,
+        one matmul per cotangent on deltas never copied into a (K, N, ...) stack)."""
+        apart, index = set(), 0
+        for layer, result in records:
+            if isinstance(result.probe, tf.Tensor) and all(
+                    kind.per_cotangent for kind in self.blocks.kinds_of(layer)):
+                apart.add(index)
+            index += len(tf.nest.flatten(result.probe))
+        return apart
+
     def batch_sums(self, x, y, mask, noise, scale=None):
         model, variables = self.model, self.variables
         with tf.name_scope("fastewc/fisher"):
             with capture_lib.capture(model, self.rules) as recorder, IdGuard(model, self.id_layers) as ids:
                 with tf.GradientTape(persistent=True) as tape:
                     out = model(x, training=False)
-            u, w = weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise, x, self.out_tail)
+            u, w = folded_weights(*weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise, x,
+                                                       self.out_tail))
             loss_scale = cotangent_scale(out.dtype)
             u = tf.cast(u * loss_scale, out.dtype)
             probes = [result.probe for _, result in recorder.records]   # a nest for a shared layer
@@ -159,8 +179,8 @@ class FactoredEngine(Engine):
             unroll = self.unroll_cotangents
             recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (unroll or self.jit_compile)
             self._vectorized = vectorizes(k, unroll)
-            deltas = tf.nest.pack_sequence_as(
-                probes, cotangent_deltas(tape, out, tf.nest.flatten(probes), u, unroll=unroll))
+            deltas = tf.nest.pack_sequence_as(probes, cotangent_deltas(
+                tape, out, tf.nest.flatten(probes), u, unroll=unroll, apart=self._apart(recorder.records)))
             del tape
             mask = tf.cast(mask, tf.float32)
             sums = {}
@@ -173,7 +193,10 @@ class FactoredEngine(Engine):
 
             for (layer, result), delta in zip(recorder.records, deltas):
                 with tf.name_scope(_scope_name(layer)):      # a profile names the layer
-                    delta = tf.nest.map_structure(prepared, result.probe, delta)
+                    if isinstance(delta, list):     # the K cotangents' deltas apart (_apart)
+                        delta = [prepared(result.probe, d) for d in delta]
+                    else:
+                        delta = tf.nest.map_structure(prepared, result.probe, delta)
                     for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
                         scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
                         sums.update(kind.rule_sums(result, delta, w, mask, **scaling))

@@ -13,7 +13,8 @@ import string
 import tensorflow as tf
 
 from fastewc.contract import (KroneckerSums, UnsupportedLayerError, few_rows,  # noqa: F401
-                              row_gram, static_or_dynamic_shape, weighted_rows, weighted_square_sum)
+                              row_gram, static_or_dynamic_shape, unit_weights, weighted_rows,
+                              weighted_square_sum)
 
 
 def check_plain(layer, family, *, lora=False):
@@ -155,7 +156,8 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
 
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
-    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u), and no pass over a
+    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u) (no pass that
+    weighs the deltas where the weights are statically 1, :func:`unit_weights`), and no pass over a
     (d+1)² ``a`` larger than the rows: where the N·L rows are at most d' (statically,
     :func:`fastewc.contract.few_rows`), ``a`` is :func:`fastewc.contract.row_gram` of the
     rows with the bias's column, the 1/L folded into them (the reference CNN's
@@ -182,6 +184,6 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
             corner = tf.reshape(tf.reduce_sum(mask), [1, 1])
             a = tf.concat([tf.concat([a, column], 1), tf.concat([tf.transpose(column), corner], 1)], 0)
     flat_deltas = tf.reshape(deltas, [-1, u])
-    weighted = tf.reshape(deltas * weight[:, :, None, None], [-1, u])
+    weighted = flat_deltas if unit_weights(weight) else tf.reshape(deltas * weight[:, :, None, None], [-1, u])
     g = tf.matmul(weighted, flat_deltas, transpose_a=True)
     return KroneckerSums(tuple(variables), a, g, input_rank, rows_out, deltas)
