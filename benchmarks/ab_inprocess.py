@@ -3,11 +3,11 @@ step and the penalty, members alternating round by round.
 
     .venv/bin/python -m benchmarks.ab_inprocess 08c890d [--rounds 150] [--only step|penalty]
 
-Why: ``benchmarks.compare`` runs each tree in its own processes, and on this shared 2-core
-machine one process's times differ from the next one's by up to 2x (the same code: the
-eager Keras loops, the no-EWC steps; the XLA penalty is bimodal, about 10 or 22-27 ms per
-process), so a few rounds cannot resolve 5 %.  Here both versions run in one process, so
-that spread hits both alike.
+Why: ``benchmarks.compare`` runs each tree in its own processes, and on a shared machine
+the same code's time differs from one process to the next by more than the 5 % to be
+resolved (README, "The penalty and train-step suites against 08c890d, rerun").  Here both
+versions run in one process, so that spread hits both alike; a process-wide side effect
+of importing either version hits both too (the compare's same-code rows check that).
 
 How: ``git archive REF fastewc`` is unpacked into a temporary directory as the package
 ``fastewc_<sha>`` (every whole word ``fastewc`` in its .py files renamed), which is
