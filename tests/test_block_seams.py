@@ -78,7 +78,7 @@ def test_the_demo_takes_its_methods_and_options_from_the_kinds(monkeypatch):
     config = run.DemoConfig(curvature="fake", out="unused").resolved()
     assert config.methods[-1] == "fake_separate" and config.lam_of("fake_separate") == config.kfac_lam > 0
     assert config.lam_of("ewc_online") == config.lam
-    with pytest.raises(ValueError, match=r"`damping` and `kfac_sum` apply to curvature='kfac' only. "
+    with pytest.raises(ValueError, match=r"`damping` and `kfac_sum` apply to curvature='kfac' or 'ekfac' only. "
                                          r"Received: damping=0.1 with curvature='fake'"):
         run.DemoConfig(curvature="fake", damping=0.1, out="unused").resolved()
 

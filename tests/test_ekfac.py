@@ -9,14 +9,17 @@ returns, which must diagonalize fastewc.testing's float64 factors), and the pena
 
 with its gradient, formed explicitly as vec(ΔW̄)ᵀ (U_A ⊗ U_G) diag(vec S) (U_A ⊗ U_G)ᵀ vec(ΔW̄)
 (np.kron, row-major vec, the bias as W̄'s last row); then a save/load and a checkpoint
-round trip."""
+round trip.  Then the state half's online mode and damping against float64 references.
+"""
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import fastewc
-from fastewc.blocks.ekfac import EKFACBlock, EKFACFisher, second_moments
+from fastewc.blocks.ekfac import EKFAC, EKFACBlock, EKFACFisher, second_moments
 from fastewc.testing import float64_twin, reference_fisher_of, reference_kronecker_factors
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -216,15 +219,13 @@ def test_penalty_and_gradient_two_tasks_against_explicit_kron(tmp_path):
     np.testing.assert_allclose(float(fresh.penalty()), want, rtol=1e-4)
 
 
-def test_consolidate_runs_the_estimator_and_online_is_refused():
+def test_consolidate_runs_the_estimator():
     model = mlp()
     x, y = data(4)
     ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac")
     fisher = ewc.consolidate((x, y), loss=LOSS, kind="empirical", jit_compile=False)
     assert isinstance(fisher, EKFACFisher)
     assert float(ewc.penalty()) == 0.0                       # at the anchors
-    with pytest.raises(ValueError, match="mode='separate' only"):
-        fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online")
     with pytest.raises(TypeError, match="EKFACFisher"):
         ewc.add_task(fastewc.kfac_fisher(model, (x, y), loss=LOSS, kind="empirical"))
 
@@ -244,10 +245,6 @@ def test_second_moments_and_bad_estimates():
     with pytest.raises(ValueError, match="S >= 0"):
         ewc.add_task(bad)
     assert ewc.num_tasks == 0
-    with pytest.raises(ValueError, match="apply to curvature='kfac' only"):
-        fastewc.EWC(model, lam=LAM, curvature="ekfac", damping=0.1)
-    with pytest.raises(ValueError, match="apply to curvature='kfac' only"):
-        fastewc.EWC(model, lam=LAM, curvature="ekfac", kfac_sum="nearest")
     ewc.add_task(fisher)                      # the valid task still goes in
     assert ewc.num_tasks == 1
 
@@ -311,3 +308,312 @@ def test_the_second_pass_shows_its_own_progress(capsys):
     second = out.index("fastewc.fisher_diagonal: second pass of curvature='ekfac'")
     assert first < second
     assert "2/2" in out[first:second] and "2/2" in out[second:]
+
+
+# -- online mode and damping (the state half) ---------------------------------------------------
+# The float64 references below form the projection from its definition, diag(Uᵀ F' U) with
+# U = U_A ⊗ U_G (np.kron), not from the closed form (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ the code uses.
+KEYS = {"d1": ("d1/kernel", "d1/bias"), "d2": ("d2/kernel", "d2/bias")}
+LANDED = os.path.join(os.path.dirname(__file__), "data", "landed_ekfac")
+
+
+def orthogonal(rng, n):
+    return np.linalg.qr(rng.normal(size=(n, n)))[0]
+
+
+def project64(s_old, ua_old, ug_old, ua, ug):
+    """The diagonal of Uᵀ F' U in the basis U = U_A ⊗ U_G, F' = U' diag(vec S') U'ᵀ (float64)."""
+    u, u_old = np.kron(ua, ug), np.kron(ua_old, ug_old)
+    f_old = u_old @ np.diag(np.ravel(s_old)) @ u_old.T
+    return np.diag(u.T @ f_old @ u).reshape(np.shape(s_old))
+
+
+def random_fisher(model, rng, names=("d1", "d2")):
+    """An EKFACFisher of random orthogonal bases and S >= 0 (float32) for ``names``, and
+    ``{name: (U_A, U_G, S)}`` (float64 of those float32 values)."""
+    blocks, values = [], {}
+    for name in names:
+        layer = model.get_layer(name)
+        rows, units = layer.kernel.shape[0] + 1, layer.kernel.shape[1]
+        ua, ug, s = (np.float32(m) for m in (orthogonal(rng, rows), orthogonal(rng, units),
+                                              rng.uniform(0, 2, (rows, units))))
+        values[name] = tuple(np.float64(m) for m in (ua, ug, s))
+        blocks.append(EKFACBlock(name, (layer.kernel, layer.bias), tf.constant(ua), tf.constant(ug), tf.constant(s)))
+    variables = list(model.trainable_variables)
+    return EKFACFisher(blocks, [None] * len(variables), variables), values
+
+
+def ekfac_state(ewc):
+    """``{layer: [(U_A, U_G, S, W̄*)]}`` of the EWC's EKFAC blocks (float64 copies)."""
+    state = EKFAC.snapshot(ewc._state.variables(EKFAC))
+    return {name: [tuple(np.float64(m) for m in term) for term in state[keys]]
+            for name, keys in KEYS.items() if keys in state}
+
+
+def assert_state(ewc, want, rtol=1e-5):
+    got = ekfac_state(ewc)
+    assert sorted(got) == sorted(want)
+    for name, terms in want.items():
+        assert len(got[name]) == len(terms)
+        for got_term, want_term in zip(got[name], terms):
+            for g, w in zip(got_term, want_term):
+                np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max())
+
+
+def move(model, rng, scale=0.3):
+    for v in model.trainable_variables:
+        v.assign(v + rng.normal(scale=scale, size=v.shape).astype(np.float32))
+
+
+def assert_penalty(ewc, model, want_terms, damping, rtol=1e-4):
+    want, want_grads = penalty64(model, want_terms, damping=damping)
+    value, grads = ewc.penalty_and_gradients()
+    np.testing.assert_allclose(float(value), want, rtol=rtol)
+    for i, name in enumerate(("d1", "d2")):
+        np.testing.assert_allclose(grads[2 * i], want_grads[name][:-1], rtol=rtol, atol=1e-5)
+        np.testing.assert_allclose(grads[2 * i + 1], want_grads[name][-1], rtol=rtol, atol=1e-5)
+
+
+def test_the_projection_is_the_closest_diagonal_in_the_new_basis_and_keeps_the_trace():
+    """S_proj against diag(Uᵀ F' U) formed with np.kron; its sum is S''s (P ⊙ P doubly
+    stochastic), it is >= 0, no other diagonal in the new basis is closer to F', and bases
+    equal up to signs and a permutation give S' permuted."""
+    from fastewc.blocks.ekfac import project
+    rng = np.random.default_rng(1)
+    ua_old, ug_old, ua, ug = orthogonal(rng, 4), orthogonal(rng, 3), orthogonal(rng, 4), orthogonal(rng, 3)
+    s_old = rng.uniform(0, 2, (4, 3))
+    got = project(s_old, ua_old, ug_old, ua, ug).numpy()
+    np.testing.assert_allclose(got, project64(s_old, ua_old, ug_old, ua, ug), rtol=1e-12)
+    np.testing.assert_allclose(got.sum(), s_old.sum(), rtol=1e-13)
+    assert (got >= 0).all()
+    u, u_old = np.kron(ua, ug), np.kron(ua_old, ug_old)
+    f_old = u_old @ np.diag(s_old.ravel()) @ u_old.T
+    best = np.linalg.norm(u @ np.diag(got.ravel()) @ u.T - f_old)
+    for _ in range(5):
+        other = got + rng.normal(scale=0.1, size=got.shape)
+        assert np.linalg.norm(u @ np.diag(other.ravel()) @ u.T - f_old) > best
+    perm_a, perm_g = rng.permutation(4), rng.permutation(3)
+    flipped = project(s_old, ua_old, ug_old, -ua_old[:, perm_a], ug_old[:, perm_g] * [1, -1, 1]).numpy()
+    np.testing.assert_allclose(flipped, s_old[perm_a][:, perm_g], rtol=1e-12)
+
+
+def test_online_merge_keeps_one_term_in_the_newest_basis():
+    """Three online tasks with γ < 1: one term per block, (U_A,t, U_G,t, γ S_proj + S_t, W̄_t)
+    against the float64 projection; the sum of S is γ × the previous one's + S_t's (the
+    trace kept); the penalty and its gradient against float64; then a task that does not
+    estimate d1 (frozen) decays its S by γ and moves its anchor to the task's weights."""
+    model, rng, gamma = mlp(), np.random.default_rng(2), 0.6
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=gamma)
+    want = {}
+    for t in range(3):
+        fisher, values = random_fisher(model, rng)
+        previous = {name: terms[0][2].sum() for name, terms in ekfac_state(ewc).items()}
+        ewc.add_task(fisher)
+        for name, (ua, ug, s) in values.items():
+            if name in want:
+                s = gamma * project64(want[name][0][2], *want[name][0][:2], ua, ug) + s
+            want[name] = [(ua, ug, s, matrix(model.get_layer(name)))]
+        assert_state(ewc, want)
+        for name, total in previous.items():
+            np.testing.assert_allclose(ekfac_state(ewc)[name][0][2].sum(), gamma * total + values[name][2].sum(),
+                                       rtol=1e-6)
+        move(model, rng)
+    assert ewc.num_tasks == 3 and ewc.structure_token[1] == 2        # still one term per block
+    assert_penalty(ewc, model, want, damping=0.0)
+
+    model.get_layer("d1").trainable = False
+    fisher, values = random_fisher(model, rng, names=("d2",))
+    ewc.add_task(fisher)
+    ua, ug, s, _ = want["d1"][0]
+    want["d1"] = [(ua, ug, gamma * s, matrix(model.get_layer("d1")))]
+    ua, ug, s = values["d2"]
+    want["d2"] = [(ua, ug, gamma * project64(want["d2"][0][2], *want["d2"][0][:2], ua, ug) + s,
+                   matrix(model.get_layer("d2")))]
+    assert_state(ewc, want)
+
+
+def test_damping_adds_delta_to_every_term_against_float64(tmp_path):
+    """Separate mode, two tasks, δ = 0.3: P = λ/2 Σ_t Σ (S_t + δ) ⊙ M_t², formed as
+    vec(ΔW̄)ᵀ U (diag S + δ I) Uᵀ vec(ΔW̄); δ set later to 0.05 changes the penalty so, and
+    a saved file keeps it."""
+    model, rng = mlp(), np.random.default_rng(3)
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", damping=0.3)
+    want = {"d1": [], "d2": []}
+    for t in range(2):
+        fisher, values = random_fisher(model, rng)
+        ewc.add_task(fisher)
+        for name, (ua, ug, s) in values.items():
+            want[name].append((ua, ug, s, matrix(model.get_layer(name))))
+        move(model, rng)
+    assert_penalty(ewc, model, want, damping=0.3)
+    ewc.damping = 0.05
+    assert ewc.damping == 0.05
+    assert_penalty(ewc, model, want, damping=0.05)
+    ewc.save(tmp_path / "damped.npz")
+    loaded = fastewc.EWC.load(tmp_path / "damped.npz", model)
+    assert loaded.damping == 0.05
+    assert_penalty(loaded, model, want, damping=0.05)
+
+
+def test_damping_and_kfac_sum_are_checked_naming_the_argument():
+    model = mlp()
+    for bad in (-1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match=r"`damping` must be a finite number >= 0. Received: damping="):
+            fastewc.EWC(model, lam=LAM, curvature="ekfac", damping=bad)
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5, damping=0.1)
+    with pytest.raises(ValueError, match=r"`damping` must be a finite number >= 0. Received: damping=-1"):
+        ewc.damping = -1
+    assert ewc.damping == 0.1
+    for mode, gamma in (("separate", 1.0), ("online", 0.5)):
+        with pytest.raises(ValueError, match=r"`kfac_sum` applies to curvature='kfac' only: curvature='ekfac' "
+                                             r"keeps one term per block in mode='online', projected onto the "
+                                             r"newest eigenbasis. Received: kfac_sum='nearest' with "
+                                             r"curvature='ekfac'. Leave kfac_sum='exact'."):
+            fastewc.EWC(model, lam=LAM, curvature="ekfac", mode=mode, gamma=gamma, kfac_sum="nearest")
+    assert "curvature='ekfac' damping=0.1" in repr(ewc)
+    fisher, _ = random_fisher(model, np.random.default_rng(0))
+    huge = fisher._replace(blocks=[b._replace(s=tf.fill(b.s.shape, 3e38)) for b in fisher.blocks])
+    ewc.add_task(huge)
+    before = ekfac_state(ewc)
+    with pytest.raises(ValueError, match=r"`fisher`: adding this task would make the EKFAC terms of 'd1/kernel' "
+                                         r"not finite in float32 \(the weights or S are too large\). The state "
+                                         r"is unchanged."):
+        ewc.add_task(huge)                                   # 0.5 · 3e38 + 3e38 > float32's largest
+    assert ewc.num_tasks == 1
+    assert_state(ewc, before, rtol=0)
+
+
+def test_online_with_damping_consolidates_two_tasks_against_float64():
+    """EWC(curvature="ekfac", mode="online", gamma, damping) through consolidate: the state
+    against S of float64 per-example gradients in the estimator's bases, the old one
+    projected and decayed; the penalty and its gradient against float64."""
+    model, rng, gamma, damping = mlp(), np.random.default_rng(4), 0.7, 0.05
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=gamma, damping=damping)
+    want = {}
+    for t in range(2):
+        x, y = data(20 + t)
+        per_example = per_example64(model, x, y)
+        fisher = ewc.consolidate((x, y), loss=LOSS, kind="empirical", jit_compile=False)
+        for block in fisher.blocks:
+            ua, ug = np.float64(block.u_a), np.float64(block.u_g)
+            rows, deltas = per_example[block.layer]
+            s = oracle_s([(1.0, np.outer(r, d)) for r, d in zip(rows, deltas)], len(rows), ua, ug)
+            if block.layer in want:
+                s = gamma * project64(want[block.layer][0][2], *want[block.layer][0][:2], ua, ug) + s
+            want[block.layer] = [(ua, ug, s, matrix(model.get_layer(block.layer)))]
+        move(model, rng)
+    assert_state(ewc, want, rtol=1e-4)
+    assert_penalty(ewc, model, want, damping=damping)
+
+
+def test_online_state_round_trips_through_a_file_and_a_checkpoint(tmp_path):
+    """Online state (one term per block) saved and loaded, and checkpointed and restored:
+    the same state and penalty, and the next task continues identically (float64)."""
+    model, rng, gamma = mlp(), np.random.default_rng(5), 0.5
+    settings = dict(lam=LAM, curvature="ekfac", mode="online", gamma=gamma, damping=0.1)
+    ewc = fastewc.EWC(model, **settings)
+    for t in range(2):
+        ewc.add_task(random_fisher(model, rng)[0])
+        move(model, rng)
+    saved = ekfac_state(ewc)
+    ewc.save(tmp_path / "online.npz")
+    loaded = fastewc.EWC.load(tmp_path / "online.npz", model)
+    path = tf.train.Checkpoint(ewc=ewc).write(str(tmp_path / "ckpt"))
+    restored = fastewc.EWC(model, **settings)
+    tf.train.Checkpoint(ewc=restored).read(path).assert_consumed()
+    fisher, values = random_fisher(model, rng)
+    want = {}
+    for name, (ua, ug, s) in values.items():
+        old = saved[name][0]
+        want[name] = [(ua, ug, gamma * project64(old[2], old[0], old[1], ua, ug) + s, matrix(model.get_layer(name)))]
+    for other in (loaded, restored):
+        assert (other.mode, other.gamma, other.damping, other.num_tasks) == ("online", gamma, 0.1, 2)
+        assert_state(other, saved, rtol=0)
+        np.testing.assert_array_equal(other.penalty(), ewc.penalty())
+        other.add_task(fisher)
+        assert_state(other, want)
+    move(model, rng)
+    assert_penalty(loaded, model, want, damping=0.1)
+
+
+def _landed(expected, when):
+    """``({key: (A, μ)}, {layer: [(U_A, U_G, S, W̄*)]})`` of the landed EWC, float64."""
+    state, terms = {}, {}
+    for key, value in expected.items():
+        parts = key.split("|")
+        if parts[0] != when:
+            continue
+        if parts[1] == "state":
+            state.setdefault(parts[2], {})[parts[3]] = np.float64(value)
+        elif parts[1] == "terms":
+            terms.setdefault(parts[2].split("/")[0], {}).setdefault(int(parts[4]), {})[parts[5]] = np.float64(value)
+    return ({k: (v["a"], v["mu"]) for k, v in state.items()},
+            {name: [tuple(ts[t][f] for f in ("u_a", "u_g", "s", "anchor")) for t in sorted(ts)]
+             for name, ts in terms.items()})
+
+
+def _landed_reference(model, state, terms, lam, const):
+    """λ/2 [Σ A (θ − μ)² + c] + the EKFAC terms (penalty64), gradients in the model's order."""
+    value, grads = penalty64(model, terms, lam=lam)
+    value += 0.5 * lam * const
+    out = []
+    for v in model.trainable_variables:
+        layer, name = v.path.split("/")[-2:]
+        theta = np.float64(v.numpy())
+        a, mu = state[f"{layer}/{name}"]
+        value += 0.5 * lam * np.sum(a * (theta - mu) ** 2)
+        g = lam * a * (theta - mu)
+        if layer in grads:
+            g = g + (grads[layer][:-1] if name == "kernel" else grads[layer][-1])
+        out.append(g)
+    return value, out
+
+
+@pytest.mark.parametrize("source", ["file", "checkpoint"])
+def test_a_separate_mode_file_and_checkpoint_of_the_landed_code_load_and_continue_identically(source):
+    """tests/data/landed_ekfac (written at 4af25ff, before the online mode and damping,
+    ``tests/data/make_landed_ekfac.py``): the file and the checkpoint load, the penalty
+    and its gradient match the float64 evaluation of the saved state, and after one more
+    task both what the old code computed and the float64 merge (a term appended)."""
+    with np.load(os.path.join(LANDED, "expected.npz")) as npz:
+        expected = {name: npz[name] for name in npz.files}
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="d1"),
+                              keras.layers.LayerNormalization(name="ln"), keras.layers.Dense(3, name="d2")])
+    if source == "file":
+        ewc = fastewc.EWC.load(os.path.join(LANDED, "ekfac.npz"), model)
+        for i, v in enumerate(model.trainable_variables):
+            v.assign(expected[f"w{i}"])
+    else:
+        ewc = fastewc.EWC(model, lam=2.0, curvature="ekfac")
+        tf.train.Checkpoint(model=model, ewc=ewc).read(os.path.join(LANDED, "ckpt")).assert_consumed()
+    assert (ewc.mode, ewc.lam, ewc.curvature, ewc.damping, ewc.num_tasks) == ("separate", 2.0, "ekfac", 0.0, 2)
+    state, terms = _landed(expected, "saved")
+    assert_state(ewc, terms, rtol=0)
+
+    def check(want_value, want_grads):
+        value, grads = ewc.penalty_and_gradients()
+        np.testing.assert_allclose(float(value), want_value, rtol=2e-5)
+        for g, w in zip(grads, want_grads):
+            np.testing.assert_allclose(g.numpy(), w, rtol=2e-5, atol=1e-5)
+
+    check(*_landed_reference(model, state, terms, 2.0, float(expected["saved|const"])))
+    for i, v in enumerate(model.trainable_variables):
+        v.assign(expected[f"w3_{i}"])
+    blocks = [EKFACBlock(name, (model.get_layer(name).kernel, model.get_layer(name).bias),
+                         *(tf.constant(expected[f"task|{name}|{f}"]) for f in ("u_a", "u_g", "s")))
+              for name in ("d1", "d2")]
+    diagonal = [tf.constant(expected[f"task|diag{i}"]) if f"task|diag{i}" in expected else None for i in range(6)]
+    ewc.add_task(EKFACFisher(blocks, diagonal, list(model.trainable_variables)))
+    for name in ("d1", "d2"):
+        terms[name].append(tuple(np.float64(expected[f"task|{name}|{f}"]) for f in ("u_a", "u_g", "s"))
+                           + (matrix_of(model, name),))
+    assert_state(ewc, terms)
+    for i, v in enumerate(model.trainable_variables):
+        v.assign(expected[f"w4_{i}"])
+    check(float(expected["after|value"]), [expected[f"after|grad{i}"] for i in range(6)])
+    assert_state(ewc, _landed(expected, "after")[1])
+
+
+def matrix_of(model, name):
+    return matrix(model.get_layer(name))

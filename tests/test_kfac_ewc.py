@@ -457,7 +457,7 @@ def test_bad_options_raise():
         fastewc.EWC(model, lam=LAM, curvature="bogus")
     with pytest.raises(ValueError, match=r"`kfac_sum` must be one of"):
         kfac_ewc(model, "online", "bogus", GAMMA)
-    with pytest.raises(ValueError, match=r"apply to curvature='kfac' only"):
+    with pytest.raises(ValueError, match=r"apply to curvature='kfac' or 'ekfac' only"):
         fastewc.EWC(model, lam=LAM, damping=0.1)
 
 

@@ -27,21 +27,53 @@ formed, K · N · d' · u floats a call.  The second pass costs about the first 
 both passes (the same seed).
 
 State, penalty and file: a block is keyed ``(kernel key, bias key or None)`` as the
-Kronecker kind's, and holds one term (U_A, U_G, S, W̄*) per task (``mode="separate"``
-only: a decayed online sum of terms with different bases is not diagonal in any one of
-them, so ``mode="online"`` is refused).  The penalty (the EWC's ``damping`` is not an
-option of this kind: δ = 0 here, the form below keeps it for the shared penalty signature),
+Kronecker kind's, and holds terms (U_A, U_G, S, W̄*).  How a task enters them
+(:meth:`EKFAC.merge`):
+
+* ``mode="separate"``: one term per task, (U_A,t, U_G,t, S_t, W̄_t): Kirkpatrick et al.'s
+  sum of per-task penalties, exactly; T tasks cost T terms.
+* ``mode="online"`` (Schwarz et al. 2018: F̃_t = γ F̃_{t−1} + F_t at the latest anchor):
+  ONE term, in the newest task's eigenbasis.  A decayed sum of terms in different bases
+  is diagonal in none, so the old term is replaced by the diagonal in the new basis
+  closest to it in Frobenius norm (the principle that defines EKFAC's S): with
+  U = U_A ⊗ U_G (new), U' = U_A' ⊗ U_G' (the old term's) and F' = U' diag(vec S') U'ᵀ,
+  conjugation by the orthogonal U keeps Frobenius distances, so the closest U diag(x) Uᵀ
+  has x = diag(Uᵀ F' U), and with Q = Uᵀ U' = P_A ⊗ P_G, P_A = U_Aᵀ U_A', P_G = U_Gᵀ U_G',
+
+      x_(ij) = Σ_(kl) Q_(ij),(kl)² S'_kl = Σ_kl (P_A)_ik² S'_kl (P_G)_jl²,
+      S_proj = (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ                           (:func:`project`)
+
+  and the state becomes (U_A,t, U_G,t, γ S_proj + S_t, W̄_t).  The projection keeps the
+  trace: P ⊙ P of an orthogonal P is doubly stochastic (its rows and columns are unit
+  vectors), so Σ S_proj = Σ S' = tr F', and the state's trace γ tr F̃' + tr F_t is the
+  exact decayed sum's; S_proj ≥ 0.  What it drops is the old term's part off the diagonal in the new basis (zero when the bases
+  agree up to signs and permutations: then S_proj is S' permuted; when they are far
+  apart, as for tasks with permuted inputs, it is most of it: the old precision keeps its
+  trace but is spread over the new coordinates).  A block the task
+  does not estimate (its variables frozen) has its S decayed by γ and its anchor moved
+  to the task's weights, as the diagonal online EWC does with F = 0.  Memory: one term
+  per block whatever the tasks; the projection costs O(d'³ + u³ + d'²u + d'u²) a task
+  (float64), the order of the eigendecompositions that made the new bases.
+
+The penalty, with damping δ ≥ 0 (the EWC's ``damping``),
 
     P(θ) = λ/2 Σ_t Σ_ij (S_t + δ)_ij (U_A,tᵀ (W̄ − W̄_t) U_G,t)_ij²,
     ∇_W̄ P = λ Σ_t U_A,t ((S_t + δ) ⊙ (U_A,tᵀ (W̄ − W̄_t) U_G,t)) U_G,tᵀ
 
-costs four matrix products per term, O(d'²u + d'u²).  The block's variables keep a
-diagonal block with A = 0 (:mod:`fastewc.blocks.diagonal`).
+costs four matrix products per term, O(d'²u + d'u²).  δ is Tikhonov damping of the
+whole block: U (diag(vec S) + δ I) Uᵀ = F + δ I (the same eigenbasis, eigenvalues
+S + δ), per term (T separate terms add T δ I).  It is not the Kronecker kind's damping,
+the factored (A + π√δ I) ⊗ (G + √δ/π I) = A ⊗ G + δ I + π√δ I ⊗ G + (√δ/π) A ⊗ I
+(:func:`fastewc.kronecker.damped_factors`), which adds the two cross terms as well; with
+δ = 0 the penalty is S's as estimated (a PSD precision: nothing is inverted).  The
+block's variables keep a diagonal block with A = 0 (:mod:`fastewc.blocks.diagonal`).
 
 Checkpoint: ``ewc/_ekfac/_terms/<kernel key>|<bias key>|<t>|<field>`` (field: u_a, u_g, s,
 anchor).  File (version 2): the header's ``ekfac`` list of ``{"kernel", "bias", "terms",
 "rows", "units"}`` and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows ×
-rows), ``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units).
+rows), ``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units).  Both
+modes write the same fields (online: one term per block), so files written before the
+online mode load as they did.
 """
 import typing
 
@@ -103,6 +135,17 @@ def second_moments(per_example, u_a, u_g, weights=None):
     projected = tf.einsum("ai,naj,jb->nib", tf.cast(u_a, tf.float64), g, tf.cast(u_g, tf.float64))
     w = tf.ones([tf.shape(g)[0]], tf.float64) if weights is None else tf.cast(weights, tf.float64)
     return tf.einsum("n,nij->ij", w, tf.square(projected)) / tf.reduce_sum(w)
+
+
+def project(s, u_a_old, u_g_old, u_a, u_g):
+    """S_proj = (P_A ⊙ P_A) S (P_G ⊙ P_G)ᵀ, P_A = U_Aᵀ U_A,old, P_G = U_Gᵀ U_G,old (float64):
+    the diagonal in the basis (U_A, U_G) closest in Frobenius norm to the EKFAC term
+    (U_A,old ⊗ U_G,old) diag(vec S) (U_A,old ⊗ U_G,old)ᵀ, with the same sum as S (module
+    docstring: the online merge)."""
+    s, u_a_old, u_g_old, u_a, u_g = (tf.cast(x, tf.float64) for x in (s, u_a_old, u_g_old, u_a, u_g))
+    p_a = tf.square(tf.matmul(u_a, u_a_old, transpose_a=True))
+    p_g = tf.square(tf.matmul(u_g, u_g_old, transpose_a=True))
+    return tf.matmul(tf.matmul(p_a, s), p_g, transpose_b=True)
 
 
 def _terms(fields):
@@ -196,8 +239,8 @@ class EKFAC(Kronecker):
                            [diagonal.get(id(v)) for v in variables], list(variables))
 
     # -- state -------------------------------------------------------------------------
-    OPTIONS = ()             # no damping: S >= 0 is used as estimated (a PSD precision)
-    MODES = ("separate",)
+    OPTIONS = ("damping",)   # δ: S + δ, Tikhonov damping of the whole block (module docstring)
+    MODES = ("separate", "online")
     METHOD, TITLE = "ekfac", "EKFAC-EWC"
     TABLES = {"ekfac_terms": "_ekfac/_terms"}
     FILE_FIELD, FILE_VERSION = "ekfac", 2
@@ -214,11 +257,11 @@ class EKFAC(Kronecker):
 
     @staticmethod
     def check_options(mode, kfac_sum):
-        if mode != "separate":
+        if kfac_sum != "exact":
             raise ValueError(
-                "curvature='ekfac' supports mode='separate' only: an online sum of EKFAC terms "
-                "in different eigenbases is not diagonal in any one of them. Received: "
-                f"mode={mode!r}. Use mode='separate', or curvature='kfac' for an online EWC.")
+                "`kfac_sum` applies to curvature='kfac' only: curvature='ekfac' keeps one term per "
+                "block in mode='online', projected onto the newest eigenbasis. Received: "
+                f"kfac_sum={kfac_sum!r} with curvature='ekfac'. Leave kfac_sum='exact'.")
 
     # The task.
     @staticmethod
@@ -250,28 +293,52 @@ class EKFAC(Kronecker):
 
     @staticmethod
     def merge(current, task, settings, tracking):
-        """Every changed block's terms (nothing assigned): a task's block gets its term
-        (U_A, U_G, S, W̄_t) appended (separate mode); the others are unchanged.  Raises for
-        S negative or not finite, or bases not finite, naming the layer."""
+        """Every changed block's terms (nothing assigned; module docstring): a task's block
+        gets its term (U_A, U_G, S, W̄_t) appended (separate mode) or becomes the one term
+        (U_A, U_G, γ S_proj + S, W̄_t) (online, :func:`project`); in online mode a block the
+        task does not estimate gets γ S and the task's weights.  Raises for S negative or
+        not finite, bases not finite, or a result float32 cannot hold, naming the layer."""
+        online, gamma = settings.mode == "online", settings.gamma
         pending = {}
+
+        def anchor_of(block, input_rank):
+            return kronecker.weight_matrix([task.theta[k] if k in task.theta else
+                                            penalty_lib.read_float32(task.by_key[k])
+                                            for k in block if k is not None], input_rank)
+
         for block, (layer, u_a, u_g, s, input_rank) in task.estimates.get(EKFAC.kind, {}).items():
             u_a, u_g, s = (tf.cast(x, tf.float32) for x in (u_a, u_g, s))
             if not (all_finite([u_a, u_g, s]) and bool(tf.reduce_all(s >= 0))):
                 raise ValueError(
                     f"`fisher`: the EKFAC block of layer '{layer}' must have finite bases and "
                     "finite second moments S >= 0. Received: NaN, Inf or a negative S")
-            anchor = kronecker.weight_matrix([task.theta[k] if k in task.theta else
-                                              penalty_lib.read_float32(task.by_key[k])
-                                              for k in block if k is not None], input_rank)
+            anchor = anchor_of(block, input_rank)
             if not all_finite([anchor]):
                 raise ValueError(f"`anchors`: the weights of layer '{layer}' must be finite. "
                                  "Received: NaN or Inf")
-            pending[block] = list(current.get(block, [])) + [u_a, u_g, s, anchor]
+            if not online:
+                pending[block] = list(current.get(block, [])) + [u_a, u_g, s, anchor]
+                continue
+            old = tf.zeros_like(s, tf.float64)       # the block's one term (none before its first task)
+            for u_a_old, u_g_old, s_old, _ in _terms(current.get(block, [])):
+                old += project(s_old, u_a_old, u_g_old, u_a, u_g)
+            pending[block] = [u_a, u_g, tf.cast(gamma * old + tf.cast(s, tf.float64), tf.float32), anchor]
+        for block, fields in current.items() if online else ():
+            if block not in pending:
+                input_rank = stored_input_rank(task.by_key[block[0]], block, fields[3])
+                pending[block] = [v for u_a, u_g, s, _ in _terms(fields)
+                                  for v in (u_a, u_g, gamma * s, anchor_of(block, input_rank))]
+        for block, fields in pending.items() if online else ():     # separate: checked above
+            if not all_finite(fields):
+                raise ValueError(
+                    f"`fisher`: adding this task would make the EKFAC terms of '{block[0]}' not "
+                    "finite in float32 (the weights or S are too large). The state is unchanged.")
         return pending, 0.0
 
     @staticmethod
     def penalty(thetas, fields, lam, damping):
-        """``(λ/2 Σ_t Σ (S_t + δ) ⊙ M_t², [∇ per theta])``, M_t = U_A,tᵀ (W̄ − W̄_t) U_G,t."""
+        """``(λ/2 Σ_t Σ (S_t + δ) ⊙ M_t², [∇ per theta])``, M_t = U_A,tᵀ (W̄ − W̄_t) U_G,t,
+        δ the damping (Tikhonov: F_t + δ I)."""
         input_rank = kronecker.input_rank_of(thetas[0].shape, fields[3].shape[0] - len(thetas) + 1)
         w = kronecker.weight_matrix(thetas, input_rank)
         value, grad = tf.constant(0.0), tf.zeros_like(w)
