@@ -1,6 +1,8 @@
 """The first call split into stages, one member per process (issue 24: first call ≤ 2× the
 floor's): GPT-2 (:data:`SIZES`: ``small`` is GPT-2 base's 12 layers at hidden 64, whose op
-counts are base's; ``base`` is GPT-2 base), Dense(10) on the last token, 4 × 128 tokens.
+counts are base's; ``base`` is GPT-2 base), Dense(10) on the last token, 4 × 128 tokens;
+or a row of :mod:`benchmarks.bench_large` (:data:`LARGE`: ``mobilenet_v2``, ``resnet50``,
+its model and examples).
 
 Stages (seconds, JSON on the last line):
 
@@ -21,6 +23,7 @@ what reads the constants.
 
     .venv/bin/python -m benchmarks.first_call_stages small empirical [--jit 0|1] [--dump DIR]
     .venv/bin/python -m benchmarks.first_call_stages base floor_xla
+    .venv/bin/python -m benchmarks.first_call_stages mobilenet_v2 empirical [--batch-size 4]
 """
 import argparse
 import collections
@@ -35,6 +38,7 @@ SIZES = {"small": dict(vocabulary_size=1000, num_layers=12, num_heads=2, hidden_
                        max_sequence_length=128),
          "base": dict(vocabulary_size=50257, num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=3072,
                       max_sequence_length=1024)}
+LARGE = ("mobilenet_v2", "resnet50")
 RESULT_TAG = "STAGES "
 
 
@@ -79,9 +83,10 @@ def xla_split(dump, start, end):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("size", choices=tuple(SIZES))
+    parser.add_argument("size", choices=tuple(SIZES) + LARGE)
     parser.add_argument("member", choices=MEMBERS)
     parser.add_argument("--jit", type=int, default=None, help="the Fisher's jit_compile (default: its default)")
+    parser.add_argument("--batch-size", type=int, default=None, help="the Fisher's batch_size")
     parser.add_argument("--dump", default=None, help="XLA dump directory (set before TensorFlow starts)")
     args = parser.parse_args(argv)
     if args.dump:
@@ -93,10 +98,14 @@ def main(argv=None):
     from benchmarks import models, problems
     from fastewc.engines import base
 
-    keras.utils.set_random_seed(0)
-    model = models.gpt2_classifier(SIZES[args.size])
-    rng = np.random.default_rng(0)
-    x, y = models._gpt2_inputs(rng, 4, 128), rng.integers(0, models.CLASSES, 4).astype(np.int32)
+    if args.size in LARGE:
+        from benchmarks import bench_large
+        model, x, y = bench_large.make(args.size, False)
+    else:
+        keras.utils.set_random_seed(0)
+        model = models.gpt2_classifier(SIZES[args.size])
+        rng = np.random.default_rng(0)
+        x, y = models._gpt2_inputs(rng, 4, 128), rng.integers(0, models.CLASSES, 4).astype(np.int32)
     out = {"size": args.size, "member": args.member}
     if args.member.startswith("floor"):
         floor = problems.floor_function(model, args.member == "floor_xla", models.LOSS)
@@ -107,11 +116,15 @@ def main(argv=None):
         run = lambda: floor(x, y)     # noqa: E731
     else:
         options = {} if args.jit is None else {"jit_compile": bool(args.jit)}
+        if args.batch_size:
+            options["batch_size"] = args.batch_size
         estimator = fastewc.FisherEstimator(model, loss=models.LOSS, kind=args.member, **options)
         start = time.perf_counter()
         plan = estimator.plan((x, y))
         out["plan_s"] = time.perf_counter() - start
         out["jit_compile"] = bool(plan.engine.jit_compile)
+        out["rows"] = plan.rows
+        alone = plan.rows >= len(y)       # else the first batch is one of several: the other function
         traced = {"s": 0.0}
         concrete_for = base.Engine._concrete_for
 
@@ -127,9 +140,9 @@ def main(argv=None):
             from fastewc import data as data_lib
             batch = next(data_lib.Source((x, y)).batches(plan.rows, plan.cast, lambda labels: labels))
             noise = estimator._noise(seed.get("seed", 0), batch, plan)
-            plan.engine.trace(batch, noise, estimator._initial_state(plan.engine), alone=True)
+            plan.engine.trace(batch, noise, estimator._initial_state(plan.engine), alone=alone)
             out["trace_s"] = traced["s"]
-            concrete = plan.engine._concrete[(int(batch.mask.shape[0]), True)]
+            concrete = plan.engine._concrete[(int(batch.mask.shape[0]), alone)]
             out["graph"] = op_summary(concrete.graph)
             out["grappler_skipped"] = bool(fastewc._policy.skip_graph_optimizer(concrete.graph))
         finally:

@@ -17,6 +17,34 @@ def test_rows_within_budget():
     assert _memory.rows_within(10, per_row, 4096) == 1                  # never 0
 
 
+def _factored_rows(batch_size, k, probe_floats, budget=2**40, sums=3_470_872):
+    from types import SimpleNamespace
+    from fastewc.engines import factored
+    engine = factored.FactoredEngine.__new__(factored.FactoredEngine)
+    engine.blocks = SimpleNamespace(amortized_floats=0, shapes=[(sums,)])     # a diagonal plan
+    return engine.rows_per_call(batch_size, k, probe_floats, budget)
+
+
+def test_factored_rows_floor_is_bounded_by_the_deltas_of_a_call():
+    """The 16-row floor holds at most max(2²⁶, S) delta floats (K · probe floats per row;
+    S the floats of the sums), by hand: rows = max(min(16, 2^⌊log₂(max(2²⁶, S)/f)⌋),
+    2^⌊log₂(2²⁴/f)⌋) for f = K · probe floats, at most 4096, within the budget and
+    ``batch_size``.  The probe floats and S are the plans' (bench_large at 224 px,
+    bench_models at 32 px, K = 9 for exact; S = the parameters for a diagonal plan)."""
+    assert _factored_rows(None, 1, 13_357_224) == 4       # MobileNetV2 224 px: 2²⁶/f = 5.0
+    assert _factored_rows(None, 1, 21_175_272, sums=25_583_592) == 2    # ResNet50 224 px: 3.2
+    assert _factored_rows(None, 1, 20_274_664, sums=86_567_656) == 4    # ViT-B/16: S/f = 4.3
+    assert _factored_rows(None, 1, 20_274_664, sums=60_000_000) == 2    # S < 2²⁶: 3.3
+    assert _factored_rows(None, 1, 70_000_000) == 1       # 0.96: never 0
+    assert _factored_rows(None, 9, 460_554) == 16         # DenseNet121 32 px exact: 16.2, the floor
+    assert _factored_rows(None, 9, 272_586) == 16         # MobileNetV2 32 px exact: 27.4 (2²⁴/f = 6.8)
+    assert _factored_rows(None, 1, 432_138) == 32         # ResNet50 32 px: 2²⁴/f = 38.8, the cache bound
+    assert _factored_rows(None, 10, 420_000) == 8         # 2²⁶/f = 15.98
+    assert _factored_rows(None, 1, 1000) == 4096          # MAX_ROWS
+    assert _factored_rows(2, 1, 13_357_224) == 2          # batch_size caps
+    assert _factored_rows(None, 1, 13_357_224, budget=2 * 2 * 4 * 13_357_224) == 2    # the budget caps
+
+
 def test_budget_is_a_fraction_of_the_device_and_does_not_move():
     assert _memory.device_bytes() > 0
     assert _memory.budget_bytes() == int(_memory.device_bytes() * _memory.BUDGET_FRACTION)

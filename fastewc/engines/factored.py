@@ -28,11 +28,29 @@ compiled call capped"):
 * but at least ``MIN_ROWS``: a model of many layers pays a fixed cost per call (one
   dispatch per op); under the 2²⁴ cap alone ResNet50 and DenseNet121 (exact) got 2 rows,
   and raising the cap took MobileNetV2 exact from 25.6× to 15.3× the floor (issue 15);
+* that floor itself bounded by ``FLOOR_FLOATS`` deltas per call, or by the S floats of
+  the plan's sums where they are more:
+
+      floor = min(MIN_ROWS, 2^⌊log₂(max(FLOOR_FLOATS, S) / (K · probe floats))⌋), at least 1 row,
+
+  so the Applications at 32 px keep ``MIN_ROWS``, while at 224 px, where one image's
+  probes are 13–21M floats and a call's fixed cost is small next to its work, the deltas
+  a call holds (and with them its peak memory and its first call) no longer grow with
+  ``MIN_ROWS``.  Measured at 224 px (README, "Real sizes"): MobileNetV2 (13.4M floats a
+  row) ran faster per image, compiled faster and met the memory target at 4 rows against
+  16; ResNet50 (21.2M) missed the memory target at 4 rows and met it at 2.  2²⁶ lies
+  between the deltas of those two passing calls (4 · 13.4M, 2 · 21.2M) and ResNet50's
+  failing one (4 · 21.2M).  S: a call of several batches folds its sums into float64
+  totals (≥ 8 S bytes, :func:`fastewc.engines.base.fold`) that a one-batch call does not
+  hold, so fewer than S floats of deltas a call save less than splitting adds (ViT-B/16,
+  86.6M parameters, 20.3M floats a row: at 2 rows against its 4 examples in one call, a
+  higher peak and a slower first call, no faster steady call);
 * and never more than the memory budget holds (:mod:`fastewc._memory`).
 
 Rounded down to a power of two; an explicit ``batch_size`` lowers them further (a
 memory cap).
 """
+import math
 import re
 
 import tensorflow as tf
@@ -48,6 +66,12 @@ from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard,
 MAX_ROWS = 4096
 CACHE_FLOATS = 2**24
 MIN_ROWS = 16
+FLOOR_FLOATS = 2**26
+
+
+def _power_of_two(n):
+    """The largest power of two ≤ ``n``; 1 when ``n`` < 1."""
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def vectorizes(k, unroll):
@@ -81,7 +105,9 @@ class FactoredEngine(Engine):
 
     def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
         per_row = num_cotangents * (probe_floats or 1)
-        cached = max(MIN_ROWS, 1 << (max(1, CACHE_FLOATS // per_row).bit_length() - 1))
+        sums = sum(math.prod(shape) for shape in self.blocks.shapes)
+        floor = min(MIN_ROWS, _power_of_two(max(FLOOR_FLOATS, sums) // per_row))
+        cached = max(floor, _power_of_two(CACHE_FLOATS // per_row))
         folded = self.blocks.amortized_floats
         if folded:
             # Each call folds every sum (Kronecker factors: Σ d'² + u² floats) into the float64
