@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,23 @@ def test_benchmarks_run_on_every_logical_device():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASSED benchmarks/bench_fisher.py::test_floor[CPU:0-mlp-noxla]" in proc.stdout
     assert "PASSED benchmarks/bench_fisher.py::test_floor[CPU:1-mlp-noxla]" in proc.stdout
+
+
+def test_ab_inprocess_imports_a_commit_under_its_own_name(tmp_path, monkeypatch):
+    """The old side of benchmarks.ab_inprocess is the commit's package, renamed: its modules
+    import each other, never this tree's fastewc."""
+    import fastewc
+    from benchmarks import ab_inprocess
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    old = ab_inprocess.import_old("HEAD", tmp_path)
+    try:
+        assert old.__name__.startswith("fastewc_") and tmp_path in Path(old.__file__).parents
+        assert old.EWC is not fastewc.EWC
+        inner = [m for name, m in sys.modules.items() if name.startswith(old.__name__ + ".")]
+        assert inner and all(tmp_path in Path(m.__file__).parents for m in inner)
+        imported = {v.__name__ for m in inner for v in vars(m).values() if isinstance(v, type(sys))}
+        ours = {name for name in imported if name.split(".")[0].startswith("fastewc")}
+        assert ours and all(name.split(".")[0] == old.__name__ for name in ours)
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == old.__name__]:
+            del sys.modules[name]
