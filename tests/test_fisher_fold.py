@@ -178,6 +178,20 @@ def test_the_finite_flag_sees_every_entry_of_small_and_large_sums(jit_compile):
             assert not finite(corrupted), (index, bad)
 
 
+def _exact_factors_match_float64(model, x, y):
+    """The exact kind's Kronecker factors of a softmax ``model`` on 6 examples in rows of 8
+    (2 padding rows) against float64; returns the engine that formed them."""
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    estimator = fastewc.FisherEstimator(model, loss=loss, kind="exact", curvature="kfac", batch_size=8)
+    got = estimator((x, y))
+    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=loss, kind="exact")
+    for block in got.blocks:
+        a, g = reference[block.layer]
+        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
+    return estimator.plan((x, y)).engine
+
+
 def test_the_kronecker_sums_weigh_no_deltas():
     """The factored engine folds √w into the cotangents (engines.base.folded_weights), so a
     rule's Kronecker sums weigh no deltas: probabilities out (exact kind: K = 3 outcomes
@@ -188,15 +202,7 @@ def test_the_kronecker_sums_weigh_no_deltas():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, 4, 4, 2)).astype(np.float32)
     y = rng.integers(0, 3, 6)
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    estimator = fastewc.FisherEstimator(model, loss=loss, kind="exact", curvature="kfac", batch_size=8)
-    got = estimator((x, y))
-    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=loss, kind="exact")
-    for block in got.blocks:
-        a, g = reference[block.layer]
-        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
-    engine = estimator.plan((x, y)).engine
+    engine = _exact_factors_match_float64(model, x, y)
     (concrete,) = engine._concrete.values()
     deltas = {(3, 8, 9, 3), (3, 8, 1, 4), (3, 8, 1, 3)}      # the conv's 9 positions, the Dense layers'
     weighing = [op.name for op in _running_ops(concrete)
@@ -221,15 +227,7 @@ def test_unrolled_cotangents_reach_the_kronecker_sums_unstacked():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(6, 5, 5, 2)).astype(np.float32)
     y = rng.integers(0, 3, 6)
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    estimator = fastewc.FisherEstimator(model, loss=loss, kind="exact", curvature="kfac", batch_size=8)
-    got = estimator((x, y))
-    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=loss, kind="exact")
-    for block in got.blocks:
-        a, g = reference[block.layer]
-        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
-    engine = estimator.plan((x, y)).engine
+    engine = _exact_factors_match_float64(model, x, y)
     assert engine.unroll_cotangents
     (concrete,) = engine._concrete.values()
     stacks = [op.name for op in _running_ops(concrete)

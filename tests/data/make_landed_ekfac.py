@@ -1,7 +1,7 @@
 """Writes tests/data/landed_ekfac/: an EWC file (version 2) and a checkpoint of a
 ``curvature="ekfac"`` EWC (separate mode, the only one it had) written by the code before
 EKFAC's online mode and damping (commit 4af25ff), with what that code computed after one
-more task (tests/test_ekfac_online.py).
+more task (tests/test_ekfac.py).
 
     python tests/data/make_landed_ekfac.py tests/data/landed_ekfac
 """
