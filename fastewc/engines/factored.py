@@ -60,6 +60,7 @@ from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import pooling
 from fastewc.engines import per_example
+from fastewc.engines.shared_sums import SharedSums
 from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard, cotangent_scale,
                                   folded_weights, output_range, weighted_cotangents)
 
@@ -183,7 +184,8 @@ class FactoredEngine(Engine):
                 tape, out, tf.nest.flatten(probes), u, unroll=unroll, apart=self._apart(recorder.records)))
             del tape
             mask = tf.cast(mask, tf.float32)
-            sums = {}
+            sums, shared = {}, SharedSums(inline=bool(self.jit_compile))
+            self.shared_sums = shared
 
             def prepared(probe, delta):
                 if delta is None:
@@ -199,5 +201,5 @@ class FactoredEngine(Engine):
                         delta = tf.nest.map_structure(prepared, result.probe, delta)
                     for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
                         scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
-                        sums.update(kind.rule_sums(result, delta, w, mask, **scaling))
+                        sums.update(shared(kind, layer, result, delta, w, mask, scaling))
             return BatchSums(self.blocks.collect(sums), ids.counts(), output_range(out))
