@@ -1,0 +1,67 @@
+"""The factored engine traces a rule's sums once per distinct layer signature
+(fastewc.engines.shared_sums): identical layers call one traced function, checked on the
+batch function's graph, and the sums still match a float64 reference."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fastewc
+from fastewc.testing import float64_twin, reference_fisher, reference_kronecker_factors
+
+from conftest import assert_close
+
+LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+CALLS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((4, 4, 2)),
+        keras.layers.Conv2D(2, 3, padding="same", activation="tanh", name="c1"),
+        keras.layers.Conv2D(2, 3, padding="same", activation="tanh", name="c2"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4, activation="tanh", name="d0"),
+        keras.layers.Dense(4, activation="tanh", name="d1"),
+        keras.layers.Dense(4, activation="tanh", name="d2"),
+        keras.layers.Dense(3, name="out"),
+    ])
+
+
+def _functions_called(graph, layer):
+    """The names of the functions the ops under ``rules/<layer>/`` call."""
+    return {op.get_attr("f").name for op in graph.get_operations()
+            if op.type in CALLS and f"rules/{layer}/" in op.name}
+
+
+@pytest.mark.parametrize("curvature", ["diagonal", "kfac"])
+def test_identical_layers_share_one_traced_sums_function(curvature):
+    model = _model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 2).astype(np.int32)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", curvature=curvature, method="factored",
+                                        jit_compile=False)
+    got = estimator((x, y))
+    (concrete,) = estimator.plan((x, y)).engine._concrete.values()
+    called = {name: _functions_called(concrete.graph, name) for name in ("c1", "c2", "d0", "d1", "d2", "out")}
+    assert len(called["c1"]) == 1 and called["c1"] == called["c2"], called
+    assert len(called["d1"]) == 1 and called["d1"] == called["d2"], called
+    assert called["d1"] != called["out"] and called["c1"] != called["d1"], called
+    assert len(called["d0"]) == 1 and called["d0"] != called["d1"], called      # 32 inputs, not 4
+    # Without XLA the shared function is marked not to be inlined: instantiated once.
+    library = {f.signature.name: f for f in concrete.graph.as_graph_def().library.function}
+    assert library[next(iter(called["d1"]))].attr["_noinline"].b
+    twin = float64_twin(model)
+    if curvature == "diagonal":
+        want = reference_fisher(twin, x, y, loss=LOGITS, kind="exact")
+        for g, w in zip(got, want):
+            assert_close(g, w)
+    else:
+        want = reference_kronecker_factors(twin, x, y, loss=LOGITS, kind="exact")
+        assert sorted(b.layer for b in got.blocks) == sorted(want)
+        for block in got.blocks:
+            a, g = want[block.layer]
+            assert_close(block.a, a)
+            assert_close(block.g, g)
