@@ -111,8 +111,9 @@ class SharedSums:
     (module docstring).  Made per trace of the engine's batch function; ``traced`` counts
     the functions traced, ``calls`` the layers' calls (for a test)."""
 
-    def __init__(self, *, inline):
+    def __init__(self, *, inline, wanted=None):
         self.attributes = None if inline else {"_noinline": True}
+        self.wanted = wanted        # the block keys the plan reads (None: all); the others are not returned
         self._by_signature = {}
         self.traced, self.calls = 0, 0
 
@@ -146,13 +147,16 @@ class SharedSums:
             if len(mine.weights) != len(theirs.weights):
                 return kind.rule_sums(result, delta, weight, mask, **scaling)
             renamed.update((id(a), id(b)) for a, b in zip(mine.weights, theirs.weights))
+        if [self._wants(self._renamed(key, renamed)) for key in traced.all_keys] != \
+                [self._wants(key) for key in traced.all_keys]:
+            return kind.rule_sums(result, delta, weight, mask, **scaling)
         args = flat + [mask] + ([] if static_w is not None else [weight]) + ([scale] if scale is not None else [])
         self.calls += 1
         outputs = traced.concrete._call_flat(args, [walk.tensors[i] for i in traced.positions])
         return self._keyed(traced, outputs, renamed)
 
     def _trace(self, kind, layer, result, delta, weight, static_w, mask, scaling, walk):
-        structure, keys, sizes = delta, [], []
+        structure, keys, sizes, all_keys = delta, [], [], []
 
         def sums(*args):
             args = list(args)
@@ -162,7 +166,8 @@ class SharedSums:
             w = tf.constant(static_w) if static_w is not None else args.pop(0)
             options = {"scale": args.pop(0)} if "scale" in scaling else {}
             out = kind.rule_sums(result, d, w, m, **options)
-            keys[:] = list(out)
+            all_keys[:] = list(out)
+            keys[:] = [key for key in out if self._wants(key)]     # the rest: not computed
             sizes[:] = [len(out[key]) for key in keys]
             return [t for key in keys for t in out[key]]
 
@@ -178,14 +183,22 @@ class SharedSums:
         own = {id(v) for l in layers for v in l.weights}
         shareable = all(p is not None for p in positions) and all(
             any(part in own for part in key if isinstance(part, int)) for key in keys)
-        return _Traced(concrete, positions if shareable else None, keys, sizes, layers,
-                       [_spec(t) for t in walk.tensors])
+        traced = _Traced(concrete, positions if shareable else None, keys, sizes, layers,
+                         [_spec(t) for t in walk.tensors])
+        traced.all_keys = all_keys
+        return traced
+
+    def _wants(self, key):
+        return self.wanted is None or key in self.wanted
+
+    @staticmethod
+    def _renamed(key, renamed):
+        return tuple(renamed.get(part, part) if isinstance(part, int) else part for part in key)
 
     @staticmethod
     def _keyed(traced, outputs, renamed):
         outputs, out, i = list(outputs), {}, 0
         for key, size in zip(traced.keys, traced.sizes):
-            key = tuple(renamed.get(part, part) if isinstance(part, int) else part for part in key)
-            out[key] = tuple(outputs[i:i + size])
+            out[SharedSums._renamed(key, renamed)] = tuple(outputs[i:i + size])
             i += size
         return out
