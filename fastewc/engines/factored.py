@@ -184,9 +184,9 @@ class FactoredEngine(Engine):
                 tape, out, tf.nest.flatten(probes), u, unroll=unroll, apart=self._apart(recorder.records)))
             del tape
             mask = tf.cast(mask, tf.float32)
-            sums, shared = {}, SharedSums(inline=bool(self.jit_compile),
-                                                  wanted={block.key for block in self.blocks.blocks})
-            self.shared_sums = shared
+            # one traced function per layer signature (not inlined without XLA)
+            sums = {}
+            shared = SharedSums(inline=bool(self.jit_compile), wanted={block.key for block in self.blocks.blocks})
 
             def prepared(probe, delta):
                 if delta is None:

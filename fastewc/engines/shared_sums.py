@@ -42,6 +42,9 @@ class _Walk:
     def __init__(self, roots):
         self.tensors, self.layers, self.ok, self._seen = [], [], True, set()
         self.skeleton = tuple(self._value(root, 0) for root in roots)
+        first = {}
+        # which tensors met are the same tensor: part of what the traced function depends on
+        self.aliases = tuple(first.setdefault(id(t), i) for i, t in enumerate(self.tensors))
 
     def _value(self, value, depth):
         if depth > 12:
@@ -128,13 +131,15 @@ class SharedSums:
         if not walk.ok or any(not isinstance(t, tf.Tensor) for t in flat):
             return kind.rule_sums(result, delta, weight, mask, **scaling)
         scale = scaling.get("scale")
-        signature = (kind, type(layer), _config(layer), walk.skeleton, str(tf.nest.map_structure(lambda _: 0, delta)),
+        signature = (kind, type(layer), _config(layer), walk.skeleton, walk.aliases, str(tf.nest.map_structure(lambda _: 0, delta)),
                      tuple(_spec(t) for t in flat), _spec(mask), scale is None,
                      None if static_w is None else (static_w.shape, static_w.tobytes()), _spec(weight))
         traced = self._by_signature.get(signature)
         if traced is None:
             traced = self._by_signature[signature] = self._trace(kind, layer, result, delta, weight, static_w,
                                                                  mask, scaling, walk)
+            if not traced.keys:
+                return {}
             args = flat + [mask] + ([] if static_w is not None else [weight]) + ([scale] if scale is not None else [])
             outputs = traced.concrete(*args)
             return self._keyed(traced, outputs, {})
@@ -150,6 +155,8 @@ class SharedSums:
         if [self._wants(self._renamed(key, renamed)) for key in traced.all_keys] != \
                 [self._wants(key) for key in traced.all_keys]:
             return kind.rule_sums(result, delta, weight, mask, **scaling)
+        if not traced.keys:
+            return {}
         args = flat + [mask] + ([] if static_w is not None else [weight]) + ([scale] if scale is not None else [])
         self.calls += 1
         outputs = traced.concrete._call_flat(args, [walk.tensors[i] for i in traced.positions])
