@@ -48,8 +48,9 @@ def test_identical_layers_share_one_traced_sums_function(curvature):
     called = {name: _functions_called(concrete.graph, name) for name in ("c1", "c2", "d0", "d1", "d2", "out")}
     assert len(called["c1"]) == 1 and called["c1"] == called["c2"], called
     assert len(called["d1"]) == 1 and called["d1"] == called["d2"], called
-    assert called["d1"] != called["out"] and called["c1"] != called["d1"], called
-    assert len(called["d0"]) == 1 and called["d0"] != called["d1"], called      # 32 inputs, not 4
+    assert called["c1"] != called["d1"], called
+    # A signature met once (d0: 32 inputs, not 4; out) is traced in place: no call.
+    assert called["d0"] == called["out"] == set(), called
     # Without XLA the shared function is marked not to be inlined: instantiated once.
     library = {f.signature.name: f for f in concrete.graph.as_graph_def().library.function}
     assert library[next(iter(called["d1"]))].attr["_noinline"].b

@@ -194,13 +194,18 @@ class FactoredEngine(Engine):
                 delta = tf.cast(delta, tf.float32)
                 return delta / loss_scale if loss_scale != 1.0 else delta
 
+            calls = []
             for (layer, result), delta in zip(recorder.records, deltas):
-                with tf.name_scope(_scope_name(layer)):      # a profile names the layer
+                with tf.name_scope(_scope_name(layer)) as scope:      # a profile names the layer
                     if isinstance(delta, list):     # the K cotangents' deltas apart (_apart)
                         delta = [prepared(result.probe, d) for d in delta]
                     else:
                         delta = tf.nest.map_structure(prepared, result.probe, delta)
-                    for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
-                        scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
-                        sums.update(shared(kind, layer, result, delta, w, mask, scaling))
+                for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
+                    scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
+                    calls.append((scope, (kind, layer, result, delta, w, mask, scaling)))
+            shared.expect(call for _, call in calls)     # which signatures repeat
+            for scope, call in calls:
+                with tf.name_scope(scope):          # the layer's scope again (a name ending in /)
+                    sums.update(shared(*call))
             return BatchSums(self.blocks.collect(sums), ids.counts(), output_range(out))

@@ -118,22 +118,17 @@ class SharedSums:
         self.attributes = None if inline else {"_noinline": True}
         self.wanted = wanted        # the block keys the plan reads (None: all); the others are not returned
         self._by_signature = {}
+        self._expected = {}         # signature -> layers of it (expect); unknown: shared
         self.traced, self.calls = 0, 0
 
     def __call__(self, kind, layer, result, delta, weight, mask, scaling):
         """``kind.rule_sums(result, delta, weight, mask, **scaling)``, through the traced
         function of this layer's signature."""
-        if not isinstance(kind, type):      # a kind instance (a second pass's block): its own state
+        found = self.signature(kind, layer, result, delta, weight, mask, scaling)
+        if found is None or self._expected.get(found[0], 2) < 2:    # unique: traced in place
             return kind.rule_sums(result, delta, weight, mask, **scaling)
-        walk = _Walk([result.per_example, result.sum_sq, result.kron, result.merge])
-        flat = tf.nest.flatten(delta)
-        static_w = tf.get_static_value(weight)
-        if not walk.ok or any(not isinstance(t, tf.Tensor) for t in flat):
-            return kind.rule_sums(result, delta, weight, mask, **scaling)
-        scale = scaling.get("scale")
-        signature = (kind, type(layer), _config(layer), walk.skeleton, walk.aliases, str(tf.nest.map_structure(lambda _: 0, delta)),
-                     tuple(_spec(t) for t in flat), _spec(mask), scale is None,
-                     None if static_w is None else (static_w.shape, static_w.tobytes()), _spec(weight))
+        signature, walk = found
+        flat, static_w, scale = tf.nest.flatten(delta), tf.get_static_value(weight), scaling.get("scale")
         traced = self._by_signature.get(signature)
         if traced is None:
             traced = self._by_signature[signature] = self._trace(kind, layer, result, delta, weight, static_w,
@@ -161,6 +156,31 @@ class SharedSums:
         self.calls += 1
         outputs = traced.concrete._call_flat(args, [walk.tensors[i] for i in traced.positions])
         return self._keyed(traced, outputs, renamed)
+
+    def expect(self, calls):
+        """Count the signatures of the layers to come (``calls``: the arguments of
+        :meth:`__call__`): a signature met once is traced in place, as without sharing (a
+        function of its own would add its trace and a call, and save nothing)."""
+        self._expected = {}
+        for call in calls:
+            found = self.signature(*call)
+            if found is not None:
+                self._expected[found[0]] = self._expected.get(found[0], 0) + 1
+
+    @staticmethod
+    def signature(kind, layer, result, delta, weight, mask, scaling):
+        """(signature, closure walk) of a layer's sums, or None where they are not shared."""
+        if not isinstance(kind, type):      # a kind instance (a second pass's block): its own state
+            return None
+        walk = _Walk([result.per_example, result.sum_sq, result.kron, result.merge])
+        flat = tf.nest.flatten(delta)
+        if not walk.ok or any(not isinstance(t, tf.Tensor) for t in flat):
+            return None
+        static_w = tf.get_static_value(weight)
+        return (kind, type(layer), _config(layer), walk.skeleton, walk.aliases,
+                str(tf.nest.map_structure(lambda _: 0, delta)), tuple(_spec(t) for t in flat), _spec(mask),
+                "scale" in scaling, None if static_w is None else (static_w.shape, static_w.tobytes()),
+                _spec(weight)), walk
 
     def _trace(self, kind, layer, result, delta, weight, static_w, mask, scaling, walk):
         structure, keys, sizes, all_keys = delta, [], [], []
