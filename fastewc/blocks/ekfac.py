@@ -332,7 +332,7 @@ class EKFAC(Kronecker):
         if kfac_sum != "exact":
             raise ValueError(
                 "`kfac_sum` applies to curvature='kfac' only: curvature='ekfac' keeps one term per "
-                "block in mode='online', projected onto the newest eigenbasis. Received: "
+                "block in mode='online', in the eigenbasis of the decayed factor sums. Received: "
                 f"kfac_sum={kfac_sum!r} with curvature='ekfac'. Leave kfac_sum='exact'.")
 
     # The task.
