@@ -493,6 +493,12 @@ def test_an_online_task_without_factors_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match=r"`fisher`: mode='online' needs the Kronecker factors of the EKFAC "
                                          r"block of layer 'd1' \(EKFACBlock's a and g"):
         ewc.add_task(random_fisher(model, np.random.default_rng(7), factors=False)[0])
+    fisher = random_fisher(model, np.random.default_rng(7))[0]
+    bad = fisher._replace(blocks=[fisher.blocks[0]._replace(a=fisher.blocks[0].a[:-1, :-1])] + fisher.blocks[1:])
+    with pytest.raises(ValueError, match=r"`fisher`: the Kronecker factors a, g of the EKFAC block of layer 'd1' "
+                                         r"must be finite with a non-negative diagonal and the shapes of u_a, "
+                                         r"u_g. Received: a \(5, 5\), g \(4, 4\), u_a \(6, 6\)"):
+        ewc.add_task(bad)
     assert ewc.num_tasks == 1
     for name, fields in online_state(ewc).items():
         for got, want in zip(fields, before[name]):
@@ -610,6 +616,32 @@ def test_online_state_round_trips_through_a_file_and_a_checkpoint(tmp_path):
             np.testing.assert_array_equal(a, b)
     move(model, rng)
     assert_penalty(loaded, model, as_terms(want), damping=0.1)
+
+
+def test_a_file_whose_factor_sums_do_not_fit_their_term_is_refused(tmp_path):
+    """A file (checksum valid) whose online block's A' has another shape than its header's
+    rows (the format's check), or whose block of two terms carries factor sums: refused,
+    naming the array or the block."""
+    from fastewc import ewc_file
+    model = mlp()
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
+    ewc.add_task(random_fisher(model, np.random.default_rng(9))[0])
+    ewc.save(tmp_path / "ok.npz")
+    contents = ewc_file.read(tmp_path / "ok.npz")
+    section = contents.section("ekfac")
+    terms, (a, g) = section[KEYS["d1"]]
+    section[KEYS["d1"]] = (terms, (a[:-1, :-1], g))
+    ewc_file.write(tmp_path / "bad.npz", contents)
+    with pytest.raises(ValueError, match=r"bad.npz' is not a valid fastewc EWC file \(truncated or corrupted\?\): "
+                                         r"array 'ekfa_0' has float32 \(5, 5\), expected float32 \(6, 6\)"):
+        fastewc.EWC.load(tmp_path / "bad.npz", model)
+    section[KEYS["d1"]] = (terms + terms, (a, g))
+    ewc_file.write(tmp_path / "bad.npz", contents)
+    with pytest.raises(ValueError, match=r"Cannot load EWC state from '.*bad.npz' onto model '.*': the EKFAC state "
+                                         r"of 'd1/kernel': its decayed factor sums \(A', G'\) need one term "
+                                         r"\(online mode\) and both factors. Received: 2 term\(s\) and the "
+                                         r"factor sums \['a', 'g'\]. Nothing was changed."):
+        fastewc.EWC.load(tmp_path / "bad.npz", model)
 
 
 def _landed(expected, when):

@@ -27,33 +27,59 @@ formed, K · N · d' · u floats a call.  The second pass costs about the first 
 both passes (the same seed).
 
 State, penalty and file: a block is keyed ``(kernel key, bias key or None)`` as the
-Kronecker kind's, and holds terms (U_A, U_G, S, W̄*).  How a task enters them
-(:meth:`EKFAC.merge`):
+Kronecker kind's, and holds terms (U_A, U_G, S, W̄*), in online mode followed by its
+decayed factor sums (A', G').  How a task enters them (:meth:`EKFAC.merge`):
 
 * ``mode="separate"``: one term per task, (U_A,t, U_G,t, S_t, W̄_t): Kirkpatrick et al.'s
   sum of per-task penalties, exactly; T tasks cost T terms.
 * ``mode="online"`` (Schwarz et al. 2018: F̃_t = γ F̃_{t−1} + F_t at the latest anchor):
-  ONE term, in the newest task's eigenbasis.  A decayed sum of terms in different bases
-  is diagonal in none, so the old term is replaced by the diagonal in the new basis
-  closest to it in Frobenius norm (the principle that defines EKFAC's S): with
-  U = U_A ⊗ U_G (new), U' = U_A' ⊗ U_G' (the old term's) and F' = U' diag(vec S') U'ᵀ,
-  conjugation by the orthogonal U keeps Frobenius distances, so the closest U diag(x) Uᵀ
-  has x = diag(Uᵀ F' U), and with Q = Uᵀ U' = P_A ⊗ P_G, P_A = U_Aᵀ U_A', P_G = U_Gᵀ U_G',
+  ONE term, in the eigenbasis V = V_A ⊗ V_G of the decayed factor sums
+
+      A_sum = γ A' + A_t,   G_sum = γ G' + G_t,                    (:func:`online_term`)
+
+  which the state keeps beside the term (A' ← A_sum, G' ← G_sum).  A decayed sum of
+  terms in different bases is diagonal in none, so each is replaced by the diagonal in
+  V closest to it in Frobenius norm (the principle that defines EKFAC's S): for a term
+  F' = U' diag(vec S') U'ᵀ, U' = U_A' ⊗ U_G', conjugation by the orthogonal V keeps
+  Frobenius distances, so the closest V diag(x) Vᵀ has x = diag(Vᵀ F' V), and with
+  Q = Vᵀ U' = P_A ⊗ P_G, P_A = V_Aᵀ U_A', P_G = V_Gᵀ U_G',
 
       x_(ij) = Σ_(kl) Q_(ij),(kl)² S'_kl = Σ_kl (P_A)_ik² S'_kl (P_G)_jl²,
-      S_proj = (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ                           (:func:`project`)
+      proj(S', U' → V) = (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ                   (:func:`project`)
 
-  and the state becomes (U_A,t, U_G,t, γ S_proj + S_t, W̄_t).  The projection keeps the
-  trace: P ⊙ P of an orthogonal P is doubly stochastic (its rows and columns are unit
-  vectors), so Σ S_proj = Σ S' = tr F', and the state's trace γ tr F̃' + tr F_t is the
-  exact decayed sum's; S_proj ≥ 0.  What it drops is the old term's part off the diagonal in the new basis (zero when the bases
-  agree up to signs and permutations: then S_proj is S' permuted; when they are far
-  apart, as for tasks with permuted inputs, it is most of it: the old precision keeps its
-  trace but is spread over the new coordinates).  A block the task
-  does not estimate (its variables frozen) has its S decayed by γ and its anchor moved
-  to the task's weights, as the diagonal online EWC does with F = 0.  Memory: one term
-  per block whatever the tasks; the projection costs O(d'³ + u³ + d'²u + d'u²) a task
-  (float64), the order of the eigendecompositions that made the new bases.
+  and the state becomes (V_A, V_G, γ proj(S', U' → V) + proj(S_t, U_t → V), W̄_t, A_sum,
+  G_sum).  Why this basis: the newest task's eigenbasis U_t holds none of the old tasks'
+  directions when their inputs differ (permuted inputs: each task its own U_A), and
+  their precision projected onto it keeps its trace but is spread over the new
+  coordinates; A_sum ⊗ G_sum is the Kronecker view of the decayed sum (KFAC's online
+  "nearest" term is the Frobenius-closest Kronecker product to it), and its eigenbasis
+  weighs every task's directions by its factors.  What each projection keeps and loses:
+
+  - the old term: diag(Vᵀ F' V) keeps tr F' (P ⊙ P of an orthogonal P is doubly
+    stochastic: its rows and columns are unit vectors) and drops F''s part off V's
+    diagonal (none when V and U' agree up to signs and permutations: then S' permuted);
+  - the new task: the exact EKFAC of F_t in V, diag(Vᵀ F_t V), needs the per-example
+    gradients in V, i.e. V before the second pass; but the second pass projects on the
+    first pass's bases (:class:`SecondMoments`, prepared by the estimator, which does
+    not see the EWC's state: handing the state's factors to it would change
+    ``EWC.consolidate`` and the estimator, outside the block modules, and make a Fisher
+    result depend on the EWC).  So the task's own EKFAC F̂_t = U_t diag(S_t) U_tᵀ is
+    projected: diag(Vᵀ F̂_t V) = diag(Vᵀ F_t V) − diag(Vᵀ (F_t − F̂_t) V).  It loses the
+    last term (F_t − F̂_t is F_t's part off U_t's diagonal, as seen by V's diagonal; zero
+    when V = U_t) and keeps tr F_t (tr F̂_t = tr F_t).
+
+  So Σ S = γ Σ S' + Σ S_t: the state's trace is the exact decayed sum's, tr F̃_t =
+  γ tr F̃_{t−1} + tr F_t, and S ≥ 0.  With no factor sums before (the first task, or an
+  online state written before they were kept: A' unknown, taken as 0) A_sum = A_t,
+  whose eigenbasis is the task's own: V = U_t, S_t unprojected (the rule of the code
+  before, which projected the old term onto the newest basis).  A task's block must
+  carry its factors (:class:`EKFACBlock` ``a``, ``g``: the estimator's do).  A block
+  the task does not estimate (its variables frozen) has its S and factor sums decayed
+  by γ (the same V) and its anchor moved to the task's weights, as the diagonal online
+  EWC does with F = 0.  Memory: one term per block whatever the tasks, and the factor
+  sums: d'² + u² floats a block beyond the term (as the Kronecker kind's online
+  state); a task costs two more eigendecompositions, of A_sum and G_sum, and the
+  projections, O(d'³ + u³ + d'²u + d'u²) (float64).
 
 The penalty, with damping δ ≥ 0 (the EWC's ``damping``),
 
@@ -69,11 +95,16 @@ the factored (A + π√δ I) ⊗ (G + √δ/π I) = A ⊗ G + δ I + π√δ I �
 block's variables keep a diagonal block with A = 0 (:mod:`fastewc.blocks.diagonal`).
 
 Checkpoint: ``ewc/_ekfac/_terms/<kernel key>|<bias key>|<t>|<field>`` (field: u_a, u_g, s,
-anchor).  File (version 2): the header's ``ekfac`` list of ``{"kernel", "bias", "terms",
-"rows", "units"}`` and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows ×
-rows), ``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units).  Both
-modes write the same fields (online: one term per block), so files written before the
-online mode load as they did.
+anchor) and an online block's factor sums at ``ewc/_ekfac/_factors/<kernel key>|<bias
+key>|<a or g>``.  File (version 2): the header's ``ekfac`` list of ``{"kernel", "bias",
+"terms", "rows", "units"}`` (plus ``"factors": true`` for an online block's factor sums)
+and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows × rows), ``ekfug_j``
+(units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units); for the i-th block with factor
+sums, ``ekfa_i`` (rows × rows) and ``ekfg_i`` (units × units).  The factor sums are
+optional in both (the version stays 2: a new version would change the file module), so
+files and checkpoints written before them, separate or online, load as they did (an
+online one continues with its factor sums unknown, above); a file with them is refused
+by fastewc before them (its array list does not match the header it knows).
 """
 import typing
 
@@ -188,20 +219,20 @@ def _split(fields):
     return _terms(fields[:n]), (tuple(fields[n:]) or None)
 
 
-def _with_factors(block, fields, factors, where):
+def _with_factors(fields, factors, where):
     """``fields`` (one block's checked term fields) with its factor sums (A', G') after them,
     checked: a block with factor sums has one term (online mode), A' shaped as U_A and G'
-    as U_G.  ``where`` (a format string for the kernel's key) starts the ValueError."""
+    as U_G.  ``where`` (naming the block and the source) starts the ValueError."""
     if len(fields) != 4 or any(f is None for f in factors):
         raise ValueError(
-            f"{where.format(repr(block[0]))}: its decayed factor sums (A', G') need one term (online "
-            f"mode) and both factors. Received: {len(fields) // 4} term(s), "
-            f"{[name for name, f in zip(FACTORS, factors) if f is not None]}.")
+            f"{where}: its decayed factor sums (A', G') need one term (online mode) and both "
+            f"factors. Received: {len(fields) // 4} term(s) and the factor sums "
+            f"{[name for name, f in zip(FACTORS, factors) if f is not None]}. Nothing was changed.")
     for name, value, term_field in zip(FACTORS, factors, fields[:2]):
         if tuple(np.shape(value)) != tuple(term_field.shape):
             raise ValueError(
-                f"{where.format(repr(block[0]))}: its factor sum '{name}' has shape "
-                f"{tuple(np.shape(value))}, its term's basis needs {tuple(term_field.shape)}.")
+                f"{where}: its factor sum '{name}' has shape {tuple(np.shape(value))}, its term's "
+                f"basis needs {tuple(term_field.shape)}. Nothing was changed.")
     return list(fields) + list(factors)
 
 
@@ -271,8 +302,9 @@ class EKFAC(Kronecker):
 
     # -- estimation ------------------------------------------------------------------------
     def finish(self, means):
-        """The first pass's :class:`EKFACBlock`: A and G's eigenbases, and S = λ_A λ_Gᵀ
-        (KFAC's block in its eigenbasis; the second pass replaces it)."""
+        """The first pass's :class:`EKFACBlock`: A and G's eigenbases, S = λ_A λ_Gᵀ (KFAC's
+        block in its eigenbasis; the second pass replaces it), and A and G themselves
+        (what the online merge sums: d'² + u² floats a block beside the bases)."""
         (lam_a, u_a), (lam_g, u_g) = eigenbasis(means[0]), eigenbasis(means[1])
         s = lam_a[:, None] * lam_g[None, :]
         return EKFACBlock(self.layer_name, self.variables, tf.cast(u_a, tf.float32), tf.cast(u_g, tf.float32),
@@ -460,8 +492,8 @@ class EKFAC(Kronecker):
                                  "EKFAC factor sum key.")
             grouped.setdefault((parts[0], parts[1] or None), {})[parts[2]] = value
         for block, factors in grouped.items():
-            blocks[block] = _with_factors(block, blocks.get(block, []), [factors.get(f) for f in FACTORS],
-                                          "Cannot restore the EWC EKFAC state of {} from the checkpoint")
+            blocks[block] = _with_factors(blocks.get(block, []), [factors.get(f) for f in FACTORS],
+                                          f"Cannot restore the EWC EKFAC state of '{block[0]}' from the checkpoint")
         return blocks
 
     # File.
@@ -479,8 +511,9 @@ class EKFAC(Kronecker):
                                  label="EKFAC", shapes_of=_shapes)
         for block, (_, factors) in section.items():
             if factors is not None:
-                blocks[block] = _with_factors(block, blocks[block], factors, f"Cannot load EWC state from "
-                                              f"{path!r} onto model '{tracking.model.name}': the EKFAC state of {{}}")
+                blocks[block] = _with_factors(blocks[block], factors, f"Cannot load EWC state from "
+                                              f"{path!r} onto model '{tracking.model.name}': the EKFAC "
+                                              f"state of '{block[0]}'")
         return blocks
 
     @staticmethod
