@@ -48,12 +48,12 @@ decayed factor sums (A', G').  How a task enters them (:meth:`EKFAC.merge`):
       proj(S', U' → V) = (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ                   (:func:`project`)
 
   and the state becomes (V_A, V_G, γ proj(S', U' → V) + proj(S_t, U_t → V), W̄_t, A_sum,
-  G_sum).  Why this basis: the newest task's eigenbasis U_t holds none of the old tasks'
-  directions when their inputs differ (permuted inputs: each task its own U_A), and
-  their precision projected onto it keeps its trace but is spread over the new
-  coordinates; A_sum ⊗ G_sum is the Kronecker view of the decayed sum (KFAC's online
-  "nearest" term is the Frobenius-closest Kronecker product to it), and its eigenbasis
-  weighs every task's directions by its factors.  What each projection keeps and loses:
+  G_sum).  Why this basis: the newest task's eigenbasis U_t may hold little of the old
+  tasks' directions when their inputs differ (permuted inputs: each task its own U_A),
+  and their precision projected onto it keeps its trace but is spread over the new
+  coordinates; A_sum = Σ_s γ^(t−s) A_s (and G_sum) weighs every task's input (output)
+  directions by its factor, so its eigenbasis serves the old tasks and the new one.
+  What each projection keeps and loses:
 
   - the old term: diag(Vᵀ F' V) keeps tr F' (P ⊙ P of an orthogonal P is doubly
     stochastic: its rows and columns are unit vectors) and drops F''s part off V's
