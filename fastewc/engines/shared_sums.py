@@ -18,16 +18,16 @@ signature trace the same Python path over inputs of the same specs, so they give
 graph; a signature whose captures are not all closure tensors (a variable read, a tensor
 reached another way) is not shared: each of its layers traces its own sums, as before.
 
+A signature met once is traced in place, as without sharing (:meth:`SharedSums.expect`).
 Without XLA the function is marked not to be inlined (``_noinline``): TensorFlow then
-instantiates it once, not once per layer, which is most of what a first call saves
-(README, "Where MobileNetV2's first call goes").  With XLA the calls are lowered as they
-come (the bridge compiles each call); the Python trace is still shared.
+instantiates its body once, not once per layer.  With XLA the calls are inlined as usual;
+the Python trace is still shared.  Only the sums the plan reads are returned (``wanted``):
+a function's outputs are all computed, where an inlined graph prunes what nothing reads.
 """
 import json
 import types
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 _SCALARS = (int, float, bool, str, bytes, type(None))
@@ -58,8 +58,12 @@ class _Walk:
         if isinstance(value, keras.layers.Layer):
             self.layers.append(value)
             return ("layer", type(value), _config(value), tuple(tuple(w.shape) for w in value.weights))
+        if isinstance(value, (keras.Variable, tf.Variable)):   # a key, or read (then a capture: not shared)
+            return ("variable", tuple(value.shape), str(value.dtype))
         if isinstance(value, tf.DType):
             return ("dtype", value.name)
+        if isinstance(value, (set, frozenset)):
+            return ("set",) + tuple(sorted((self._value(v, depth + 1) for v in value), key=repr))
         if isinstance(value, (tuple, list)):
             return (type(value).__name__,) + tuple(self._value(v, depth + 1) for v in value)
         if isinstance(value, dict):
@@ -102,11 +106,12 @@ def _spec(t):
 
 class _Traced:
     """One signature's traced sums: the concrete function, where its captures come from
-    (indices into a walk's tensors; None: not shareable), the output keys' structure."""
+    (indices into a walk's tensors; None: not shareable), the keys it returns (and how
+    many sums each), every key the kind gave, the layers whose variables the keys name."""
 
-    def __init__(self, concrete, positions, keys, sizes, layers, walk_specs):
+    def __init__(self, concrete, positions, keys, sizes, all_keys, layers, walk_specs):
         self.concrete, self.positions, self.keys, self.sizes = concrete, positions, keys, sizes
-        self.layers, self.walk_specs = layers, walk_specs
+        self.all_keys, self.layers, self.walk_specs = all_keys, layers, walk_specs
 
 
 class SharedSums:
@@ -210,10 +215,8 @@ class SharedSums:
         own = {id(v) for l in layers for v in l.weights}
         shareable = all(p is not None for p in positions) and all(
             any(part in own for part in key if isinstance(part, int)) for key in keys)
-        traced = _Traced(concrete, positions if shareable else None, keys, sizes, layers,
-                         [_spec(t) for t in walk.tensors])
-        traced.all_keys = all_keys
-        return traced
+        return _Traced(concrete, positions if shareable else None, keys, sizes, all_keys, layers,
+                       [_spec(t) for t in walk.tensors])
 
     def _wants(self, key):
         return self.wanted is None or key in self.wanted
