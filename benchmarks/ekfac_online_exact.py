@@ -35,9 +35,13 @@ def _patch():
     def patched_consolidate(self, *args, **kwargs):
         _CONSOLIDATING["ewc"] = self
         try:
-            return consolidate(self, *args, **kwargs)
+            result = consolidate(self, *args, **kwargs)
         finally:
             _CONSOLIDATING.pop("ewc", None)
+        if _OWN:        # a block's S measured in V that the merge did not take as such
+            _OWN.clear()
+            raise RuntimeError("ekfac_online_exact: the merge did not receive the second pass's S")
+        return result
 
     def sum_basis(block, first):
         """V_A, V_G of γ A' + A_t, γ G' + G_t (as the merge makes them), or None (not an
