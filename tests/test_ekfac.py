@@ -11,6 +11,7 @@ with its gradient, formed explicitly as vec(ΔW̄)ᵀ (U_A ⊗ U_G) diag(vec S) 
 (np.kron, row-major vec, the bias as W̄'s last row); then a save/load and a checkpoint
 round trip.  Then the state half's online mode and damping against float64 references.
 """
+import json
 import os
 
 import keras
@@ -147,6 +148,8 @@ def test_estimator_gives_eigenbases_and_corrected_second_moments(kind):
     for block in result.blocks:
         a, g = factors[block.layer]
         u_a, u_g = np.float64(block.u_a), np.float64(block.u_g)
+        for lam, f in ((block.lam_a, a), (block.lam_g, g)):     # the eigenvalues it carries (vectors)
+            np.testing.assert_allclose(lam, np.linalg.eigvalsh(f), atol=1e-6 * np.abs(f).max())
         np.testing.assert_allclose(u_a.T @ u_a, np.eye(len(a)), atol=1e-5)
         np.testing.assert_allclose(u_a.T @ a @ u_a, np.diag(np.linalg.eigvalsh(a)), atol=1e-5)
         np.testing.assert_allclose(u_g.T @ g @ u_g, np.diag(np.linalg.eigvalsh(g)), atol=1e-5)
@@ -328,17 +331,30 @@ def project64(s_old, ua_old, ug_old, ua, ug):
     return np.diag(u.T @ f_old @ u).reshape(np.shape(s_old))
 
 
-def random_fisher(model, rng, names=("d1", "d2")):
-    """An EKFACFisher of random orthogonal bases and S >= 0 (float32) for ``names``, and
-    ``{name: (U_A, U_G, S)}`` (float64 of those float32 values)."""
+def random_eigenvalues(rng, n):
+    """λ spread over [0.5, 3] in a random order (distinct eigenvalues, well apart)."""
+    return rng.permutation(np.linspace(0.5, 3.0, n) * rng.uniform(0.9, 1.1, n))
+
+
+def random_fisher(model, rng, names=("d1", "d2"), factors=True):
+    """An EKFACFisher of random orthogonal bases, S >= 0 and (``factors``) the eigenvalues of
+    factors with those eigenbases (float32) for ``names``, and ``{name: (U_A, U_G, S, A, G)}``
+    (float64 of those float32 values, A = U_A diag(λ_A) U_Aᵀ; A, G None without ``factors``)."""
     blocks, values = [], {}
     for name in names:
         layer = model.get_layer(name)
         rows, units = layer.kernel.shape[0] + 1, layer.kernel.shape[1]
-        ua, ug, s = (np.float32(m) for m in (orthogonal(rng, rows), orthogonal(rng, units),
-                                              rng.uniform(0, 2, (rows, units))))
-        values[name] = tuple(np.float64(m) for m in (ua, ug, s))
-        blocks.append(EKFACBlock(name, (layer.kernel, layer.bias), tf.constant(ua), tf.constant(ug), tf.constant(s)))
+        ua, ug, s, lam_a, lam_g = (np.float32(m) for m in (
+            orthogonal(rng, rows), orthogonal(rng, units), rng.uniform(0, 2, (rows, units)),
+            random_eigenvalues(rng, rows), random_eigenvalues(rng, units)))
+        if not factors:
+            lam_a = lam_g = None
+        a, g = ((None, None) if lam_a is None else
+                ((np.float64(u) * np.float64(lam)) @ np.float64(u).T for u, lam in ((ua, lam_a), (ug, lam_g))))
+        values[name] = tuple(np.float64(m) for m in (ua, ug, s)) + (a, g)
+        blocks.append(EKFACBlock(name, (layer.kernel, layer.bias), tf.constant(ua), tf.constant(ug), tf.constant(s),
+                                 lam_a=None if lam_a is None else tf.constant(lam_a),
+                                 lam_g=None if lam_g is None else tf.constant(lam_g)))
     variables = list(model.trainable_variables)
     return EKFACFisher(blocks, [None] * len(variables), variables), values
 
@@ -358,6 +374,45 @@ def assert_state(ewc, want, rtol=1e-5):
         for got_term, want_term in zip(got[name], terms):
             for g, w in zip(got_term, want_term):
                 np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max())
+
+
+def merge64(old, task, gamma):
+    """The online merge from its definition (float64): ``old`` None or (V_A', V_G', S', λ_A',
+    λ_G'), ``task`` (U_A, U_G, S_t, A_t, G_t) → (V_A, V_G, S, λ_A, λ_G): the eigenpairs of
+    A_sum = γ A' + A_t, G_sum = γ G' + G_t with A' = V_A' diag(λ_A') V_A'ᵀ (G' alike), and
+    S = diag(Vᵀ (γ F' + F_t) V) with F' and F_t the EKFAC approximations formed with np.kron
+    (project64: the closest diagonal in V).  With no ``old``: the task's basis and
+    λ = diag(U_Aᵀ A_t U_A), the eigenvalues paired with U's columns."""
+    ua, ug, s, a, g = task
+    if old is None:
+        return ua, ug, s, np.diag(ua.T @ a @ ua), np.diag(ug.T @ g @ ug)
+    a_sum, g_sum = (gamma * (v * lam) @ v.T + f for v, lam, f in ((old[0], old[3], a), (old[1], old[4], g)))
+    (lam_a, va), (lam_g, vg) = np.linalg.eigh(a_sum), np.linalg.eigh(g_sum)
+    return va, vg, gamma * project64(old[2], old[0], old[1], va, vg) + project64(s, ua, ug, va, vg), lam_a, lam_g
+
+
+def online_state(ewc):
+    """``{layer: (V_A, V_G, S, W̄*, λ_A, λ_G)}`` of an online EWC (float64 copies)."""
+    factors = EKFAC.eigenvalues(ewc._state.variables(EKFAC))
+    return {name: terms[0] + tuple(np.float64(f) for f in factors[KEYS[name]])
+            for name, terms in ekfac_state(ewc).items() if len(terms) == 1}
+
+
+def assert_online(ewc, want, rtol=1e-5):
+    """The online state against ``want`` ``{layer: (V_A, V_G, S, W̄*, λ_A, λ_G)}``: the bases
+    up to the signs of their columns (eigenvectors), the rest entry by entry."""
+    got = online_state(ewc)
+    assert sorted(got) == sorted(want)
+    for name, fields in want.items():
+        for i, (g, w) in enumerate(zip(got[name], fields)):
+            if i < 2:
+                g = g * np.sign(np.sum(g * w, axis=0))
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max())
+
+
+def as_terms(state):
+    """``{layer: [(V_A, V_G, S, W̄*)]}`` of an online state (for penalty64)."""
+    return {name: [fields[:4]] for name, fields in state.items()}
 
 
 def move(model, rng, scale=0.3):
@@ -397,39 +452,71 @@ def test_the_projection_is_the_closest_diagonal_in_the_new_basis_and_keeps_the_t
     np.testing.assert_allclose(flipped, s_old[perm_a][:, perm_g], rtol=1e-12)
 
 
-def test_online_merge_keeps_one_term_in_the_newest_basis():
-    """Three online tasks with γ < 1: one term per block, (U_A,t, U_G,t, γ S_proj + S_t, W̄_t)
-    against the float64 projection; the sum of S is γ × the previous one's + S_t's (the
-    trace kept); the penalty and its gradient against float64; then a task that does not
-    estimate d1 (frozen) decays its S by γ and moves its anchor to the task's weights."""
+def test_online_merge_holds_both_terms_in_the_basis_of_the_decayed_factor_sums():
+    """Three online tasks with γ < 1: one term per block in the eigenbasis V of
+    A_sum = γ A' + A_t, G_sum = γ G' + G_t, S = γ proj(S') + proj(S_t), and A_sum's
+    eigenvalues (vectors: the state holds no d'² factor), against merge64 (the float64
+    definition, A' = V' diag(λ') V'ᵀ: the state's float32 V, λ rebuild it up to rounding,
+    hence rtol 1e-5 on eigenpairs of well-separated eigenvalues); the sum of S is γ × the
+    previous one's + S_t's (both projections keep the trace); the penalty and its gradient
+    against float64; then a task that does not estimate d1 (frozen) decays its S and
+    eigenvalues by γ and moves its anchor."""
     model, rng, gamma = mlp(), np.random.default_rng(2), 0.6
     ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=gamma)
     want = {}
     for t in range(3):
         fisher, values = random_fisher(model, rng)
-        previous = {name: terms[0][2].sum() for name, terms in ekfac_state(ewc).items()}
+        previous = {name: fields[2].sum() for name, fields in online_state(ewc).items()}
         ewc.add_task(fisher)
-        for name, (ua, ug, s) in values.items():
-            if name in want:
-                s = gamma * project64(want[name][0][2], *want[name][0][:2], ua, ug) + s
-            want[name] = [(ua, ug, s, matrix(model.get_layer(name)))]
-        assert_state(ewc, want)
+        for name, task in values.items():
+            old = want.get(name)
+            merged = merge64(None if old is None else old[:3] + old[4:], task, gamma)
+            want[name] = merged[:3] + (matrix(model.get_layer(name)),) + merged[3:]
+        assert_online(ewc, want)
         for name, total in previous.items():
-            np.testing.assert_allclose(ekfac_state(ewc)[name][0][2].sum(), gamma * total + values[name][2].sum(),
+            np.testing.assert_allclose(online_state(ewc)[name][2].sum(), gamma * total + values[name][2].sum(),
                                        rtol=1e-6)
         move(model, rng)
     assert ewc.num_tasks == 3 and ewc.structure_token[1] == 2        # still one term per block
-    assert_penalty(ewc, model, want, damping=0.0)
+    assert [tuple(v.shape) for v in ewc._state.variables(EKFAC)[KEYS["d1"]]] == [(6, 6), (4, 4), (6, 4), (6, 4),
+                                                                                 (6,), (4,)]
+    assert_penalty(ewc, model, as_terms(want), damping=0.0)
 
     model.get_layer("d1").trainable = False
     fisher, values = random_fisher(model, rng, names=("d2",))
     ewc.add_task(fisher)
-    ua, ug, s, _ = want["d1"][0]
-    want["d1"] = [(ua, ug, gamma * s, matrix(model.get_layer("d1")))]
-    ua, ug, s = values["d2"]
-    want["d2"] = [(ua, ug, gamma * project64(want["d2"][0][2], *want["d2"][0][:2], ua, ug) + s,
-                   matrix(model.get_layer("d2")))]
-    assert_state(ewc, want)
+    va, vg, s, _, a, g = want["d1"]
+    want["d1"] = (va, vg, gamma * s, matrix(model.get_layer("d1")), gamma * a, gamma * g)
+    old = want["d2"]
+    merged = merge64(old[:3] + old[4:], values["d2"], gamma)
+    want["d2"] = merged[:3] + (matrix(model.get_layer("d2")),) + merged[3:]
+    assert_online(ewc, want)
+
+
+def test_an_online_task_without_factors_is_refused_and_changes_nothing():
+    """mode="online" needs EKFACBlock's a and g; the error names the layer and the state
+    (here one task) is unchanged.  Separate mode takes a block without them."""
+    model = mlp()
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
+    ewc.add_task(random_fisher(model, np.random.default_rng(6))[0])
+    before = online_state(ewc)
+    with pytest.raises(ValueError, match=r"`fisher`: mode='online' needs the factors' eigenvalues of the EKFAC "
+                                         r"block of layer 'd1' \(EKFACBlock's lam_a and lam_g"):
+        ewc.add_task(random_fisher(model, np.random.default_rng(7), factors=False)[0])
+    fisher = random_fisher(model, np.random.default_rng(7))[0]
+    first = fisher.blocks[0]
+    for bad_block in (first._replace(lam_a=first.lam_a[:-1]), first._replace(lam_g=-first.lam_g)):
+        with pytest.raises(ValueError, match=r"`fisher`: the factors' eigenvalues lam_a, lam_g of the EKFAC block "
+                                             r"of layer 'd1' must be finite, >= 0 and one per column of u_a, u_g. "
+                                             r"Received: lam_a \((5|6),\), lam_g \(4,\), u_a \(6, 6\)"):
+            ewc.add_task(fisher._replace(blocks=[bad_block] + fisher.blocks[1:]))
+    assert ewc.num_tasks == 1
+    for name, fields in online_state(ewc).items():
+        for got, want in zip(fields, before[name]):
+            np.testing.assert_array_equal(got, want)
+    separate = fastewc.EWC(model, lam=LAM, curvature="ekfac")
+    separate.add_task(random_fisher(model, np.random.default_rng(7), factors=False)[0])
+    assert separate.num_tasks == 1
 
 
 def test_damping_adds_delta_to_every_term_against_float64(tmp_path):
@@ -442,7 +529,7 @@ def test_damping_adds_delta_to_every_term_against_float64(tmp_path):
     for t in range(2):
         fisher, values = random_fisher(model, rng)
         ewc.add_task(fisher)
-        for name, (ua, ug, s) in values.items():
+        for name, (ua, ug, s, _, _) in values.items():
             want[name].append((ua, ug, s, matrix(model.get_layer(name))))
         move(model, rng)
     assert_penalty(ewc, model, want, damping=0.3)
@@ -466,8 +553,8 @@ def test_damping_and_kfac_sum_are_checked_naming_the_argument():
     assert ewc.damping == 0.1
     for mode, gamma in (("separate", 1.0), ("online", 0.5)):
         with pytest.raises(ValueError, match=r"`kfac_sum` applies to curvature='kfac' only: curvature='ekfac' "
-                                             r"keeps one term per block in mode='online', projected onto the "
-                                             r"newest eigenbasis. Received: kfac_sum='nearest' with "
+                                             r"keeps one term per block in mode='online', in the eigenbasis "
+                                             r"of the decayed factor sums. Received: kfac_sum='nearest' with "
                                              r"curvature='ekfac'. Leave kfac_sum='exact'."):
             fastewc.EWC(model, lam=LAM, curvature="ekfac", mode=mode, gamma=gamma, kfac_sum="nearest")
     assert "curvature='ekfac' damping=0.1" in repr(ewc)
@@ -476,8 +563,8 @@ def test_damping_and_kfac_sum_are_checked_naming_the_argument():
     ewc.add_task(huge)
     before = ekfac_state(ewc)
     with pytest.raises(ValueError, match=r"`fisher`: adding this task would make the EKFAC terms of 'd1/kernel' "
-                                         r"not finite in float32 \(the weights or S are too large\). The state "
-                                         r"is unchanged."):
+                                         r"not finite in float32 \(the weights, S or the eigenvalues are too large\). "
+                                         r"The state is unchanged."):
         ewc.add_task(huge)                                   # 0.5 · 3e38 + 3e38 > float32's largest
     assert ewc.num_tasks == 1
     assert_state(ewc, before, rtol=0)
@@ -485,8 +572,10 @@ def test_damping_and_kfac_sum_are_checked_naming_the_argument():
 
 def test_online_with_damping_consolidates_two_tasks_against_float64():
     """EWC(curvature="ekfac", mode="online", gamma, damping) through consolidate: the state
-    against S of float64 per-example gradients in the estimator's bases, the old one
-    projected and decayed; the penalty and its gradient against float64."""
+    against merge64 of the float64 factors A, G (the state keeps A_sum's eigenvalues: the
+    reference rebuilds A' from them) and of S of float64 per-example gradients in
+    the estimator's bases (the task's S projected, as the decayed old one, onto the
+    eigenbasis of the factor sums); the penalty and its gradient against float64."""
     model, rng, gamma, damping = mlp(), np.random.default_rng(4), 0.7, 0.05
     ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=gamma, damping=damping)
     want = {}
@@ -498,24 +587,26 @@ def test_online_with_damping_consolidates_two_tasks_against_float64():
             ua, ug = np.float64(block.u_a), np.float64(block.u_g)
             rows, deltas = per_example[block.layer]
             s = oracle_s([(1.0, np.outer(r, d)) for r, d in zip(rows, deltas)], len(rows), ua, ug)
-            if block.layer in want:
-                s = gamma * project64(want[block.layer][0][2], *want[block.layer][0][:2], ua, ug) + s
-            want[block.layer] = [(ua, ug, s, matrix(model.get_layer(block.layer)))]
+            a, g = rows.T @ rows / len(rows), deltas.T @ deltas / len(rows)
+            old = want.get(block.layer)
+            merged = merge64(None if old is None else old[:3] + old[4:], (ua, ug, s, a, g), gamma)
+            want[block.layer] = merged[:3] + (matrix(model.get_layer(block.layer)),) + merged[3:]
         move(model, rng)
-    assert_state(ewc, want, rtol=1e-4)
-    assert_penalty(ewc, model, want, damping=damping)
+    assert_online(ewc, want, rtol=1e-4)
+    assert_penalty(ewc, model, as_terms(want), damping=damping)
 
 
 def test_online_state_round_trips_through_a_file_and_a_checkpoint(tmp_path):
-    """Online state (one term per block) saved and loaded, and checkpointed and restored:
-    the same state and penalty, and the next task continues identically (float64)."""
+    """Online state (one term per block and its eigenvalues) saved and loaded, and
+    checkpointed and restored: the same state and penalty, and the next task continues
+    identically, as merge64 of the saved state."""
     model, rng, gamma = mlp(), np.random.default_rng(5), 0.5
     settings = dict(lam=LAM, curvature="ekfac", mode="online", gamma=gamma, damping=0.1)
     ewc = fastewc.EWC(model, **settings)
     for t in range(2):
         ewc.add_task(random_fisher(model, rng)[0])
         move(model, rng)
-    saved = ekfac_state(ewc)
+    saved = online_state(ewc)
     ewc.save(tmp_path / "online.npz")
     loaded = fastewc.EWC.load(tmp_path / "online.npz", model)
     path = tf.train.Checkpoint(ewc=ewc).write(str(tmp_path / "ckpt"))
@@ -523,17 +614,46 @@ def test_online_state_round_trips_through_a_file_and_a_checkpoint(tmp_path):
     tf.train.Checkpoint(ewc=restored).read(path).assert_consumed()
     fisher, values = random_fisher(model, rng)
     want = {}
-    for name, (ua, ug, s) in values.items():
-        old = saved[name][0]
-        want[name] = [(ua, ug, gamma * project64(old[2], old[0], old[1], ua, ug) + s, matrix(model.get_layer(name)))]
+    for name, task in values.items():
+        merged = merge64(saved[name][:3] + saved[name][4:], task, gamma)
+        want[name] = merged[:3] + (matrix(model.get_layer(name)),) + merged[3:]
     for other in (loaded, restored):
         assert (other.mode, other.gamma, other.damping, other.num_tasks) == ("online", gamma, 0.1, 2)
-        assert_state(other, saved, rtol=0)
+        assert_online(other, saved, rtol=0)
         np.testing.assert_array_equal(other.penalty(), ewc.penalty())
         other.add_task(fisher)
-        assert_state(other, want)
+        assert_online(other, want)
+    for name, fields in online_state(loaded).items():
+        for a, b in zip(fields, online_state(restored)[name]):
+            np.testing.assert_array_equal(a, b)
     move(model, rng)
-    assert_penalty(loaded, model, want, damping=0.1)
+    assert_penalty(loaded, model, as_terms(want), damping=0.1)
+
+
+def test_a_file_whose_eigenvalues_do_not_fit_their_term_is_refused(tmp_path):
+    """A file (checksum valid) whose online block's λ_A' has another length than its
+    header's rows (the format's check), or whose block of two terms carries eigenvalues:
+    refused, naming the array or the block."""
+    from fastewc import ewc_file
+    model = mlp()
+    ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
+    ewc.add_task(random_fisher(model, np.random.default_rng(9))[0])
+    ewc.save(tmp_path / "ok.npz")
+    contents = ewc_file.read(tmp_path / "ok.npz")
+    section = contents.section("ekfac")
+    terms, (a, g) = section[KEYS["d1"]]
+    section[KEYS["d1"]] = (terms, (a[:-1], g))
+    ewc_file.write(tmp_path / "bad.npz", contents)
+    with pytest.raises(ValueError, match=r"bad.npz' is not a valid fastewc EWC file \(truncated or corrupted\?\): "
+                                         r"array 'ekfla_0' has float32 \(5,\), expected float32 \(6,\)"):
+        fastewc.EWC.load(tmp_path / "bad.npz", model)
+    section[KEYS["d1"]] = (terms + terms, (a, g))
+    ewc_file.write(tmp_path / "bad.npz", contents)
+    with pytest.raises(ValueError, match=r"Cannot load EWC state from '.*bad.npz' onto model '.*': the EKFAC state "
+                                         r"of 'd1/kernel': its factor sums' eigenvalues \(λ_A', λ_G'\) need one "
+                                         r"term \(online mode\) and both vectors. Received: 2 term\(s\) and the "
+                                         r"eigenvalues \['lam_a', 'lam_g'\]. Nothing was changed."):
+        fastewc.EWC.load(tmp_path / "bad.npz", model)
 
 
 def _landed(expected, when):
@@ -569,51 +689,145 @@ def _landed_reference(model, state, terms, lam, const):
     return value, out
 
 
+def _load_landed(directory, source, **settings):
+    """The model and the EWC of a landed directory (its file or its checkpoint), at the
+    saved weights, and the expected values."""
+    with np.load(os.path.join(directory, "expected.npz")) as npz:
+        expected = {name: npz[name] for name in npz.files}
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="d1"),
+                              keras.layers.LayerNormalization(name="ln"), keras.layers.Dense(3, name="d2")])
+    if source == "file":
+        ewc = fastewc.EWC.load(os.path.join(directory, "ekfac.npz"), model)
+        for i, v in enumerate(model.trainable_variables):
+            v.assign(expected[f"w{i}"])
+    else:
+        ewc = fastewc.EWC(model, lam=2.0, curvature="ekfac", **settings)
+        tf.train.Checkpoint(model=model, ewc=ewc).read(os.path.join(directory, "ckpt")).assert_consumed()
+    return model, ewc, expected
+
+
+def _check_landed_penalty(ewc, want_value, want_grads):
+    value, grads = ewc.penalty_and_gradients()
+    np.testing.assert_allclose(float(value), want_value, rtol=2e-5)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g.numpy(), w, rtol=2e-5, atol=1e-5)
+
+
+def _landed_task(model, expected, factors=False):
+    """The landed next task at its weights: an EKFACFisher of the recorded bases and S (and,
+    with ``factors``, the eigenvalues λ_A, λ_G of factors with those eigenbases), and
+    ``{layer: (λ_A, λ_G)}``."""
+    for i, v in enumerate(model.trainable_variables):
+        v.assign(expected[f"w3_{i}"])
+    blocks, made = [], {}
+    for name in ("d1", "d2"):
+        u_a, u_g, s = (expected[f"task|{name}|{f}"] for f in ("u_a", "u_g", "s"))
+        lam_a, lam_g = (np.float32(random_eigenvalues(np.random.default_rng(8), len(u))) for u in (u_a, u_g))
+        made[name] = (lam_a, lam_g)
+        layer = model.get_layer(name)
+        blocks.append(EKFACBlock(name, (layer.kernel, layer.bias), *(tf.constant(m) for m in (u_a, u_g, s)),
+                                 **({"lam_a": tf.constant(lam_a), "lam_g": tf.constant(lam_g)} if factors else {})))
+    diagonal = [tf.constant(expected[f"task|diag{i}"]) if f"task|diag{i}" in expected else None for i in range(6)]
+    return EKFACFisher(blocks, diagonal, list(model.trainable_variables)), made
+
+
 @pytest.mark.parametrize("source", ["file", "checkpoint"])
 def test_a_separate_mode_file_and_checkpoint_of_the_landed_code_load_and_continue_identically(source):
     """tests/data/landed_ekfac (written at 4af25ff, before the online mode and damping,
     ``tests/data/make_landed_ekfac.py``): the file and the checkpoint load, the penalty
     and its gradient match the float64 evaluation of the saved state, and after one more
     task both what the old code computed and the float64 merge (a term appended)."""
-    with np.load(os.path.join(LANDED, "expected.npz")) as npz:
-        expected = {name: npz[name] for name in npz.files}
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="d1"),
-                              keras.layers.LayerNormalization(name="ln"), keras.layers.Dense(3, name="d2")])
-    if source == "file":
-        ewc = fastewc.EWC.load(os.path.join(LANDED, "ekfac.npz"), model)
-        for i, v in enumerate(model.trainable_variables):
-            v.assign(expected[f"w{i}"])
-    else:
-        ewc = fastewc.EWC(model, lam=2.0, curvature="ekfac")
-        tf.train.Checkpoint(model=model, ewc=ewc).read(os.path.join(LANDED, "ckpt")).assert_consumed()
+    model, ewc, expected = _load_landed(LANDED, source)
     assert (ewc.mode, ewc.lam, ewc.curvature, ewc.damping, ewc.num_tasks) == ("separate", 2.0, "ekfac", 0.0, 2)
     state, terms = _landed(expected, "saved")
     assert_state(ewc, terms, rtol=0)
-
-    def check(want_value, want_grads):
-        value, grads = ewc.penalty_and_gradients()
-        np.testing.assert_allclose(float(value), want_value, rtol=2e-5)
-        for g, w in zip(grads, want_grads):
-            np.testing.assert_allclose(g.numpy(), w, rtol=2e-5, atol=1e-5)
-
-    check(*_landed_reference(model, state, terms, 2.0, float(expected["saved|const"])))
-    for i, v in enumerate(model.trainable_variables):
-        v.assign(expected[f"w3_{i}"])
-    blocks = [EKFACBlock(name, (model.get_layer(name).kernel, model.get_layer(name).bias),
-                         *(tf.constant(expected[f"task|{name}|{f}"]) for f in ("u_a", "u_g", "s")))
-              for name in ("d1", "d2")]
-    diagonal = [tf.constant(expected[f"task|diag{i}"]) if f"task|diag{i}" in expected else None for i in range(6)]
-    ewc.add_task(EKFACFisher(blocks, diagonal, list(model.trainable_variables)))
+    _check_landed_penalty(ewc, *_landed_reference(model, state, terms, 2.0, float(expected["saved|const"])))
+    ewc.add_task(_landed_task(model, expected)[0])
     for name in ("d1", "d2"):
         terms[name].append(tuple(np.float64(expected[f"task|{name}|{f}"]) for f in ("u_a", "u_g", "s"))
                            + (matrix_of(model, name),))
     assert_state(ewc, terms)
     for i, v in enumerate(model.trainable_variables):
         v.assign(expected[f"w4_{i}"])
-    check(float(expected["after|value"]), [expected[f"after|grad{i}"] for i in range(6)])
+    _check_landed_penalty(ewc, float(expected["after|value"]), [expected[f"after|grad{i}"] for i in range(6)])
     assert_state(ewc, _landed(expected, "after")[1])
+
+
+@pytest.mark.parametrize("source", ["file", "checkpoint"])
+def test_an_online_file_and_checkpoint_of_the_landed_code_load_and_continue(source):
+    """tests/data/landed_ekfac_online (written at 3ec3c05, whose online state kept no factor
+    sums): the file and the checkpoint load, the penalty matches the float64 evaluation of
+    the saved state; the next task (with its factors) merges as that code did, the factor
+    sums before it unknown (A' = 0: the task's basis, S = γ proj(S') + S_t, against float64
+    and against what that code computed), and the state's eigenvalues become the task's."""
+    model, ewc, expected = _load_landed(LANDED + "_online", source, mode="online", gamma=0.7)
+    assert (ewc.mode, ewc.gamma, ewc.curvature, ewc.num_tasks) == ("online", 0.7, "ekfac", 2)
+    state, terms = _landed(expected, "saved")
+    assert_state(ewc, terms, rtol=0)
+    assert EKFAC.eigenvalues(ewc._state.variables(EKFAC)) == {}
+    _check_landed_penalty(ewc, *_landed_reference(model, state, terms, 2.0, float(expected["saved|const"])))
+    fisher, factors = _landed_task(model, expected, factors=True)
+    ewc.add_task(fisher)
+    want = {}
+    for name in ("d1", "d2"):
+        ua, ug, s = (np.float64(expected[f"task|{name}|{f}"]) for f in ("u_a", "u_g", "s"))
+        (ua_old, ug_old, s_old, _), = terms[name]
+        want[name] = (ua, ug, 0.7 * project64(s_old, ua_old, ug_old, ua, ug) + s, matrix_of(model, name),
+                      *(np.float64(f) for f in factors[name]))
+    assert_online(ewc, want)
+    assert_state(ewc, _landed(expected, "after")[1])
+    for i, v in enumerate(model.trainable_variables):
+        v.assign(expected[f"w4_{i}"])
+    _check_landed_penalty(ewc, float(expected["after|value"]), [expected[f"after|grad{i}"] for i in range(6)])
 
 
 def matrix_of(model, name):
     return matrix(model.get_layer(name))
+
+
+def _header(path):
+    with np.load(path) as npz:
+        return json.loads(npz["header"].tobytes().decode("utf-8"))
+
+
+def test_an_online_file_is_version_3_refused_by_a_reader_of_versions_1_2(tmp_path, monkeypatch):
+    """A file whose EKFAC section carries an online block's eigenvalues declares version 3
+    (a separate-mode EKFAC file, as every diagonal or Kronecker one, keeps version 2); a
+    reader of versions [1, 2] (fastewc before them: here this reader with EKFAC's versions
+    limited to 2) refuses it by its version, not as corrupt; a version above the readable
+    ones is refused so; a version-2 header claiming eigenvalues is malformed."""
+    from fastewc import ewc_file
+    model = mlp()
+    online = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
+    online.add_task(random_fisher(model, np.random.default_rng(10))[0])
+    online.save(tmp_path / "online.npz")
+    separate = fastewc.EWC(model, lam=LAM, curvature="ekfac")
+    separate.add_task(random_fisher(model, np.random.default_rng(10), factors=False)[0])
+    separate.save(tmp_path / "separate.npz")
+    assert _header(tmp_path / "online.npz")["version"] == 3
+    assert _header(tmp_path / "separate.npz")["version"] == 2
+    assert ewc_file.readable_versions() == (1, 2, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(EKFAC, "file_versions", classmethod(lambda cls: (2,)))
+        with pytest.raises(ValueError, match=r"online.npz' has EWC file version 3; this fastewc reads "
+                                             r"versions \[1, 2\]\.$"):
+            ewc_file.read(tmp_path / "online.npz")
+        assert ewc_file.read(tmp_path / "separate.npz").section("ekfac")
+    contents = ewc_file.read(tmp_path / "online.npz")
+    patched = EKFAC.file_version
+    with monkeypatch.context() as patch:
+        patch.setattr(EKFAC, "file_version", classmethod(lambda cls, section: 4))
+        ewc_file.write(tmp_path / "v4.npz", contents)
+        patch.setattr(EKFAC, "file_version", classmethod(lambda cls, section: 2))
+        ewc_file.write(tmp_path / "v2.npz", contents)
+    assert EKFAC.file_version == patched
+    with pytest.raises(ValueError, match=r"v4.npz' has EWC file version 4; this fastewc reads versions "
+                                         r"\[1, 2, 3\]\.$"):
+        fastewc.EWC.load(tmp_path / "v4.npz", model)
+    with pytest.raises(ValueError, match=r"v2.npz' is not a valid fastewc EWC file \(truncated or corrupted\?\): "
+                                         r"bad EKFAC block list \(ValueError: 'eigenvalues' needs file version 3, "
+                                         r"the header says 2\)"):
+        fastewc.EWC.load(tmp_path / "v2.npz", model)
+    loaded = fastewc.EWC.load(tmp_path / "online.npz", model)
+    assert_online(loaded, online_state(online), rtol=0)

@@ -132,3 +132,44 @@ def test_read_and_write_hold_at_most_one_copy_of_the_state(tmp_path):
     assert read <= state_bytes + 17 * MIB, read / MIB
     np.testing.assert_array_equal(back.state["big"][0], state["big"][0])
     np.testing.assert_array_equal(back.state["big"][1], state["big"][1])
+
+
+def test_load_lets_each_array_go_once_its_variable_holds_it(tmp_path, monkeypatch):
+    """``EWC.load`` holds the file's arrays only until their variables exist: when the
+    j-th of the state's n variables is created, the first j arrays are already gone
+    (weak references to every array the file read; each creation counts the live ones),
+    so a load ends with one copy of the state, not two."""
+    import weakref
+
+    import tensorflow as tf
+    from fastewc.blocks import store
+
+    model, ewc = small_ewc()
+    path = tmp_path / "state.npz"
+    ewc.save(path)
+    refs, alive_at_creation = [], []
+    real_read = ewc_file.read
+
+    def read_and_watch(p):
+        contents = real_read(p)
+        refs.extend(weakref.ref(a) for fields in contents.state.values() for a in fields)
+        return contents
+
+    class WatchedTF:                                  # the store's `tf`, counting at each variable
+        def __getattr__(self, name):
+            return getattr(tf, name)
+
+        @staticmethod
+        def Variable(value, **kwargs):                # noqa: N802 - tf.Variable's name
+            alive_at_creation.append(sum(r() is not None for r in refs))
+            return tf.Variable(value, **kwargs)
+
+    monkeypatch.setattr(ewc_file, "read", read_and_watch)
+    monkeypatch.setattr(store, "tf", WatchedTF())
+    loaded = fastewc.EWC.load(path, model)
+    n = len(refs)
+    assert n == 2 * len(model.trainable_variables)
+    assert alive_at_creation[-n:] == [n - j for j in range(n)]
+    for (a, mu), (a2, mu2) in zip(ewc.state().values(), loaded.state().values()):
+        np.testing.assert_array_equal(a2, a)
+        np.testing.assert_array_equal(mu2, mu)

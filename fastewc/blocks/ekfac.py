@@ -27,33 +27,64 @@ formed, K · N · d' · u floats a call.  The second pass costs about the first 
 both passes (the same seed).
 
 State, penalty and file: a block is keyed ``(kernel key, bias key or None)`` as the
-Kronecker kind's, and holds terms (U_A, U_G, S, W̄*).  How a task enters them
-(:meth:`EKFAC.merge`):
+Kronecker kind's, and holds terms (U_A, U_G, S, W̄*), in online mode followed by the
+eigenvalues (λ_A', λ_G') of its decayed factor sums.  How a task enters them (:meth:`EKFAC.merge`):
 
 * ``mode="separate"``: one term per task, (U_A,t, U_G,t, S_t, W̄_t): Kirkpatrick et al.'s
   sum of per-task penalties, exactly; T tasks cost T terms.
 * ``mode="online"`` (Schwarz et al. 2018: F̃_t = γ F̃_{t−1} + F_t at the latest anchor):
-  ONE term, in the newest task's eigenbasis.  A decayed sum of terms in different bases
-  is diagonal in none, so the old term is replaced by the diagonal in the new basis
-  closest to it in Frobenius norm (the principle that defines EKFAC's S): with
-  U = U_A ⊗ U_G (new), U' = U_A' ⊗ U_G' (the old term's) and F' = U' diag(vec S') U'ᵀ,
-  conjugation by the orthogonal U keeps Frobenius distances, so the closest U diag(x) Uᵀ
-  has x = diag(Uᵀ F' U), and with Q = Uᵀ U' = P_A ⊗ P_G, P_A = U_Aᵀ U_A', P_G = U_Gᵀ U_G',
+  ONE term, in the eigenbasis V = V_A ⊗ V_G of the decayed factor sums
+
+      A_sum = γ A' + A_t,   G_sum = γ G' + G_t,                    (:func:`online_term`)
+
+  whose eigenvalues the state keeps beside the term: the term's basis is their
+  eigenbasis, A_sum = V_A diag(λ_A) V_Aᵀ, so the next task rebuilds A' = V_A' diag(λ_A')
+  V_A'ᵀ (G' alike; :func:`factor`, float64, from float32 V and λ: A' as stored up to
+  float32 rounding), and a task's A_t = U_A diag(λ_A,t) U_Aᵀ from its block's bases and
+  eigenvalues (:class:`EKFACBlock` ``lam_a``, ``lam_g``).  A decayed sum of
+  terms in different bases is diagonal in none, so each is replaced by the diagonal in
+  V closest to it in Frobenius norm (the principle that defines EKFAC's S): for a term
+  F' = U' diag(vec S') U'ᵀ, U' = U_A' ⊗ U_G', conjugation by the orthogonal V keeps
+  Frobenius distances, so the closest V diag(x) Vᵀ has x = diag(Vᵀ F' V), and with
+  Q = Vᵀ U' = P_A ⊗ P_G, P_A = V_Aᵀ U_A', P_G = V_Gᵀ U_G',
 
       x_(ij) = Σ_(kl) Q_(ij),(kl)² S'_kl = Σ_kl (P_A)_ik² S'_kl (P_G)_jl²,
-      S_proj = (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ                           (:func:`project`)
+      proj(S', U' → V) = (P_A ⊙ P_A) S' (P_G ⊙ P_G)ᵀ                   (:func:`project`)
 
-  and the state becomes (U_A,t, U_G,t, γ S_proj + S_t, W̄_t).  The projection keeps the
-  trace: P ⊙ P of an orthogonal P is doubly stochastic (its rows and columns are unit
-  vectors), so Σ S_proj = Σ S' = tr F', and the state's trace γ tr F̃' + tr F_t is the
-  exact decayed sum's; S_proj ≥ 0.  What it drops is the old term's part off the diagonal in the new basis (zero when the bases
-  agree up to signs and permutations: then S_proj is S' permuted; when they are far
-  apart, as for tasks with permuted inputs, it is most of it: the old precision keeps its
-  trace but is spread over the new coordinates).  A block the task
-  does not estimate (its variables frozen) has its S decayed by γ and its anchor moved
-  to the task's weights, as the diagonal online EWC does with F = 0.  Memory: one term
-  per block whatever the tasks; the projection costs O(d'³ + u³ + d'²u + d'u²) a task
-  (float64), the order of the eigendecompositions that made the new bases.
+  and the state becomes (V_A, V_G, γ proj(S', U' → V) + proj(S_t, U_t → V), W̄_t, A_sum,
+  G_sum).  Why this basis: the newest task's eigenbasis U_t may hold little of the old
+  tasks' directions when their inputs differ (permuted inputs: each task its own U_A),
+  and their precision projected onto it keeps its trace but is spread over the new
+  coordinates; A_sum = Σ_s γ^(t−s) A_s (and G_sum) weighs every task's input (output)
+  directions by its factor, so its eigenbasis serves the old tasks and the new one.
+  What each projection keeps and loses:
+
+  - the old term: diag(Vᵀ F' V) keeps tr F' (P ⊙ P of an orthogonal P is doubly
+    stochastic: its rows and columns are unit vectors) and drops F''s part off V's
+    diagonal (none when V and U' agree up to signs and permutations: then S' permuted);
+  - the new task: the exact EKFAC of F_t in V, diag(Vᵀ F_t V), needs the per-example
+    gradients in V, i.e. V before the second pass; but the second pass projects on the
+    first pass's bases (:class:`SecondMoments`, prepared by the estimator, which does
+    not see the EWC's state: handing the state's factors to it would change
+    ``EWC.consolidate`` and the estimator, outside the block modules, and make a Fisher
+    result depend on the EWC).  So the task's own EKFAC F̂_t = U_t diag(S_t) U_tᵀ is
+    projected: diag(Vᵀ F̂_t V) = diag(Vᵀ F_t V) − diag(Vᵀ (F_t − F̂_t) V).  It loses the
+    last term (F_t − F̂_t is F_t's part off U_t's diagonal, as seen by V's diagonal; zero
+    when V = U_t) and keeps tr F_t (tr F̂_t = tr F_t).
+
+  So Σ S = γ Σ S' + Σ S_t: the state's trace is the exact decayed sum's, tr F̃_t =
+  γ tr F̃_{t−1} + tr F_t, and S ≥ 0.  With no factor sums before (the first task, or an
+  online state written before they were kept: A' unknown, taken as 0) A_sum = A_t,
+  whose eigenbasis is the task's own: V = U_t, S_t unprojected (the rule of the code
+  before, which projected the old term onto the newest basis).  A task's block must
+  carry its factors' eigenvalues (:class:`EKFACBlock` ``lam_a``, ``lam_g``: the
+  estimator's do).  A block the task does not estimate (its variables frozen) has its S
+  and eigenvalues decayed by γ (the same V) and its anchor moved to the task's weights,
+  as the diagonal online EWC does with F = 0.  Memory: one term per block whatever the
+  tasks, and d' + u eigenvalues a block beyond the term (an estimate carries the same
+  d' + u beside its bases); a task costs the rebuilt factors and two more
+  eigendecompositions, of A_sum and G_sum, and the projections, O(d'³ + u³ + d'²u + d'u²)
+  (float64).
 
 The penalty, with damping δ ≥ 0 (the EWC's ``damping``),
 
@@ -69,11 +100,16 @@ the factored (A + π√δ I) ⊗ (G + √δ/π I) = A ⊗ G + δ I + π√δ I �
 block's variables keep a diagonal block with A = 0 (:mod:`fastewc.blocks.diagonal`).
 
 Checkpoint: ``ewc/_ekfac/_terms/<kernel key>|<bias key>|<t>|<field>`` (field: u_a, u_g, s,
-anchor).  File (version 2): the header's ``ekfac`` list of ``{"kernel", "bias", "terms",
-"rows", "units"}`` and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows ×
-rows), ``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units).  Both
-modes write the same fields (online: one term per block), so files written before the
-online mode load as they did.
+anchor) and an online block's eigenvalues at ``ewc/_ekfac/_eigenvalues/<kernel
+key>|<bias key>|<lam_a or lam_g>``.  File: the header's ``ekfac`` list of ``{"kernel",
+"bias", "terms", "rows", "units"}`` (plus ``"eigenvalues": true`` for an online block's
+eigenvalues) and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows × rows),
+``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units); for the i-th block
+with eigenvalues, ``ekfla_i`` (rows) and ``ekflg_i`` (units).  A file with eigenvalues
+is version 3 (:meth:`EKFAC.file_version`), which fastewc before them refuses by its
+version; one without (separate mode) stays version 2.  The eigenvalues are optional in
+both, so files and checkpoints written before them, separate or online, load as they
+did (an online one continues with its factor sums unknown, above).
 """
 import typing
 
@@ -89,7 +125,9 @@ from fastewc.blocks.kronecker import (Kronecker, block_shapes, stored_input_rank
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
 
 FIELDS = ("u_a", "u_g", "s", "anchor")
+EIGENVALUES = ("lam_a", "lam_g")   # an online block's factor sums' eigenvalues, after its term
 _ARRAYS = ("ekfua", "ekfug", "ekfs", "ekfw")
+_EIGENVALUE_ARRAYS = ("ekfla", "ekflg")
 
 
 class EKFACBlock(typing.NamedTuple):
@@ -100,6 +138,8 @@ class EKFACBlock(typing.NamedTuple):
     u_g: tf.Tensor          # (u, u) orthogonal: the eigenvectors of G
     s: tf.Tensor            # (d', u) ≥ 0: the second moments in that basis
     input_rank: typing.Optional[int] = None
+    lam_a: typing.Optional[tf.Tensor] = None   # (d',) the eigenvalues of A: A = U_A diag(λ_A) U_Aᵀ
+    lam_g: typing.Optional[tf.Tensor] = None   # (u,) G's (mode="online" merges A, G: module docstring)
 
 
 class EKFACFisher(curvature.KroneckerFisher):
@@ -127,6 +167,12 @@ def eigenbasis(factor):
     return tf.maximum(values, 0.0), vectors
 
 
+def factor(u, lam):
+    """U diag(λ) Uᵀ, float64: a factor from its eigenbasis and eigenvalues."""
+    u = tf.cast(u, tf.float64)
+    return tf.matmul(u * tf.cast(lam, tf.float64)[None, :], u, transpose_b=True)
+
+
 def second_moments(per_example, u_a, u_g, weights=None):
     """S = Σ_n w_n (U_Aᵀ ḡ_n U_G)² / Σ_n w_n from per-example weight-matrix gradients
     ``per_example`` (N, d', u) (each ḡ_n = Σ_l ā_nl δ_nlᵀ for one sampled or weighted
@@ -148,8 +194,70 @@ def project(s, u_a_old, u_g_old, u_a, u_g):
     return tf.matmul(tf.matmul(p_a, s), p_g, transpose_b=True)
 
 
+def online_term(fields, task, gamma):
+    """``[V_A, V_G, S, λ_A, λ_G]`` (float32): a task (U_A, U_G, S_t, λ_A,t, λ_G,t) merged
+    into an online block's ``fields`` (its one term (V_A', V_G', S', W̄') and its factor
+    sums' eigenvalues (λ_A', λ_G'); none before its first task), float64 (module docstring):
+
+        A_sum = γ V_A' diag(λ_A') V_A'ᵀ + U_A diag(λ_A,t) U_Aᵀ   (G_sum alike),
+        (λ_A, V_A), (λ_G, V_G) their eigendecompositions,
+        S = γ proj(S', U' → V) + proj(S_t, U_t → V)                     (:func:`project`)
+
+    With no factor sums before (the first task, or a state written before they were kept,
+    A' unknown) A_sum = A_t, and the basis is the task's own: V = U_t, λ = λ_t and S_t
+    unprojected."""
+    u_a, u_g, s, lam_a, lam_g = (tf.cast(x, tf.float64) for x in task)
+    terms, eigenvalues = _split(fields)
+    if eigenvalues is None:
+        (lam_a, v_a), (lam_g, v_g), new = (lam_a, u_a), (lam_g, u_g), s
+    else:
+        (v_a_old, v_g_old, _, _), = terms
+        (lam_a, v_a), (lam_g, v_g) = (
+            eigenbasis(gamma * factor(v_old, lam_old) + factor(u, lam))
+            for v_old, lam_old, u, lam in ((v_a_old, eigenvalues[0], u_a, lam_a),
+                                           (v_g_old, eigenvalues[1], u_g, lam_g)))
+        new = project(s, u_a, u_g, v_a, v_g)
+    old = tf.zeros_like(new)
+    for u_a_old, u_g_old, s_old, _ in terms:
+        old += project(s_old, u_a_old, u_g_old, v_a, v_g)
+    return [tf.cast(x, tf.float32) for x in (v_a, v_g, gamma * old + new, lam_a, lam_g)]
+
+
 def _terms(fields):
     return [fields[i:i + 4] for i in range(0, len(fields), 4)]
+
+
+def _split(fields):
+    """``(terms, eigenvalues)`` of a block's flat fields: its (U_A, U_G, S, W̄*) terms and,
+    after them, an online block's factor sums' eigenvalues (λ_A', λ_G') (None: not kept,
+    separate mode or a state written before them)."""
+    n = len(fields) - len(fields) % 4
+    return _terms(fields[:n]), (tuple(fields[n:]) or None)
+
+
+def _with_eigenvalues(fields, eigenvalues, where):
+    """``fields`` (one block's checked term fields) with its factor sums' eigenvalues
+    (λ_A', λ_G') after them, checked: a block with them has one term (online mode), λ_A' of
+    U_A's columns and λ_G' of U_G's.  ``where`` (naming the block and the source) starts the
+    ValueError."""
+    if len(fields) != 4 or any(f is None for f in eigenvalues):
+        raise ValueError(
+            f"{where}: its factor sums' eigenvalues (λ_A', λ_G') need one term (online mode) and "
+            f"both vectors. Received: {len(fields) // 4} term(s) and the eigenvalues "
+            f"{[name for name, f in zip(EIGENVALUES, eigenvalues) if f is not None]}. Nothing was changed.")
+    for name, value, term_field in zip(EIGENVALUES, eigenvalues, fields[:2]):
+        if tuple(np.shape(value)) != tuple(term_field.shape[1:]):
+            raise ValueError(
+                f"{where}: its eigenvalues '{name}' have shape {tuple(np.shape(value))}, its term's "
+                f"basis needs {tuple(term_field.shape[1:])}. Nothing was changed.")
+    return list(fields) + list(eigenvalues)
+
+
+def eigenvalue_key(block, field):
+    """A block's eigenvalues' checkpoint key, ``<kernel key>|<bias key>|<field>`` (lam_a or
+    lam_g)."""
+    kernel, bias = block
+    return f"{kernel}|{bias or ''}|{field}"
 
 
 def _shapes(kernel, block, first):
@@ -212,12 +320,14 @@ class EKFAC(Kronecker):
 
     # -- estimation ------------------------------------------------------------------------
     def finish(self, means):
-        """The first pass's :class:`EKFACBlock`: A and G's eigenbases, and S = λ_A λ_Gᵀ
-        (KFAC's block in its eigenbasis; the second pass replaces it)."""
+        """The first pass's :class:`EKFACBlock`: A and G's eigenbases, S = λ_A λ_Gᵀ (KFAC's
+        block in its eigenbasis; the second pass replaces it), and their eigenvalues λ_A,
+        λ_G (what the online merge sums, as A = U_A diag(λ_A) U_Aᵀ: d' + u floats a block
+        beside the bases)."""
         (lam_a, u_a), (lam_g, u_g) = eigenbasis(means[0]), eigenbasis(means[1])
         s = lam_a[:, None] * lam_g[None, :]
-        return EKFACBlock(self.layer_name, self.variables, tf.cast(u_a, tf.float32), tf.cast(u_g, tf.float32),
-                          tf.cast(s, tf.float32), self.input_rank)
+        return EKFACBlock(self.layer_name, self.variables, *(tf.cast(x, tf.float32) for x in (u_a, u_g, s)),
+                          self.input_rank, tf.cast(lam_a, tf.float32), tf.cast(lam_g, tf.float32))
 
     @classmethod
     def blocks_of(cls, layer, result):
@@ -242,25 +352,57 @@ class EKFAC(Kronecker):
     OPTIONS = ("damping",)   # δ: S + δ, Tikhonov damping of the whole block (module docstring)
     MODES = ("separate", "online")
     METHOD, TITLE = "ekfac", "EKFAC-EWC"
-    TABLES = {"ekfac_terms": "_ekfac/_terms"}
+    TABLES = {"ekfac_terms": "_ekfac/_terms", "ekfac_eigenvalues": "_ekfac/_eigenvalues"}
     FILE_FIELD, FILE_VERSION = "ekfac", 2
+    EIGENVALUES_FILE_VERSION = 3     # a section with an online block's eigenvalues
+
+    @classmethod
+    def file_versions(cls):
+        return (cls.FILE_VERSION, cls.EIGENVALUES_FILE_VERSION)
+
+    @classmethod
+    def file_version(cls, section):
+        """3 when a block carries its factor sums' eigenvalues (an online state: fastewc
+        before them refuses the file by its version), else 2 (separate mode: as before)."""
+        return (cls.EIGENVALUES_FILE_VERSION if any(values is not None for _, values in section.values())
+                else cls.FILE_VERSION)
 
     @staticmethod
     def addresses(key, n):
-        return [("ekfac_terms", term_key(key, i // 4, FIELDS[i % 4]), f"ekfac_{FIELDS[i % 4]}")
-                for i in range(n)]
+        terms = n - n % 4
+        return ([("ekfac_terms", term_key(key, i // 4, FIELDS[i % 4]), f"ekfac_{FIELDS[i % 4]}")
+                 for i in range(terms)]
+                + [("ekfac_eigenvalues", eigenvalue_key(key, f), f"ekfac_{f}") for f in EIGENVALUES[:n - terms]])
+
+    @staticmethod
+    def num_terms(fields):
+        return len(fields) // 4
 
     @staticmethod
     def snapshot(blocks):
         """``{(kernel key, bias key or None): [(U_A, U_G, S, W̄*)]}``, float32 NumPy arrays."""
-        return {key: [float32_arrays(term) for term in _terms(fields)] for key, fields in blocks.items()}
+        return {key: [float32_arrays(term) for term in _split(fields)[0]] for key, fields in blocks.items()}
+
+    @staticmethod
+    def eigenvalues(blocks):
+        """``{block key: (λ_A', λ_G')}`` of the online blocks that keep their factor sums'
+        eigenvalues (in their term's bases), float32 NumPy arrays."""
+        return {key: float32_arrays(_split(fields)[1]) for key, fields in blocks.items()
+                if _split(fields)[1] is not None}
+
+    @staticmethod
+    def factor_sums(blocks):
+        """``{block key: (A', G')}``, A' = V_A' diag(λ_A') V_A'ᵀ (float64 tensors) of the
+        online blocks that keep their eigenvalues."""
+        return {key: tuple(factor(v, lam) for v, lam in zip(fields[:2], _split(fields)[1]))
+                for key, fields in blocks.items() if _split(fields)[1] is not None}
 
     @staticmethod
     def check_options(mode, kfac_sum):
         if kfac_sum != "exact":
             raise ValueError(
                 "`kfac_sum` applies to curvature='kfac' only: curvature='ekfac' keeps one term per "
-                "block in mode='online', projected onto the newest eigenbasis. Received: "
+                "block in mode='online', in the eigenbasis of the decayed factor sums. Received: "
                 f"kfac_sum={kfac_sum!r} with curvature='ekfac'. Leave kfac_sum='exact'.")
 
     # The task.
@@ -275,7 +417,7 @@ class EKFAC(Kronecker):
 
     @staticmethod
     def estimate(result, source, tracking):
-        """``{block key: (layer name, U_A, U_G, S, input_rank)}`` of the blocks this EWC
+        """``{block key: (layer name, U_A, U_G, S, input_rank, λ_A, λ_G)}`` of the blocks this EWC
         penalizes (as :meth:`Kronecker.estimate`: all or none of a block's variables)."""
         blocks = {}
         for block in result.blocks:
@@ -288,16 +430,18 @@ class EKFAC(Kronecker):
                     f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
             keys = tuple(tracking.key(v) for v in block.variables)
             blocks[keys if len(keys) == 2 else keys + (None,)] = (
-                block.layer, block.u_a, block.u_g, block.s, block.input_rank)
+                block.layer, block.u_a, block.u_g, block.s, block.input_rank, block.lam_a, block.lam_g)
         return blocks
 
     @staticmethod
     def merge(current, task, settings, tracking):
-        """Every changed block's terms (nothing assigned; module docstring): a task's block
-        gets its term (U_A, U_G, S, W̄_t) appended (separate mode) or becomes the one term
-        (U_A, U_G, γ S_proj + S, W̄_t) (online, :func:`project`); in online mode a block the
-        task does not estimate gets γ S and the task's weights.  Raises for S negative or
-        not finite, bases not finite, or a result float32 cannot hold, naming the layer."""
+        """Every changed block's fields (nothing assigned; module docstring): a task's block
+        gets its term (U_A, U_G, S, W̄_t) appended (separate mode) or becomes the one term in
+        the eigenbasis of the decayed factor sums, with their eigenvalues after it (online,
+        :func:`online_term`); in online mode a block the task does not estimate gets γ S
+        (γ λ_A', γ λ_G') and the task's weights.  Raises for S negative or not finite, bases
+        not finite, eigenvalues negative, not finite or not one per basis column, an online
+        task without eigenvalues, or a result float32 cannot hold, naming the layer."""
         online, gamma = settings.mode == "online", settings.gamma
         pending = {}
 
@@ -306,12 +450,27 @@ class EKFAC(Kronecker):
                                             penalty_lib.read_float32(task.by_key[k])
                                             for k in block if k is not None], input_rank)
 
-        for block, (layer, u_a, u_g, s, input_rank) in task.estimates.get(EKFAC.kind, {}).items():
+        for block, (layer, u_a, u_g, s, input_rank, lam_a, lam_g) in task.estimates.get(EKFAC.kind, {}).items():
             u_a, u_g, s = (tf.cast(x, tf.float32) for x in (u_a, u_g, s))
             if not (all_finite([u_a, u_g, s]) and bool(tf.reduce_all(s >= 0))):
                 raise ValueError(
                     f"`fisher`: the EKFAC block of layer '{layer}' must have finite bases and "
                     "finite second moments S >= 0. Received: NaN, Inf or a negative S")
+            if online and (lam_a is None or lam_g is None):
+                raise ValueError(
+                    f"`fisher`: mode='online' needs the factors' eigenvalues of the EKFAC block of "
+                    f"layer '{layer}' (EKFACBlock's lam_a and lam_g: the eigenbasis of the decayed "
+                    "factor sums holds the state). Received: lam_a=None or lam_g=None. Pass the "
+                    "estimator's result, or give EKFACBlock its lam_a and lam_g.")
+            values = None if lam_a is None else (tf.cast(lam_a, tf.float32), tf.cast(lam_g, tf.float32))
+            if values is not None and not (
+                    all_finite(values) and all(tuple(lam.shape) == tuple(u.shape[1:]) and bool(tf.reduce_all(
+                        lam >= 0)) for lam, u in zip(values, (u_a, u_g)))):
+                raise ValueError(
+                    f"`fisher`: the factors' eigenvalues lam_a, lam_g of the EKFAC block of layer "
+                    f"'{layer}' must be finite, >= 0 and one per column of u_a, u_g. Received: lam_a "
+                    f"{tuple(values[0].shape)}, lam_g {tuple(values[1].shape)}, u_a {tuple(u_a.shape)}, "
+                    f"u_g {tuple(u_g.shape)} (or NaN, Inf, a negative eigenvalue)")
             anchor = anchor_of(block, input_rank)
             if not all_finite([anchor]):
                 raise ValueError(f"`anchors`: the weights of layer '{layer}' must be finite. "
@@ -319,20 +478,21 @@ class EKFAC(Kronecker):
             if not online:
                 pending[block] = list(current.get(block, [])) + [u_a, u_g, s, anchor]
                 continue
-            old = tf.zeros_like(s, tf.float64)       # the block's one term (none before its first task)
-            for u_a_old, u_g_old, s_old, _ in _terms(current.get(block, [])):
-                old += project(s_old, u_a_old, u_g_old, u_a, u_g)
-            pending[block] = [u_a, u_g, tf.cast(gamma * old + tf.cast(s, tf.float64), tf.float32), anchor]
+            v_a, v_g, s, lam_a, lam_g = online_term(current.get(block, []), (u_a, u_g, s) + values, gamma)
+            pending[block] = [v_a, v_g, s, anchor, lam_a, lam_g]
         for block, fields in current.items() if online else ():
             if block not in pending:
+                terms, values = _split(fields)
                 input_rank = stored_input_rank(task.by_key[block[0]], block, fields[3])
-                pending[block] = [v for u_a, u_g, s, _ in _terms(fields)
+                pending[block] = [v for u_a, u_g, s, _ in terms
                                   for v in (u_a, u_g, gamma * s, anchor_of(block, input_rank))]
+                pending[block] += [gamma * lam for lam in values or ()]
         for block, fields in pending.items() if online else ():     # separate: checked above
             if not all_finite(fields):
                 raise ValueError(
                     f"`fisher`: adding this task would make the EKFAC terms of '{block[0]}' not "
-                    "finite in float32 (the weights or S are too large). The state is unchanged.")
+                    "finite in float32 (the weights, S or the eigenvalues are too large). The state is "
+                    "unchanged.")
         return pending, 0.0
 
     @staticmethod
@@ -342,7 +502,7 @@ class EKFAC(Kronecker):
         input_rank = kronecker.input_rank_of(thetas[0].shape, fields[3].shape[0] - len(thetas) + 1)
         w = kronecker.weight_matrix(thetas, input_rank)
         value, grad = tf.constant(0.0), tf.zeros_like(w)
-        for u_a, u_g, s, anchor in _terms(fields):
+        for u_a, u_g, s, anchor in _split(fields)[0]:       # the eigenvalues are the merge's
             m = tf.matmul(tf.matmul(u_a, w - anchor, transpose_a=True), u_g)
             weighted = (s + damping) * m
             value += tf.reduce_sum(weighted * m)
@@ -352,7 +512,7 @@ class EKFAC(Kronecker):
 
     @staticmethod
     def explain(thetas, fields, lam):
-        return (f"the EKFAC penalty of {len(fields) // 4} term(s) is not finite in float32 (the "
+        return (f"the EKFAC penalty of {EKFAC.num_terms(fields)} term(s) is not finite in float32 (the "
                 f"distance to the anchors or S too large for lam={float(lam):.4g})")
 
     # Checkpoint.
@@ -360,28 +520,55 @@ class EKFAC(Kronecker):
     def from_checkpoint(tables, tracking, current):
         """``{block: fields}`` of a checkpoint's EKFAC term fields: every term complete,
         numbered from 0, shaped from the model's kernel."""
-        return terms_from_checkpoint(tables.get("ekfac_terms", {}), tracking, label="EKFAC",
-                                     fields=FIELDS, shapes_of=_shapes)
+        blocks = terms_from_checkpoint(tables.get("ekfac_terms", {}), tracking, label="EKFAC",
+                                       fields=FIELDS, shapes_of=_shapes)
+        grouped = {}
+        for key, value in tables.get("ekfac_eigenvalues", {}).items():
+            parts = key.split("|")
+            if len(parts) != 3 or parts[2] not in EIGENVALUES:
+                raise ValueError(f"Cannot restore EWC EKFAC state '{key}' from the checkpoint: not an "
+                                 "EKFAC eigenvalues key.")
+            grouped.setdefault((parts[0], parts[1] or None), {})[parts[2]] = value
+        for block, values in grouped.items():
+            blocks[block] = _with_eigenvalues(blocks.get(block, []), [values.get(f) for f in EIGENVALUES],
+                                              f"Cannot restore the EWC EKFAC state of '{block[0]}' from the "
+                                              "checkpoint")
+        return blocks
 
     # File.
     @staticmethod
     def to_file(blocks):
-        return EKFAC.snapshot(blocks)
+        """``{block: ([(U_A, U_G, S, W̄*)], (λ_A', λ_G') or None)}``."""
+        values = EKFAC.eigenvalues(blocks)
+        return {key: (terms, values.get(key)) for key, terms in EKFAC.snapshot(blocks).items()}
 
     @staticmethod
     def from_file(section, tracking, path):
         """``{block: fields}`` of a file's ``ekfac`` section, each block checked against the
         model (its variables exist, the terms' shapes follow its kernel)."""
-        return terms_from_file(section, tracking, path, label="EKFAC", shapes_of=_shapes)
+        blocks = terms_from_file({block: terms for block, (terms, _) in section.items()}, tracking, path,
+                                 label="EKFAC", shapes_of=_shapes)
+        for block, (_, values) in section.items():
+            if values is not None:
+                blocks[block] = _with_eigenvalues(blocks[block], values, f"Cannot load EWC state from "
+                                                  f"{path!r} onto model '{tracking.model.name}': the EKFAC "
+                                                  f"state of '{block[0]}'")
+        return blocks
 
     @staticmethod
     def file_arrays(section):
-        """``(header fields, arrays)`` of ``{block: [(U_A, U_G, S, W̄*)]}``."""
+        """``(header fields, arrays)`` of ``{block: ([(U_A, U_G, S, W̄*)], (λ_A', λ_G') or
+        None)}`` (the i-th block's eigenvalues: ``"eigenvalues": true`` and ``ekfla_i``,
+        ``ekflg_i``; version 3, :meth:`file_version`)."""
         entries, arrays, j = [], {}, 0
-        for (kernel, bias), block_terms in section.items():
+        for i, ((kernel, bias), (block_terms, values)) in enumerate(section.items()):
             rows, units = (np.shape(block_terms[0][3]) if block_terms else (0, 0))
             entries.append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
                             "terms": len(block_terms)})
+            if values is not None:
+                entries[-1]["eigenvalues"] = True
+                for name, value in zip(_EIGENVALUE_ARRAYS, values):
+                    arrays[f"{name}_{i}"] = np.asarray(value, np.float32)
             for term in block_terms:
                 for name, value in zip(_ARRAYS, term):
                     arrays[f"{name}_{j}"] = np.asarray(value, np.float32)
@@ -393,8 +580,15 @@ class EKFAC(Kronecker):
         """``{array name: shape}`` of the terms the header lists; ValueError(reason) if malformed."""
         shapes, j = {}, 0
         try:
-            for block in header.get("ekfac", []):
+            for i, block in enumerate(header.get("ekfac", [])):
                 rows, units = int(block["rows"]), int(block["units"])
+                if block.get("eigenvalues", True) is not True:
+                    raise ValueError(f"'eigenvalues' must be true or absent, not {block['eigenvalues']!r}")
+                if "eigenvalues" in block:
+                    if header["version"] < EKFAC.EIGENVALUES_FILE_VERSION:
+                        raise ValueError(f"'eigenvalues' needs file version {EKFAC.EIGENVALUES_FILE_VERSION}, "
+                                         f"the header says {header['version']}")
+                    shapes.update({f"ekfla_{i}": (rows,), f"ekflg_{i}": (units,)})
                 for _ in range(int(block["terms"])):
                     shapes.update({f"ekfua_{j}": (rows, rows), f"ekfug_{j}": (units, units),
                                    f"ekfs_{j}": (rows, units), f"ekfw_{j}": (rows, units)})
@@ -406,10 +600,13 @@ class EKFAC(Kronecker):
     @staticmethod
     def read_file_arrays(header, arrays):
         section, j = {}, 0
-        for block in header.get("ekfac", []):
+        for i, block in enumerate(header.get("ekfac", [])):
             block_terms = []
             for _ in range(int(block["terms"])):
                 block_terms.append(tuple(arrays[f"{name}_{j}"] for name in _ARRAYS))
                 j += 1
-            section[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = block_terms
+            values = (tuple(arrays[f"{name}_{i}"] for name in _EIGENVALUE_ARRAYS) if "eigenvalues" in block
+                      else None)
+            section[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = (
+                block_terms, values)
         return section

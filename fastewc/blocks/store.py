@@ -159,13 +159,15 @@ class State(tf.Module):
             self._num_tasks.assign(num_tasks)
             raise
 
-    def replace(self, kind, blocks):
+    def replace(self, kind, blocks, *, consume=False):
         """Make ``kind``'s blocks exactly ``blocks`` = ``{key: [values]}`` (checked):
         existing fields assigned (keys keep their order), missing ones created, the others
-        (blocks and fields ``blocks`` lacks) dropped."""
+        (blocks and fields ``blocks`` lacks) dropped.  With ``consume`` each value's entry
+        in ``blocks`` is set to None once its variable holds it, so a value ``blocks``
+        alone refers to is freed then, not when the whole state exists."""
         for key in list(self._blocks[kind.kind]):
             self._drop(kind, key, len(blocks.get(key, ())))
-        self._assign({kind.kind: blocks}, [], [])
+        self._assign({kind.kind: blocks}, [], [], consume=consume)
 
     def settings(self):
         """The :class:`fastewc.blocks.Settings` a merge reads."""
@@ -188,7 +190,7 @@ class State(tf.Module):
         self._assign({BASE.kind: {tracking.key(v): BASE.zeros(v) for v in new}}, [], [])
         return bool(new)
 
-    def _assign(self, pending, saved, created):
+    def _assign(self, pending, saved, created, consume=False):
         for name, blocks in pending.items():
             kind, store = KINDS[name], self._blocks[name]
             for key, values in blocks.items():
@@ -198,14 +200,16 @@ class State(tf.Module):
                     if i < len(fields):
                         saved.append((fields[i], fields[i].read_value()))
                         fields[i].assign(value)
-                        continue
-                    table, table_key, variable_name = addresses[i]
-                    with tf.init_scope():
-                        variable = tf.Variable(value, dtype=tf.float32, trainable=False, name=variable_name)
-                    self._tables[table][table_key] = variable
-                    fields = store.setdefault(key, fields)
-                    fields.append(variable)
-                    created.append((name, key, i))
+                    else:
+                        table, table_key, variable_name = addresses[i]
+                        with tf.init_scope():
+                            variable = tf.Variable(value, dtype=tf.float32, trainable=False, name=variable_name)
+                        self._tables[table][table_key] = variable
+                        fields = store.setdefault(key, fields)
+                        fields.append(variable)
+                        created.append((name, key, i))
+                    if consume:
+                        values[i] = value = None
 
     def _drop(self, kind, key, keep):
         """Drop the fields of block ``key`` from the ``keep``-th on (the block if none is left)."""
@@ -231,11 +235,19 @@ class State(tf.Module):
 
     def load(self, contents, tracking, path):
         """Each kind's blocks from a file's ``contents``, all checked against the model
-        (:meth:`fastewc.blocks.base.Block.from_file`) before any is created."""
+        (:meth:`fastewc.blocks.base.Block.from_file`) before any is created.
+
+        Consumes ``contents``: once every block is checked, the sections it read are
+        emptied, and each array is let go as soon as its variable holds it.  A load then
+        holds the state plus the arrays not yet turned into variables, rather than two
+        copies of the state at its end."""
+        kinds = kinds_of(contents.curvature)
         loaded = {kind: kind.from_file(contents.section(kind.FILE_FIELD) or {}, tracking, path)
-                  for kind in kinds_of(contents.curvature)}
+                  for kind in kinds}
+        for kind in kinds:
+            (contents.section(kind.FILE_FIELD) or {}).clear()
         for kind, blocks in loaded.items():
-            self.replace(kind, blocks)
+            self.replace(kind, blocks, consume=True)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_children(self):

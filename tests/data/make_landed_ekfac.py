@@ -1,9 +1,12 @@
 """Writes tests/data/landed_ekfac/: an EWC file (version 2) and a checkpoint of a
 ``curvature="ekfac"`` EWC (separate mode, the only one it had) written by the code before
 EKFAC's online mode and damping (commit 4af25ff), with what that code computed after one
-more task (tests/test_ekfac.py).
+more task (tests/test_ekfac.py); with ``online``, tests/data/landed_ekfac_online/: the same
+of an online EWC (γ = 0.7) written by the code before the online state kept its factor
+sums (commit 3ec3c05).
 
-    python tests/data/make_landed_ekfac.py tests/data/landed_ekfac
+    python tests/data/make_landed_ekfac.py tests/data/landed_ekfac             # at 4af25ff
+    python tests/data/make_landed_ekfac.py tests/data/landed_ekfac_online online   # at 3ec3c05
 """
 import sys
 
@@ -15,12 +18,13 @@ import fastewc
 from fastewc.blocks.ekfac import EKFAC, EKFACBlock, EKFACFisher
 
 out = sys.argv[1]
+settings = dict(mode="online", gamma=0.7) if sys.argv[2:] == ["online"] else {}
 LOG = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 keras.utils.set_random_seed(0)
 model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="d1"),
                           keras.layers.LayerNormalization(name="ln"), keras.layers.Dense(3, name="d2")])
 rng = np.random.default_rng(0)
-ewc = fastewc.EWC(model, lam=2.0, curvature="ekfac")
+ewc = fastewc.EWC(model, lam=2.0, curvature="ekfac", **settings)
 for t in range(2):
     x, y = rng.normal(size=(8, 5)).astype("float32"), rng.integers(0, 3, 8)
     ewc.consolidate((x, y), loss=LOG, jit_compile=False)
