@@ -58,7 +58,6 @@ import numpy as np
 from fastewc.blocks import KINDS
 
 FORMAT = "fastewc.EWC"
-FORMAT_VERSION = 2
 _REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
 
 
