@@ -48,8 +48,13 @@ and scale (tr G ÷ fastewc's tr G, per layer).
 Timing: torch's threads are set to TensorFlow's intra-op count (the machine's 2 cores).
 Each member's first call (trace / compile / lazy init and run, a fresh estimator for
 fastewc) is timed alone, then one warm-up round, then ``rounds`` rounds whose order
-rotates by one member each round; the medians and their ratios within each (problem, kind)
-group are reported.
+rotates by one member each round, the ring reversed every ``len(MEMBERS)`` rounds; the
+medians and their ratios within each (problem, kind) group are reported.  Why reversed: a
+rotation keeps each member's predecessor, and torch's OpenMP threads spin after a torch
+call (libgomp's default wait policy) on the cores the next call needs; in one direction
+only, fastewc always followed curvlinops and the kernel always followed fastewc, which
+charged the spin to fastewc alone (README, "Peers: ASDL and curvlinops", has the
+measurement: the torch members left out, or ``OMP_WAIT_POLICY=PASSIVE``).
 
     .venv-peers/bin/python -m benchmarks.peers_kfac --json benchmarks/results/peers.json
     .venv-peers/bin/python -m benchmarks.peers_kfac --problems mlp --kinds exact --rounds 5
@@ -362,7 +367,8 @@ def measure(name, kind, rounds, *, small=False, log=print):
         group.members[member]()
     times = {member: [] for member in MEMBERS}
     for r in range(rounds):
-        for member in order[r % len(order):] + order[:r % len(order)]:
+        ring = order if (r // len(order)) % 2 == 0 else order[::-1]     # see the module docstring
+        for member in ring[r % len(order):] + ring[:r % len(order)]:
             times[member].append(_timed(group.members[member]))
     medians = {member: statistics.median(t) for member, t in times.items()}
     log(f"{name} {kind}: medians ms " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in medians.items()))

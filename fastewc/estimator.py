@@ -264,7 +264,7 @@ class FisherEstimator:
         while batch is not None:
             following = next(upcoming, None)
             alone, first = first and following is None, False
-            noise = self._noise(seed, batch, plan)
+            noise = self._noise(seed, batch, plan, distributed)
             with _explained_input_errors(model, source, plan.method):
                 if id(plan.engine) in self._confirmed:
                     state = plan.engine.run(batch, noise, state, alone=alone, distributed=distributed)
@@ -454,24 +454,30 @@ class FisherEstimator:
         engine (:meth:`fastewc.engines.base.Engine.start_state`)."""
         return engine.start_state()
 
-    def _noise(self, seed, batch, plan):
+    def _noise(self, seed, batch, plan, distributed=False):
         """The sampled kind's noise for ``batch``, drawn eagerly-equivalent: a tf.function
         WITHOUT XLA runs the same kernels as eager mode, so every engine and the float64
-        reference see the same draws.  The empty tensor for the other kinds."""
+        reference see the same draws.  Where the engine draws it itself
+        (:attr:`fastewc.engines.base.Engine.draws_noise`: its function runs without XLA),
+        the int32 seed [seed, batch index] it draws from, one dispatch fewer per batch;
+        not under a strategy, whose replicas each see a slice of the rows.  The empty
+        tensor for the other kinds."""
         if self.kind != "sampled":
             fn = self._noise_functions.get("none")
             if fn is None:
                 fn = self._noise_functions["none"] = tf.zeros([0])
             return fn
+        key = tf.constant([seed, batch.index], tf.int32)
+        if plan.engine.draws_noise and not distributed:
+            return key
         shape = (int(batch.mask.shape[0]),) + plan.out_tail
-        key = (plan.likelihood.key, shape)
-        fn = self._noise_functions.get(key)
+        fn = self._noise_functions.get((plan.likelihood.key, shape))
         if fn is None:      # its concrete function, called flat (no dispatch or binding per call)
             lik, k = plan.likelihood, self.num_samples
-            fn = self._noise_functions[key] = tf.function(
+            fn = self._noise_functions[(plan.likelihood.key, shape)] = tf.function(
                 lambda seed: lik.noise(seed, k, list(shape)), jit_compile=False, autograph=False
             ).get_concrete_function(tf.TensorSpec([2], tf.int32))
-        return compat.call_concrete(fn, (tf.constant([seed, batch.index], tf.int32),))
+        return compat.call_concrete(fn, (key,))
 
 
 @contextlib.contextmanager

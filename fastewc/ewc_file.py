@@ -13,7 +13,18 @@ excluded when saved) and ``sha256``), then each block kind's section (its
   list of ``{"kernel", "bias", "coefficients", "rows", "units"}`` (and ``"a": "diagonal"``
   for a block whose A is stored as its diagonal: an Embedding's), and the arrays ``kfaca_j``,
   ``kfacg_j``, ``kfacw_j`` of the j-th term over all blocks
-  (:class:`fastewc.blocks.kronecker.Kronecker`).
+  (:class:`fastewc.blocks.kronecker.Kronecker`), and the EKFAC blocks (``ekfac``, a list of
+  ``{"kernel", "bias", "terms", "rows", "units"}``; arrays ``ekfua_j``, ``ekfug_j``, ``ekfs_j``,
+  ``ekfw_j``, :class:`fastewc.blocks.ekfac.EKFAC`).
+* Version 3 (written only when an EKFAC block carries ``"eigenvalues": true``: an online
+  state's factor sums' eigenvalues, arrays ``ekfla_i``, ``ekflg_i``) is version 2 with them;
+  fastewc before it refuses such a file by its version, not as corrupt.
+
+A file is written at the largest version its sections need (each kind's
+``file_version(section)``, :mod:`fastewc.blocks.base`), so a file without what a newer
+version added keeps the version older readers read; the readable versions are the union
+of the kinds' ``file_versions()`` (:func:`readable_versions`), and a kind's section is read
+from a file of version ``FILE_VERSION`` or later.
 
 ``sha256`` is the SHA-256 of the header without it (canonical JSON) followed by, for each
 array in (i, name) order, its name and its little-endian float32 bytes: a flipped bit in
@@ -47,8 +58,6 @@ import numpy as np
 from fastewc.blocks import KINDS
 
 FORMAT = "fastewc.EWC"
-FORMAT_VERSION = 2
-_READABLE = (1, 2)
 _REQUIRED = ("mode", "lam", "gamma", "num_tasks", "const", "variables", "sha256")
 
 
@@ -84,7 +93,7 @@ def write(path, contents):
     """Write ``contents`` (an :class:`EWCFile`) to ``path``, atomically."""
     path = os.fspath(path)
     kinds = [kind for kind in KINDS.values() if contents.section(kind.FILE_FIELD) is not None]
-    version = max(kind.FILE_VERSION for kind in kinds)
+    version = max(kind.file_version(contents.section(kind.FILE_FIELD)) for kind in kinds)
     header = {
         "format": FORMAT, "version": version, "mode": contents.mode,
         "lam": contents.lam, "gamma": contents.gamma, "num_tasks": contents.num_tasks,
@@ -123,6 +132,11 @@ def replace_atomically(path, write, suffix=".tmp"):
             os.unlink(tmp)
         raise
     fsync_directory(directory)
+
+
+def readable_versions():
+    """The file versions this fastewc reads: every version a kind writes its section at."""
+    return tuple(sorted({v for kind in KINDS.values() for v in kind.file_versions()}))
 
 
 def read(path):
@@ -231,9 +245,10 @@ def _expected_arrays(header, path, corrupt):
     """{array name: shape} that a parsed ``header`` lists; ValueError if it is malformed."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise corrupt(f"format is not {FORMAT!r}")
-    if header.get("version") not in _READABLE:
+    readable = readable_versions()
+    if header.get("version") not in readable:
         raise ValueError(f"{path!r} has EWC file version {header.get('version')!r}; this fastewc "
-                         f"reads versions {list(_READABLE)}.")
+                         f"reads versions {list(readable)}.")
     missing = [k for k in _REQUIRED if k not in header]
     if missing:
         raise corrupt(f"header lacks {missing}")

@@ -75,8 +75,10 @@ Probabilities (``from_logits=False``) keep all C / 2D outcomes: Keras clips them
 [ε, 1 − ε], and the clipped score no longer has mean zero, which the reduction needs.
 
 Sampling is reproducible: the noise of batch b is drawn with
-``tf.random.stateless_uniform`` / ``stateless_normal`` (alg="philox", identical with and
-without XLA) at seed ``[seed, b]``; categorical labels come from the inverse CDF of p at
+``tf.random.stateless_uniform`` / ``stateless_normal`` (alg="philox") at seed ``[seed, b]``,
+always by TensorFlow's own kernels, never inside an XLA function (XLA's philox gives other
+numbers for the same seed), so the draws are the same with and without ``jit_compile``
+and in every engine; categorical labels come from the inverse CDF of p at
 uniform noise of shape (num_samples, batch, *positions), Bernoulli outcomes from ``u < p`` and
 Gaussian labels from o + ε, both with noise of shape (num_samples, batch, *output).
 """

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from fastewc import blocks, ewc_file
+from fastewc.blocks.base import Block
 
 
-class _FileOnlyKind:
-    """A kind with just a file section: ``{name: vector}`` arrays ``fakev_j``."""
+class _FileOnlyKind(Block):
+    """A kind with just a file section: ``{name: vector}`` arrays ``fakev_j`` (its file
+    version from :class:`Block`'s defaults)."""
     kind = "fake"
     FILE_FIELD, FILE_VERSION = "fake_section", 2
 

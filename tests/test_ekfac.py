@@ -11,6 +11,7 @@ with its gradient, formed explicitly as vec(ΔW̄)ᵀ (U_A ⊗ U_G) diag(vec S) 
 (np.kron, row-major vec, the bias as W̄'s last row); then a save/load and a checkpoint
 round trip.  Then the state half's online mode and damping against float64 references.
 """
+import json
 import os
 
 import keras
@@ -147,8 +148,8 @@ def test_estimator_gives_eigenbases_and_corrected_second_moments(kind):
     for block in result.blocks:
         a, g = factors[block.layer]
         u_a, u_g = np.float64(block.u_a), np.float64(block.u_g)
-        np.testing.assert_allclose(block.a, a, atol=1e-6 * np.abs(a).max())     # the factors it carries
-        np.testing.assert_allclose(block.g, g, atol=1e-6 * np.abs(g).max())
+        for lam, f in ((block.lam_a, a), (block.lam_g, g)):     # the eigenvalues it carries (vectors)
+            np.testing.assert_allclose(lam, np.linalg.eigvalsh(f), atol=1e-6 * np.abs(f).max())
         np.testing.assert_allclose(u_a.T @ u_a, np.eye(len(a)), atol=1e-5)
         np.testing.assert_allclose(u_a.T @ a @ u_a, np.diag(np.linalg.eigvalsh(a)), atol=1e-5)
         np.testing.assert_allclose(u_g.T @ g @ u_g, np.diag(np.linalg.eigvalsh(g)), atol=1e-5)
@@ -330,28 +331,30 @@ def project64(s_old, ua_old, ug_old, ua, ug):
     return np.diag(u.T @ f_old @ u).reshape(np.shape(s_old))
 
 
-def random_factor(rng, u):
-    """U diag(λ) Uᵀ, λ spread over [0.5, 3] (distinct eigenvalues, well apart)."""
-    lam = np.linspace(0.5, 3.0, len(u)) * rng.uniform(0.9, 1.1, len(u))
-    return (u * lam) @ u.T
+def random_eigenvalues(rng, n):
+    """λ spread over [0.5, 3] in a random order (distinct eigenvalues, well apart)."""
+    return rng.permutation(np.linspace(0.5, 3.0, n) * rng.uniform(0.9, 1.1, n))
 
 
 def random_fisher(model, rng, names=("d1", "d2"), factors=True):
-    """An EKFACFisher of random orthogonal bases, S >= 0 and (``factors``) factors A, G with
-    those eigenbases (float32) for ``names``, and ``{name: (U_A, U_G, S, A, G)}`` (float64 of
-    those float32 values; A, G None without ``factors``)."""
+    """An EKFACFisher of random orthogonal bases, S >= 0 and (``factors``) the eigenvalues of
+    factors with those eigenbases (float32) for ``names``, and ``{name: (U_A, U_G, S, A, G)}``
+    (float64 of those float32 values, A = U_A diag(λ_A) U_Aᵀ; A, G None without ``factors``)."""
     blocks, values = [], {}
     for name in names:
         layer = model.get_layer(name)
         rows, units = layer.kernel.shape[0] + 1, layer.kernel.shape[1]
-        ua, ug = orthogonal(rng, rows), orthogonal(rng, units)
-        ua, ug, s, a, g = (np.float32(m) for m in (ua, ug, rng.uniform(0, 2, (rows, units)),
-                                                    random_factor(rng, ua), random_factor(rng, ug)))
+        ua, ug, s, lam_a, lam_g = (np.float32(m) for m in (
+            orthogonal(rng, rows), orthogonal(rng, units), rng.uniform(0, 2, (rows, units)),
+            random_eigenvalues(rng, rows), random_eigenvalues(rng, units)))
         if not factors:
-            a = g = None
-        values[name] = tuple(None if m is None else np.float64(m) for m in (ua, ug, s, a, g))
+            lam_a = lam_g = None
+        a, g = ((None, None) if lam_a is None else
+                ((np.float64(u) * np.float64(lam)) @ np.float64(u).T for u, lam in ((ua, lam_a), (ug, lam_g))))
+        values[name] = tuple(np.float64(m) for m in (ua, ug, s)) + (a, g)
         blocks.append(EKFACBlock(name, (layer.kernel, layer.bias), tf.constant(ua), tf.constant(ug), tf.constant(s),
-                                 a=None if a is None else tf.constant(a), g=None if g is None else tf.constant(g)))
+                                 lam_a=None if lam_a is None else tf.constant(lam_a),
+                                 lam_g=None if lam_g is None else tf.constant(lam_g)))
     variables = list(model.trainable_variables)
     return EKFACFisher(blocks, [None] * len(variables), variables), values
 
@@ -374,27 +377,29 @@ def assert_state(ewc, want, rtol=1e-5):
 
 
 def merge64(old, task, gamma):
-    """The online merge from its definition (float64): ``old`` None or (V_A', V_G', S', A', G'),
-    ``task`` (U_A, U_G, S_t, A_t, G_t) → (V_A, V_G, S, A_sum, G_sum): the eigenbases of
-    A_sum = γ A' + A_t, G_sum = γ G' + G_t and S = diag(Vᵀ (γ F' + F_t) V) with F' and F_t
-    the EKFAC approximations formed with np.kron (project64: the closest diagonal in V)."""
-    if old is None:
-        return task
+    """The online merge from its definition (float64): ``old`` None or (V_A', V_G', S', λ_A',
+    λ_G'), ``task`` (U_A, U_G, S_t, A_t, G_t) → (V_A, V_G, S, λ_A, λ_G): the eigenpairs of
+    A_sum = γ A' + A_t, G_sum = γ G' + G_t with A' = V_A' diag(λ_A') V_A'ᵀ (G' alike), and
+    S = diag(Vᵀ (γ F' + F_t) V) with F' and F_t the EKFAC approximations formed with np.kron
+    (project64: the closest diagonal in V).  With no ``old``: the task's basis and
+    λ = diag(U_Aᵀ A_t U_A), the eigenvalues paired with U's columns."""
     ua, ug, s, a, g = task
-    a_sum, g_sum = gamma * old[3] + a, gamma * old[4] + g
-    va, vg = np.linalg.eigh(a_sum)[1], np.linalg.eigh(g_sum)[1]
-    return va, vg, gamma * project64(old[2], old[0], old[1], va, vg) + project64(s, ua, ug, va, vg), a_sum, g_sum
+    if old is None:
+        return ua, ug, s, np.diag(ua.T @ a @ ua), np.diag(ug.T @ g @ ug)
+    a_sum, g_sum = (gamma * (v * lam) @ v.T + f for v, lam, f in ((old[0], old[3], a), (old[1], old[4], g)))
+    (lam_a, va), (lam_g, vg) = np.linalg.eigh(a_sum), np.linalg.eigh(g_sum)
+    return va, vg, gamma * project64(old[2], old[0], old[1], va, vg) + project64(s, ua, ug, va, vg), lam_a, lam_g
 
 
 def online_state(ewc):
-    """``{layer: (V_A, V_G, S, W̄*, A_sum, G_sum)}`` of an online EWC (float64 copies)."""
-    factors = EKFAC.factor_sums(ewc._state.variables(EKFAC))
+    """``{layer: (V_A, V_G, S, W̄*, λ_A, λ_G)}`` of an online EWC (float64 copies)."""
+    factors = EKFAC.eigenvalues(ewc._state.variables(EKFAC))
     return {name: terms[0] + tuple(np.float64(f) for f in factors[KEYS[name]])
             for name, terms in ekfac_state(ewc).items() if len(terms) == 1}
 
 
 def assert_online(ewc, want, rtol=1e-5):
-    """The online state against ``want`` ``{layer: (V_A, V_G, S, W̄*, A_sum, G_sum)}``: the bases
+    """The online state against ``want`` ``{layer: (V_A, V_G, S, W̄*, λ_A, λ_G)}``: the bases
     up to the signs of their columns (eigenvectors), the rest entry by entry."""
     got = online_state(ewc)
     assert sorted(got) == sorted(want)
@@ -449,10 +454,13 @@ def test_the_projection_is_the_closest_diagonal_in_the_new_basis_and_keeps_the_t
 
 def test_online_merge_holds_both_terms_in_the_basis_of_the_decayed_factor_sums():
     """Three online tasks with γ < 1: one term per block in the eigenbasis V of
-    A_sum = γ A' + A_t, G_sum = γ G' + G_t, S = γ proj(S') + proj(S_t), against merge64 (the
-    float64 definition); the sum of S is γ × the previous one's + S_t's (both projections
-    keep the trace); the penalty and its gradient against float64; then a task that does
-    not estimate d1 (frozen) decays its S and factor sums by γ and moves its anchor."""
+    A_sum = γ A' + A_t, G_sum = γ G' + G_t, S = γ proj(S') + proj(S_t), and A_sum's
+    eigenvalues (vectors: the state holds no d'² factor), against merge64 (the float64
+    definition, A' = V' diag(λ') V'ᵀ: the state's float32 V, λ rebuild it up to rounding,
+    hence rtol 1e-5 on eigenpairs of well-separated eigenvalues); the sum of S is γ × the
+    previous one's + S_t's (both projections keep the trace); the penalty and its gradient
+    against float64; then a task that does not estimate d1 (frozen) decays its S and
+    eigenvalues by γ and moves its anchor."""
     model, rng, gamma = mlp(), np.random.default_rng(2), 0.6
     ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=gamma)
     want = {}
@@ -470,6 +478,8 @@ def test_online_merge_holds_both_terms_in_the_basis_of_the_decayed_factor_sums()
                                        rtol=1e-6)
         move(model, rng)
     assert ewc.num_tasks == 3 and ewc.structure_token[1] == 2        # still one term per block
+    assert [tuple(v.shape) for v in ewc._state.variables(EKFAC)[KEYS["d1"]]] == [(6, 6), (4, 4), (6, 4), (6, 4),
+                                                                                 (6,), (4,)]
     assert_penalty(ewc, model, as_terms(want), damping=0.0)
 
     model.get_layer("d1").trainable = False
@@ -490,15 +500,16 @@ def test_an_online_task_without_factors_is_refused_and_changes_nothing():
     ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
     ewc.add_task(random_fisher(model, np.random.default_rng(6))[0])
     before = online_state(ewc)
-    with pytest.raises(ValueError, match=r"`fisher`: mode='online' needs the Kronecker factors of the EKFAC "
-                                         r"block of layer 'd1' \(EKFACBlock's a and g"):
+    with pytest.raises(ValueError, match=r"`fisher`: mode='online' needs the factors' eigenvalues of the EKFAC "
+                                         r"block of layer 'd1' \(EKFACBlock's lam_a and lam_g"):
         ewc.add_task(random_fisher(model, np.random.default_rng(7), factors=False)[0])
     fisher = random_fisher(model, np.random.default_rng(7))[0]
-    bad = fisher._replace(blocks=[fisher.blocks[0]._replace(a=fisher.blocks[0].a[:-1, :-1])] + fisher.blocks[1:])
-    with pytest.raises(ValueError, match=r"`fisher`: the Kronecker factors a, g of the EKFAC block of layer 'd1' "
-                                         r"must be finite with a non-negative diagonal and the shapes of u_a, "
-                                         r"u_g. Received: a \(5, 5\), g \(4, 4\), u_a \(6, 6\)"):
-        ewc.add_task(bad)
+    first = fisher.blocks[0]
+    for bad_block in (first._replace(lam_a=first.lam_a[:-1]), first._replace(lam_g=-first.lam_g)):
+        with pytest.raises(ValueError, match=r"`fisher`: the factors' eigenvalues lam_a, lam_g of the EKFAC block "
+                                             r"of layer 'd1' must be finite, >= 0 and one per column of u_a, u_g. "
+                                             r"Received: lam_a \((5|6),\), lam_g \(4,\), u_a \(6, 6\)"):
+            ewc.add_task(fisher._replace(blocks=[bad_block] + fisher.blocks[1:]))
     assert ewc.num_tasks == 1
     for name, fields in online_state(ewc).items():
         for got, want in zip(fields, before[name]):
@@ -552,7 +563,7 @@ def test_damping_and_kfac_sum_are_checked_naming_the_argument():
     ewc.add_task(huge)
     before = ekfac_state(ewc)
     with pytest.raises(ValueError, match=r"`fisher`: adding this task would make the EKFAC terms of 'd1/kernel' "
-                                         r"not finite in float32 \(the weights, S or the factors are too large\). "
+                                         r"not finite in float32 \(the weights, S or the eigenvalues are too large\). "
                                          r"The state is unchanged."):
         ewc.add_task(huge)                                   # 0.5 · 3e38 + 3e38 > float32's largest
     assert ewc.num_tasks == 1
@@ -561,7 +572,8 @@ def test_damping_and_kfac_sum_are_checked_naming_the_argument():
 
 def test_online_with_damping_consolidates_two_tasks_against_float64():
     """EWC(curvature="ekfac", mode="online", gamma, damping) through consolidate: the state
-    against merge64 of the float64 factors A, G and of S of float64 per-example gradients in
+    against merge64 of the float64 factors A, G (the state keeps A_sum's eigenvalues: the
+    reference rebuilds A' from them) and of S of float64 per-example gradients in
     the estimator's bases (the task's S projected, as the decayed old one, onto the
     eigenbasis of the factor sums); the penalty and its gradient against float64."""
     model, rng, gamma, damping = mlp(), np.random.default_rng(4), 0.7, 0.05
@@ -585,7 +597,7 @@ def test_online_with_damping_consolidates_two_tasks_against_float64():
 
 
 def test_online_state_round_trips_through_a_file_and_a_checkpoint(tmp_path):
-    """Online state (one term per block and its factor sums) saved and loaded, and
+    """Online state (one term per block and its eigenvalues) saved and loaded, and
     checkpointed and restored: the same state and penalty, and the next task continues
     identically, as merge64 of the saved state."""
     model, rng, gamma = mlp(), np.random.default_rng(5), 0.5
@@ -618,10 +630,10 @@ def test_online_state_round_trips_through_a_file_and_a_checkpoint(tmp_path):
     assert_penalty(loaded, model, as_terms(want), damping=0.1)
 
 
-def test_a_file_whose_factor_sums_do_not_fit_their_term_is_refused(tmp_path):
-    """A file (checksum valid) whose online block's A' has another shape than its header's
-    rows (the format's check), or whose block of two terms carries factor sums: refused,
-    naming the array or the block."""
+def test_a_file_whose_eigenvalues_do_not_fit_their_term_is_refused(tmp_path):
+    """A file (checksum valid) whose online block's λ_A' has another length than its
+    header's rows (the format's check), or whose block of two terms carries eigenvalues:
+    refused, naming the array or the block."""
     from fastewc import ewc_file
     model = mlp()
     ewc = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
@@ -630,17 +642,17 @@ def test_a_file_whose_factor_sums_do_not_fit_their_term_is_refused(tmp_path):
     contents = ewc_file.read(tmp_path / "ok.npz")
     section = contents.section("ekfac")
     terms, (a, g) = section[KEYS["d1"]]
-    section[KEYS["d1"]] = (terms, (a[:-1, :-1], g))
+    section[KEYS["d1"]] = (terms, (a[:-1], g))
     ewc_file.write(tmp_path / "bad.npz", contents)
     with pytest.raises(ValueError, match=r"bad.npz' is not a valid fastewc EWC file \(truncated or corrupted\?\): "
-                                         r"array 'ekfa_0' has float32 \(5, 5\), expected float32 \(6, 6\)"):
+                                         r"array 'ekfla_0' has float32 \(5,\), expected float32 \(6,\)"):
         fastewc.EWC.load(tmp_path / "bad.npz", model)
     section[KEYS["d1"]] = (terms + terms, (a, g))
     ewc_file.write(tmp_path / "bad.npz", contents)
     with pytest.raises(ValueError, match=r"Cannot load EWC state from '.*bad.npz' onto model '.*': the EKFAC state "
-                                         r"of 'd1/kernel': its decayed factor sums \(A', G'\) need one term "
-                                         r"\(online mode\) and both factors. Received: 2 term\(s\) and the "
-                                         r"factor sums \['a', 'g'\]. Nothing was changed."):
+                                         r"of 'd1/kernel': its factor sums' eigenvalues \(λ_A', λ_G'\) need one "
+                                         r"term \(online mode\) and both vectors. Received: 2 term\(s\) and the "
+                                         r"eigenvalues \['lam_a', 'lam_g'\]. Nothing was changed."):
         fastewc.EWC.load(tmp_path / "bad.npz", model)
 
 
@@ -704,17 +716,18 @@ def _check_landed_penalty(ewc, want_value, want_grads):
 
 def _landed_task(model, expected, factors=False):
     """The landed next task at its weights: an EKFACFisher of the recorded bases and S (and,
-    with ``factors``, factors A, G with those eigenbases), and ``{layer: (A, G)}``."""
+    with ``factors``, the eigenvalues λ_A, λ_G of factors with those eigenbases), and
+    ``{layer: (λ_A, λ_G)}``."""
     for i, v in enumerate(model.trainable_variables):
         v.assign(expected[f"w3_{i}"])
     blocks, made = [], {}
     for name in ("d1", "d2"):
         u_a, u_g, s = (expected[f"task|{name}|{f}"] for f in ("u_a", "u_g", "s"))
-        a, g = (np.float32(random_factor(np.random.default_rng(8), np.float64(u))) for u in (u_a, u_g))
-        made[name] = (a, g)
+        lam_a, lam_g = (np.float32(random_eigenvalues(np.random.default_rng(8), len(u))) for u in (u_a, u_g))
+        made[name] = (lam_a, lam_g)
         layer = model.get_layer(name)
         blocks.append(EKFACBlock(name, (layer.kernel, layer.bias), *(tf.constant(m) for m in (u_a, u_g, s)),
-                                 **({"a": tf.constant(a), "g": tf.constant(g)} if factors else {})))
+                                 **({"lam_a": tf.constant(lam_a), "lam_g": tf.constant(lam_g)} if factors else {})))
     diagonal = [tf.constant(expected[f"task|diag{i}"]) if f"task|diag{i}" in expected else None for i in range(6)]
     return EKFACFisher(blocks, diagonal, list(model.trainable_variables)), made
 
@@ -747,12 +760,12 @@ def test_an_online_file_and_checkpoint_of_the_landed_code_load_and_continue(sour
     sums): the file and the checkpoint load, the penalty matches the float64 evaluation of
     the saved state; the next task (with its factors) merges as that code did, the factor
     sums before it unknown (A' = 0: the task's basis, S = γ proj(S') + S_t, against float64
-    and against what that code computed), and the factor sums become the task's A, G."""
+    and against what that code computed), and the state's eigenvalues become the task's."""
     model, ewc, expected = _load_landed(LANDED + "_online", source, mode="online", gamma=0.7)
     assert (ewc.mode, ewc.gamma, ewc.curvature, ewc.num_tasks) == ("online", 0.7, "ekfac", 2)
     state, terms = _landed(expected, "saved")
     assert_state(ewc, terms, rtol=0)
-    assert EKFAC.factor_sums(ewc._state.variables(EKFAC)) == {}
+    assert EKFAC.eigenvalues(ewc._state.variables(EKFAC)) == {}
     _check_landed_penalty(ewc, *_landed_reference(model, state, terms, 2.0, float(expected["saved|const"])))
     fisher, factors = _landed_task(model, expected, factors=True)
     ewc.add_task(fisher)
@@ -771,3 +784,50 @@ def test_an_online_file_and_checkpoint_of_the_landed_code_load_and_continue(sour
 
 def matrix_of(model, name):
     return matrix(model.get_layer(name))
+
+
+def _header(path):
+    with np.load(path) as npz:
+        return json.loads(npz["header"].tobytes().decode("utf-8"))
+
+
+def test_an_online_file_is_version_3_refused_by_a_reader_of_versions_1_2(tmp_path, monkeypatch):
+    """A file whose EKFAC section carries an online block's eigenvalues declares version 3
+    (a separate-mode EKFAC file, as every diagonal or Kronecker one, keeps version 2); a
+    reader of versions [1, 2] (fastewc before them: here this reader with EKFAC's versions
+    limited to 2) refuses it by its version, not as corrupt; a version above the readable
+    ones is refused so; a version-2 header claiming eigenvalues is malformed."""
+    from fastewc import ewc_file
+    model = mlp()
+    online = fastewc.EWC(model, lam=LAM, curvature="ekfac", mode="online", gamma=0.5)
+    online.add_task(random_fisher(model, np.random.default_rng(10))[0])
+    online.save(tmp_path / "online.npz")
+    separate = fastewc.EWC(model, lam=LAM, curvature="ekfac")
+    separate.add_task(random_fisher(model, np.random.default_rng(10), factors=False)[0])
+    separate.save(tmp_path / "separate.npz")
+    assert _header(tmp_path / "online.npz")["version"] == 3
+    assert _header(tmp_path / "separate.npz")["version"] == 2
+    assert ewc_file.readable_versions() == (1, 2, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(EKFAC, "file_versions", classmethod(lambda cls: (2,)))
+        with pytest.raises(ValueError, match=r"online.npz' has EWC file version 3; this fastewc reads "
+                                             r"versions \[1, 2\]\.$"):
+            ewc_file.read(tmp_path / "online.npz")
+        assert ewc_file.read(tmp_path / "separate.npz").section("ekfac")
+    contents = ewc_file.read(tmp_path / "online.npz")
+    patched = EKFAC.file_version
+    with monkeypatch.context() as patch:
+        patch.setattr(EKFAC, "file_version", classmethod(lambda cls, section: 4))
+        ewc_file.write(tmp_path / "v4.npz", contents)
+        patch.setattr(EKFAC, "file_version", classmethod(lambda cls, section: 2))
+        ewc_file.write(tmp_path / "v2.npz", contents)
+    assert EKFAC.file_version == patched
+    with pytest.raises(ValueError, match=r"v4.npz' has EWC file version 4; this fastewc reads versions "
+                                         r"\[1, 2, 3\]\.$"):
+        fastewc.EWC.load(tmp_path / "v4.npz", model)
+    with pytest.raises(ValueError, match=r"v2.npz' is not a valid fastewc EWC file \(truncated or corrupted\?\): "
+                                         r"bad EKFAC block list \(ValueError: 'eigenvalues' needs file version 3, "
+                                         r"the header says 2\)"):
+        fastewc.EWC.load(tmp_path / "v2.npz", model)
+    loaded = fastewc.EWC.load(tmp_path / "online.npz", model)
+    assert_online(loaded, online_state(online), rtol=0)

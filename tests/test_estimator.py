@@ -256,3 +256,31 @@ def test_estimators_on_one_model_in_several_threads_each_get_their_own_fisher():
         for got in calls:
             assert_matches(got, want[kind])
     assert all("call" not in layer.__dict__ for layer in model.layers)
+
+
+@pytest.mark.parametrize("num_samples, batch_size", [(1, None), (2, 5)])
+def test_sampled_noise_is_drawn_inside_the_fisher_function_without_xla(monkeypatch, num_samples, batch_size):
+    """Without XLA the factored engine draws the sampled kind's noise in its own compiled
+    function from [seed, batch index] (``Engine.draws_noise``): a one-batch call dispatches
+    ONE function (a second one drew the noise before), and the draws are still the eager
+    ones, batch by batch: the Fisher matches the float64 reference at the labels that
+    seed gives (``testing.reference_sampled_labels``), one batch or three."""
+    from fastewc import _keras_compat
+    from fastewc.testing import reference_fisher_of
+    model = mlp()
+    x, y = data(n=13)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="sampled", method="factored", jit_compile=False,
+                                        num_samples=num_samples, batch_size=batch_size)
+    got = estimator((x, y), seed=7)
+    want = reference_fisher_of(model, x, y, loss=LOGITS, kind="sampled", num_samples=num_samples, seed=7,
+                               batch_size=batch_size)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-9)
+    called = []
+    real = _keras_compat.call_concrete
+    monkeypatch.setattr(_keras_compat, "call_concrete", lambda fn, args: called.append(fn) or real(fn, args))
+    again = estimator((x, y), seed=7)
+    for g, w in zip(again, got):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+    if batch_size is None:
+        assert len(called) == 1, [fn.name for fn in called]

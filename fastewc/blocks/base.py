@@ -103,6 +103,22 @@ class Block:
         """Raise before any pass when this kind's blocks of ``plan`` would not fit a device
         of ``device_bytes`` (a diagonal always does: it is as large as the model)."""
 
+    # -- file version (the state half's one default, read by fastewc.ewc_file) ---------------
+    FILE_VERSION = None          # the first file version that holds this kind's section
+
+    @classmethod
+    def file_versions(cls):
+        """Every file version a section of this kind is written at (the reader reads their
+        union over the kinds): ``(FILE_VERSION,)`` unless a kind's section grew."""
+        return (cls.FILE_VERSION,)
+
+    @classmethod
+    def file_version(cls, section):
+        """The file version ``section`` needs (one of :meth:`file_versions`): a file is
+        written at the largest over its sections, so a section that does not use what a
+        newer version added keeps the version old readers read."""
+        return cls.FILE_VERSION
+
 
 # -- state half (EWC: state, merge, penalty, file, checkpoint) -------------------------------
 # A kind's state methods are static (a block, on the EWC side, is its ``key`` and its
@@ -114,7 +130,9 @@ class Block:
 #   ``TITLE``: the prefix and title of its methods in the demo ("kfac_online": "KFAC-EWC
 #   (online)", :mod:`fastewc.demo.run`); ``TABLES``: ``{table: checkpoint path}``;
 #   ``FILE_FIELD`` / ``FILE_VERSION``: its section's name in :class:`fastewc.ewc_file.EWCFile` and
-#   the file version that holds it.
+#   the first file version that holds it (the reader asks a kind for its section from that
+#   version on); ``file_version(section)`` / ``file_versions()`` (defaults above): the version
+#   a section is written at and all of them.
 # * ``check_result(result, source, tracking)``: refuse a Fisher result it cannot use;
 #   ``estimate(result, source, tracking)`` → ``{key: estimate}`` of a task.
 # * ``merge(current, task, settings, tracking)`` → ``({key: fields}, Δc)``: pure (nothing

@@ -27,8 +27,8 @@ formed, K · N · d' · u floats a call.  The second pass costs about the first 
 both passes (the same seed).
 
 State, penalty and file: a block is keyed ``(kernel key, bias key or None)`` as the
-Kronecker kind's, and holds terms (U_A, U_G, S, W̄*), in online mode followed by its
-decayed factor sums (A', G').  How a task enters them (:meth:`EKFAC.merge`):
+Kronecker kind's, and holds terms (U_A, U_G, S, W̄*), in online mode followed by the
+eigenvalues (λ_A', λ_G') of its decayed factor sums.  How a task enters them (:meth:`EKFAC.merge`):
 
 * ``mode="separate"``: one term per task, (U_A,t, U_G,t, S_t, W̄_t): Kirkpatrick et al.'s
   sum of per-task penalties, exactly; T tasks cost T terms.
@@ -37,7 +37,11 @@ decayed factor sums (A', G').  How a task enters them (:meth:`EKFAC.merge`):
 
       A_sum = γ A' + A_t,   G_sum = γ G' + G_t,                    (:func:`online_term`)
 
-  which the state keeps beside the term (A' ← A_sum, G' ← G_sum).  A decayed sum of
+  whose eigenvalues the state keeps beside the term: the term's basis is their
+  eigenbasis, A_sum = V_A diag(λ_A) V_Aᵀ, so the next task rebuilds A' = V_A' diag(λ_A')
+  V_A'ᵀ (G' alike; :func:`factor`, float64, from float32 V and λ: A' as stored up to
+  float32 rounding), and a task's A_t = U_A diag(λ_A,t) U_Aᵀ from its block's bases and
+  eigenvalues (:class:`EKFACBlock` ``lam_a``, ``lam_g``).  A decayed sum of
   terms in different bases is diagonal in none, so each is replaced by the diagonal in
   V closest to it in Frobenius norm (the principle that defines EKFAC's S): for a term
   F' = U' diag(vec S') U'ᵀ, U' = U_A' ⊗ U_G', conjugation by the orthogonal V keeps
@@ -73,13 +77,14 @@ decayed factor sums (A', G').  How a task enters them (:meth:`EKFAC.merge`):
   online state written before they were kept: A' unknown, taken as 0) A_sum = A_t,
   whose eigenbasis is the task's own: V = U_t, S_t unprojected (the rule of the code
   before, which projected the old term onto the newest basis).  A task's block must
-  carry its factors (:class:`EKFACBlock` ``a``, ``g``: the estimator's do).  A block
-  the task does not estimate (its variables frozen) has its S and factor sums decayed
-  by γ (the same V) and its anchor moved to the task's weights, as the diagonal online
-  EWC does with F = 0.  Memory: one term per block whatever the tasks, and the factor
-  sums: d'² + u² floats a block beyond the term (as the Kronecker kind's online
-  state); a task costs two more eigendecompositions, of A_sum and G_sum, and the
-  projections, O(d'³ + u³ + d'²u + d'u²) (float64).
+  carry its factors' eigenvalues (:class:`EKFACBlock` ``lam_a``, ``lam_g``: the
+  estimator's do).  A block the task does not estimate (its variables frozen) has its S
+  and eigenvalues decayed by γ (the same V) and its anchor moved to the task's weights,
+  as the diagonal online EWC does with F = 0.  Memory: one term per block whatever the
+  tasks, and d' + u eigenvalues a block beyond the term (an estimate carries the same
+  d' + u beside its bases); a task costs the rebuilt factors and two more
+  eigendecompositions, of A_sum and G_sum, and the projections, O(d'³ + u³ + d'²u + d'u²)
+  (float64).
 
 The penalty, with damping δ ≥ 0 (the EWC's ``damping``),
 
@@ -95,16 +100,16 @@ the factored (A + π√δ I) ⊗ (G + √δ/π I) = A ⊗ G + δ I + π√δ I �
 block's variables keep a diagonal block with A = 0 (:mod:`fastewc.blocks.diagonal`).
 
 Checkpoint: ``ewc/_ekfac/_terms/<kernel key>|<bias key>|<t>|<field>`` (field: u_a, u_g, s,
-anchor) and an online block's factor sums at ``ewc/_ekfac/_factors/<kernel key>|<bias
-key>|<a or g>``.  File (version 2): the header's ``ekfac`` list of ``{"kernel", "bias",
-"terms", "rows", "units"}`` (plus ``"factors": true`` for an online block's factor sums)
-and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows × rows), ``ekfug_j``
-(units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units); for the i-th block with factor
-sums, ``ekfa_i`` (rows × rows) and ``ekfg_i`` (units × units).  The factor sums are
-optional in both (the version stays 2: a new version would change the file module), so
-files and checkpoints written before them, separate or online, load as they did (an
-online one continues with its factor sums unknown, above); a file with them is refused
-by fastewc before them (its array list does not match the header it knows).
+anchor) and an online block's eigenvalues at ``ewc/_ekfac/_eigenvalues/<kernel
+key>|<bias key>|<lam_a or lam_g>``.  File: the header's ``ekfac`` list of ``{"kernel",
+"bias", "terms", "rows", "units"}`` (plus ``"eigenvalues": true`` for an online block's
+eigenvalues) and, for the j-th term over all blocks, the arrays ``ekfua_j`` (rows × rows),
+``ekfug_j`` (units × units), ``ekfs_j`` and ``ekfw_j`` (rows × units); for the i-th block
+with eigenvalues, ``ekfla_i`` (rows) and ``ekflg_i`` (units).  A file with eigenvalues
+is version 3 (:meth:`EKFAC.file_version`), which fastewc before them refuses by its
+version; one without (separate mode) stays version 2.  The eigenvalues are optional in
+both, so files and checkpoints written before them, separate or online, load as they
+did (an online one continues with its factor sums unknown, above).
 """
 import typing
 
@@ -120,9 +125,9 @@ from fastewc.blocks.kronecker import (Kronecker, block_shapes, stored_input_rank
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
 
 FIELDS = ("u_a", "u_g", "s", "anchor")
-FACTORS = ("a", "g")        # an online block's decayed factor sums, after its term
+EIGENVALUES = ("lam_a", "lam_g")   # an online block's factor sums' eigenvalues, after its term
 _ARRAYS = ("ekfua", "ekfug", "ekfs", "ekfw")
-_FACTOR_ARRAYS = ("ekfa", "ekfg")
+_EIGENVALUE_ARRAYS = ("ekfla", "ekflg")
 
 
 class EKFACBlock(typing.NamedTuple):
@@ -133,8 +138,8 @@ class EKFACBlock(typing.NamedTuple):
     u_g: tf.Tensor          # (u, u) orthogonal: the eigenvectors of G
     s: tf.Tensor            # (d', u) ≥ 0: the second moments in that basis
     input_rank: typing.Optional[int] = None
-    a: typing.Optional[tf.Tensor] = None    # (d', d') the Kronecker factor A whose eigenbasis is U_A
-    g: typing.Optional[tf.Tensor] = None    # (u, u) G (mode="online" merges them: module docstring)
+    lam_a: typing.Optional[tf.Tensor] = None   # (d',) the eigenvalues of A: A = U_A diag(λ_A) U_Aᵀ
+    lam_g: typing.Optional[tf.Tensor] = None   # (u,) G's (mode="online" merges A, G: module docstring)
 
 
 class EKFACFisher(curvature.KroneckerFisher):
@@ -162,6 +167,12 @@ def eigenbasis(factor):
     return tf.maximum(values, 0.0), vectors
 
 
+def factor(u, lam):
+    """U diag(λ) Uᵀ, float64: a factor from its eigenbasis and eigenvalues."""
+    u = tf.cast(u, tf.float64)
+    return tf.matmul(u * tf.cast(lam, tf.float64)[None, :], u, transpose_b=True)
+
+
 def second_moments(per_example, u_a, u_g, weights=None):
     """S = Σ_n w_n (U_Aᵀ ḡ_n U_G)² / Σ_n w_n from per-example weight-matrix gradients
     ``per_example`` (N, d', u) (each ḡ_n = Σ_l ā_nl δ_nlᵀ for one sampled or weighted
@@ -184,27 +195,32 @@ def project(s, u_a_old, u_g_old, u_a, u_g):
 
 
 def online_term(fields, task, gamma):
-    """``[V_A, V_G, S, A_sum, G_sum]`` (float32): a task (U_A, U_G, S_t, A_t, G_t) merged
-    into an online block's ``fields`` (its one term (U_A', U_G', S', W̄') and decayed factor
-    sums (A', G'); none before its first task), float64 (module docstring):
+    """``[V_A, V_G, S, λ_A, λ_G]`` (float32): a task (U_A, U_G, S_t, λ_A,t, λ_G,t) merged
+    into an online block's ``fields`` (its one term (V_A', V_G', S', W̄') and its factor
+    sums' eigenvalues (λ_A', λ_G'); none before its first task), float64 (module docstring):
 
-        A_sum = γ A' + A_t,   G_sum = γ G' + G_t,   V_A, V_G their eigenbases,
+        A_sum = γ V_A' diag(λ_A') V_A'ᵀ + U_A diag(λ_A,t) U_Aᵀ   (G_sum alike),
+        (λ_A, V_A), (λ_G, V_G) their eigendecompositions,
         S = γ proj(S', U' → V) + proj(S_t, U_t → V)                     (:func:`project`)
 
     With no factor sums before (the first task, or a state written before they were kept,
-    A' unknown) A_sum = A_t, and the basis is the task's own: V = U_t and S_t unprojected."""
-    u_a, u_g, s, a, g = (tf.cast(x, tf.float64) for x in task)
-    terms, factors = _split(fields)
-    if factors is None:
-        a_sum, g_sum, v_a, v_g, new = a, g, u_a, u_g, s
+    A' unknown) A_sum = A_t, and the basis is the task's own: V = U_t, λ = λ_t and S_t
+    unprojected."""
+    u_a, u_g, s, lam_a, lam_g = (tf.cast(x, tf.float64) for x in task)
+    terms, eigenvalues = _split(fields)
+    if eigenvalues is None:
+        (lam_a, v_a), (lam_g, v_g), new = (lam_a, u_a), (lam_g, u_g), s
     else:
-        a_sum, g_sum = gamma * tf.cast(factors[0], tf.float64) + a, gamma * tf.cast(factors[1], tf.float64) + g
-        v_a, v_g = eigenbasis(a_sum)[1], eigenbasis(g_sum)[1]
+        (v_a_old, v_g_old, _, _), = terms
+        (lam_a, v_a), (lam_g, v_g) = (
+            eigenbasis(gamma * factor(v_old, lam_old) + factor(u, lam))
+            for v_old, lam_old, u, lam in ((v_a_old, eigenvalues[0], u_a, lam_a),
+                                           (v_g_old, eigenvalues[1], u_g, lam_g)))
         new = project(s, u_a, u_g, v_a, v_g)
     old = tf.zeros_like(new)
     for u_a_old, u_g_old, s_old, _ in terms:
         old += project(s_old, u_a_old, u_g_old, v_a, v_g)
-    return [tf.cast(x, tf.float32) for x in (v_a, v_g, gamma * old + new, a_sum, g_sum)]
+    return [tf.cast(x, tf.float32) for x in (v_a, v_g, gamma * old + new, lam_a, lam_g)]
 
 
 def _terms(fields):
@@ -212,32 +228,34 @@ def _terms(fields):
 
 
 def _split(fields):
-    """``(terms, factors)`` of a block's flat fields: its (U_A, U_G, S, W̄*) terms and, after
-    them, an online block's decayed factor sums (A', G') (None: not kept, separate mode or a
-    state written before them)."""
+    """``(terms, eigenvalues)`` of a block's flat fields: its (U_A, U_G, S, W̄*) terms and,
+    after them, an online block's factor sums' eigenvalues (λ_A', λ_G') (None: not kept,
+    separate mode or a state written before them)."""
     n = len(fields) - len(fields) % 4
     return _terms(fields[:n]), (tuple(fields[n:]) or None)
 
 
-def _with_factors(fields, factors, where):
-    """``fields`` (one block's checked term fields) with its factor sums (A', G') after them,
-    checked: a block with factor sums has one term (online mode), A' shaped as U_A and G'
-    as U_G.  ``where`` (naming the block and the source) starts the ValueError."""
-    if len(fields) != 4 or any(f is None for f in factors):
+def _with_eigenvalues(fields, eigenvalues, where):
+    """``fields`` (one block's checked term fields) with its factor sums' eigenvalues
+    (λ_A', λ_G') after them, checked: a block with them has one term (online mode), λ_A' of
+    U_A's columns and λ_G' of U_G's.  ``where`` (naming the block and the source) starts the
+    ValueError."""
+    if len(fields) != 4 or any(f is None for f in eigenvalues):
         raise ValueError(
-            f"{where}: its decayed factor sums (A', G') need one term (online mode) and both "
-            f"factors. Received: {len(fields) // 4} term(s) and the factor sums "
-            f"{[name for name, f in zip(FACTORS, factors) if f is not None]}. Nothing was changed.")
-    for name, value, term_field in zip(FACTORS, factors, fields[:2]):
-        if tuple(np.shape(value)) != tuple(term_field.shape):
+            f"{where}: its factor sums' eigenvalues (λ_A', λ_G') need one term (online mode) and "
+            f"both vectors. Received: {len(fields) // 4} term(s) and the eigenvalues "
+            f"{[name for name, f in zip(EIGENVALUES, eigenvalues) if f is not None]}. Nothing was changed.")
+    for name, value, term_field in zip(EIGENVALUES, eigenvalues, fields[:2]):
+        if tuple(np.shape(value)) != tuple(term_field.shape[1:]):
             raise ValueError(
-                f"{where}: its factor sum '{name}' has shape {tuple(np.shape(value))}, its term's "
-                f"basis needs {tuple(term_field.shape)}. Nothing was changed.")
-    return list(fields) + list(factors)
+                f"{where}: its eigenvalues '{name}' have shape {tuple(np.shape(value))}, its term's "
+                f"basis needs {tuple(term_field.shape[1:])}. Nothing was changed.")
+    return list(fields) + list(eigenvalues)
 
 
-def factor_key(block, field):
-    """A block's factor sum's checkpoint key, ``<kernel key>|<bias key>|<field>`` (a or g)."""
+def eigenvalue_key(block, field):
+    """A block's eigenvalues' checkpoint key, ``<kernel key>|<bias key>|<field>`` (lam_a or
+    lam_g)."""
     kernel, bias = block
     return f"{kernel}|{bias or ''}|{field}"
 
@@ -303,12 +321,13 @@ class EKFAC(Kronecker):
     # -- estimation ------------------------------------------------------------------------
     def finish(self, means):
         """The first pass's :class:`EKFACBlock`: A and G's eigenbases, S = λ_A λ_Gᵀ (KFAC's
-        block in its eigenbasis; the second pass replaces it), and A and G themselves
-        (what the online merge sums: d'² + u² floats a block beside the bases)."""
+        block in its eigenbasis; the second pass replaces it), and their eigenvalues λ_A,
+        λ_G (what the online merge sums, as A = U_A diag(λ_A) U_Aᵀ: d' + u floats a block
+        beside the bases)."""
         (lam_a, u_a), (lam_g, u_g) = eigenbasis(means[0]), eigenbasis(means[1])
         s = lam_a[:, None] * lam_g[None, :]
-        return EKFACBlock(self.layer_name, self.variables, tf.cast(u_a, tf.float32), tf.cast(u_g, tf.float32),
-                          tf.cast(s, tf.float32), self.input_rank, means[0], means[1])
+        return EKFACBlock(self.layer_name, self.variables, *(tf.cast(x, tf.float32) for x in (u_a, u_g, s)),
+                          self.input_rank, tf.cast(lam_a, tf.float32), tf.cast(lam_g, tf.float32))
 
     @classmethod
     def blocks_of(cls, layer, result):
@@ -333,15 +352,27 @@ class EKFAC(Kronecker):
     OPTIONS = ("damping",)   # δ: S + δ, Tikhonov damping of the whole block (module docstring)
     MODES = ("separate", "online")
     METHOD, TITLE = "ekfac", "EKFAC-EWC"
-    TABLES = {"ekfac_terms": "_ekfac/_terms", "ekfac_factors": "_ekfac/_factors"}
+    TABLES = {"ekfac_terms": "_ekfac/_terms", "ekfac_eigenvalues": "_ekfac/_eigenvalues"}
     FILE_FIELD, FILE_VERSION = "ekfac", 2
+    EIGENVALUES_FILE_VERSION = 3     # a section with an online block's eigenvalues
+
+    @classmethod
+    def file_versions(cls):
+        return (cls.FILE_VERSION, cls.EIGENVALUES_FILE_VERSION)
+
+    @classmethod
+    def file_version(cls, section):
+        """3 when a block carries its factor sums' eigenvalues (an online state: fastewc
+        before them refuses the file by its version), else 2 (separate mode: as before)."""
+        return (cls.EIGENVALUES_FILE_VERSION if any(values is not None for _, values in section.values())
+                else cls.FILE_VERSION)
 
     @staticmethod
     def addresses(key, n):
         terms = n - n % 4
         return ([("ekfac_terms", term_key(key, i // 4, FIELDS[i % 4]), f"ekfac_{FIELDS[i % 4]}")
                  for i in range(terms)]
-                + [("ekfac_factors", factor_key(key, f), f"ekfac_{f}_sum") for f in FACTORS[:n - terms]])
+                + [("ekfac_eigenvalues", eigenvalue_key(key, f), f"ekfac_{f}") for f in EIGENVALUES[:n - terms]])
 
     @staticmethod
     def num_terms(fields):
@@ -353,11 +384,18 @@ class EKFAC(Kronecker):
         return {key: [float32_arrays(term) for term in _split(fields)[0]] for key, fields in blocks.items()}
 
     @staticmethod
-    def factor_sums(blocks):
-        """``{block key: (A', G')}`` of the online blocks that keep their decayed factor sums,
-        float32 NumPy arrays."""
+    def eigenvalues(blocks):
+        """``{block key: (λ_A', λ_G')}`` of the online blocks that keep their factor sums'
+        eigenvalues (in their term's bases), float32 NumPy arrays."""
         return {key: float32_arrays(_split(fields)[1]) for key, fields in blocks.items()
                 if _split(fields)[1] is not None}
+
+    @staticmethod
+    def factor_sums(blocks):
+        """``{block key: (A', G')}``, A' = V_A' diag(λ_A') V_A'ᵀ (float64 tensors) of the
+        online blocks that keep their eigenvalues."""
+        return {key: tuple(factor(v, lam) for v, lam in zip(fields[:2], _split(fields)[1]))
+                for key, fields in blocks.items() if _split(fields)[1] is not None}
 
     @staticmethod
     def check_options(mode, kfac_sum):
@@ -379,7 +417,7 @@ class EKFAC(Kronecker):
 
     @staticmethod
     def estimate(result, source, tracking):
-        """``{block key: (layer name, U_A, U_G, S, input_rank, A, G)}`` of the blocks this EWC
+        """``{block key: (layer name, U_A, U_G, S, input_rank, λ_A, λ_G)}`` of the blocks this EWC
         penalizes (as :meth:`Kronecker.estimate`: all or none of a block's variables)."""
         blocks = {}
         for block in result.blocks:
@@ -392,18 +430,18 @@ class EKFAC(Kronecker):
                     f"{[v.path for v in block.variables]}: exclude all of its variables or none.")
             keys = tuple(tracking.key(v) for v in block.variables)
             blocks[keys if len(keys) == 2 else keys + (None,)] = (
-                block.layer, block.u_a, block.u_g, block.s, block.input_rank, block.a, block.g)
+                block.layer, block.u_a, block.u_g, block.s, block.input_rank, block.lam_a, block.lam_g)
         return blocks
 
     @staticmethod
     def merge(current, task, settings, tracking):
         """Every changed block's fields (nothing assigned; module docstring): a task's block
         gets its term (U_A, U_G, S, W̄_t) appended (separate mode) or becomes the one term in
-        the eigenbasis of the decayed factor sums, with those sums after it (online,
+        the eigenbasis of the decayed factor sums, with their eigenvalues after it (online,
         :func:`online_term`); in online mode a block the task does not estimate gets γ S
-        (γ A', γ G') and the task's weights.  Raises for S negative or not finite, bases or
-        factors not finite, an online task without factors, or a result float32 cannot
-        hold, naming the layer."""
+        (γ λ_A', γ λ_G') and the task's weights.  Raises for S negative or not finite, bases
+        not finite, eigenvalues negative, not finite or not one per basis column, an online
+        task without eigenvalues, or a result float32 cannot hold, naming the layer."""
         online, gamma = settings.mode == "online", settings.gamma
         pending = {}
 
@@ -412,27 +450,27 @@ class EKFAC(Kronecker):
                                             penalty_lib.read_float32(task.by_key[k])
                                             for k in block if k is not None], input_rank)
 
-        for block, (layer, u_a, u_g, s, input_rank, a, g) in task.estimates.get(EKFAC.kind, {}).items():
+        for block, (layer, u_a, u_g, s, input_rank, lam_a, lam_g) in task.estimates.get(EKFAC.kind, {}).items():
             u_a, u_g, s = (tf.cast(x, tf.float32) for x in (u_a, u_g, s))
             if not (all_finite([u_a, u_g, s]) and bool(tf.reduce_all(s >= 0))):
                 raise ValueError(
                     f"`fisher`: the EKFAC block of layer '{layer}' must have finite bases and "
                     "finite second moments S >= 0. Received: NaN, Inf or a negative S")
-            if online and (a is None or g is None):
+            if online and (lam_a is None or lam_g is None):
                 raise ValueError(
-                    f"`fisher`: mode='online' needs the Kronecker factors of the EKFAC block of layer "
-                    f"'{layer}' (EKFACBlock's a and g: the eigenbasis of the decayed factor sums "
-                    "holds the state). Received: a=None or g=None. Pass the estimator's result, or "
-                    "give EKFACBlock its a and g.")
-            factors = None if a is None else (tf.cast(a, tf.float32), tf.cast(g, tf.float32))
-            if factors is not None and not (
-                    all_finite(factors) and all(tuple(f.shape) == tuple(u.shape) and bool(tf.reduce_all(
-                        tf.linalg.diag_part(f) >= 0)) for f, u in zip(factors, (u_a, u_g)))):
+                    f"`fisher`: mode='online' needs the factors' eigenvalues of the EKFAC block of "
+                    f"layer '{layer}' (EKFACBlock's lam_a and lam_g: the eigenbasis of the decayed "
+                    "factor sums holds the state). Received: lam_a=None or lam_g=None. Pass the "
+                    "estimator's result, or give EKFACBlock its lam_a and lam_g.")
+            values = None if lam_a is None else (tf.cast(lam_a, tf.float32), tf.cast(lam_g, tf.float32))
+            if values is not None and not (
+                    all_finite(values) and all(tuple(lam.shape) == tuple(u.shape[1:]) and bool(tf.reduce_all(
+                        lam >= 0)) for lam, u in zip(values, (u_a, u_g)))):
                 raise ValueError(
-                    f"`fisher`: the Kronecker factors a, g of the EKFAC block of layer '{layer}' must "
-                    "be finite with a non-negative diagonal and the shapes of u_a, u_g. Received: "
-                    f"a {tuple(factors[0].shape)}, g {tuple(factors[1].shape)}, u_a {tuple(u_a.shape)}, "
-                    f"u_g {tuple(u_g.shape)} (or NaN, Inf, a negative diagonal)")
+                    f"`fisher`: the factors' eigenvalues lam_a, lam_g of the EKFAC block of layer "
+                    f"'{layer}' must be finite, >= 0 and one per column of u_a, u_g. Received: lam_a "
+                    f"{tuple(values[0].shape)}, lam_g {tuple(values[1].shape)}, u_a {tuple(u_a.shape)}, "
+                    f"u_g {tuple(u_g.shape)} (or NaN, Inf, a negative eigenvalue)")
             anchor = anchor_of(block, input_rank)
             if not all_finite([anchor]):
                 raise ValueError(f"`anchors`: the weights of layer '{layer}' must be finite. "
@@ -440,20 +478,20 @@ class EKFAC(Kronecker):
             if not online:
                 pending[block] = list(current.get(block, [])) + [u_a, u_g, s, anchor]
                 continue
-            v_a, v_g, s, a_sum, g_sum = online_term(current.get(block, []), (u_a, u_g, s) + factors, gamma)
-            pending[block] = [v_a, v_g, s, anchor, a_sum, g_sum]
+            v_a, v_g, s, lam_a, lam_g = online_term(current.get(block, []), (u_a, u_g, s) + values, gamma)
+            pending[block] = [v_a, v_g, s, anchor, lam_a, lam_g]
         for block, fields in current.items() if online else ():
             if block not in pending:
-                terms, factors = _split(fields)
+                terms, values = _split(fields)
                 input_rank = stored_input_rank(task.by_key[block[0]], block, fields[3])
                 pending[block] = [v for u_a, u_g, s, _ in terms
                                   for v in (u_a, u_g, gamma * s, anchor_of(block, input_rank))]
-                pending[block] += [gamma * f for f in factors or ()]
+                pending[block] += [gamma * lam for lam in values or ()]
         for block, fields in pending.items() if online else ():     # separate: checked above
             if not all_finite(fields):
                 raise ValueError(
                     f"`fisher`: adding this task would make the EKFAC terms of '{block[0]}' not "
-                    "finite in float32 (the weights, S or the factors are too large). The state is "
+                    "finite in float32 (the weights, S or the eigenvalues are too large). The state is "
                     "unchanged.")
         return pending, 0.0
 
@@ -464,7 +502,7 @@ class EKFAC(Kronecker):
         input_rank = kronecker.input_rank_of(thetas[0].shape, fields[3].shape[0] - len(thetas) + 1)
         w = kronecker.weight_matrix(thetas, input_rank)
         value, grad = tf.constant(0.0), tf.zeros_like(w)
-        for u_a, u_g, s, anchor in _split(fields)[0]:       # the factor sums are the merge's
+        for u_a, u_g, s, anchor in _split(fields)[0]:       # the eigenvalues are the merge's
             m = tf.matmul(tf.matmul(u_a, w - anchor, transpose_a=True), u_g)
             weighted = (s + damping) * m
             value += tf.reduce_sum(weighted * m)
@@ -485,23 +523,24 @@ class EKFAC(Kronecker):
         blocks = terms_from_checkpoint(tables.get("ekfac_terms", {}), tracking, label="EKFAC",
                                        fields=FIELDS, shapes_of=_shapes)
         grouped = {}
-        for key, value in tables.get("ekfac_factors", {}).items():
+        for key, value in tables.get("ekfac_eigenvalues", {}).items():
             parts = key.split("|")
-            if len(parts) != 3 or parts[2] not in FACTORS:
+            if len(parts) != 3 or parts[2] not in EIGENVALUES:
                 raise ValueError(f"Cannot restore EWC EKFAC state '{key}' from the checkpoint: not an "
-                                 "EKFAC factor sum key.")
+                                 "EKFAC eigenvalues key.")
             grouped.setdefault((parts[0], parts[1] or None), {})[parts[2]] = value
-        for block, factors in grouped.items():
-            blocks[block] = _with_factors(blocks.get(block, []), [factors.get(f) for f in FACTORS],
-                                          f"Cannot restore the EWC EKFAC state of '{block[0]}' from the checkpoint")
+        for block, values in grouped.items():
+            blocks[block] = _with_eigenvalues(blocks.get(block, []), [values.get(f) for f in EIGENVALUES],
+                                              f"Cannot restore the EWC EKFAC state of '{block[0]}' from the "
+                                              "checkpoint")
         return blocks
 
     # File.
     @staticmethod
     def to_file(blocks):
-        """``{block: ([(U_A, U_G, S, W̄*)], (A', G') or None)}``."""
-        factors = EKFAC.factor_sums(blocks)
-        return {key: (terms, factors.get(key)) for key, terms in EKFAC.snapshot(blocks).items()}
+        """``{block: ([(U_A, U_G, S, W̄*)], (λ_A', λ_G') or None)}``."""
+        values = EKFAC.eigenvalues(blocks)
+        return {key: (terms, values.get(key)) for key, terms in EKFAC.snapshot(blocks).items()}
 
     @staticmethod
     def from_file(section, tracking, path):
@@ -509,25 +548,26 @@ class EKFAC(Kronecker):
         model (its variables exist, the terms' shapes follow its kernel)."""
         blocks = terms_from_file({block: terms for block, (terms, _) in section.items()}, tracking, path,
                                  label="EKFAC", shapes_of=_shapes)
-        for block, (_, factors) in section.items():
-            if factors is not None:
-                blocks[block] = _with_factors(blocks[block], factors, f"Cannot load EWC state from "
-                                              f"{path!r} onto model '{tracking.model.name}': the EKFAC "
-                                              f"state of '{block[0]}'")
+        for block, (_, values) in section.items():
+            if values is not None:
+                blocks[block] = _with_eigenvalues(blocks[block], values, f"Cannot load EWC state from "
+                                                  f"{path!r} onto model '{tracking.model.name}': the EKFAC "
+                                                  f"state of '{block[0]}'")
         return blocks
 
     @staticmethod
     def file_arrays(section):
-        """``(header fields, arrays)`` of ``{block: ([(U_A, U_G, S, W̄*)], (A', G') or None)}``
-        (the i-th block's factor sums: ``"factors": true`` and ``ekfa_i``, ``ekfg_i``)."""
+        """``(header fields, arrays)`` of ``{block: ([(U_A, U_G, S, W̄*)], (λ_A', λ_G') or
+        None)}`` (the i-th block's eigenvalues: ``"eigenvalues": true`` and ``ekfla_i``,
+        ``ekflg_i``; version 3, :meth:`file_version`)."""
         entries, arrays, j = [], {}, 0
-        for i, ((kernel, bias), (block_terms, factors)) in enumerate(section.items()):
+        for i, ((kernel, bias), (block_terms, values)) in enumerate(section.items()):
             rows, units = (np.shape(block_terms[0][3]) if block_terms else (0, 0))
             entries.append({"kernel": kernel, "bias": bias, "rows": int(rows), "units": int(units),
                             "terms": len(block_terms)})
-            if factors is not None:
-                entries[-1]["factors"] = True
-                for name, value in zip(_FACTOR_ARRAYS, factors):
+            if values is not None:
+                entries[-1]["eigenvalues"] = True
+                for name, value in zip(_EIGENVALUE_ARRAYS, values):
                     arrays[f"{name}_{i}"] = np.asarray(value, np.float32)
             for term in block_terms:
                 for name, value in zip(_ARRAYS, term):
@@ -542,10 +582,13 @@ class EKFAC(Kronecker):
         try:
             for i, block in enumerate(header.get("ekfac", [])):
                 rows, units = int(block["rows"]), int(block["units"])
-                if block.get("factors", True) is not True:
-                    raise ValueError(f"'factors' must be true or absent, not {block['factors']!r}")
-                if "factors" in block:
-                    shapes.update({f"ekfa_{i}": (rows, rows), f"ekfg_{i}": (units, units)})
+                if block.get("eigenvalues", True) is not True:
+                    raise ValueError(f"'eigenvalues' must be true or absent, not {block['eigenvalues']!r}")
+                if "eigenvalues" in block:
+                    if header["version"] < EKFAC.EIGENVALUES_FILE_VERSION:
+                        raise ValueError(f"'eigenvalues' needs file version {EKFAC.EIGENVALUES_FILE_VERSION}, "
+                                         f"the header says {header['version']}")
+                    shapes.update({f"ekfla_{i}": (rows,), f"ekflg_{i}": (units,)})
                 for _ in range(int(block["terms"])):
                     shapes.update({f"ekfua_{j}": (rows, rows), f"ekfug_{j}": (units, units),
                                    f"ekfs_{j}": (rows, units), f"ekfw_{j}": (rows, units)})
@@ -562,8 +605,8 @@ class EKFAC(Kronecker):
             for _ in range(int(block["terms"])):
                 block_terms.append(tuple(arrays[f"{name}_{j}"] for name in _ARRAYS))
                 j += 1
-            factors = (tuple(arrays[f"{name}_{i}"] for name in _FACTOR_ARRAYS) if "factors" in block
-                       else None)
+            values = (tuple(arrays[f"{name}_{i}"] for name in _EIGENVALUE_ARRAYS) if "eigenvalues" in block
+                      else None)
             section[(str(block["kernel"]), None if block["bias"] is None else str(block["bias"]))] = (
-                block_terms, factors)
+                block_terms, values)
         return section

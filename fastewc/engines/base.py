@@ -19,7 +19,9 @@ folds each batch's into float64 totals (:func:`fold`) and forms the mean once
 * ``batch_sums(x, y, mask, noise)``: a :class:`BatchSums` (traced once per plan): the
   sums by block, one count per Embedding layer (``id_layers``) of the ids outside its
   table, the output's (min, max); an engine with ``scales_sums`` also takes ``scale=``
-  (a one-batch call's 1/N, passed to the kinds that scale their sums);
+  (a one-batch call's 1/N, passed to the kinds that scale their sums); ``noise``: the
+  sampled kind's noise, or, where the engine :attr:`Engine.draws_noise`, the int32 seed
+  [seed, batch index] it is drawn from in the same function (:func:`drawn_noise`);
 * ``run(batch, noise, state, alone=...)``: one batch through the compiled function, the
   new state (``alone``: the call's only batch, whose state is final);
 * ``finish(state)``: the call's final state, its means and :class:`Checks` complete.
@@ -220,6 +222,17 @@ def weighted_cotangents(likelihood, kind, out, y, mask, noise, x=None, out_tail=
     return u, w * mask[None]
 
 
+def drawn_noise(likelihood, noise, num_samples, rows, out_tail):
+    """The sampled kind's noise for a batch of ``rows`` rows: ``noise`` itself, or where it
+    is the int32 seed [seed, batch index] (an engine that :attr:`Engine.draws_noise`) the
+    draw :meth:`fastewc.likelihood.Likelihood.noise` makes from it, of the shape the
+    estimator draws outside (``num_samples``, rows, *out_tail) (a graph without XLA runs
+    the eager kernels: the same numbers)."""
+    if not noise.dtype.is_integer:
+        return noise
+    return likelihood.noise(noise, num_samples, [int(rows)] + list(out_tail))
+
+
 def folded_weights(u, w):
     """(U·√W, 1) for the cotangents U (K, N, *out) and their weights W (K, N) ≥ 0 (the
     likelihood's p, 1/num_samples or 1, times the 0/1 row mask).  Every sum a factored
@@ -385,6 +398,7 @@ class Engine:
     name = None
     xla_capable = True          # False: jit_compile=None never means XLA for this engine
     scales_sums = False         # True: batch_sums takes scale= (its kinds' sums times it)
+    in_graph_noise = False      # True: draws_noise where the function is not compiled by XLA
 
     def __init__(self, model, likelihood, kind, num_samples, *, jit_compile, blocks, out_tail, rules=None):
         self.model = model
@@ -405,6 +419,15 @@ class Engine:
         self._sums_function = None  # batch_sums alone: a longer call's, the per-replica function
         self._replicated = {}       # strategy id -> (strategy, replicated function)
         self._start = None          # the state before a call's first batch (start_state)
+
+    @property
+    def draws_noise(self):
+        """Whether the sampled kind's noise is drawn inside this engine's compiled function,
+        from the seed [seed, batch index] (:func:`drawn_noise`), rather than passed in:
+        one dispatch per batch fewer.  Only without XLA, whose philox draws are not the
+        eager kernels' (the same seed gives other numbers), so that every engine and the
+        float64 reference keep seeing the same draws."""
+        return self.in_graph_noise and not self.jit_compile and self.kind == "sampled"
 
     @classmethod
     def default_jit_compile(cls, model, blocks):

@@ -62,7 +62,7 @@ from fastewc import pooling
 from fastewc.engines import per_example
 from fastewc.engines.shared_sums import SharedSums
 from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard, cotangent_scale,
-                                  folded_weights, output_range, weighted_cotangents)
+                                  drawn_noise, folded_weights, output_range, weighted_cotangents)
 
 MAX_ROWS = 4096
 CACHE_FLOATS = 2**24
@@ -104,6 +104,7 @@ def _scope_name(layer):
 class FactoredEngine(Engine):
     name = "factored"
     scales_sums = True       # batch_sums(..., scale=): the kinds that can return their sums times it
+    in_graph_noise = True    # the sampled kind's noise drawn in batch_sums without XLA (draws_noise)
     _unroll = None           # decided on first use: see unroll_cotangents
     _vectorized = False      # the last trace vectorized its K backward passes
 
@@ -171,6 +172,8 @@ class FactoredEngine(Engine):
             with capture_lib.capture(model, self.rules) as recorder, IdGuard(model, self.id_layers) as ids:
                 with tf.GradientTape(persistent=True) as tape:
                     out = model(x, training=False)
+            if self.kind == "sampled":
+                noise = drawn_noise(self.likelihood, noise, self.num_samples, mask.shape[0], self.out_tail)
             u, w = folded_weights(*weighted_cotangents(self.likelihood, self.kind, out, y, mask, noise, x,
                                                        self.out_tail))
             loss_scale = cotangent_scale(out.dtype)
