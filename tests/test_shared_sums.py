@@ -66,3 +66,32 @@ def test_identical_layers_share_one_traced_sums_function(curvature):
             a, g = want[block.layer]
             assert_close(block.a, a)
             assert_close(block.g, g)
+
+
+SCALE = {"d1": 1.0, "d2": 3.0}     # read by the rule below from outside its closure
+
+
+def _scaled_dense_rule(layer, inputs, *args, **kwargs):
+    """A user's rule whose sums read a global by the layer's name: two layers of one
+    config get different sums, which a function traced for the first would not see."""
+    from fastewc.rules.dense import dense_rule
+    out = dense_rule(layer, inputs, *args, **kwargs)
+    return out._replace(sum_sq=lambda delta, weight: [
+        (v, SCALE.get(layer.name, 1.0) * s) for v, s in out.square_sums(delta, weight)])
+
+
+def test_a_users_rule_is_not_shared():
+    """Sharing is inferred from the rules' closures and the layer's config, which only
+    fastewc's own rules are held to: a registered rule traces its sums per layer."""
+    model = _model()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 2).astype(np.int32)
+    rules = fastewc.default_rules().with_rule(keras.layers.Dense, _scaled_dense_rule)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", method="factored", jit_compile=False,
+                                        rules=rules)
+    got = estimator((x, y))
+    want = reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind="exact")
+    for variable, g, w in zip(model.trainable_variables, got, want):
+        layer = variable.path.split("/")[-2]
+        assert_close(g, SCALE.get(layer, 1.0) * np.asarray(w))

@@ -17,6 +17,10 @@ themselves), the deltas' and mask's specs, the weights' static value.  Two layer
 signature trace the same Python path over inputs of the same specs, so they give the same
 graph; a signature whose captures are not all closure tensors (a variable read, a tensor
 reached another way) is not shared: each of its layers traces its own sums, as before.
+Only fastewc's own rules are shared: that their sums depend on nothing but their
+arguments, their closures and the layer's config is checked by their tests; a rule
+registered by a user (:func:`fastewc.register_rule`) may read other state (a global, an
+attribute of an object it reaches), so its layers trace their own sums.
 
 A signature met once is traced in place, as without sharing (:meth:`SharedSums.expect`).
 Without XLA the function is marked not to be inlined (``_noinline``): TensorFlow then
@@ -71,6 +75,9 @@ class _Walk:
         if isinstance(value, types.MethodType):
             return ("method", self._value(value.__self__, depth + 1), self._value(value.__func__, depth + 1))
         if isinstance(value, types.FunctionType):
+            if not (value.__module__ or "").startswith("fastewc."):    # a user's rule: not inferred
+                self.ok = False
+                return None
             if id(value) in self._seen:           # a closure that refers to itself
                 return ("function", value.__code__)
             self._seen.add(id(value))
