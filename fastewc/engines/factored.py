@@ -187,9 +187,9 @@ class FactoredEngine(Engine):
                 tape, out, tf.nest.flatten(probes), u, unroll=unroll, apart=self._apart(recorder.records)))
             del tape
             mask = tf.cast(mask, tf.float32)
-            # one traced function per layer signature (not inlined without XLA)
+            # one traced function per repeated layer signature (inlined: the trace is shared)
             sums = {}
-            shared = SharedSums(inline=bool(self.jit_compile), wanted={block.key for block in self.blocks.blocks})
+            shared = SharedSums(wanted={block.key for block in self.blocks.blocks})
 
             def prepared(probe, delta):
                 if delta is None:
