@@ -13,6 +13,9 @@ Stages (seconds, JSON on the last line):
   skipped: ``_policy.skip_graph_optimizer``), with XLA the lowering to HLO and the
   compilation, and one run; ``steady_s`` its second call (a run alone), so
   ``first_run_s - steady_s`` is what the first call adds;
+* ``steps``: the fold/finish step functions of a call of several batches
+  (``Engine._step``) within ``first_run_s``: their seconds in all, each function's first
+  call (trace, instantiation, one run) and trace, the later calls, and their op counts;
 * with ``--dump DIR`` (XLA only): ``xla`` splits ``first_run_s`` by the XLA dump's file
   times (``XLA_FLAGS=--xla_dump_to``): until the HLO module exists (instantiation and the
   TF → HLO lowering), HLO passes, code generation (writing the dump costs time too).
@@ -79,6 +82,46 @@ def xla_split(dump, start, end):
     return {"hlo_ready_s": first("before_optimizations"), "hlo_passes_done_s": last("after_optimizations"),
             "last_file_s": max((os.path.getmtime(f) for f in files), default=start) - start,
             "call_s": end - start, "files": len(files)}
+
+
+class _StepTimes:
+    """Times of ``Engine._step`` (the fold and finish functions of a call of several
+    batches): each call's seconds by function, and of those the trace
+    (``Engine._step_function`` making the concrete function)."""
+
+    def __init__(self):
+        self.calls, self.traces = collections.defaultdict(list), {}
+
+    def first_call(self, engine, summary):
+        """``steps_s``: every step call's seconds; ``first_s``: the first call of each
+        function (trace, instantiation, one run); ``trace_s``; ``later_s``: the others;
+        ``graph``: each function's op count."""
+        first = {k: v[0] for k, v in self.calls.items()}
+        return {"steps_s": sum(sum(v) for v in self.calls.values()), "first_s": first,
+                "trace_s": dict(self.traces), "later_s": {k: v[1:] for k, v in self.calls.items()},
+                "ops": {k: summary(c.graph)["ops"] for k, c in engine._steps.items()}}
+
+
+def _time_steps(base):
+    """Wrap ``Engine._step`` and ``Engine._step_function`` to time them (:class:`_StepTimes`)."""
+    times, step, step_function = _StepTimes(), base.Engine._step, base.Engine._step_function
+
+    def timed_step(self, fn, *args):
+        begin = time.perf_counter()
+        try:
+            return step(self, fn, *args)
+        finally:
+            times.calls[fn.__name__].append(time.perf_counter() - begin)
+
+    def timed_function(self, fn, args):
+        begin, new = time.perf_counter(), fn.__name__ not in self._steps
+        try:
+            return step_function(self, fn, args)
+        finally:
+            if new:
+                times.traces[fn.__name__] = time.perf_counter() - begin
+    base.Engine._step, base.Engine._step_function = timed_step, timed_function
+    return times
 
 
 def main(argv=None):
@@ -148,9 +191,12 @@ def main(argv=None):
         finally:
             base.Engine._concrete_for = concrete_for
         run = lambda: estimator((x, y), **seed)[-1].numpy()    # noqa: E731
+        steps = _time_steps(base)
     wall, start = time.time(), time.perf_counter()
     run()
     out["first_run_s"] = time.perf_counter() - start
+    if not args.member.startswith("floor"):
+        out["steps"] = steps.first_call(plan.engine, op_summary)
     if args.dump:
         out["xla"] = xla_split(args.dump, wall, time.time())
     start = time.perf_counter()

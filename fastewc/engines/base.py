@@ -90,9 +90,10 @@ class Checks(typing.NamedTuple):
 
 
 class FisherState(typing.NamedTuple):
-    """A call's accumulation: the float64 running totals of the plan's sums (a tuple
-    aligned with :attr:`fastewc.blocks.BlockPlan.shapes`; ``()`` before the first fold and
-    in a one-batch call), the examples seen (float64), the float32 means (aligned the same
+    """A call's accumulation: the float64 running totals of the plan's sums (:func:`fold`'s
+    layout: the small sums' flat vector, then each large sum in the order of
+    :attr:`fastewc.blocks.BlockPlan.shapes`; ``()`` before the first fold, in a one-batch
+    call and once finished), the examples seen (float64), the float32 means (aligned the same
     way; ``()`` until the call's last step forms them) and the :class:`Checks`, packed.
 
     Nothing in it is the size of the sums until a batch has run: the initial state is a
@@ -120,7 +121,8 @@ def _checks(batch, state, finite=None):
     return Checks(out_range, checks.finite if finite is None else finite, bad_ids).pack()
 
 
-# Sums of at most this many floats are checked for finiteness together (:func:`all_finite`).
+# Sums of at most this many floats are checked for finiteness together (:func:`all_finite`),
+# and folded into float64 together (:func:`fold`).
 FINITE_TOGETHER_FLOATS = 2**16
 
 
@@ -159,7 +161,8 @@ def all_finite(means, gram=()):
 # or below (B = 1024: 7.6e-8); accumulated in float32 it is 2x float64's from B = 16 and
 # grows as B * 2^-24 past B ~ 256 (B = 1024: 2.1e-6).  Hence: a one-batch call never
 # touches float64 (:func:`mean`: sums / count, in the batch's compiled function); a call of
-# several batches folds each into float64 totals (:func:`fold`, per sum, no concatenation)
+# several batches folds each into float64 totals (:func:`fold`: the small sums in one flat
+# vector, each large sum alone, so no large sum is copied)
 # and forms the mean once (:func:`finish`).  Either way the mean is within the float32
 # rounding of ONE batch's sums (rows * 2^-24 at worst, ~1e-6 measured) of the exact mean,
 # whatever the number of batches.
@@ -176,24 +179,54 @@ def mean(batch, count, state, *, scaled=(), gram=()):
                        _checks(batch, state, all_finite(means, gram)))
 
 
+def _together(shape):
+    """Whether a sum of ``shape`` is small enough (at most ``FINITE_TOGETHER_FLOATS``
+    floats) to be folded, and checked, with the other small ones in one flat vector."""
+    size = tf.TensorShape(shape).num_elements()
+    return size is not None and size <= FINITE_TOGETHER_FLOATS
+
+
+def fold_zeros(shapes):
+    """The totals before a call's first :func:`fold` for a plan of sums of ``shapes``: one
+    float64 scalar zero per total (the small sums' flat vector, each large sum), which the
+    fold's additions broadcast: nothing the size of the sums is allocated."""
+    small = any(_together(shape) for shape in shapes)
+    return (tf.constant(0.0, tf.float64),) * (int(small) + sum(not _together(shape) for shape in shapes))
+
+
 def fold(batch, count, state):
-    """Add a batch's float32 sums into the state's float64 totals, sum by sum (the first
-    batch's cast IS the totals: no zeros are allocated or added).  A fold allocates one
-    float64 copy of each sum (the cast, into which the addition writes) while the previous
-    totals are alive: 8 bytes per float above the 8 of the totals."""
-    cast = [tf.cast(s, tf.float64) for s in tf.nest.flatten(batch.sums)]
-    totals = tuple(cast) if not state.totals else tuple(t + c for t, c in zip(state.totals, cast))
+    """Add a batch's float32 sums into the state's float64 totals (starting from
+    :func:`fold_zeros`): the small sums (:func:`_together`) concatenated into ONE flat
+    total, each large sum into its own.  The traced step is then a few ops per sum (a
+    reshape) rather than a cast and an addition per sum, and its trace and instantiation
+    are what a call of several batches adds to its first call (ResNet50: 320 sums).  A
+    fold allocates one float64 copy of each total (the cast, into which the addition
+    writes) and, for the small sums, their float32 concatenation, while the previous
+    totals are alive: about 8 bytes per float above the 8 of the totals."""
+    sums = tf.nest.flatten(batch.sums)
+    small = [tf.reshape(s, [-1]) for s in sums if _together(s.shape)]
+    parts = ([tf.concat(small, 0)] if small else []) + [s for s in sums if not _together(s.shape)]
+    totals = tuple(t + tf.cast(p, tf.float64) for t, p in zip(state.totals, parts))
     return FisherState(totals, state.examples + tf.cast(count, tf.float64), (), _checks(batch, state))
 
 
-def finish(state, *, gram=()):
-    """A folded state with its means = totals / examples (float64 division, then float32)
-    and ``checks.finite`` (:func:`all_finite`): once per call of several batches."""
-    means = tuple(tf.cast(t / state.examples, tf.float32) for t in state.totals)
-    checks = Checks.unpack(state.checks)._replace(finite=all_finite(means, gram)).pack()
-    return FisherState(state.totals, state.examples, means, checks)
-
-
+def finish(state, *, shapes, gram=()):
+    """A folded state's means = totals / examples (float64 division, then float32), split
+    back into the sums of ``shapes`` (the plan's, in :func:`fold`'s layout), and
+    ``checks.finite`` (:func:`all_finite`: the small sums' flat vector whole, each large
+    sum as ``gram`` says): once per call of several batches.  The totals are dropped."""
+    flags = tuple(gram) + (False,) * len(shapes)
+    parts = [tf.cast(t / state.examples, tf.float32) for t in state.totals]
+    together = [shape for shape in shapes if _together(shape)]
+    large = iter(parts[1:] if together else parts)
+    if together:
+        pieces = iter(tf.split(parts[0], [tf.TensorShape(shape).num_elements() for shape in together]))
+    means = tuple(tf.reshape(next(pieces), shape) if _together(shape) else next(large) for shape in shapes)
+    checked = [(m, g) for m, g, shape in zip(means, flags, shapes) if not _together(shape)]
+    finite = all_finite(parts[:1] * bool(together) + [m for m, _ in checked], [False] * bool(together) +
+                        [g for _, g in checked])
+    checks = Checks.unpack(state.checks)._replace(finite=finite).pack()
+    return FisherState((), state.examples, means, checks)
 
 
 def cotangent_scale(dtype):
@@ -412,7 +445,7 @@ class Engine:
         self.out_tail = tuple(out_tail)               # the output's per-example shape
         self.jit_compile = jit_compile
         self._function = None       # mean(batch_sums(...)): a one-batch call in one dispatch
-        self._steps = {}            # (mean/fold/finish, folded yet) -> concrete function
+        self._steps = {}            # mean/fold/finish -> concrete function
         self._concrete = {}         # (rows per batch, alone) -> its concrete function
         self._unoptimized = {}      # id(concrete function) -> called without Grappler
         self._counts = {}           # real rows -> an int32 scalar tensor
@@ -480,17 +513,32 @@ class Engine:
 
     def _step(self, fn, *args):
         """``fn(*args)`` for :func:`mean`, :func:`fold` or :func:`finish` on batch sums
-        that another function formed: one concrete function per engine and input structure
-        (the first fold has no totals yet), called with its flat inputs like :meth:`run`
-        (no XLA: a few passes over the sums, not worth a compile)."""
-        key = (fn.__name__, bool(args[-1].totals))
-        concrete = self._steps.get(key)
-        if concrete is None:
-            step = fn if fn is fold else functools.partial(fn, gram=self.blocks.gram)
-            concrete = self._steps[key] = tf.function(step, autograph=False, jit_compile=False) \
-                .get_concrete_function(*args)
+        that another function formed: one concrete function per engine and step, called
+        with its flat inputs like :meth:`run` (no XLA: a few passes over the sums, not worth
+        a compile).  A call's first fold passes float64 scalar zeros as its totals
+        (:func:`fold_zeros`: nothing the size of the sums), so that every fold runs one
+        function, traced with the totals' shapes left open."""
+        if fn is fold and not args[-1].totals:
+            args = args[:-1] + (args[-1]._replace(totals=fold_zeros(self.blocks.shapes)),)
+        concrete = self._step_function(fn, args)
         with self._call_options(concrete):
             return FisherState(*compat.call_concrete(concrete, args))
+
+    def _step_function(self, fn, args):
+        """The concrete function :meth:`_step` calls for ``fn`` on ``args`` (traced once)."""
+        concrete = self._steps.get(fn.__name__)
+        if concrete is None:
+            if fn is fold:
+                state = args[-1]
+                args = args[:-1] + (state._replace(totals=tuple(
+                    tf.TensorSpec(None, tf.float64) for _ in state.totals)),)
+                step = fold
+            else:
+                step = functools.partial(fn, shapes=self.blocks.shapes, gram=self.blocks.gram) if fn is finish \
+                    else functools.partial(fn, gram=self.blocks.gram)
+            concrete = self._steps[fn.__name__] = tf.function(step, autograph=False, jit_compile=False) \
+                .get_concrete_function(*args)
+        return concrete
 
     def _call_options(self, concrete):
         """The call options of a compiled function, the same on every call of it: Grappler
