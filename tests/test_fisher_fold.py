@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import fastewc
+from fastewc.engines import base
 from fastewc.engines.base import all_finite
 from fastewc.testing import float64_twin, reference_fisher, reference_kronecker_factors
 
@@ -239,3 +240,55 @@ def test_unrolled_cotangents_reach_the_kronecker_sums_unstacked():
     stacks = [op.name for op in _running_ops(concrete)
               if op.type == "Pack" and tuple(op.outputs[0].shape) in {(3, 8, 4, 4, 3), (3, 8, 3)}]
     assert stacks == []
+
+
+def _two_inputs():
+    """out = Dense(3)(x1) + Dense(3)(x2): linear, so under a unit-variance Gaussian (MSE,
+    exact kind: the cotangents are the 3 unit vectors) F(W_a)_ij = mean_n x_a,ni² and
+    F(b_a) = 1, every square exact in float32 for powers of two."""
+    keras.utils.set_random_seed(0)
+    x1, x2 = keras.Input((4,)), keras.Input((2,))
+    out = keras.layers.Add()([keras.layers.Dense(3)(x1), keras.layers.Dense(3)(x2)])
+    return keras.Model([x1, x2], out)
+
+
+def test_many_one_row_batches_fold_small_and_large_sums_in_float64(monkeypatch):
+    """64 batches of one example, entries powers of two spread over 2^-9 .. 2^12 (each
+    batch's sums exact in float32), with sums folded together (the biases) and alone (the
+    kernels, above a threshold lowered to 5 floats): every mean within one float32
+    rounding of the float64 closed form; a float32 running total would drift (the 2^24
+    of the first row swallows the later rows' squares)."""
+    monkeypatch.setattr(base, "FINITE_TOGETHER_FLOATS", 5)
+    rng = np.random.default_rng(0)
+    x1 = (2.0 ** rng.integers(-9, 4, size=(64, 4))).astype(np.float32)
+    x2 = (2.0 ** rng.integers(-9, 4, size=(64, 2))).astype(np.float32)
+    x1[0, 0] = 2.0**12
+    y = np.zeros((64, 3), np.float32)
+    estimator = fastewc.FisherEstimator(_two_inputs(), loss="mse", kind="exact", batch_size=1)
+    got = estimator(((x1, x2), y))
+    for value, x in zip(got[::2], (x1, x2)):                      # the kernels
+        want = np.repeat(np.mean(x.astype(np.float64) ** 2, 0)[:, None], 3, 1)
+        np.testing.assert_allclose(value.numpy(), want, rtol=1e-7)
+    for value in got[1::2]:                                       # the biases
+        np.testing.assert_allclose(value.numpy(), np.ones(3), rtol=1e-7)
+
+
+def test_a_call_of_several_batches_folds_the_small_sums_as_one_vector():
+    """The step functions of a call of several batches: one fold for every batch (the
+    first starts from scalar zeros) and one finish; the fold casts the small sums to
+    float64 once, as one flat vector (not once per sum), and the finish divides once."""
+    model = mlp()
+    x, y = data(n=12)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="empirical", batch_size=4)
+    got = estimator((x, y))
+    want = reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind="empirical")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-10)
+    engine = estimator.plan((x, y)).engine
+    assert sorted(engine._steps) == ["finish", "fold"]
+
+    def count(graph, op_type):
+        return sum(op.type == op_type and op.outputs[0].dtype == tf.float64 and op.outputs[0].shape.rank != 0
+                   for op in graph.get_operations())
+    assert count(engine._steps["fold"].graph, "Cast") == 1       # 5 sums, one flat vector
+    assert count(engine._steps["finish"].graph, "RealDiv") == 1

@@ -203,8 +203,8 @@ def fold(batch, count, state):
     fold allocates one float64 copy of each total (the cast, into which the addition
     writes) and, for the small sums, their float32 concatenation, while the previous
     totals are alive: about 8 bytes per float above the 8 of the totals."""
-    sums = tf.nest.flatten(batch.sums)
-    small = [tf.reshape(s, [-1]) for s in sums if _together(s.shape)]
+    sums, flat = tf.nest.flatten(batch.sums), tf.constant([-1])     # one shape for every reshape
+    small = [tf.reshape(s, flat) for s in sums if _together(s.shape)]
     parts = ([tf.concat(small, 0)] if small else []) + [s for s in sums if not _together(s.shape)]
     totals = tuple(t + tf.cast(p, tf.float64) for t, p in zip(state.totals, parts))
     return FisherState(totals, state.examples + tf.cast(count, tf.float64), (), _checks(batch, state))
