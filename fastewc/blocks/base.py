@@ -18,7 +18,8 @@ class Block:
     # Per batch an engine forms each block's sums, Σ over the batch's rows of the kind's
     # per-example quantities (not yet divided by the examples N); a one-batch call divides
     # them by N in float32 (fastewc.engines.base.mean), a longer one folds them into
-    # float64 totals, sum by sum (fastewc.engines.base.fold); at the end of a call each
+    # float64 totals (fastewc.engines.base.fold: the small sums as one flat vector, each
+    # large sum alone); at the end of a call each
     # block gets its means (sums / N, float32) to finish.
     #
     # Class attributes (the kind's properties, read by the plan, never branched on):

@@ -57,8 +57,10 @@ from fastewc.curvature import KroneckerFisher
 # Bytes a call holds per accumulated float of a plan with Kronecker blocks, at most: a call
 # of several batches holds the float64 totals (8) and, while it folds a batch, that batch's
 # float32 sum (4) and its float64 cast (8, which the addition writes into); at the end the
-# float64 mean and its float32 cast (8 + 4) beside the totals.  A one-batch call: the sum
-# and its float32 mean (4 + 4).
+# float64 mean and its float32 cast (8 + 4) beside the totals; the small sums (at most
+# engines.base.FINITE_TOGETHER_FLOATS floats each), folded as one flat vector, also their
+# float32 concatenation and split (4 more each).  A one-batch call: the sum and its float32
+# mean (4 + 4).
 BYTES_PER_FACTOR_FLOAT = 20
 
 

@@ -222,9 +222,9 @@ def finish(state, *, shapes, gram=()):
     if together:
         pieces = iter(tf.split(parts[0], [tf.TensorShape(shape).num_elements() for shape in together]))
     means = tuple(tf.reshape(next(pieces), shape) if _together(shape) else next(large) for shape in shapes)
-    checked = [(m, g) for m, g, shape in zip(means, flags, shapes) if not _together(shape)]
-    finite = all_finite(parts[:1] * bool(together) + [m for m, _ in checked], [False] * bool(together) +
-                        [g for _, g in checked])
+    alone = [(m, g) for m, g, shape in zip(means, flags, shapes) if not _together(shape)]
+    checked, checked_gram = ([parts[0]], [False]) if together else ([], [])
+    finite = all_finite(checked + [m for m, _ in alone], checked_gram + [g for _, g in alone])
     checks = Checks.unpack(state.checks)._replace(finite=finite).pack()
     return FisherState((), state.examples, means, checks)
 
@@ -528,14 +528,15 @@ class Engine:
         """The concrete function :meth:`_step` calls for ``fn`` on ``args`` (traced once)."""
         concrete = self._steps.get(fn.__name__)
         if concrete is None:
-            if fn is fold:
+            if fn is fold:       # the totals' shapes left open: the first fold's are scalars
                 state = args[-1]
                 args = args[:-1] + (state._replace(totals=tuple(
                     tf.TensorSpec(None, tf.float64) for _ in state.totals)),)
                 step = fold
+            elif fn is finish:
+                step = functools.partial(finish, shapes=self.blocks.shapes, gram=self.blocks.gram)
             else:
-                step = functools.partial(fn, shapes=self.blocks.shapes, gram=self.blocks.gram) if fn is finish \
-                    else functools.partial(fn, gram=self.blocks.gram)
+                step = functools.partial(fn, gram=self.blocks.gram)
             concrete = self._steps[fn.__name__] = tf.function(step, autograph=False, jit_compile=False) \
                 .get_concrete_function(*args)
         return concrete
