@@ -278,7 +278,7 @@ def test_a_call_of_several_batches_folds_the_small_sums_as_one_vector():
     first starts from scalar zeros) and one finish; the fold casts the small sums to
     float64 once, as one flat vector (not once per sum), and the finish divides once."""
     model = mlp()
-    x, y = data(n=12)
+    x, y = data(n=8)
     estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="empirical", batch_size=4)
     got = estimator((x, y))
     want = reference_fisher(float64_twin(model), x, y, loss=LOGITS, kind="empirical")
