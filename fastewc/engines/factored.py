@@ -13,9 +13,31 @@ block's
 ``kron``.  Examples are independent, so the
 deltas of all N examples come from one backward pass per cotangent: cost about one
 forward and K backward passes of the batch, memory K · rows · (probe floats) for the
-deltas, and no N × P per-example tensor unless a rule needs one.  The K passes are one
-``tf.vectorized_map`` over the cotangents, or unrolled in the graph
-(:attr:`FactoredEngine.unroll_cotangents` says when).
+deltas, and no N × P per-example tensor unless a rule needs one.
+
+The K passes run one of three ways:
+
+* one ``tf.vectorized_map`` over the cotangents (the default): every layer's sums from
+  the K cotangents' deltas (K, N, *probe) at once, in batched kernels;
+* unrolled in the graph (:attr:`FactoredEngine.unroll_cotangents` says when): K backward
+  passes, each layer's sums from their stack or from the K tensors apart
+  (``Block.per_cotangent``);
+* in a ``tf.while_loop`` over the cotangents (:meth:`FactoredEngine.loops_cotangents`):
+  the body back-propagates ONE cotangent and adds each block's sums over the cotangents
+  (``Block.sums_over_cotangents``: a diagonal's Σ_kn w g², a Kronecker block's G, EKFAC's
+  second moments) to loop-carried totals; the sums that do not depend on the cotangents
+  (a Kronecker block's A) are formed once outside.  The graph holds one backward pass, a
+  call one cotangent's deltas at a time, so its rows are counted with one cotangent's
+  deltas (K-fold more rows a call).  Where the K cotangents' deltas of ONE row are more
+  than ``FLOOR_FLOATS``: there the other two ways run a row or so per call (the floor
+  below), a call of several batches folds every sum into float64 totals and holds the
+  K-fold deltas at once, while the loop takes the batch in fewer calls (often one: no
+  fold) and holds K-fold fewer deltas, at the same steady time (GPT-2 base's classifier,
+  exact: peak memory and first call down).  Below that (the reference MLP and CNN, exact)
+  the loop ran slower at steady than the batched or unrolled passes, whose kernels take
+  the K · N rows at once, and its first call was no shorter: its smaller graph traced
+  faster but instantiated and compiled no faster (README, "The exact kind's K passes in
+  a loop").
 
 Rows per call (``batch_size=None``), each bound from a measurement (README, "Rows per
 compiled call capped"):
