@@ -44,7 +44,8 @@ compiled call capped"):
 
 * at most ``MAX_ROWS``: a rule's float32 contraction over the rows of one call is where
   rounding grows, ≈ rows · 2⁻²⁴ (the float64 fold takes over between calls);
-* deltas of at most ``CACHE_FLOATS`` floats per call (K · probe floats per row): beyond,
+* deltas of at most ``CACHE_FLOATS`` floats per call (K · probe floats per row; where the
+  K passes loop, one cotangent's: probe floats per row, here and below): beyond,
   on CPU, the temporaries of the K backward passes outgrow the caches and a call gets
   slower per example (the reference CNN, exact: 16 rows 1.4× faster than 256);
 * but at least ``MIN_ROWS``: a model of many layers pays a fixed cost per call (one
@@ -173,11 +174,11 @@ class FactoredEngine(Engine):
         cotangents' deltas of ONE row are more than ``FLOOR_FLOATS`` (module docstring),
         and every block of the plan says which of its sums add over the cotangents
         (``Block.sums_over_cotangents``)."""
-        if k is None or k == 1 or any(block.sums_over_cotangents is None for block in self.blocks.blocks):
+        if k is None or k == 1:
             return False
-        if self._loop is not None:       # set: a test's or a measurement's choice
-            return self._loop
-        return probe_floats is not None and k * probe_floats > FLOOR_FLOATS
+        wanted = self._loop if self._loop is not None else (      # _loop set: a test's or a measurement's
+            probe_floats is not None and k * probe_floats > FLOOR_FLOATS)
+        return bool(wanted) and all(block.sums_over_cotangents is not None for block in self.blocks.blocks)
 
     def _concrete_for(self, args, *, alone):
         key = (int(args[2].shape[0]), alone)
