@@ -35,8 +35,9 @@ def _loops(estimator, x, y):
 @pytest.mark.parametrize("curvature", ["diagonal", "kfac"])
 def test_the_loop_matches_float64_and_the_k_passes(curvature, monkeypatch):
     """The loop's diagonal (7 examples in calls of 4: a padded last batch, the float64
-    fold) and factors (one call) against float64, and against the passes it replaces."""
-    x, y = data(0)
+    fold) and factors (4 examples, one call) against float64, and against the passes it
+    replaces."""
+    x, y = data(0) if curvature == "diagonal" else data(0, n=4)
     batch_size = 4 if curvature == "diagonal" else None
     looped = _estimator(curvature, True, batch_size, monkeypatch=monkeypatch)
     got = looped((x, y))
@@ -63,7 +64,7 @@ def test_the_loop_matches_float64_and_the_k_passes(curvature, monkeypatch):
 def test_the_loop_forms_ekfac_second_moments_against_float64(monkeypatch):
     """EKFAC's second pass in the loop: S = (1/N) Σ_n Σ_y q(y|x_n) (U_Aᵀ ḡ U_G)² in the
     estimate's own bases, from float64 per-example gradients."""
-    x, y = data(0)
+    x, y = data(0, n=4)
     estimator = _estimator("ekfac", True, monkeypatch=monkeypatch)
     result = estimator((x, y))
     assert _loops(estimator, x, y)
