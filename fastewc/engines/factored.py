@@ -288,9 +288,8 @@ class FactoredEngine(Engine):
             u = tf.cast(u * loss_scale, out.dtype)
             probes = [result.probe for _, result in recorder.records]   # a nest for a shared layer
             k = u.shape[0]
-            rows = max(1, mask.shape[0])
-            unroll = self.unroll_cotangents
-            loop = self.loops_cotangents(k, sum(t.shape.num_elements() or 0 for t in tf.nest.flatten(probes)) // rows)
+            unroll = self.unroll_cotangents     # the probe floats of one row, as the plan's survey counts them:
+            loop = self.loops_cotangents(k, sum(t.shape[1:].num_elements() or 0 for t in tf.nest.flatten(probes)))
             recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (
                 unroll or loop or self.jit_compile)
             self._vectorized = not loop and vectorizes(k, unroll)
