@@ -1,7 +1,8 @@
 """An older commit's fastewc against this tree's, side by side in ONE process: the train
-step and the penalty, members alternating round by round.
+step, the penalty and the factored Fisher, members alternating round by round.
 
-    .venv/bin/python -m benchmarks.ab_inprocess 08c890d [--rounds 150] [--only step|penalty]
+    .venv/bin/python -m benchmarks.ab_inprocess 08c890d [--rounds 150] [--only step|penalty|fisher]
+        [--problems transformer cnn] [--kinds empirical sampled exact]
 
 Why: ``benchmarks.compare`` runs each tree in its own processes, and on a shared machine
 the same code's time differs from one process to the next by more than the 5 % to be
@@ -21,6 +22,9 @@ Members (``--only`` picks one group):
   penalty   bench_penalty's fused variants at T = 5 on its 10M-parameter MLP:
             ``tf.function(ewc.penalty_and_gradients)`` (fused_direct) and a tape over
             ``ewc.penalty()`` under ``jit_compile=True`` (fused_xla)
+  fisher    bench_fisher's factored rows: ``fisher_diagonal(..., method="factored")`` of
+            ``--problems`` (``benchmarks.problems``, default transformer and cnn) for each of
+            ``--kinds``, one model per version and problem (same seed and data)
 
 Prints each member's median and, for each pair, the median of the per-round ratios
 new / old with their quartiles (< 1: this tree faster) and the ratio of the medians.
@@ -110,6 +114,20 @@ def penalty_members(pkg, label, tasks=5):
     return {f"{label}-{v}": member(v) for v in ("fused_direct", "fused_xla")}
 
 
+def fisher_members(pkg, label, names, kinds):
+    """bench_fisher's factored rows under ``pkg``: for each problem its own model (same seed)."""
+    members = {}
+    for name in names:
+        model, x, y = problems.make(name)
+        for kind in kinds:
+            def run(model=model, x=x, y=y, kind=kind):
+                fisher = pkg.fisher_diagonal(model, (x, y), loss=problems.LOSS, kind=kind, method="factored",
+                                             batch_size=len(x), seed=0)
+                return fisher[0].numpy()
+            members[f"{label}-{name}.{kind}"] = run
+    return members
+
+
 def rotate(members, rounds):
     for fn in members.values():       # trace, compile, warm up
         fn()
@@ -139,7 +157,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_inprocess", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref")
     parser.add_argument("--rounds", type=int, default=150)
-    parser.add_argument("--only", choices=("step", "penalty"), default=None)
+    parser.add_argument("--only", choices=("step", "penalty", "fisher"), default=None)
+    parser.add_argument("--problems", nargs="+", default=["transformer", "cnn"])
+    parser.add_argument("--kinds", nargs="+", default=["empirical", "sampled", "exact"])
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="fastewc-ab-")
     try:
@@ -154,6 +174,10 @@ def main(argv=None):
         if args.only in (None, "penalty"):
             members = {**penalty_members(old, "old"), **penalty_members(fastewc, "new")}
             report("penalty T=5", rotate(members, max(args.rounds // 2, 10)), 1)
+        if args.only in (None, "fisher"):
+            members = {**fisher_members(old, "old", args.problems, args.kinds),
+                       **fisher_members(fastewc, "new", args.problems, args.kinds)}
+            report("fisher factored", rotate(members, max(args.rounds // 5, 10)), 1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

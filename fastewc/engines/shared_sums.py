@@ -111,6 +111,13 @@ def _config(layer):
     return json.dumps(config, sort_keys=True, default=repr)
 
 
+def _flat_args(flat_delta, mask, weight, static_weight, scale):
+    """A traced sums function's inputs: the flat deltas, the mask, the weights unless
+    static (then rebuilt inside as a constant), the scale when given."""
+    return flat_delta + [mask] + ([] if static_weight is not None else [weight]) + \
+        ([scale] if scale is not None else [])
+
+
 def _spec(t):
     return (t.dtype.name, tuple(t.shape.as_list()) if t.shape.rank is not None else None)
 
@@ -127,14 +134,12 @@ class _Traced:
 
 class SharedSums:
     """The rules' sums of one traced batch function, one traced function per signature
-    (module docstring).  Made per trace of the engine's batch function; ``traced`` counts
-    the functions traced, ``calls`` the layers' calls (for a test)."""
+    (module docstring).  Made per trace of the engine's batch function."""
 
     def __init__(self, *, wanted=None):
         self.wanted = wanted        # the block keys the plan reads (None: all); the others are not returned
         self._by_signature = {}
         self._expected = {}         # signature -> layers of it (expect); unknown: shared
-        self.traced, self.calls = 0, 0
 
     def __call__(self, kind, layer, result, delta, weight, mask, scaling):
         """``kind.rule_sums(result, delta, weight, mask, **scaling)``, through the traced
@@ -150,7 +155,7 @@ class SharedSums:
                                                                  mask, scaling, walk)
             if not traced.keys:
                 return {}
-            args = flat + [mask] + ([] if static_w is not None else [weight]) + ([scale] if scale is not None else [])
+            args = _flat_args(flat, mask, weight, static_w, scale)
             outputs = traced.concrete(*args)
             return self._keyed(traced, outputs, {})
         if traced.positions is None or len(walk.tensors) != len(traced.walk_specs) or any(
@@ -167,8 +172,7 @@ class SharedSums:
             return kind.rule_sums(result, delta, weight, mask, **scaling)
         if not traced.keys:
             return {}
-        args = flat + [mask] + ([] if static_w is not None else [weight]) + ([scale] if scale is not None else [])
-        self.calls += 1
+        args = _flat_args(flat, mask, weight, static_w, scale)
         outputs = traced.concrete._call_flat(args, [walk.tensors[i] for i in traced.positions])
         return self._keyed(traced, outputs, renamed)
 
@@ -213,12 +217,9 @@ class SharedSums:
             sizes[:] = [len(out[key]) for key in keys]
             return [t for key in keys for t in out[key]]
 
-        args = tf.nest.flatten(delta) + [mask] + ([] if static_w is not None else [weight]) + \
-            ([scaling["scale"]] if "scale" in scaling else [])
+        args = _flat_args(tf.nest.flatten(delta), mask, weight, static_w, scaling.get("scale"))
         function = tf.function(sums, autograph=False)
         concrete = function.get_concrete_function(*args)
-        self.traced += 1
-        self.calls += 1
         where = {id(t): i for i, t in enumerate(walk.tensors)}
         positions = [where.get(id(external)) for external in concrete.captured_inputs]
         layers = [layer] + walk.layers
