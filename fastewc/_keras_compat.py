@@ -131,13 +131,13 @@ def call_concrete(concrete, args):
 
 def call_tensor(array):
     """A NumPy ``array`` of real numbers as an eager tensor for ONE call's compiled work,
-    without ``tf.convert_to_tensor``'s defensive copy: that copies every array in Python
-    (``convert_to_eager_tensor``: "the EagerTensor might share the underlying memory with
-    the input array") before TensorFlow's own conversion copies it again unless it is
-    64-byte aligned, so that a user's (512, 784) float32 batch was copied twice per call.
-    Here TensorFlow's conversion alone runs (``ops.EagerTensor``, which
-    ``convert_to_eager_tensor`` calls after its copy): one copy, or none for an aligned
-    array, whose memory the tensor then shares.  Sound only for a tensor that does not
+    without ``tf.convert_to_tensor``'s defensive copy: that copies every array in Python,
+    into a fresh allocation each call (``convert_to_eager_tensor``: "the EagerTensor might
+    share the underlying memory with the input array"), then hands the copy to
+    TensorFlow's own conversion, which copies once more unless the copy is 64-byte
+    aligned.  Here TensorFlow's conversion alone runs (``ops.EagerTensor``, which
+    ``convert_to_eager_tensor`` calls after its copy): one copy, into TensorFlow's
+    allocator, or none for an aligned array, whose memory the tensor then shares.  Sound only for a tensor that does not
     outlive the call that made it (the Fisher's batches: the call reads its result back
     before it returns), so that a later change to the array cannot reach it; TensorFlow
     never writes into such memory (a buffer it does not own is never forwarded to an
