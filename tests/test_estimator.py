@@ -298,27 +298,23 @@ def _aligned(array):
 
 
 def test_a_repeated_call_converts_nothing_through_convert_to_tensor(monkeypatch):
-    """A repeated KFAC call on NumPy x and y of 6 examples (padded to 8 rows) makes no
+    """A repeated call on NumPy x and y of 6 examples (padded to 8 rows) makes no
     conversion through ``tf.convert_to_tensor``'s eager path: not the arrays (whose
     Python copy ``convert_to_eager_tensor`` makes before TensorFlow's own conversion
     copies them again), not the padding's row index (cached per (rows, padded rows), like
-    the mask).  The factors still match the float64 reference."""
+    the mask).  The Fisher still matches the float64 reference."""
     from tensorflow.python.framework import constant_op
-    from fastewc.testing import reference_kronecker_factors
     model = mlp()
     x, y = data(n=6)
-    estimator = fastewc.FisherEstimator(model, loss=LOGITS, curvature="kfac")
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="empirical")
     estimator((x, y))
     converted = []
     real = constant_op.convert_to_eager_tensor
     monkeypatch.setattr(constant_op, "convert_to_eager_tensor",
                         lambda value, *a, **k: converted.append(type(value)) or real(value, *a, **k))
-    result = estimator((x, y))
+    got = estimator((x, y))
     assert converted == []
-    want = reference_kronecker_factors(float64_twin(model), x, y, loss=LOGITS)
-    for block in result.blocks:
-        np.testing.assert_allclose(block.a.numpy(), want[block.layer][0], rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(block.g.numpy(), want[block.layer][1], rtol=1e-5, atol=1e-7)
+    assert_matches(got, reference(model, x, y, kind="empirical"))
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])
