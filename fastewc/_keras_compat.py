@@ -146,7 +146,9 @@ def call_tensor(array):
     if _EagerTensor is None or type(array) is not np.ndarray or array.dtype.kind not in "biuf" \
             or not tf.executing_eagerly():
         return tf.convert_to_tensor(array)
-    return _EagerTensor(array, _tf_context.context().device_name, None)
+    context = _tf_context.context()
+    context.ensure_initialized()      # as convert_to_eager_tensor does: a process's first tensor
+    return _EagerTensor(array, context.device_name, None)
 
 
 _UNOPTIMIZED_CALL_OPTIONS = {}   # the thread's call options (serialized config) -> a copy without Grappler
