@@ -2,7 +2,8 @@
 floor's): GPT-2 (:data:`SIZES`: ``small`` is GPT-2 base's 12 layers at hidden 64, whose op
 counts are base's; ``base`` is GPT-2 base), Dense(10) on the last token, 4 × 128 tokens;
 or a row of :mod:`benchmarks.bench_large` (:data:`LARGE`: ``mobilenet_v2``, ``resnet50``,
-its model and examples).
+its model and examples); or a reference problem of :mod:`benchmarks.problems` (``mlp``,
+``cnn``).
 
 Stages (seconds, JSON on the last line):
 
@@ -27,6 +28,7 @@ what reads the constants.
     .venv/bin/python -m benchmarks.first_call_stages small empirical [--jit 0|1] [--dump DIR]
     .venv/bin/python -m benchmarks.first_call_stages base floor_xla
     .venv/bin/python -m benchmarks.first_call_stages mobilenet_v2 empirical [--batch-size 4]
+    .venv/bin/python -m benchmarks.first_call_stages cnn exact --curvature kfac   # benchmarks.problems
 """
 import argparse
 import collections
@@ -36,7 +38,8 @@ import os
 import sys
 import time
 
-MEMBERS = ("floor_xla", "floor_noxla", "empirical", "sampled")
+MEMBERS = ("floor_xla", "floor_noxla", "empirical", "sampled", "exact")
+PROBLEMS = ("mlp", "cnn")      # benchmarks.problems' reference models (their floor: LOSS)
 SIZES = {"small": dict(vocabulary_size=1000, num_layers=12, num_heads=2, hidden_dim=64, intermediate_dim=128,
                        max_sequence_length=128),
          "base": dict(vocabulary_size=50257, num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=3072,
@@ -126,10 +129,11 @@ def _time_steps(base):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("size", choices=tuple(SIZES) + LARGE)
+    parser.add_argument("size", choices=tuple(SIZES) + LARGE + PROBLEMS)
     parser.add_argument("member", choices=MEMBERS)
     parser.add_argument("--jit", type=int, default=None, help="the Fisher's jit_compile (default: its default)")
     parser.add_argument("--batch-size", type=int, default=None, help="the Fisher's batch_size")
+    parser.add_argument("--curvature", default=None, help="the Fisher's curvature (default: its default)")
     parser.add_argument("--dump", default=None, help="XLA dump directory (set before TensorFlow starts)")
     args = parser.parse_args(argv)
     if args.dump:
@@ -141,7 +145,9 @@ def main(argv=None):
     from benchmarks import models, problems
     from fastewc.engines import base
 
-    if args.size in LARGE:
+    if args.size in PROBLEMS:
+        model, x, y = problems.make(args.size)
+    elif args.size in LARGE:
         from benchmarks import bench_large
         model, x, y = bench_large.make(args.size, False)
     else:
@@ -161,6 +167,8 @@ def main(argv=None):
         options = {} if args.jit is None else {"jit_compile": bool(args.jit)}
         if args.batch_size:
             options["batch_size"] = args.batch_size
+        if args.curvature:
+            options["curvature"] = args.curvature
         estimator = fastewc.FisherEstimator(model, loss=models.LOSS, kind=args.member, **options)
         start = time.perf_counter()
         plan = estimator.plan((x, y))
@@ -190,7 +198,9 @@ def main(argv=None):
             out["grappler_skipped"] = bool(fastewc._policy.skip_graph_optimizer(concrete.graph))
         finally:
             base.Engine._concrete_for = concrete_for
-        run = lambda: estimator((x, y), **seed)[-1].numpy()    # noqa: E731
+        import tensorflow as tf
+        run = lambda: [t.numpy() for t in tf.nest.flatten(estimator((x, y), **seed))   # noqa: E731
+                       if isinstance(t, tf.Tensor)][-1]
         steps = _time_steps(base)
     wall, start = time.time(), time.perf_counter()
     run()

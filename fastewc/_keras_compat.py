@@ -9,12 +9,20 @@ import os
 import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 try:  # TensorFlow's global gradient registry (see release_custom_gradients_with).
     from tensorflow.python.framework import ops as _tf_ops
 except ImportError:  # pragma: no cover
     _tf_ops = None
+
+try:  # The eager tensor constructor tf.convert_to_tensor reaches, after a copy that a
+    # tensor living for one call does not need (call_tensor).
+    from tensorflow.python.eager import context as _tf_context
+    from tensorflow.python.framework.ops import EagerTensor as _EagerTensor
+except ImportError:  # pragma: no cover
+    _tf_context = _EagerTensor = None
 
 try:  # A scope with dtype None switches a layer's float16 autocast of variables off;
     # Keras has no public way to read the float32 master weight inside a mixed layer call.
@@ -119,6 +127,28 @@ def call_concrete(concrete, args):
     if call_flat is None:  # pragma: no cover - other TensorFlow versions
         return concrete(*args)
     return call_flat(tf.nest.flatten(args), concrete.captured_inputs)
+
+
+def call_tensor(array):
+    """A NumPy ``array`` of real numbers as an eager tensor for ONE call's compiled work,
+    without ``tf.convert_to_tensor``'s defensive copy: that copies every array in Python,
+    into a fresh allocation each call (``convert_to_eager_tensor``: "the EagerTensor might
+    share the underlying memory with the input array"), then hands the copy to
+    TensorFlow's own conversion, which copies once more unless the copy is 64-byte
+    aligned.  Here TensorFlow's conversion alone runs (``ops.EagerTensor``, which
+    ``convert_to_eager_tensor`` calls after its copy): one copy, into TensorFlow's
+    allocator, or none for an aligned array, whose memory the tensor then shares.  Sound only for a tensor that does not
+    outlive the call that made it (the Fisher's batches: the call reads its result back
+    before it returns), so that a later change to the array cannot reach it; TensorFlow
+    never writes into such memory (a buffer it does not own is never forwarded to an
+    op's output).  Anything else (a subclass, a list, strings, objects) takes
+    ``tf.convert_to_tensor``, with its errors."""
+    if _EagerTensor is None or type(array) is not np.ndarray or array.dtype.kind not in "biuf" \
+            or not tf.executing_eagerly():
+        return tf.convert_to_tensor(array)
+    context = _tf_context.context()
+    context.ensure_initialized()      # as convert_to_eager_tensor does: a process's first tensor
+    return _EagerTensor(array, context.device_name, None)
 
 
 _UNOPTIMIZED_CALL_OPTIONS = {}   # the thread's call options (serialized config) -> a copy without Grappler

@@ -38,6 +38,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fastewc import _keras_compat as compat
+
 
 # What a dataset of unknown cardinality is read up to when no `max_examples` is given: an
 # endless stream (``ds.repeat().filter(f)``) must end, and a Fisher over 10^5 examples is
@@ -145,12 +147,14 @@ class Source:
         """Yield :class:`Batch` objects of ``rows_per_batch(rows, n)`` rows, inputs cast by
         ``cast``, labels passed through ``check_labels`` and a ``sample_weight`` through
         ``check_weights`` (NumPy in, NumPy out; None: as given); at most ``max_examples``
-        examples in all."""
+        examples in all.  A batch's tensors hold NumPy data without a defensive copy
+        (:func:`fastewc._keras_compat.call_tensor`): they are for the call that reads them,
+        which ends before the caller can change its arrays."""
         def finish(x, y, n, b, index, w=None):
-            y = tf.convert_to_tensor(check_labels(_numpy(y)))
+            y = compat.call_tensor(check_labels(_numpy(y)))
             if w is not None:
                 w = _numpy(w)
-                y = (y, tf.convert_to_tensor(w if check_weights is None else check_weights(w)))
+                y = (y, compat.call_tensor(w if check_weights is None else check_weights(w)))
             return _make(cast(x), y, n, b, index)
 
         if self.is_dataset:
@@ -188,8 +192,7 @@ class Source:
         for index, start in enumerate(range(0, n_total, b)):
             stop = min(start + b, n_total)
             whole = start == 0 and stop == self._length        # one batch: no slicing
-            take = (lambda t: tf.convert_to_tensor(t)) if whole else \
-                (lambda t: tf.convert_to_tensor(t[start:stop]))
+            take = compat.call_tensor if whole else (lambda t: compat.call_tensor(t[start:stop]))
             x = tf.nest.map_structure(take, x_all) if nested else take(x_all)
             yield finish(x, y_all if whole else y_all[start:stop], stop - start, b, index,
                          None if w_all is None else w_all if whole else w_all[start:stop])
@@ -357,11 +360,19 @@ def _mask(n, b):
     return mask
 
 
+_PAD_ROWS = {}
+
+
 def _pad(t, b):
+    """``t`` of n rows padded to ``b`` by repeating its own rows (row i is row i mod n);
+    the (b,) index is cached like :func:`_mask`, so a padded batch costs one gather."""
     n = int(t.shape[0])
     if n == b:
         return t
-    return tf.gather(t, tf.range(b) % n)
+    rows = _PAD_ROWS.get((n, b))
+    if rows is None:
+        rows = _PAD_ROWS[(n, b)] = tf.constant(np.arange(b) % n, tf.int32)
+    return tf.gather(t, rows)
 
 
 def _make(x, y, n, b, index):

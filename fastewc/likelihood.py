@@ -427,7 +427,7 @@ class Categorical(Likelihood):
                     f"Categorical labels must be one-hot rows of shape {_batch_shape(want)}{output}. "
                     f"Received: labels of shape {y.shape if not positions else _batch_shape(y.shape[1:])}; "
                     "for integer ids use loss='sparse_categorical_crossentropy'.")
-            return y.astype(np.float32)
+            return y.astype(np.float32, copy=False)
         if y.ndim == len(positions) + 2 and y.shape[-1] == 1:
             y = y[..., 0]
         if y.shape[1:] != positions:
@@ -450,7 +450,7 @@ class Categorical(Likelihood):
                 f"Labels must be class ids in [0, {out_dim}) for a model with {out_dim} "
                 f"outputs. Received: labels in [{y.min()}, {y.max()}]."
                 + (" Padded positions need valid ids too (e.g. 0; their weight is 0)." if positions else ""))
-        return y.astype(np.int32)
+        return y.astype(np.int32, copy=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,7 +498,7 @@ class Bernoulli(Likelihood):
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(
                 f"Binary cross-entropy labels must lie in [0, 1]. Received: labels in [{y.min()}, {y.max()}].")
-        return y.astype(np.float32)
+        return y.astype(np.float32, copy=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,7 +527,7 @@ class Gaussian(Likelihood):
         return tf.reshape(u, tf.concat([[d], tf.shape(out)], 0)), tf.ones([d, n], tf.float32)
 
     def _check_family_labels(self, y, out_dim, out_tail):
-        return _output_shaped(y, out_tail).astype(np.float32)
+        return _output_shaped(y, out_tail).astype(np.float32, copy=False)
 
 
 def drop_score_direction(u, w):

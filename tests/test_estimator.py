@@ -284,3 +284,52 @@ def test_sampled_noise_is_drawn_inside_the_fisher_function_without_xla(monkeypat
         np.testing.assert_array_equal(g.numpy(), w.numpy())
     if batch_size is None:
         assert len(called) == 1, [fn.name for fn in called]
+
+
+def _aligned(array):
+    """A copy of ``array`` whose data starts on a 64-byte boundary: TensorFlow's conversion
+    shares such memory rather than copying it (``_keras_compat.call_tensor``)."""
+    buffer = np.empty(array.nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    out = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    assert out.ctypes.data % 64 == 0
+    return out
+
+
+def test_a_repeated_call_converts_nothing_through_convert_to_tensor(monkeypatch):
+    """A repeated call on NumPy x and y of 6 examples (padded to 8 rows) makes no
+    conversion through ``tf.convert_to_tensor``'s eager path: not the arrays (whose
+    Python copy ``convert_to_eager_tensor`` makes before TensorFlow's own conversion
+    copies them again), not the padding's row index (cached per (rows, padded rows), like
+    the mask).  The Fisher still matches the float64 reference."""
+    from tensorflow.python.framework import constant_op
+    model = mlp()
+    x, y = data(n=6)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="empirical")
+    estimator((x, y))
+    converted = []
+    real = constant_op.convert_to_eager_tensor
+    monkeypatch.setattr(constant_op, "convert_to_eager_tensor",
+                        lambda value, *a, **k: converted.append(type(value)) or real(value, *a, **k))
+    got = estimator((x, y))
+    assert converted == []
+    assert_matches(got, reference(model, x, y, kind="empirical"))
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_new_data_in_the_same_arrays_gives_the_new_fisher(batch_size):
+    """The tensors a call makes from NumPy arrays (shared with 64-byte aligned ones) live
+    for that call only: the same arrays changed in place, then new arrays of the same
+    shapes, give their own Fisher (float64 reference), one batch or two (slices)."""
+    model = mlp()
+    x0, y0 = data(n=6, seed=0)
+    x, y = _aligned(x0), _aligned(y0.astype(np.int32))
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, batch_size=batch_size)
+    assert_matches(estimator((x, y)), reference(model, x0, y0, kind="empirical"))
+    x1, y1 = data(n=6, seed=1)
+    x[...], y[...] = x1, y1
+    assert_matches(estimator((x, y)), reference(model, x1, y1, kind="empirical"))
+    x2, y2 = data(n=6, seed=2)
+    assert_matches(estimator((_aligned(x2), _aligned(y2.astype(np.int32)))), reference(model, x2, y2, kind="empirical"))
+    assert np.array_equal(x, x1) and np.array_equal(y, y1)        # the call never wrote into them

@@ -4,6 +4,7 @@ import numpy as np
 
 import fastewc
 from fastewc import _memory
+from fastewc.blocks.diagonal import Diagonal
 
 
 def test_rows_within_budget():
@@ -21,7 +22,7 @@ def _factored_rows(batch_size, k, probe_floats, budget=2**40, sums=3_470_872):
     from types import SimpleNamespace
     from fastewc.engines import factored
     engine = factored.FactoredEngine.__new__(factored.FactoredEngine)
-    engine.blocks = SimpleNamespace(amortized_floats=0, shapes=[(sums,)])     # a diagonal plan
+    engine.blocks = SimpleNamespace(amortized_floats=0, shapes=[(sums,)], blocks=[Diagonal])    # a diagonal plan
     return engine.rows_per_call(batch_size, k, probe_floats, budget)
 
 
@@ -40,6 +41,9 @@ def test_factored_rows_floor_is_bounded_by_the_deltas_of_a_call():
     assert _factored_rows(None, 9, 272_586) == 16         # MobileNetV2 32 px exact: 27.4 (2²⁴/f = 6.8)
     assert _factored_rows(None, 1, 432_138) == 32         # ResNet50 32 px: 2²⁴/f = 38.8, the cache bound
     assert _factored_rows(None, 10, 420_000) == 8         # 2²⁶/f = 15.98
+    # K · probe floats > 2²⁶: the K passes loop (FactoredEngine.loops_cotangents), a row
+    # counts ONE cotangent's deltas: GPT-2 base exact, S/f = 11.7 (the K passes at once: 1 row)
+    assert _factored_rows(None, 9, 10_600_000, sums=124_447_498) == 8
     assert _factored_rows(None, 1, 1000) == 4096          # MAX_ROWS
     assert _factored_rows(2, 1, 13_357_224) == 2          # batch_size caps
     assert _factored_rows(None, 1, 13_357_224, budget=2 * 2 * 4 * 13_357_224) == 2    # the budget caps

@@ -41,6 +41,11 @@ class Block:
     per_cotangent = False        # True: rule_sums also takes the deltas as a list of the K
     #                              cotangents' (N, *probe) tensors (the factored engine's
     #                              unrolled backward passes, not stacked: no copy of them)
+    sums_over_cotangents = None  # per sum, in order: True where it is a sum over the K
+    #                              cotangents of one cotangent's part, Σ_k s(δ_k) (formed
+    #                              per cotangent and added, e.g. in the factored engine's
+    #                              loop over them), False where it does not depend on the
+    #                              deltas (formed once); None: not said (never looped)
     scales_sums = False          # True: rule_sums takes ``scale`` (a float32 scalar) and
     #                              returns its sums times it: a one-batch call passes 1/N
     #                              and its sums are the means, with no pass to divide them

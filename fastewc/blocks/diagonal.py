@@ -49,6 +49,7 @@ class Diagonal(Block):
 
     kind = "diagonal"
     scales_sums = True
+    sums_over_cotangents = (True,)     # Σ_k Σ_n w_kn g_kn²
 
     def __init__(self, variable):
         self.variables = (variable,)

@@ -273,6 +273,7 @@ class SecondMoments(Block):
     the first pass's eigenbases, held in variables (:meth:`prepare`: no retrace per call)."""
     kind = "ekfac"
     own_sums = True
+    sums_over_cotangents = (True,)           # S = Σ_k Σ_n w_kn (U_Aᵀ ḡ_kn U_G)²
 
     def __init__(self, block):
         self.layer_name, self.variables = block.layer_name, block.variables

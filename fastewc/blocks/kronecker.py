@@ -188,6 +188,7 @@ class Kronecker(Block):
     xla_on_cpu = False
     scales_sums = True
     per_cotangent = True
+    sums_over_cotangents = (False, True)     # A (the layer's inputs alone), G = Σ_k δ_kᵀ δ_k
     shared_layer_refusal = ("curvature='kfac' cannot take a shared layer: its Fisher block is not one "
                             "Kronecker product A ⊗ G.")
 

@@ -13,16 +13,39 @@ block's
 ``kron``.  Examples are independent, so the
 deltas of all N examples come from one backward pass per cotangent: cost about one
 forward and K backward passes of the batch, memory K · rows · (probe floats) for the
-deltas, and no N × P per-example tensor unless a rule needs one.  The K passes are one
-``tf.vectorized_map`` over the cotangents, or unrolled in the graph
-(:attr:`FactoredEngine.unroll_cotangents` says when).
+deltas, and no N × P per-example tensor unless a rule needs one.
+
+The K passes run one of three ways:
+
+* one ``tf.vectorized_map`` over the cotangents (the default): every layer's sums from
+  the K cotangents' deltas (K, N, *probe) at once, in batched kernels;
+* unrolled in the graph (:attr:`FactoredEngine.unroll_cotangents` says when): K backward
+  passes, each layer's sums from their stack or from the K tensors apart
+  (``Block.per_cotangent``);
+* in a ``tf.while_loop`` over the cotangents (:meth:`FactoredEngine.loops_cotangents`):
+  the body back-propagates ONE cotangent and adds each block's sums over the cotangents
+  (``Block.sums_over_cotangents``: a diagonal's Σ_kn w g², a Kronecker block's G, EKFAC's
+  second moments) to loop-carried totals; the sums that do not depend on the cotangents
+  (a Kronecker block's A) are formed once outside.  The graph holds one backward pass, a
+  call one cotangent's deltas at a time, so its rows are counted with one cotangent's
+  deltas (K-fold more rows a call).  Where the K cotangents' deltas of ONE row are more
+  than ``FLOOR_FLOATS``: there the other two ways run a row or so per call (the floor
+  below), a call of several batches folds every sum into float64 totals and holds the
+  K-fold deltas at once, while the loop takes the batch in fewer calls (often one: no
+  fold) and holds K-fold fewer deltas, at the same steady time (GPT-2 base's classifier,
+  exact: peak memory and first call down).  Below that (the reference MLP and CNN, exact)
+  the loop ran slower at steady than the batched or unrolled passes, whose kernels take
+  the K · N rows at once, and its first call was no shorter: its smaller graph traced
+  faster but instantiated and compiled no faster (README, "The exact kind's K passes in
+  a loop").
 
 Rows per call (``batch_size=None``), each bound from a measurement (README, "Rows per
 compiled call capped"):
 
 * at most ``MAX_ROWS``: a rule's float32 contraction over the rows of one call is where
   rounding grows, ≈ rows · 2⁻²⁴ (the float64 fold takes over between calls);
-* deltas of at most ``CACHE_FLOATS`` floats per call (K · probe floats per row): beyond,
+* deltas of at most ``CACHE_FLOATS`` floats per call (K · probe floats per row; where the
+  K passes loop, one cotangent's: probe floats per row, here and below): beyond,
   on CPU, the temporaries of the K backward passes outgrow the caches and a call gets
   slower per example (the reference CNN, exact: 16 rows 1.4× faster than 256);
 * but at least ``MIN_ROWS``: a model of many layers pays a fixed cost per call (one
@@ -59,6 +82,7 @@ from fastewc import _keras_compat as compat
 from fastewc import _memory
 from fastewc import capture as capture_lib
 from fastewc import pooling
+from fastewc.contract import unit_weights
 from fastewc.engines import per_example
 from fastewc.engines.shared_sums import SharedSums
 from fastewc.engines.base import (UNROLL_COTANGENTS, BatchSums, Engine, IdGuard, cotangent_scale,
@@ -107,9 +131,11 @@ class FactoredEngine(Engine):
     in_graph_noise = True    # the sampled kind's noise drawn in batch_sums without XLA (draws_noise)
     _unroll = None           # decided on first use: see unroll_cotangents
     _vectorized = False      # the last trace vectorized its K backward passes
+    _loop = None             # None: loops_cotangents decides; True / False: forced
 
     def rows_per_call(self, batch_size, num_cotangents, probe_floats, budget):
-        per_row = num_cotangents * (probe_floats or 1)
+        live = 1 if self.loops_cotangents(num_cotangents, probe_floats) else num_cotangents  # deltas at once
+        per_row = live * (probe_floats or 1)
         sums = sum(math.prod(shape) for shape in self.blocks.shapes)
         floor = min(MIN_ROWS, _power_of_two(max(FLOOR_FLOATS, sums) // per_row))
         cached = max(floor, _power_of_two(CACHE_FLOATS // per_row))
@@ -142,6 +168,18 @@ class FactoredEngine(Engine):
                 pooling.covers(layer) for layer in compat.nested_layers(self.model))
         return self._unroll
 
+    def loops_cotangents(self, k, probe_floats):
+        """Whether the K backward passes run one at a time in a ``tf.while_loop`` over the
+        cotangents (:meth:`_looped_sums`) for ``probe_floats`` per row: where the K
+        cotangents' deltas of ONE row are more than ``FLOOR_FLOATS`` (module docstring),
+        and every block of the plan says which of its sums add over the cotangents
+        (``Block.sums_over_cotangents``)."""
+        if k is None or k == 1:
+            return False
+        wanted = self._loop if self._loop is not None else (      # _loop set: a test's or a measurement's
+            probe_floats is not None and k * probe_floats > FLOOR_FLOATS)
+        return bool(wanted) and all(block.sums_over_cotangents is not None for block in self.blocks.blocks)
+
     def _concrete_for(self, args, *, alone):
         key = (int(args[2].shape[0]), alone)
         new = key not in self._concrete
@@ -166,6 +204,76 @@ class FactoredEngine(Engine):
             index += len(tf.nest.flatten(result.probe))
         return apart
 
+    def _rule_sums(self, records, deltas, w, mask, scale, loss_scale, shared, select=None):
+        """``{block key: sums}`` of every layer's kinds (those ``select`` takes: all by
+        default) from its ``deltas`` (K, N, *probe) (None where the probe does not reach
+        the output; a list of K where ``_apart``)."""
+        def prepared(probe, delta):
+            if delta is None:
+                return tf.zeros(tf.concat([[tf.shape(w)[0]], tf.shape(probe)], 0), tf.float32)
+            delta = tf.cast(delta, tf.float32)
+            return delta / loss_scale if loss_scale != 1.0 else delta
+
+        calls = []
+        for (layer, result), delta in zip(records, deltas):
+            kinds = [kind for kind in self.blocks.kinds_of(layer) if select is None or select(kind)]
+            if not kinds:
+                continue
+            with tf.name_scope(_scope_name(layer)) as scope:      # a profile names the layer
+                if isinstance(delta, list):     # the K cotangents' deltas apart (_apart)
+                    delta = [prepared(result.probe, d) for d in delta]
+                else:
+                    delta = tf.nest.map_structure(prepared, result.probe, delta)
+            for kind in kinds:       # the kinds of its blocks
+                scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
+                calls.append((scope, (kind, layer, result, delta, w, mask, scaling)))
+        shared.expect(call for _, call in calls)     # which signatures repeat
+        sums = {}
+        for scope, call in calls:
+            with tf.name_scope(scope):          # the layer's scope again (a name ending in /)
+                sums.update(shared(*call))
+        return sums
+
+    def _looped_sums(self, tape, out, records, u, w, mask, scale, loss_scale, shared):
+        """The sums of :meth:`_rule_sums` with the K backward passes in a ``tf.while_loop``
+        over the cotangents (:meth:`loops_cotangents`): its body back-propagates ONE
+        cotangent to every probe and adds each block's sums over the cotangents
+        (``Block.sums_over_cotangents``) to loop-carried totals; the sums that do not
+        depend on the cotangents (a Kronecker block's A) are formed once, outside, from
+        the same rule outputs (their deltas then unused, pruned from the graph)."""
+        blocks = self.blocks.blocks
+        carried = [(block, i) for block in blocks for i, adds in enumerate(block.sums_over_cotangents) if adds]
+        probes = [result.probe for _, result in records]
+        flat = tf.nest.flatten(probes)
+        ones = unit_weights(w)        # each cotangent's weights statically 1: a constant, as unrolled
+        row_weights = tf.ones([1, w.shape[1]]) if ones else None
+
+        def body(i, totals):
+            d = tape.gradient(out, flat, output_gradients=tf.gather(u, i))
+            deltas = tf.nest.pack_sequence_as(probes, [None if t is None else t[None] for t in d])
+            sums = self._rule_sums(records, deltas, row_weights if ones else tf.gather(w, i)[None], mask,
+                                   scale, loss_scale, shared)
+            return i + 1, [total + sums[block.key][j] for total, (block, j) in zip(totals, carried)]
+
+        zeros = [tf.zeros(block.sum_shapes[j], tf.float32) for block, j in carried]
+        _, totals = tf.while_loop(lambda i, _: i < tf.shape(u)[0], body, (tf.constant(0), zeros),
+                                  parallel_iterations=1, maximum_iterations=u.shape[0])
+        sums = {block.key: [None] * len(block.sum_shapes) for block in blocks}
+        for total, (block, j) in zip(totals, carried):
+            sums[block.key][j] = total
+        once = [block for block in blocks if not all(block.sums_over_cotangents)]
+        if once:      # the sums that do not depend on the cotangents: their deltas a stand-in
+            stand_in = [None] * len(flat)
+            outside = self._rule_sums(records, tf.nest.pack_sequence_as(probes, stand_in),
+                                      row_weights if ones else w[:1], mask, scale, loss_scale,
+                                      SharedSums(wanted={block.key for block in once}),
+                                      select=lambda kind: not all(kind.sums_over_cotangents))
+            for block in once:
+                for j, adds in enumerate(block.sums_over_cotangents):
+                    if not adds:
+                        sums[block.key][j] = outside[block.key][j]
+        return {key: tuple(values) for key, values in sums.items()}
+
     def batch_sums(self, x, y, mask, noise, scale=None):
         model, variables = self.model, self.variables
         with tf.name_scope("fastewc/fisher"):
@@ -180,35 +288,19 @@ class FactoredEngine(Engine):
             u = tf.cast(u * loss_scale, out.dtype)
             probes = [result.probe for _, result in recorder.records]   # a nest for a shared layer
             k = u.shape[0]
-            unroll = self.unroll_cotangents
-            recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (unroll or self.jit_compile)
-            self._vectorized = vectorizes(k, unroll)
-            deltas = tf.nest.pack_sequence_as(probes, cotangent_deltas(
-                tape, out, tf.nest.flatten(probes), u, unroll=unroll, apart=self._apart(recorder.records)))
-            del tape
+            unroll = self.unroll_cotangents     # the probe floats of one row, as the plan's survey counts them:
+            loop = self.loops_cotangents(k, sum(t.shape[1:].num_elements() or 0 for t in tf.nest.flatten(probes)))
+            recorder.mask_pooling = (k is None or k >= pooling.MIN_COTANGENTS) and (
+                unroll or loop or self.jit_compile)
+            self._vectorized = not loop and vectorizes(k, unroll)
             mask = tf.cast(mask, tf.float32)
             # one traced function per repeated layer signature (inlined: the trace is shared)
-            sums = {}
             shared = SharedSums(wanted={block.key for block in self.blocks.blocks})
-
-            def prepared(probe, delta):
-                if delta is None:
-                    return tf.zeros(tf.concat([[tf.shape(u)[0]], tf.shape(probe)], 0), tf.float32)
-                delta = tf.cast(delta, tf.float32)
-                return delta / loss_scale if loss_scale != 1.0 else delta
-
-            calls = []
-            for (layer, result), delta in zip(recorder.records, deltas):
-                with tf.name_scope(_scope_name(layer)) as scope:      # a profile names the layer
-                    if isinstance(delta, list):     # the K cotangents' deltas apart (_apart)
-                        delta = [prepared(result.probe, d) for d in delta]
-                    else:
-                        delta = tf.nest.map_structure(prepared, result.probe, delta)
-                for kind in self.blocks.kinds_of(layer):       # the kinds of its blocks
-                    scaling = {"scale": scale} if scale is not None and kind.scales_sums else {}
-                    calls.append((scope, (kind, layer, result, delta, w, mask, scaling)))
-            shared.expect(call for _, call in calls)     # which signatures repeat
-            for scope, call in calls:
-                with tf.name_scope(scope):          # the layer's scope again (a name ending in /)
-                    sums.update(shared(*call))
+            if loop:
+                sums = self._looped_sums(tape, out, recorder.records, u, w, mask, scale, loss_scale, shared)
+            else:
+                deltas = tf.nest.pack_sequence_as(probes, cotangent_deltas(
+                    tape, out, tf.nest.flatten(probes), u, unroll=unroll, apart=self._apart(recorder.records)))
+                sums = self._rule_sums(recorder.records, deltas, w, mask, scale, loss_scale, shared)
+            del tape
             return BatchSums(self.blocks.collect(sums), ids.counts(), output_range(out))
