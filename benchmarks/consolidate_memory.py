@@ -16,6 +16,12 @@ A stage's drop in RSS is what that stage released; what ``trim`` releases was fr
 the allocator had not returned, not a live object.
 
     flock /tmp/fastewc-large.lock .venv/bin/python -m benchmarks.consolidate_memory [--tiny] [--kind empirical]
+        [--jit 0|1] [--control]
+
+``--jit`` passes ``jit_compile`` to ``consolidate`` (default: its default).  ``--control``
+runs, in place of ``consolidate``, what TensorFlow alone does with the model: its floor
+(one compiled forward+backward of the mean loss, :func:`benchmarks.problems.floor_function`,
+with XLA unless ``--jit 0``), so that what stays after it is TensorFlow's, not fastewc's.
 
 Prints one JSON line (bytes).
 """
@@ -68,7 +74,7 @@ def _tensor_bytes(obj, seen=None):
     return 0
 
 
-def measure(tiny, kind):
+def measure(tiny, kind, jit=None, control=False):
     stages = {}
 
     def mark(name):
@@ -76,8 +82,18 @@ def measure(tiny, kind):
 
     setup = bench_large_train.Setup("float32", tiny, with_ewc=False)
     mark("model")
+    if control:
+        from benchmarks import problems
+        floor = problems.floor_function(setup.model, jit is not False, loss=setup.loss)
+        floor(setup.x_step, setup.y_step)
+        del floor
+        gc.collect()
+        mark("floor")
+        _trim()
+        mark("trim")
+        return {"params": setup.params, "control": "floor", "jit": jit, "stages": stages}
     ewc = fastewc.EWC(setup.model, lam=bench_large_train.LAM)
-    ewc.consolidate((setup.x_step, setup.y_step), loss=setup.loss, kind=kind)
+    ewc.consolidate((setup.x_step, setup.y_step), loss=setup.loss, kind=kind, jit_compile=jit)
     mark("consolidate")
     gc.collect()
     mark("gc")
@@ -95,15 +111,19 @@ def measure(tiny, kind):
     gc.collect()
     _trim()
     mark("step")
-    return {"params": setup.params, "state_bytes": ewc.state_bytes, "kind": kind, **held, "stages": stages}
+    return {"params": setup.params, "state_bytes": ewc.state_bytes, "kind": kind, "jit": jit, **held,
+            "stages": stages}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--kind", default="empirical")
+    parser.add_argument("--jit", type=int, choices=(0, 1), default=None)
+    parser.add_argument("--control", action="store_true")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.tiny, args.kind)), flush=True)
+    jit = None if args.jit is None else bool(args.jit)
+    print(json.dumps(measure(args.tiny, args.kind, jit, args.control)), flush=True)
     return 0
 
 
