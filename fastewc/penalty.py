@@ -52,8 +52,8 @@ Several tasks, one quadratic (the state :class:`fastewc.EWC` keeps):
       F ← γ·F + F_new,   θ* ← θ_new,   c = 0.
 
 Merges run in float64 and return float64; store the result in float32.
-:func:`merge_all` applies one of them to every variable of a model in one compiled
-function (what :meth:`fastewc.EWC.add_task` commits).
+:func:`merge_all` applies one of them to every variable of a model, one variable (or
+piece of one) at a time (what :meth:`fastewc.EWC.add_task` commits).
 """
 import numpy as np
 import tensorflow as tf
@@ -365,13 +365,24 @@ def merge_online(fisher, anchor, fisher_new, theta_new, gamma):
     return _f64(gamma) * _f64(fisher) + _f64(fisher_new), _f64(theta_new)
 
 
-@tf.function(autograph=False, jit_compile=False)
-def merge_all(fisher_sums, means, fishers, thetas, online, gamma):
-    """Every variable's merge in one compiled function, float64 inside: for each variable
-    j, ``merge_online(A_j, μ_j, F_j, θ_j, γ)`` when ``online`` (a Python bool: one trace
-    per mode), else ``merge_separate(A_j, μ_j, F_j, θ_j)``.  Pure: nothing is assigned.
+# A variable's merge runs on flat pieces of at most this many floats (:func:`merge_all`).
+MERGE_PIECE_FLOATS = 2**24
 
-    Not XLA: it runs once per task, and an XLA compile would cost more than the
+
+def merge_all(fisher_sums, means, fishers, thetas, online, gamma):
+    """Every variable's merge, float64 inside: for each variable j,
+    ``merge_online(A_j, μ_j, F_j, θ_j, γ)`` when ``online`` (a Python bool), else
+    ``merge_separate(A_j, μ_j, F_j, θ_j)``.  Pure: nothing is assigned.  Eager only.
+
+    Memory: ONE PIECE AT A TIME.  Each variable, or each flat slice of at most
+    ``MERGE_PIECE_FLOATS`` floats of a larger one, is merged by its own call of a compiled
+    function (:func:`_merge_piece`; traced for a few shapes, ``reduce_retracing``), whose
+    float64 temporaries (the four inputs cast, A', μ', the terms of Δc: ~80 bytes per
+    float) are gone when it returns; a sliced variable's float32 results are then joined.
+    So the merge holds its float32 results (8 bytes per parameter) and one piece's
+    temporaries, not every variable's at once: one function over the whole model let the
+    executor start every variable's casts together (README, "What consolidate holds at
+    its peak").  Not XLA: it runs once per task, and a compile would cost more than the
     elementwise work it speeds up.
 
     Returns the float32 (A', μ') lists, the separate-mode constant's increment Σ_j Δc_j
@@ -384,23 +395,42 @@ def merge_all(fisher_sums, means, fishers, thetas, online, gamma):
     holds c).
     """
     a_out, mu_out, bad, dc = [], [], [], tf.constant(0.0, tf.float64)
+    gamma = tf.convert_to_tensor(gamma, tf.float64)
+    for a, mu, f, theta in zip(fisher_sums, means, fishers, thetas):
+        size = a.shape.num_elements()
+        if size <= MERGE_PIECE_FLOATS:
+            a_new, mu_new, dc_j, bad_j = _merge_piece(a, mu, f, theta, online, gamma)
+        else:
+            parts = []
+            for lo in range(0, size, MERGE_PIECE_FLOATS):
+                piece = [tf.reshape(t, [-1])[lo:lo + MERGE_PIECE_FLOATS] for t in (a, mu, f, theta)]
+                parts.append(_merge_piece(*piece, online, gamma))
+            a_new, mu_new = (tf.reshape(tf.concat([p[i] for p in parts], 0), a.shape) for i in (0, 1))
+            dc_j = tf.add_n([p[2] for p in parts])
+            bad_j = tf.reduce_any(tf.stack([p[3] for p in parts]), 0)
+            del parts
+        a_out.append(a_new)
+        mu_out.append(mu_new)
+        dc += dc_j
+        bad.append(bad_j)
+    return a_out, mu_out, dc, tf.stack(bad) if bad else tf.zeros([0, 2], tf.bool)
+
+
+@tf.function(autograph=False, jit_compile=False, reduce_retracing=True)
+def _merge_piece(a, mu, f, theta, online, gamma):
+    """One piece's merge (:func:`merge_all`): float32 (A', μ'), float64 Δc and its two flags."""
     max32 = tf.constant(np.finfo(np.float32).max, tf.float64)
 
     def overflows(t):                      # not finite once stored as float32
         return tf.reduce_any(tf.logical_not(tf.abs(t) <= max32))
 
-    for a, mu, f, theta in zip(fisher_sums, means, fishers, thetas):
-        if online:
-            a_new, mu_new = merge_online(a, mu, f, theta, gamma)
-            dc_new = tf.constant(0.0, tf.float64)
-        else:
-            a_new, mu_new, dc_new = merge_separate(a, mu, f, theta)
-            dc += dc_new
-        bad_f = tf.reduce_any(tf.logical_not(tf.math.is_finite(f)) | (f < 0))
-        bad_theta = tf.reduce_any(tf.logical_not(tf.math.is_finite(theta)))
-        bad.append(tf.stack([bad_f | (tf.logical_not(bad_theta) & (
-                                 overflows(a_new) | overflows(mu_new) | overflows(dc_new))),
-                             bad_theta]))
-        a_out.append(tf.cast(a_new, tf.float32))
-        mu_out.append(tf.cast(mu_new, tf.float32))
-    return a_out, mu_out, dc, tf.stack(bad) if bad else tf.zeros([0, 2], tf.bool)
+    if online:
+        a_new, mu_new = merge_online(a, mu, f, theta, gamma)
+        dc = tf.constant(0.0, tf.float64)
+    else:
+        a_new, mu_new, dc = merge_separate(a, mu, f, theta)
+    bad_f = tf.reduce_any(tf.logical_not(tf.math.is_finite(f)) | (f < 0))
+    bad_theta = tf.reduce_any(tf.logical_not(tf.math.is_finite(theta)))
+    bad = tf.stack([bad_f | (tf.logical_not(bad_theta) & (overflows(a_new) | overflows(mu_new) | overflows(dc))),
+                    bad_theta])
+    return tf.cast(a_new, tf.float32), tf.cast(mu_new, tf.float32), dc, bad

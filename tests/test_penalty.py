@@ -304,3 +304,35 @@ def test_lam_tensors_pass_unchecked_and_numbers_are_checked():
     assert float(fastewc.ewc_penalty(v, f, a, np.float64(4.0))) == 4.0
     with pytest.raises(ValueError, match=r"`lam` must be >= 0. Received: lam=-1.0"):
         fastewc.ewc_penalty_gradients(v, f, a, -1.0)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_merge_all_merges_one_piece_at_a_time(online, monkeypatch):
+    """Each variable, or each flat piece of at most MERGE_PIECE_FLOATS floats of a larger
+    one, is merged by its own call (its float64 temporaries gone before the next piece
+    starts), and the pieces give each variable's merge as a whole, against float64."""
+    monkeypatch.setattr(penalty_lib, "MERGE_PIECE_FLOATS", 4)
+    calls = []
+    piece = penalty_lib._merge_piece
+    monkeypatch.setattr(penalty_lib, "_merge_piece", lambda *args: calls.append(args[0].shape) or piece(*args))
+    rng = np.random.default_rng(1)
+    shapes = [(3, 5), (2,)]                      # 4 pieces (4 + 4 + 4 + 3 floats), then the whole
+    a, mu, f, theta = ([rng.uniform(0, 1, s).astype(np.float32) for s in shapes] for _ in range(4))
+    a_new, mu_new, dc, bad = penalty_lib.merge_all(*([tf.constant(x) for x in xs] for xs in (a, mu, f, theta)),
+                                                   online, tf.constant(0.5, tf.float64))
+    assert [tuple(s) for s in calls] == [(4,), (4,), (4,), (3,), (2,)]
+    for j in range(len(shapes)):                # float64 NumPy, elementwise
+        a64, mu64, f64, t64 = (np.float64(x[j]) for x in (a, mu, f, theta))
+        want_a = 0.5 * a64 + f64 if online else a64 + f64
+        want_mu = t64 if online else mu64 + f64 / want_a * (t64 - mu64)
+        assert a_new[j].shape == shapes[j] and a_new[j].dtype == tf.float32
+        np.testing.assert_allclose(a_new[j].numpy(), want_a, rtol=1e-6)
+        np.testing.assert_allclose(mu_new[j].numpy(), want_mu, rtol=1e-6)
+    want_dc = 0.0 if online else sum(float(np.sum(np.float64(a[j]) * f[j] / (np.float64(a[j]) + f[j])
+                                                  * (np.float64(mu[j]) - theta[j]) ** 2)) for j in range(2))
+    np.testing.assert_allclose(float(dc), want_dc, rtol=1e-12)
+    assert not bad.numpy().any()
+    f[0][2, 4], theta[1][0] = -1.0, np.nan      # flags from the last piece of the first variable
+    _, _, _, bad = penalty_lib.merge_all(*([tf.constant(x) for x in xs] for xs in (a, mu, f, theta)),
+                                         online, tf.constant(0.5, tf.float64))
+    assert bad.numpy().tolist() == [[True, False], [False, True]]

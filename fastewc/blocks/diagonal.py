@@ -131,7 +131,7 @@ class Diagonal(Block):
     @staticmethod
     def merge(current, task, settings, tracking):
         """The new (A, μ) of every tracked or entering variable and the constant's
-        increment (:func:`fastewc.penalty.merge_all`, one compiled function); nothing is
+        increment (:func:`fastewc.penalty.merge_all`, one variable at a time); nothing is
         assigned.  Tracked variables the task has no Fisher for get F = 0 at their current
         weights.  Raises for a negative or non-finite Fisher, a non-finite anchor and a
         merge whose float32 result (A, μ or c) would not be finite, naming the variable."""
