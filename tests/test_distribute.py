@@ -36,6 +36,17 @@ COMMON = textwrap.dedent('''
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     else:
+        # The strategy's coordination service, configured as the strategy would (it does so
+        # only when nothing is configured yet) but with a heartbeat timeout past the case's
+        # own TIMEOUT: with TensorFlow's default (10 s) a worker starved of CPU on a loaded
+        # machine was declared dead and both aborted (a timing dependence, not a failure).
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+        workers = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+        context.context().configure_coordination_service(
+            service_type="standalone", service_leader="/job:worker/replica:0/task:0",
+            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=len(workers))],
+            heartbeat_timeout_in_ms=600_000)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import keras
     import numpy as np
