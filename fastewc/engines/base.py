@@ -516,9 +516,9 @@ class Engine:
         that another function formed: one concrete function per engine and step, called
         with its flat inputs like :meth:`run` (no XLA: a few passes over the sums, not worth
         a compile; no Grappler: casts, reshapes and additions leave it nothing to do, and
-        its pass was a third of the fold's first call).  A call's first fold passes float64 scalar zeros as its totals
-        (:func:`fold_zeros`: nothing the size of the sums), so that every fold runs one
-        function, traced with the totals' shapes left open."""
+        its pass was a third of the fold's first call).  A call's first fold passes float64
+        scalar zeros as its totals (:func:`fold_zeros`: nothing the size of the sums), so
+        that every fold runs one function, traced with the totals' shapes left open."""
         if fn is fold and not args[-1].totals:
             args = args[:-1] + (args[-1]._replace(totals=fold_zeros(self.blocks.shapes)),)
         concrete = self._step_function(fn, args)
