@@ -1,8 +1,10 @@
 """An older commit's fastewc against this tree's, side by side in ONE process: the train
-step, the penalty and the factored Fisher, members alternating round by round.
+step, the penalty, the factored Fisher and the Kronecker factors, members alternating round
+by round.
 
-    .venv/bin/python -m benchmarks.ab_inprocess 08c890d [--rounds 150] [--only step|penalty|fisher]
-        [--problems transformer cnn] [--kinds empirical sampled exact]
+    .venv/bin/python -m benchmarks.ab_inprocess 08c890d [--rounds 150]
+        [--only step|penalty|fisher|kfac] [--problems transformer cnn]
+        [--kinds empirical sampled exact] [--curvatures kfac diagonal]
 
 Why: ``benchmarks.compare`` runs each tree in its own processes, and on a shared machine
 the same code's time differs from one process to the next by more than the 5 % to be
@@ -25,6 +27,12 @@ Members (``--only`` picks one group):
   fisher    bench_fisher's factored rows: ``fisher_diagonal(..., method="factored")`` of
             ``--problems`` (``benchmarks.problems``, default transformer and cnn) for each of
             ``--kinds``, one model per version and problem (same seed and data)
+  kfac      bench_kfac's factor rows: a warm ``FisherEstimator(model, loss=..., kind=...,
+            curvature=...)`` of ``--problems`` (here ``mlp`` and ``cnn``: the reference MLP on
+            512 examples, the CNN on 256) called again on the same NumPy data with
+            ``seed=0``, default arguments, for each of ``--kinds`` and ``--curvatures``
+            (``kfac``: the factors; ``diagonal``: the suite's diagonal member); the
+            repeated call's host time is in it
 
 Prints each member's median and, for each pair, the median of the per-round ratios
 new / old with their quartiles (< 1: this tree faster) and the ratio of the medians.
@@ -128,6 +136,20 @@ def fisher_members(pkg, label, names, kinds):
     return members
 
 
+def kfac_members(pkg, label, names, kinds, curvatures):
+    """bench_kfac's factor rows under ``pkg``: a warm estimator's repeated call, as the suite
+    times it (``estimator((x, y), seed=0)``), for each problem on its own model (same seed)."""
+    members = {}
+    for name in names:
+        model, x, y = problems.make(name)
+        for kind in kinds:
+            for curvature in curvatures:
+                estimator = pkg.FisherEstimator(model, loss=problems.LOSS, kind=kind, curvature=curvature)
+                members[f"{label}-{name}.{kind}.{curvature}"] = (
+                    lambda e=estimator, x=x, y=y: e((x, y), seed=0) and None)
+    return members
+
+
 def rotate(members, rounds):
     for fn in members.values():       # trace, compile, warm up
         fn()
@@ -157,9 +179,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_inprocess", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref")
     parser.add_argument("--rounds", type=int, default=150)
-    parser.add_argument("--only", choices=("step", "penalty", "fisher"), default=None)
-    parser.add_argument("--problems", nargs="+", default=["transformer", "cnn"])
+    parser.add_argument("--only", choices=("step", "penalty", "fisher", "kfac"), default=None)
+    parser.add_argument("--problems", nargs="+", default=None,
+                        help="fisher: default transformer cnn; kfac: default mlp cnn")
     parser.add_argument("--kinds", nargs="+", default=["empirical", "sampled", "exact"])
+    parser.add_argument("--curvatures", nargs="+", default=["kfac"], choices=("kfac", "diagonal"))
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="fastewc-ab-")
     try:
@@ -175,9 +199,15 @@ def main(argv=None):
             members = {**penalty_members(old, "old"), **penalty_members(fastewc, "new")}
             report("penalty T=5", rotate(members, max(args.rounds // 2, 10)), 1)
         if args.only in (None, "fisher"):
-            members = {**fisher_members(old, "old", args.problems, args.kinds),
-                       **fisher_members(fastewc, "new", args.problems, args.kinds)}
+            names = args.problems or ["transformer", "cnn"]
+            members = {**fisher_members(old, "old", names, args.kinds),
+                       **fisher_members(fastewc, "new", names, args.kinds)}
             report("fisher factored", rotate(members, max(args.rounds // 5, 10)), 1)
+        if args.only in (None, "kfac"):
+            names = args.problems or ["mlp", "cnn"]
+            members = {**kfac_members(old, "old", names, args.kinds, args.curvatures),
+                       **kfac_members(fastewc, "new", names, args.kinds, args.curvatures)}
+            report("kfac factors", rotate(members, max(args.rounds // 5, 10)), 1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
