@@ -461,13 +461,16 @@ class FisherEstimator:
         (:attr:`fastewc.engines.base.Engine.draws_noise`: its function runs without XLA),
         the int32 seed [seed, batch index] it draws from, one dispatch fewer per batch;
         not under a strategy, whose replicas each see a slice of the rows.  The empty
-        tensor for the other kinds."""
+        tensor for the other kinds.  The seed is made from a fresh NumPy array by
+        :func:`fastewc._keras_compat.call_tensor` (TensorFlow's conversion alone, as a
+        batch's tensors are): ``tf.constant``'s eager conversion path is host time on
+        every call."""
         if self.kind != "sampled":
             fn = self._noise_functions.get("none")
             if fn is None:
                 fn = self._noise_functions["none"] = tf.zeros([0])
             return fn
-        key = tf.constant([seed, batch.index], tf.int32)
+        key = compat.call_tensor(np.array([seed, batch.index], np.int32))
         if plan.engine.draws_noise and not distributed:
             return key
         shape = (int(batch.mask.shape[0]),) + plan.out_tail

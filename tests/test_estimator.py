@@ -297,24 +297,27 @@ def _aligned(array):
     return out
 
 
-def test_a_repeated_call_converts_nothing_through_convert_to_tensor(monkeypatch):
+@pytest.mark.parametrize("kind", ["empirical", "sampled"])
+def test_a_repeated_call_converts_nothing_through_convert_to_tensor(monkeypatch, kind):
     """A repeated call on NumPy x and y of 6 examples (padded to 8 rows) makes no
     conversion through ``tf.convert_to_tensor``'s eager path: not the arrays (whose
     Python copy ``convert_to_eager_tensor`` makes before TensorFlow's own conversion
     copies them again), not the padding's row index (cached per (rows, padded rows), like
-    the mask).  The Fisher still matches the float64 reference."""
+    the mask), not the sampled kind's seed [seed, batch index] (``tf.constant`` made it).
+    The Fisher still matches the float64 reference (sampled: at the labels seed 3 draws)."""
     from tensorflow.python.framework import constant_op
+    from fastewc.testing import reference_fisher_of
     model = mlp()
     x, y = data(n=6)
-    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="empirical")
-    estimator((x, y))
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind=kind)
+    estimator((x, y), seed=3)
     converted = []
     real = constant_op.convert_to_eager_tensor
     monkeypatch.setattr(constant_op, "convert_to_eager_tensor",
                         lambda value, *a, **k: converted.append(type(value)) or real(value, *a, **k))
-    got = estimator((x, y))
+    got = estimator((x, y), seed=3)
     assert converted == []
-    assert_matches(got, reference(model, x, y, kind="empirical"))
+    assert_matches(got, reference_fisher_of(model, x, y, loss=LOGITS, kind=kind, seed=3))
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])
