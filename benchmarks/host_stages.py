@@ -18,7 +18,7 @@ import fastewc
 from benchmarks import problems
 from fastewc import data as data_lib
 from fastewc import likelihood as likelihood_lib
-from fastewc._checks import check_model, check_seed
+from fastewc._checks import check_seed
 from fastewc.engines.base import Checks, is_distributed
 
 
@@ -33,12 +33,12 @@ def stages(estimator, x, y, calls):
     for _ in range(calls):
         t = first = time.perf_counter()
         seed = check_seed(0)
-        check_model(estimator.model, purpose="Fisher")
+        _, variables = estimator._checked_model()
         t = lap("argument and model checks", t)
         source = data_lib.Source((x, y), None)
         t = lap("data checks (Source)", t)
         distributed = is_distributed()
-        plan = estimator._plan_for(source, distributed)
+        plan = estimator._plan_for(source, distributed, variables)
         t = lap("strategy and plan lookup", t)
         lik, out_tail = plan.likelihood, plan.out_tail
         batches = source.batches(plan.rows, plan.cast,

@@ -197,10 +197,10 @@ class FisherEstimator:
         seed = check_seed(seed)
         if verbose not in (0, 1, 2):
             raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
-        model = check_model(self.model, purpose="Fisher")
+        model, variables = self._checked_model()
         source = data_lib.Source(data, max_examples)
         distributed = is_distributed()
-        plan = self._plan_for(source, distributed)
+        plan = self._plan_for(source, distributed, variables)
         if self.kind == "sampled" and seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         while True:
@@ -309,8 +309,8 @@ class FisherEstimator:
 
     def plan(self, data):
         """The :class:`Plan` this estimator uses for ``data`` (made now if needed)."""
-        check_model(self.model, purpose="Fisher")
-        return self._plan_for(data_lib.Source(data), is_distributed())
+        _, variables = self._checked_model()
+        return self._plan_for(data_lib.Source(data), is_distributed(), variables)
 
     def tracing_count(self):
         """Traces of every compiled function this estimator made (a no-retrace check)."""
@@ -318,9 +318,19 @@ class FisherEstimator:
         return self._retired_traces + sum(p.engine.tracing_count() for p in plans)
 
     # -- planning -------------------------------------------------------------------------
-    def _plan_for(self, source, distributed):
+    def _checked_model(self):
+        """(model, its trainable variables) after :func:`check_model`'s checks, the
+        variables read once: reading them walks every layer, and a call needs them for its
+        check (none: an error) and for its plans' validity (:meth:`_plan_for`)."""
+        model = check_model(self.model, trainable=False)
+        variables = model.trainable_variables
+        if not variables:
+            check_model(model, purpose="Fisher")        # raises: no trainable variables
+        return model, variables
+
+    def _plan_for(self, source, distributed, variables):
         rules = self.rules
-        valid_for = (rules, tuple(id(v) for v in self.model.trainable_variables))
+        valid_for = (rules, tuple(id(v) for v in variables))
         if valid_for != self._plans_valid_for:
             self._retired_traces = self.tracing_count()
             self._plans, self._confirmed = {}, set()
