@@ -13,21 +13,6 @@ def pytest_configure(config):
         "a larger model); `make test` skips it, `make test-slow` runs it")
 
 
-# The modules that hold the suite's longest tests (subprocesses with a TensorFlow start-up
-# each, recurrent models against their float64 references), run first.  `make test` runs two
-# pytest-xdist workers, which take the tests in collection order, in chunks that shrink
-# towards the end: a long test collected late can be the last one running while the other
-# worker idles.  First, the long tests overlap the short ones instead.  Whole modules move,
-# in their own order, so that a module's fixtures are set up once.
-FIRST = ("test_leaks.py", "test_distribute.py", "test_rules_recurrent.py", "test_resume.py",
-         "test_state_safety.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
