@@ -33,10 +33,13 @@ $(STAMP): setup.py
 
 # Two pytest-xdist workers (this machine's 2 cores): the tests are small graphs whose time
 # is mostly single-threaded tracing and Python. `TEST_WORKERS=0` runs them in one process.
+# One pytest run holds the tests and the benchmarks' smoke pass (--benchmark-disable: every
+# benchmark once, on tiny inputs; the benchmarks first, the many short tests last): two runs
+# would start their workers (TensorFlow, the collection) twice and wait twice for the last test.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow" -n $(TEST_WORKERS)
-	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider -n $(TEST_WORKERS) $(BENCH_FILES)
+	$(PY) -m pytest benchmarks tests -q -m "not slow" --benchmark-disable -n $(TEST_WORKERS) \
+		-o python_files="bench_*.py test_*.py"
 
 # The long tests `make test` leaves out (marked `slow`: other oracle variants, larger models).
 test-slow: $(STAMP)
