@@ -25,6 +25,7 @@ import textwrap
 import pytest
 
 TIMEOUT = 150   # seconds for a whole case (TensorFlow start-up included)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COMMON = textwrap.dedent('''
     import json, os, sys
@@ -113,14 +114,18 @@ COMMON = textwrap.dedent('''
     with strategy.scope():
         distributed = run()
     with open(OUT, "w") as f:
-        json.dump({"single": single, "distributed": distributed, "first_tensor": FIRST_TENSOR}, f)
+        json.dump({"single": single, "distributed": distributed, "first_tensor": FIRST_TENSOR,
+                   "fastewc": fastewc.__file__}, f)
 ''')
 
 
 def _env():
+    """The environment of a case: this checkout's fastewc first on the path (a script's
+    directory, not the working directory, starts ``sys.path``)."""
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.pop("TF_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     return env
 
 
@@ -129,6 +134,7 @@ def _check(result, single=None):
     ``single`` for a worker that did not compute it)."""
     import numpy as np
 
+    assert result["fastewc"].startswith(ROOT + os.sep), result["fastewc"]     # this checkout's
     assert result["first_tensor"] == 6.0
     single, dist = single or result["single"], result["distributed"]
     assert single["replicas"] == 1 and dist["replicas"] == 2
