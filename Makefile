@@ -25,7 +25,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 venv: $(STAMP)
 
 # --no-compile: pip would byte-compile all ~11k installed modules (~35 s on this machine);
-# Python compiles the few hundred a process imports on first use and caches them.
+# Python compiles the modules a process imports on first use and caches them.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile --upgrade "pip>=24"
