@@ -39,8 +39,7 @@ CPU (XLA's convolutions inside the step loop: ~1.6 s per step) and gets 3 rounds
 why ``jit_compile=None`` turns XLA off for convolutional models on CPU.  Smoke mode builds
 narrow versions of the
 models (same layer types) on batch 4 with 2 steps per round, to stay fast; at that size the
-MLP's b256 cases would repeat its b32 ones, and its compiled b32 cases the paired test's
-members, so they are skipped.
+MLP's b256 cases would repeat its b32 ones, so they are skipped.
 """
 import json
 import sys
@@ -162,8 +161,6 @@ class Workload:
 def test_train_step(benchmark, smoke, device, name, batch, variant, with_ewc):
     if smoke and batch != WORKLOADS[0][1]:
         pytest.skip("smoke subset: at the smoke size (batch 4) every batch size runs the same code")
-    if smoke and name == "mlp" and variant != "eager":
-        pytest.skip("smoke subset: test_ewc_overhead_paired runs the MLP's compiled steps, with and without EWC")
     steps = 2 if smoke else STEPS
     work = Workload(name, 4 if smoke else batch, smoke, steps)
     benchmark.group = f"{name}-b{batch}-train[{device}]"
