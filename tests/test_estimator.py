@@ -133,7 +133,7 @@ def test_a_grown_model_is_planned_again():
 
 def test_compiled_state_dies_with_the_model():
     """No module-level table keeps a model alive (issue 14: every model used to leak).  One
-    model: a table that holds any model holds the one it last saw (test_leaks.py drops 52
+    model: a table that holds any model holds the one it last saw (test_leaks.py drops 23
     models, each through fisher_diagonal, consolidate and a train step)."""
     x, y = data()
     model = mlp()
