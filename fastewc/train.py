@@ -109,10 +109,10 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
 
     Large models on CPU: each call takes its temporaries (activations, gradients, and with
     an EWC the summed gradient g + λ·A·(θ − μ), one more copy of the parameters) from
-    TensorFlow's CPU allocator.  By default that is ``malloc``, which maps blocks above
-    32 MiB afresh on every call, so a step pays a page fault per 4 KiB of its large
-    temporaries, every step: O(temporary bytes) per step, the EWC's copy included.  Starting
-    the process with ``TF_CPU_ALLOCATOR_USE_BFC=true`` makes TensorFlow pool and reuse them
+    TensorFlow's CPU allocator.  By default that is ``malloc``, which (glibc) maps blocks
+    above its mmap threshold, at most 32 MiB, afresh on every call, so a step pays a page
+    fault per 4 KiB of its large temporaries, every step: O(temporary bytes) per step, the
+    EWC's copy included.  Starting the process with ``TF_CPU_ALLOCATOR_USE_BFC=true`` makes TensorFlow pool and reuse them
     (it then keeps its peak).  fastewc does not set it: it is process-wide (README, "Real
     sizes: train steps").
 
