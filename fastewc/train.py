@@ -112,9 +112,9 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
     TensorFlow's CPU allocator.  By default that is ``malloc``, which (glibc) maps blocks
     above its mmap threshold, at most 32 MiB, afresh on every call, so a step pays a page
     fault per 4 KiB of its large temporaries, every step: O(temporary bytes) per step, the
-    EWC's copy included.  Starting the process with ``TF_CPU_ALLOCATOR_USE_BFC=true`` makes TensorFlow pool and reuse them
-    (it then keeps its peak).  fastewc does not set it: it is process-wide (README, "Real
-    sizes: train steps").
+    EWC's copy included.  Starting the process with ``TF_CPU_ALLOCATOR_USE_BFC=true``
+    makes TensorFlow pool and reuse them (it then keeps its peak).  fastewc does not set
+    it: it is process-wide (README, "Real sizes: train steps").
 
     Returns:
       a :class:`TrainStep` (this is ``TrainStep(model, optimizer, loss, ...)``);
