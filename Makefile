@@ -24,19 +24,24 @@ TORCH_CPU ?= torch==2.13.0+cpu
 
 venv: $(STAMP)
 
+# --no-compile: pip would byte-compile all ~11k installed modules (~35 s on this machine);
+# Python compiles the modules a process imports on first use and caches them.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e ".[tf-cpu,dev,hub]"
-	$(PY) -m pip install --quiet --no-deps "$(KERAS_HUB)"
+	$(PY) -m pip install --quiet --no-compile --upgrade "pip>=24"
+	$(PY) -m pip install --quiet --no-compile -e ".[tf-cpu,dev,hub]"
+	$(PY) -m pip install --quiet --no-compile --no-deps "$(KERAS_HUB)"
 	touch $(STAMP)
 
 # Two pytest-xdist workers (this machine's 2 cores): the tests are small graphs whose time
 # is mostly single-threaded tracing and Python. `TEST_WORKERS=0` runs them in one process.
+# One pytest run holds the tests and the benchmarks' smoke pass (--benchmark-disable: every
+# benchmark once, on tiny inputs; the benchmarks first, the many short tests last): two runs
+# would start their workers (TensorFlow, the collection) twice and wait twice for the last test.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow" -n $(TEST_WORKERS)
-	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider -n $(TEST_WORKERS) $(BENCH_FILES)
+	$(PY) -m pytest benchmarks tests -q -m "not slow" --benchmark-disable -n $(TEST_WORKERS) \
+		-o python_files="bench_*.py test_*.py"
 
 # The long tests `make test` leaves out (marked `slow`: other oracle variants, larger models).
 test-slow: $(STAMP)

@@ -6,6 +6,8 @@
 Exact Fisher (the EWC default), batch_size 512, methods factored and vmap; the eager loop
 only at the small end (it is linear in N and already ~40 s there).  Peak memory comes from
 :mod:`benchmarks.memory` and lands in each benchmark's extra_info; the report draws curves.
+The smoke pass builds every size as width 16 on 8 examples, so it runs the smallest case of
+each method only.
 """
 import keras
 import numpy as np
@@ -36,6 +38,8 @@ def build(axis, size, smoke):
 
 @pytest.mark.parametrize("axis,size,method", CASES, ids=[f"scaling-{a}-{s}-{m}" for a, s, m in CASES])
 def test_scaling(benchmark, smoke, device, axis, size, method):
+    if smoke and (axis, size) != ("examples", EXAMPLES[0]):
+        pytest.skip("smoke subset: at the smoke size (width 16, 8 examples) every size runs the same code")
     model, x, y = build(axis, size, smoke)
     benchmark.group = f"scaling-{axis}[{device}]"
 

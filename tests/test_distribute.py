@@ -8,8 +8,9 @@ own Python process (this pytest process is never reconfigured):
 * MultiWorkerMirroredStrategy with 2 worker processes on 127.0.0.1 (TF_CONFIG, free
   loopback ports), bounded by a timeout and always stopped.
 
-Each process computes the single-device reference itself (outside the strategy scope) and
-the distributed result, and reports both as JSON.  Tolerances: Fisher within 1e-6 relative
+Each process computes the distributed result, and the single-device reference (outside the
+strategy scope; in the multi-worker case the first worker only: the reference is the same
+computation in both), and reports them as JSON.  Tolerances: Fisher within 1e-6 relative
 to its max, weights after the steps within 1e-6, losses within rtol 1e-6 (measured on
 MirroredStrategy: Fisher 1.4e-7 relative, losses 2.3e-7 relative, weights 6e-8: float32
 summation order).
@@ -24,16 +25,26 @@ import textwrap
 import pytest
 
 TIMEOUT = 150   # seconds for a whole case (TensorFlow start-up included)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COMMON = textwrap.dedent('''
     import json, os, sys
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     MODE = sys.argv[1]
     OUT = sys.argv[2]
+    # fastewc is imported BEFORE the devices are configured, as users write it: importing it
+    # must leave TensorFlow uninitialized (a logical-device configuration or a coordination
+    # service after an initialized context raises), and a process's first tensor may be a
+    # Fisher batch's (``call_tensor`` initializes the eager context itself, as
+    # ``tf.convert_to_tensor`` does).
+    import numpy as np
     import tensorflow as tf
+    import fastewc
+    from fastewc._keras_compat import call_tensor
     if MODE == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        FIRST_TENSOR = float(tf.reduce_sum(call_tensor(np.arange(4, dtype=np.float32))))
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     else:
         # The strategy's coordination service, configured as the strategy would (it does so
@@ -47,10 +58,9 @@ COMMON = textwrap.dedent('''
             service_type="standalone", service_leader="/job:worker/replica:0/task:0",
             coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=len(workers))],
             heartbeat_timeout_in_ms=600_000)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()     # (at program start)
+        FIRST_TENSOR = float(tf.reduce_sum(call_tensor(np.arange(4, dtype=np.float32))))
     import keras
-    import numpy as np
-    import fastewc
 
     LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
@@ -98,25 +108,35 @@ COMMON = textwrap.dedent('''
         out["replicas"] = 1 if not tf.distribute.has_strategy() else strategy.num_replicas_in_sync
         return out
 
-    single = run()
+    # the single-device reference is the same computation in every worker: the first computes it
+    chief = MODE == "mirrored" or json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0
+    single = run() if chief else None
     with strategy.scope():
         distributed = run()
     with open(OUT, "w") as f:
-        json.dump({"single": single, "distributed": distributed}, f)
+        json.dump({"single": single, "distributed": distributed, "first_tensor": FIRST_TENSOR,
+                   "fastewc": fastewc.__file__}, f)
 ''')
 
 
 def _env():
+    """The environment of a case: this checkout's fastewc first on the path (a script's
+    directory, not the working directory, starts ``sys.path``)."""
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.pop("TF_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     return env
 
 
-def _check(result):
+def _check(result, single=None):
+    """``result``'s distributed run against the single-device reference (``result``'s own, or
+    ``single`` for a worker that did not compute it)."""
     import numpy as np
 
-    single, dist = result["single"], result["distributed"]
+    assert result["fastewc"].startswith(ROOT + os.sep), result["fastewc"]     # this checkout's
+    assert result["first_tensor"] == 6.0
+    single, dist = single or result["single"], result["distributed"]
     assert single["replicas"] == 1 and dist["replicas"] == 2
     for key in ("fisher_sampled", "fisher_exact", "kfac"):
         assert (key in single) == (key in dist)
@@ -197,7 +217,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     finally:
         _stop(procs)
     for result in results:
-        _check(result)
+        _check(result, results[0]["single"])
     # every worker ends with the same weights
     import numpy as np
     for a, b in zip(results[0]["distributed"]["weights"], results[1]["distributed"]["weights"]):

@@ -139,6 +139,11 @@ def test_import_without_tensorflow_names_the_extras():
     assert "fastewc[tf-cpu]" in proc.stderr and "fastewc[cuda]" in proc.stderr
 
 
+# That importing fastewc leaves TensorFlow uninitialized (users configure devices after their
+# imports) and that a process's first tensor may be a Fisher batch's (``call_tensor``) is
+# checked in test_distribute.py's subprocesses, which configure devices after importing fastewc.
+
+
 def scale_rule(layer, inputs):
     """The README's custom-rule example, verbatim."""
     z = inputs * layer.w                      # what layer.call computes
@@ -183,21 +188,6 @@ def test_a_model_that_gained_a_head_gets_a_fisher_for_every_variable():
     x, y = data(classes=5)
     fisher = fastewc.fisher_diagonal(model, (x, y), loss=LOGITS)
     assert [tuple(f.shape) for f in fisher] == [tuple(v.shape) for v in model.trainable_variables]
-
-
-def test_importing_fastewc_leaves_tensorflow_uninitialized():
-    """Users configure devices (logical CPUs, memory growth) after their imports; and the
-    first tensor of a process may be a Fisher batch's (``call_tensor`` initializes the
-    eager context itself, as ``tf.convert_to_tensor`` does)."""
-    code = ("import numpy as np, tensorflow as tf, fastewc\n"
-            "from fastewc._keras_compat import call_tensor\n"
-            "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-            "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-            "print(float(tf.reduce_sum(call_tensor(np.arange(4, dtype=np.float32)))))\n"
-            "print(len(tf.config.list_logical_devices('CPU')))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["6.0", "2"]
 
 
 def _wide_head(classes):
