@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import sys
 import time
 
@@ -220,7 +221,15 @@ def main(argv=None):
     parser.add_argument("--variants", default="", help="comma list: none,scalar,rows,cols,vecmat,densify")
     parser.add_argument("--no-xla", action="store_true")
     parser.add_argument("--full", action="store_true", help="whole make_train_step calls")
+    parser.add_argument("--profile", default=None,
+                        help="after the timed rounds, a tf.profiler trace of 2 calls of each member "
+                             "into DIR/<member> (read with profiles.summarize)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="GPT-2 base widths with this many layers (a smaller model to probe)")
     args = parser.parse_args(argv)
+    if args.layers is not None:
+        from benchmarks import bench_large_train as large
+        large.BASE = dict(large.BASE, num_layers=args.layers)
     if args.dump and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text").strip()
@@ -235,21 +244,51 @@ def main(argv=None):
                               variants=variants)
         names = args.members.split(",") + ["ewc_" + v for v in variants]
     times = {name: [] for name in names}
+    faults = {name: [] for name in names}
     order = list(names)
     for round_ in range(args.rounds + 1):
         for name in order:
+            minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             out = fns[name](flat)
             # a tensor's .numpy() waits for the whole function (all outputs are ready)
             tf.nest.flatten(out)[0].numpy()
             if round_:
                 times[name].append(time.perf_counter() - start)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt)
         order.reverse()
         if args.dump:
             break
+    if args.profile:
+        for name in names:
+            tf.profiler.experimental.start(os.path.join(args.profile, name))
+            for _ in range(2):
+                tf.nest.flatten(fns[name](flat))[0].numpy()
+            tf.profiler.experimental.stop()
     print(json.dumps({"params": params, "policy": args.policy, "xla": not args.no_xla, "full": args.full,
+                      "rounds": args.rounds, "malloc_env": _malloc_env(),
                       "median": {k: float(np.median(v)) for k, v in times.items() if v},
-                      "min": {k: float(np.min(v)) for k, v in times.items() if v}}))
+                      "min": {k: float(np.min(v)) for k, v in times.items() if v},
+                      "minor_faults": {k: int(np.median(v)) for k, v in faults.items() if v},
+                      "pair_ratios": _pair_ratios(times)}))
+
+
+def _pair_ratios(times):
+    """{name: (25th, 50th, 75th percentile)} of the per-round ratios name / plain: each
+    round's members ran next to each other, so the ratio of a round cancels the drift
+    between rounds that the ratio of the medians keeps."""
+    base = times.get("plain")
+    if not base:
+        return {}
+    return {name: [float(q) for q in np.percentile(np.asarray(t) / np.asarray(base), [25, 50, 75])]
+            for name, t in times.items() if name != "plain" and len(t) == len(base)}
+
+
+def _malloc_env():
+    """The allocator settings of this process's environment (they change what a step's
+    temporary buffers cost: README, train-step figures)."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(("MALLOC_", "TF_CPU_", "LD_PRELOAD"))}
 
 
 if __name__ == "__main__":

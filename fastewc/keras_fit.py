@@ -25,6 +25,10 @@ Threads: each call of the train function (one batch, or ``steps_per_execution`` 
 holds the EWC's ``state_guard`` shared, so a consolidation in another thread commits
 between calls, never during one (see :mod:`fastewc.train`).
 
+Large models on CPU: as for :func:`fastewc.make_train_step`, start the process with
+``TF_CPU_ALLOCATOR_USE_BFC=true`` so that each step's temporaries (the EWC's summed
+gradient among them) are reused instead of page-faulted afresh every step.
+
 ``evaluate`` (and ``fit``'s validation) keeps Keras' evaluation loss, L_data + Σ
 model.losses, without P: it measures the data, and P does not depend on it.  Keras counts
 ``model.losses`` (weight regularizers) in that loss; P is left out because it is logged

@@ -107,6 +107,15 @@ def make_train_step(model, optimizer, loss, *, ewc=None, jit_compile=None, steps
     Threads: a call holds ``ewc.state_guard`` shared, so a consolidation in another thread
     commits before or after it, never during it (:mod:`fastewc.ewc`).
 
+    Large models on CPU: each call takes its temporaries (activations, gradients, and with
+    an EWC the summed gradient g + λ·A·(θ − μ), one more copy of the parameters) from
+    TensorFlow's CPU allocator.  By default that is ``malloc``, which (glibc) maps blocks
+    above its mmap threshold, at most 32 MiB, afresh on every call, so a step pays a page
+    fault per 4 KiB of its large temporaries, every step: O(temporary bytes) per step, the
+    EWC's copy included.  Starting the process with ``TF_CPU_ALLOCATOR_USE_BFC=true``
+    makes TensorFlow pool and reuse them (it then keeps its peak).  fastewc does not set
+    it: it is process-wide (README, "Real sizes: train steps").
+
     Returns:
       a :class:`TrainStep` (this is ``TrainStep(model, optimizer, loss, ...)``);
       ``step(x, y)`` returns L_data + Σ model.losses + P, float32 (shape ``()``, or
