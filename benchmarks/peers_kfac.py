@@ -5,7 +5,9 @@ models, weights, data and loss of ``bench_kfac.py``), each kind (empirical, samp
 is computed by four members on the same weights and data, in one process:
 
 * ``fastewc``: ``FisherEstimator(model, loss=..., kind=..., curvature="kfac")``, default
-  arguments, called as ``estimator((x, y), seed=0)``;
+  arguments, called as ``estimator((x, y), seed=0)``: on the NumPy arrays (converted on
+  every call, as ``bench_kfac`` calls it), or with ``--inputs tensors`` on the TensorFlow
+  tensors the kernel gets (every member then gets its framework's tensors, made once);
 * ``kernel``: the plain hand-written TensorFlow KFAC of :mod:`benchmarks.handwritten_kfac`
   (no XLA, the faster on CPU);
 * ``asdl``: ASDL (``asdfghjkl``), ``get_fisher_maker`` with ``fisher_shapes=[SHAPE_KRON]``
@@ -256,9 +258,9 @@ class Group:
     """The four members for one (problem, kind): each a callable computing the factors once,
     and ``factors(member)``: its factors Keras-ordered, for the checks."""
 
-    def __init__(self, name, kind, *, small=False):
+    def __init__(self, name, kind, *, small=False, inputs="numpy"):
         import torch
-        self.name, self.kind = name, kind
+        self.name, self.kind, self.inputs = name, kind, inputs
         self.model, self.x, self.y = problems.make(name, small=small)
         self.n = len(self.x)
         self.twin, self.orders = torch_twin(self.model)
@@ -278,7 +280,8 @@ class Group:
     def fastewc(self):
         if self.estimator is None:
             self.fresh_estimator()
-        return self.estimator((self.x, self.y), seed=0)
+        data = (self.x, self.y) if self.inputs == "numpy" else self._tf[:2]
+        return self.estimator(data, seed=0)
 
     def kernel_call(self):
         factors = self.kernel(*self._tf)
@@ -351,9 +354,9 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def measure(name, kind, rounds, *, small=False, log=print):
+def measure(name, kind, rounds, *, small=False, inputs="numpy", log=print):
     """One group: first calls, agreement, then ``rounds`` rotating rounds."""
-    group = Group(name, kind, small=small)
+    group = Group(name, kind, small=small, inputs=inputs)
     first = {}
     for member in MEMBERS:
         if member == "fastewc":
@@ -372,7 +375,8 @@ def measure(name, kind, rounds, *, small=False, log=print):
             times[member].append(_timed(group.members[member]))
     medians = {member: statistics.median(t) for member, t in times.items()}
     log(f"{name} {kind}: medians ms " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in medians.items()))
-    return dict(problem=name, kind=kind, examples=group.n, rounds=rounds, logit_error=group.logit_error,
+    return dict(problem=name, kind=kind, examples=group.n, rounds=rounds, fastewc_inputs=inputs,
+                logit_error=group.logit_error,
                 first_call=first, medians=medians, times=times, agreement=agreement)
 
 
@@ -406,6 +410,8 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--rounds", type=int, default=None, help="rounds per group (default: mlp 31, cnn 5)")
     parser.add_argument("--small", action="store_true", help="8 examples (a smoke run)")
+    parser.add_argument("--inputs", choices=["numpy", "tensors"], default="numpy",
+                        help="what fastewc is called on: the NumPy arrays, or the kernel's TensorFlow tensors")
     parser.add_argument("--json", help="write the results here (appending to its list if it exists)")
     parser.add_argument("--report", help="print the table of a results file and exit")
     args = parser.parse_args(argv)
@@ -421,7 +427,7 @@ def main(argv=None):
     for name in args.problems:
         for kind in args.kinds:
             results.append(measure(name, kind, args.rounds or ROUNDS[name], small=args.small,
-                                   log=lambda s: print(s, flush=True)))
+                                   inputs=args.inputs, log=lambda s: print(s, flush=True)))
     if args.json:
         doc = {"results": []}
         if os.path.exists(args.json):
