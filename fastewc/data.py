@@ -143,19 +143,22 @@ class Source:
                 self._first_x = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[:1]), self.data[0])
         return self._first_x
 
-    def batches(self, rows, cast, check_labels, check_weights=None):
+    def batches(self, rows, cast, check_labels, check_weights=None, *, padding=None):
         """Yield :class:`Batch` objects of ``rows_per_batch(rows, n)`` rows, inputs cast by
         ``cast``, labels passed through ``check_labels`` and a ``sample_weight`` through
         ``check_weights`` (NumPy in, NumPy out; None: as given); at most ``max_examples``
-        examples in all.  A batch's tensors hold NumPy data without a defensive copy
+        examples in all; a short batch padded by ``padding`` (a :class:`Padding`, whose
+        index tensors its owner keeps between calls; None: made for this read).  A batch's tensors hold NumPy data without a defensive copy
         (:func:`fastewc._keras_compat.call_tensor`): they are for the call that reads them,
         which ends before the caller can change its arrays."""
+        padding = Padding() if padding is None else padding
+
         def finish(x, y, n, b, index, w=None):
             y = compat.call_tensor(check_labels(_numpy(y)))
             if w is not None:
                 w = _numpy(w)
                 y = (y, compat.call_tensor(w if check_weights is None else check_weights(w)))
-            return _make(cast(x), y, n, b, index)
+            return padding.batch(cast(x), y, n, b, index)
 
         if self.is_dataset:
             limit = self.max_examples
@@ -348,38 +351,39 @@ def id_range_error(layer, low, high, *, argument="data"):
         f"end, as in keras.ops.take). Received: {received}")
 
 
-_MASKS = {}
+class Padding:
+    """The small index tensors that pad a short batch to the compiled call's ``b`` rows,
+    made once per (n, b) and kept by their owner (a :class:`fastewc.FisherEstimator`: its
+    calls meet a handful of (n, b) pairs, the last batch of each data size): the (b,) 0/1
+    mask of n real rows and the (b,) row index i mod n.  A padded batch then costs one
+    gather per tensor and no eager conversion."""
 
+    def __init__(self):
+        self._masks, self._rows = {}, {}
 
-def _mask(n, b):
-    """The (b,) 0/1 mask of n real rows; cached (a handful of (n, b) pairs per run)."""
-    key = (n, b)
-    mask = _MASKS.get(key)
-    if mask is None:
-        mask = _MASKS[key] = tf.constant(np.arange(b) < n, tf.float32)
-    return mask
+    def mask(self, n, b):
+        """The (b,) float32 mask, 1 on the n real rows."""
+        mask = self._masks.get((n, b))
+        if mask is None:
+            mask = self._masks[(n, b)] = tf.constant(np.arange(b) < n, tf.float32)
+        return mask
 
+    def pad(self, t, b):
+        """``t`` of n rows padded to ``b`` by repeating its own rows (row i is row i mod n)."""
+        n = int(t.shape[0])
+        if n == b:
+            return t
+        rows = self._rows.get((n, b))
+        if rows is None:
+            rows = self._rows[(n, b)] = tf.constant(np.arange(b) % n, tf.int32)
+        return tf.gather(t, rows)
 
-_PAD_ROWS = {}
-
-
-def _pad(t, b):
-    """``t`` of n rows padded to ``b`` by repeating its own rows (row i is row i mod n);
-    the (b,) index is cached like :func:`_mask`, so a padded batch costs one gather."""
-    n = int(t.shape[0])
-    if n == b:
-        return t
-    rows = _PAD_ROWS.get((n, b))
-    if rows is None:
-        rows = _PAD_ROWS[(n, b)] = tf.constant(np.arange(b) % n, tf.int32)
-    return tf.gather(t, rows)
-
-
-def _make(x, y, n, b, index):
-    if n != b:
-        x = tf.nest.map_structure(lambda t: _pad(t, b), x)
-        y = tf.nest.map_structure(lambda t: _pad(t, b), y)
-    return Batch(x=x, y=y, mask=_mask(n, b), count=n, index=index)
+    def batch(self, x, y, n, b, index):
+        """The :class:`Batch` of ``x``, ``y`` (n rows) padded to ``b`` rows."""
+        if n != b:
+            x = tf.nest.map_structure(lambda t: self.pad(t, b), x)
+            y = tf.nest.map_structure(lambda t: self.pad(t, b), y)
+        return Batch(x=x, y=y, mask=self.mask(n, b), count=n, index=index)
 
 
 def input_caster(model, x, from_dataset):

@@ -171,6 +171,7 @@ class FisherEstimator:
         self._noise_functions = {}
         self._retired_traces = 0
         self._second_plans = {}      # id(a plan's engine) -> the Plan of its second pass
+        self._padding = data_lib.Padding()     # a short batch's mask and row index, per (n, b)
 
     @property
     def rules(self):
@@ -259,7 +260,7 @@ class FisherEstimator:
         model = self.model
         # One batch read ahead: a call whose first batch is also its last runs it `alone`
         # (its mean in float32 in the batch's function, no float64: engines.base.mean).
-        upcoming = source.batches(plan.rows, plan.cast, check_labels, check_weights)
+        upcoming = source.batches(plan.rows, plan.cast, check_labels, check_weights, padding=self._padding)
         batch, first = next(upcoming), True
         while batch is not None:
             following = next(upcoming, None)

@@ -323,8 +323,8 @@ def test_a_repeated_call_converts_nothing_through_convert_to_tensor(monkeypatch,
     """A repeated call on NumPy x and y of 6 examples (padded to 8 rows) makes no
     conversion through ``tf.convert_to_tensor``'s eager path: not the arrays (whose
     Python copy ``convert_to_eager_tensor`` makes before TensorFlow's own conversion
-    copies them again), not the padding's row index (cached per (rows, padded rows), like
-    the mask), not the sampled kind's seed [seed, batch index] (``tf.constant`` made it).
+    copies them again), not the padding's row index (kept per (rows, padded rows) by the
+    estimator, like the mask), not the sampled kind's seed [seed, batch index] (``tf.constant`` made it).
     The Fisher still matches the float64 reference (sampled: at the labels seed 3 draws)."""
     from tensorflow.python.framework import constant_op
     from fastewc.testing import reference_fisher_of
@@ -339,6 +339,29 @@ def test_a_repeated_call_converts_nothing_through_convert_to_tensor(monkeypatch,
     got = estimator((x, y), seed=3)
     assert converted == []
     assert_matches(got, reference_fisher_of(model, x, y, loss=LOGITS, kind=kind, seed=3))
+
+
+def test_the_padding_tensors_live_as_long_as_their_estimator():
+    """The mask and row index that pad a short batch are kept by the estimator that made
+    them (reused by its next call) and go with it: no module-level cache outlives it."""
+    import gc
+    import weakref
+    model = mlp()
+    x, y = data(n=6)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, batch_size=8)
+    estimator((x, y))
+    padding = estimator._padding
+    mask = padding.mask(6, 8)
+    estimator((x, y))
+    assert padding.mask(6, 8) is mask and estimator._padding is padding
+    np.testing.assert_array_equal(mask.numpy(), [1, 1, 1, 1, 1, 1, 0, 0])
+    gone = weakref.ref(padding)
+    del estimator, padding, mask
+    gc.collect()
+    assert gone() is None
+    other = fastewc.FisherEstimator(model, loss=LOGITS, batch_size=8)
+    other((x, y))
+    assert other._padding._masks.keys() == {(6, 8)}
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])
