@@ -12,7 +12,7 @@ import string
 
 import tensorflow as tf
 
-from fastewc.contract import (KroneckerSums, UnsupportedLayerError, few_rows,  # noqa: F401
+from fastewc.contract import (KroneckerSums, UnsupportedLayerError, few_rows, gram,  # noqa: F401
                               row_gram, static_or_dynamic_shape, unit_weights, weighted_rows,
                               weighted_square_sum)
 
@@ -156,8 +156,9 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
 
         a = [[Σ āāᵀ/L, Σ a/L], [·ᵀ, Σ m]],    g = Σ_kn w_kn Σ_l δ_knl δ_knlᵀ.
 
-    Cost: two matmuls, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u) (no pass that
-    weighs the deltas where the weights are statically 1, :func:`unit_weights`), and no pass over a
+    Cost: two Gram products, (d × N·L)(N·L × d) and (u × K·N·L)(K·N·L × u)
+    (:func:`fastewc.contract.gram`: one matmul, or its upper blocks where they pay; no pass
+    that weighs the deltas where the weights are statically 1, :func:`unit_weights`), and no pass over a
     (d+1)² ``a`` larger than the rows: where the N·L rows are at most d' (statically,
     :func:`fastewc.contract.few_rows`), ``a`` is :func:`fastewc.contract.row_gram` of the
     rows with the bias's column, the 1/L folded into them (the reference CNN's
@@ -178,12 +179,14 @@ def kronecker_sums(variables, rows, deltas, weight, mask, *, bias, input_rank=No
     if few_rows(rows_out):
         a = row_gram(rows_out)
     else:
-        a = per_position(tf.matmul(flat, flat, transpose_a=True))
+        a = per_position(gram(flat))
         if bias:
             column = per_position(tf.reduce_sum(flat, axis=0)[:, None])
             corner = tf.reshape(tf.reduce_sum(mask), [1, 1])
             a = tf.concat([tf.concat([a, column], 1), tf.concat([tf.transpose(column), corner], 1)], 0)
     flat_deltas = tf.reshape(deltas, [-1, u])
-    weighted = flat_deltas if unit_weights(weight) else tf.reshape(deltas * weight[:, :, None, None], [-1, u])
-    g = tf.matmul(weighted, flat_deltas, transpose_a=True)
+    if unit_weights(weight):
+        g = gram(flat_deltas)
+    else:
+        g = tf.matmul(tf.reshape(deltas * weight[:, :, None, None], [-1, u]), flat_deltas, transpose_a=True)
     return KroneckerSums(tuple(variables), a, g, input_rank, rows_out, deltas)

@@ -29,7 +29,7 @@ Cost: a scatter of N·L counts and one (dim × K·N·L)(K·N·L × dim) matmul.
 import keras
 import tensorflow as tf
 
-from fastewc.contract import KroneckerSums, unit_weights
+from fastewc.contract import KroneckerSums, gram, unit_weights
 from fastewc.registry import RuleOutput, UnsupportedLayerError, register_rule
 from fastewc.rules._common import check_plain, leading_dims
 
@@ -84,8 +84,11 @@ def lookup_kronecker_sums(layer, ids, delta, weight, mask):
     a = tf.math.unsorted_segment_sum(tf.reshape(present, [-1]), tf.reshape(flat_ids, [-1]),
                                      layer.input_dim) / positions
     deltas = tf.reshape(delta, [k, n, -1, dim]) * present[None, :, :, None]
-    weighted = tf.reshape(deltas if unit_weights(weight) else deltas * weight[:, :, None, None], [-1, dim])
-    g = tf.matmul(weighted, tf.reshape(deltas, [-1, dim]), transpose_a=True)
+    flat = tf.reshape(deltas, [-1, dim])
+    if unit_weights(weight):
+        g = gram(flat)
+    else:
+        g = tf.matmul(tf.reshape(deltas * weight[:, :, None, None], [-1, dim]), flat, transpose_a=True)
     return KroneckerSums((layer.embeddings,), a, g)
 
 
