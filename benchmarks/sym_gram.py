@@ -6,15 +6,13 @@ Each member a ``tf.function`` (no XLA), all interleaved in one process (the orde
 each round), warmed up; medians and each member's first call (trace + run):
 
 * ``plain``: ``tf.matmul(x, x, transpose_a=True)``;
-* ``b<b>``: the b(b + 1)/2 upper blocks, the lower ones their transposes, in one piece;
-* ``b<b> c<rows>``: the same over row chunks of that many rows, summed before the assembly
-  (``b1 c<rows>``: one matmul per chunk, the chunks' products summed: no symmetry);
+* ``b<b>``: the b(b + 1)/2 upper blocks, the lower ones their transposes;
 * ``assembly b<b>``: the assembly alone (:func:`fastewc.contract.from_upper_blocks`) from
   the upper blocks given;
 * ``gram``: what :func:`fastewc.contract.gram` does for the shape (the rule's choice).
 
     .venv/bin/python -m benchmarks.sym_gram [rounds] [--shapes 512x785 147456x288 ...]
-        [--blocks 2 3 4] [--chunks 16384]
+        [--blocks 2 3 4]
 """
 import argparse
 import statistics
@@ -32,22 +30,16 @@ SHAPES = {   # rows × d of the reference models' Gram products (A's without the
     "4608x256": "MLP exact G of Dense(784 → 256): 9 · 512 rows",
     "256x9217": "CNN Dense(9216 → 128) A, rows form (row_gram)",
     "147456x288": "CNN Conv(32 → 64) 3×3 patches A: 256 · 24² rows",
-    "147456x64": "CNN Conv(32 → 64) G (per cotangent)",
+    "16384x289": "a convolution's patches at 64 examples of 16²",
     "4096x785": "MLP Dense(784 → 256) A at 4096 rows a batch (60 000 examples)",
 }
 
 
-def members_for(x, blocks, chunks):
-    rows, d = x.shape
+def members_for(x, blocks):
+    d = x.shape[-1]
     members = {"plain": (contract.plain_gram, x)}
     for b in blocks:
         members[f"b{b}"] = (lambda x, b=b: contract.symmetric_gram(x, b), x)
-        for c in chunks:
-            if c < rows:
-                members[f"b{b} c{c}"] = (lambda x, b=b, c=c: contract.symmetric_gram(x, b, c), x)
-    for c in chunks:
-        if c < rows:
-            members[f"b1 c{c}"] = (lambda x, c=c: contract.symmetric_gram(x, 1, c), x)
     for b in blocks:
         a = contract.plain_gram(x)
         edges = [i * d // b for i in range(b + 1)]
@@ -62,7 +54,6 @@ def main(argv=None):
     parser.add_argument("rounds", type=int, nargs="?", default=15)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--blocks", nargs="*", type=int, default=[2, 3, 4])
-    parser.add_argument("--chunks", nargs="*", type=int, default=[16384])
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     for shape in args.shapes:
@@ -70,7 +61,7 @@ def main(argv=None):
         x = tf.constant(rng.normal(size=(rows, d)).astype(np.float32))
         x64 = tf.cast(x, tf.float64)
         reference = np.asarray(tf.matmul(x64, x64, transpose_a=True))
-        members = members_for(x, args.blocks, args.chunks)
+        members = members_for(x, args.blocks)
         first = {}
         for label, (fn, arg) in members.items():
             start = time.perf_counter()
@@ -89,9 +80,7 @@ def main(argv=None):
                 times[label].append(time.perf_counter() - start)
         med = {label: statistics.median(t) for label, t in times.items()}
         rule = contract.gram_blocks(rows, d)
-        print(f"{shape} ({SHAPES.get(shape, '')}; gram: b = {rule}"
-              f"{f', chunks of {contract.chunk_rows(rows, d)} rows' if rule > 1 else ''}), "
-              f"{args.rounds} rounds, medians:")
+        print(f"{shape} ({SHAPES.get(shape, '')}; gram: b = {rule}), {args.rounds} rounds, medians:")
         for label in members:
             print(f"  {label:16s} {med[label] * 1e3:9.3f} ms  ÷ plain {med[label] / med['plain']:.3f}"
                   f"   (first call {first[label] * 1e3:.1f} ms)")

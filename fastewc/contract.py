@@ -167,11 +167,11 @@ def row_gram(rows, scale=None):
 # Where the upper blocks beat one matmul, from side-by-side runs (README, "A by its
 # symmetry"; `python -m benchmarks.sym_gram`): they lost where the matmul is small (512 × 256,
 # 4096 × 257: the extra ops), where A is large (256 × 9217: assembling its 85M floats cost
-# as much as the matmul) and where X's column copies are large (147456 × 289 in one piece).
+# as much as the matmul) and where X is large (147456 × 288: its column copies).
 SYMMETRIC_MIN_WIDTH = 256          # d below this: one matmul
 SYMMETRIC_MIN_MACS = 6 * 10**8     # rows · d² below this: one matmul (512 × 785 was even)
 SYMMETRIC_MAX_FACTOR = 2**22       # d² above this (16 MiB of A): one matmul
-GRAM_CHUNK_FLOATS = 2**22          # rows · d per row chunk of a tall X (16 MiB, below malloc's mmap)
+SYMMETRIC_MAX_ROWS = 2**23         # rows · d above this (32 MiB of X, copied once): one matmul
 
 
 def gram_blocks(rows, d):
@@ -179,29 +179,18 @@ def gram_blocks(rows, d):
     the b of :func:`symmetric_gram` (2 below d = 512, else 3), by the limits above;
     ``rows`` None (not static): 1."""
     if (rows is None or d is None or d < SYMMETRIC_MIN_WIDTH or d * d > SYMMETRIC_MAX_FACTOR
-            or rows * d * d < SYMMETRIC_MIN_MACS):
+            or rows * d > SYMMETRIC_MAX_ROWS or rows * d * d < SYMMETRIC_MIN_MACS):
         return 1
     return 2 if d < 512 else 3
-
-
-def chunk_rows(rows, d):
-    """Rows per chunk of :func:`symmetric_gram` for an (rows × d) X: at most
-    ``GRAM_CHUNK_FLOATS`` floats a chunk (a multiple of 16 rows), or all the rows."""
-    if rows * d <= GRAM_CHUNK_FLOATS:
-        return rows
-    return max(16, GRAM_CHUNK_FLOATS // d // 16 * 16)
 
 
 def gram(x):
     """XᵀX of a float (rows, d) ``x``: (d, d), the Kronecker factors' product.  One matmul
     (:func:`plain_gram`, the reference twin), or where :func:`gram_blocks` says the upper
-    blocks pay, :func:`symmetric_gram` (about 62–75 % of the multiply-adds).  Either is
+    blocks pay, :func:`symmetric_gram` (67–75 % of the multiply-adds).  Either is
     symmetric up to the rounding of its matmuls."""
-    rows, d = x.shape[0], x.shape[-1]
-    blocks = gram_blocks(rows, d)
-    if blocks == 1:
-        return plain_gram(x)
-    return symmetric_gram(x, blocks, chunk_rows(rows, d))
+    blocks = gram_blocks(x.shape[0], x.shape[-1])
+    return plain_gram(x) if blocks == 1 else symmetric_gram(x, blocks)
 
 
 def plain_gram(x):
@@ -210,33 +199,23 @@ def plain_gram(x):
     return tf.matmul(x, x, transpose_a=True)
 
 
-def symmetric_gram(x, blocks, rows_per_chunk=None):
-    """XᵀX of ``x`` (R, d) (static shape) from its upper blocks.  X's columns split into
-    ``blocks`` = b spans X_1 … X_b (widths differing by at most 1), only the blocks
+def symmetric_gram(x, blocks):
+    """XᵀX of ``x`` (R, d) (static d) from its upper blocks.  X's columns split into
+    ``blocks`` = b spans X_1 … X_b (widths differing by at most 1; one copy of X), only
+    the blocks
 
         A_ij = X_iᵀ X_j,  i ≤ j,      A_ji = A_ijᵀ
 
     are products, b(b + 1)/2 matmuls doing (b + 1)/(2b) of the R·d² multiply-adds (b = 2:
     75 %, b = 3: 67 %); the lower blocks are their transposes and A is assembled by one
-    concat per block row and one of the rows (about two writes of A).  With
-    ``rows_per_chunk`` < R the rows go in chunks (zero-copy slices where aligned), each
-    chunk's blocks summed before the assembly: column copies of one chunk at a time, and
-    shorter products (TensorFlow's XᵀX of a 147456 × 288 X ran 1.2–1.6× slower in one
-    piece than in 16384-row chunks).  The off-diagonal blocks mirror each other exactly;
-    a diagonal block A_ii is one matmul's, symmetric up to its rounding."""
-    rows, d = x.shape[0], x.shape[-1]
+    concat per block row and one of the rows (about two more writes of A).  The
+    off-diagonal blocks mirror each other exactly; a diagonal block A_ii is one matmul's,
+    symmetric up to its rounding."""
+    d = x.shape[-1]
     edges = [i * d // blocks for i in range(blocks + 1)]
-    spans = list(zip(edges[:-1], edges[1:]))
-    widths = [hi - lo for lo, hi in spans]
-    step = rows if rows_per_chunk is None else rows_per_chunk
-    products = {}
-    for start in range(0, rows, step):
-        columns = tf.split(x[start:start + step], widths, axis=1)
-        for i in range(blocks):
-            for j in range(i, blocks):
-                products.setdefault((i, j), []).append(tf.matmul(columns[i], columns[j], transpose_a=True))
-    return from_upper_blocks({key: parts[0] if len(parts) == 1 else tf.add_n(parts)
-                              for key, parts in products.items()}, blocks)
+    columns = tf.split(x, [hi - lo for lo, hi in zip(edges[:-1], edges[1:])], axis=1)
+    return from_upper_blocks({(i, j): tf.matmul(columns[i], columns[j], transpose_a=True)
+                              for i in range(blocks) for j in range(i, blocks)}, blocks)
 
 
 def from_upper_blocks(upper, blocks):

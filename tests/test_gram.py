@@ -1,6 +1,5 @@
 """XᵀX by its symmetry (fastewc.contract.gram, symmetric_gram) against its twin, one matmul,
-and against float64: odd widths, widths not divisible by the blocks, row chunks with a
-remainder, and the Kronecker sums formed through it (the bias column, masked rows, a
+and against float64: odd widths, widths not divisible by the blocks, and the Kronecker sums formed through it (the bias column, masked rows, a
 one-batch call's scaled rows)."""
 import numpy as np
 import pytest
@@ -15,13 +14,12 @@ def _blocks(d, blocks):
     return list(zip(edges[:-1], edges[1:]))
 
 
-@pytest.mark.parametrize("rows, d, blocks, chunk", [
-    (9, 7, 2, None), (9, 7, 3, 4), (20, 11, 4, 16), (33, 5, 5, 8), (6, 13, 3, 6)])
-def test_the_upper_blocks_give_x_transpose_x(rows, d, blocks, chunk):
+@pytest.mark.parametrize("rows, d, blocks", [(9, 7, 2), (9, 7, 3), (20, 11, 4), (33, 5, 5), (6, 13, 3)])
+def test_the_upper_blocks_give_x_transpose_x(rows, d, blocks):
     """Against the float64 product; the blocks off the diagonal mirror each other bit for
     bit (each lower block is its upper block's transpose)."""
     x = np.random.default_rng(rows * d).normal(size=(rows, d)).astype(np.float32)
-    got = contract.symmetric_gram(tf.constant(x), blocks, chunk).numpy()
+    got = contract.symmetric_gram(tf.constant(x), blocks).numpy()
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(got, x64.T @ x64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, contract.plain_gram(tf.constant(x)).numpy(), rtol=1e-5, atol=1e-5)
@@ -36,14 +34,13 @@ def _matmuls(shape):
 
 
 def test_gram_takes_the_blocks_where_the_measured_limits_say():
-    """The reference CNN's convolution patches (147456 × 288, chunked: 2 blocks, 3 products
-    per chunk) go by blocks; the MLP's 512 × 785 rows, the CNN's 256 × 9217 (an 85M-float A)
-    and a small X by one matmul; so does a shape not known when traced."""
-    chunks = -(-147456 // contract.chunk_rows(147456, 288))
-    assert chunks > 1 and contract.chunk_rows(147456, 288) % 16 == 0
-    assert _matmuls((147456, 288)) == 3 * chunks
+    """An MLP's first layer on a 4096-row batch (4096 × 785: 3 blocks, 6 products) and a
+    16384 × 289 X (2 blocks, 3 products) go by blocks; the reference MLP's 512 × 785 rows,
+    the CNN's 256 × 9217 (an 85M-float A), its 147456 × 288 patches (a 170 MB X), a small
+    X and a shape not known when traced by one matmul."""
     assert _matmuls((4096, 785)) == 6
-    for shape in ((512, 785), (256, 9217), (512, 256), (None, 785)):
+    assert _matmuls((16384, 289)) == 3
+    for shape in ((512, 785), (256, 9217), (147456, 288), (512, 256), (None, 785)):
         assert _matmuls(shape) == 1, shape
 
 
