@@ -196,9 +196,11 @@ def per_cotangent_sums(kron, deltas, weight, mask, *, unit):
     K times: the Python trace of a rule (the reference CNN's convolutions: about 90 ops a
     call, their patches mostly) is paid once per layer, not K times.  The calls are inlined
     when TensorFlow instantiates the batch function (as every nested function's are), so
-    the graph that runs is the one the K rule calls traced in place gave: K matmuls for the
-    g's, and the a (and rows) of the first call; the others' a, which nothing reads, are
-    pruned, as before.  No stack of the deltas (a copy of K·N·probe floats)."""
+    the graph that runs holds the ops the K rule calls traced in place gave (and an Identity
+    per argument and output): K matmuls for the g's, and the a (and rows) of the first
+    call; the others' a, which nothing reads, are pruned, as before.  The instantiation
+    does not get shorter (it inlines K bodies); the trace does (README, "One traced rule
+    call per layer").  No stack of the deltas (a copy of K·N·probe floats)."""
     def ones():
         return tf.ones([1, weight.shape[1]])
 
