@@ -4,6 +4,7 @@ Each entry says why no public API does the job.  When Keras moves one of these, 
 the only module to change; each falls back to the closest public behaviour where one
 exists.
 """
+import collections
 import contextlib
 import os
 import weakref
@@ -278,21 +279,44 @@ def tracing_for_xla():
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
-def graph_operations(graph):
-    """Every op of ``graph`` and of the functions in its library (while-loop bodies, the
-    functions pfor and custom gradients create): ``FuncGraph._functions`` is private."""
-    seen, stack, ops = set(), [graph], []
+def _graphs(graph):
+    """``graph`` and the graphs of the functions in its library and theirs, each once
+    (``FuncGraph._functions`` is private): ``[(graph, {function name: its graph})]``."""
+    seen, stack, found = set(), [graph], []
     while stack:
         g = stack.pop()
         if id(g) in seen:
             continue
         seen.add(id(g))
-        ops.extend(g.get_operations())
-        for fn in getattr(g, "_functions", {}).values():
-            inner = getattr(fn, "graph", None)
-            if inner is not None:
-                stack.append(inner)
-    return ops
+        library = {name: fn.graph for name, fn in getattr(g, "_functions", {}).items()
+                   if getattr(fn, "graph", None) is not None}
+        found.append((g, library))
+        stack.extend(library.values())
+    return found
+
+
+def graph_operations(graph):
+    """Every op of ``graph`` and of the functions in its library (while-loop bodies, the
+    functions pfor and custom gradients create, nested ``tf.function`` calls), each
+    function once."""
+    return [op for g, _ in _graphs(graph) for op in g.get_operations()]
+
+
+FUNCTION_CALLS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+def instantiated_operation_count(graph):
+    """The number of ops of ``graph`` as TensorFlow instantiates it: those of
+    :func:`graph_operations`, plus a called function's ops again for each further call
+    op of it (a nested ``tf.function``'s call is inlined at instantiation, so a function
+    called K times puts K copies of its body in the graph that is optimized and run; a
+    loop body, run by its loop op, is there once)."""
+    graphs = _graphs(graph)
+    sizes = {name: len(inner.get_operations()) for _, library in graphs for name, inner in library.items()}
+    calls = collections.Counter(op.get_attr("f").name for g, _ in graphs for op in g.get_operations()
+                                if op.type in FUNCTION_CALLS)
+    ops = sum(len(g.get_operations()) for g, _ in graphs)
+    return ops + sum((count - 1) * sizes.get(name, 0) for name, count in calls.items())
 
 
 __all__ = ["AutocastScope", "LossFunctionWrapper", "unscale_loss_for_distribution", "keras"]

@@ -73,13 +73,15 @@ GRAPH_OPTIMIZER_MAX_OPS = 2000
 def skip_graph_optimizer(graph):
     """Whether a Fisher engine calls the compiled function of ``graph`` without Grappler
     (:func:`fastewc._keras_compat.without_graph_optimizer`): on CPU and for a graph of
-    more than ``GRAPH_OPTIMIZER_MAX_OPS`` operations, where Grappler was a large part of a
-    Keras Application's first call and changed no steady call (README, "Real models").  Kept on
-    GPU, where its layout optimizer matters for convolutions."""
+    more than ``GRAPH_OPTIMIZER_MAX_OPS`` operations as instantiated (a nested function's
+    ops once per call, :func:`fastewc._keras_compat.instantiated_operation_count`: what
+    Grappler would optimize), where Grappler was a large part of a Keras Application's
+    first call and changed no steady call (README, "Real models").  Kept on GPU, where its
+    layout optimizer matters for convolutions."""
     global _HAS_GPU
     if _HAS_GPU is None:                          # the devices a process sees do not change
         _HAS_GPU = has_gpu()
-    return not _HAS_GPU and len(compat.graph_operations(graph)) > GRAPH_OPTIMIZER_MAX_OPS
+    return not _HAS_GPU and compat.instantiated_operation_count(graph) > GRAPH_OPTIMIZER_MAX_OPS
 
 
 _HAS_GPU = None

@@ -51,3 +51,32 @@ def test_fisher_called_without_graph_optimizer_matches_reference(monkeypatch):
     want = reference_fisher_of(model, x, y, loss=LOGITS, kind="exact", batch_size=4)
     for g, w in zip(got, want):
         assert_close(g.numpy(), w, rtol=1e-4)
+
+
+def test_the_graph_size_counts_a_nested_function_once_per_call(monkeypatch):
+    """A nested tf.function is inlined at instantiation, once per call: a graph calling a
+    body of B ops three times is instantiated with 2 · (B + 1) more ops than one calling it
+    once (two more call ops, two more bodies), though its library holds the body once; and
+    whether Grappler is skipped follows that count."""
+    import tensorflow as tf
+
+    def body(t):
+        return tf.tanh(t * 2.0 + 1.0)
+
+    def outer(calls):
+        inner = tf.function(body, autograph=False).get_concrete_function(tf.TensorSpec([3], tf.float32))
+
+        def f(t):
+            for _ in range(calls):
+                t = inner(t)
+            return t
+        return tf.function(f, autograph=False).get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
+
+    once, thrice = outer(1), outer(3)
+    size = len(tf.function(body, autograph=False).get_concrete_function(
+        tf.TensorSpec([3], tf.float32)).graph.get_operations())
+    assert len(compat.graph_operations(thrice)) - len(compat.graph_operations(once)) == 2   # the call ops
+    assert compat.instantiated_operation_count(thrice) - compat.instantiated_operation_count(once) == 2 * (size + 1)
+    monkeypatch.setattr(_policy, "GRAPH_OPTIMIZER_MAX_OPS", len(compat.graph_operations(thrice)))
+    monkeypatch.setattr(_policy, "_HAS_GPU", False)
+    assert _policy.skip_graph_optimizer(thrice)

@@ -51,7 +51,7 @@ from fastewc import penalty as penalty_lib
 from fastewc.blocks.base import Block
 from fastewc.blocks.diagonal import Diagonal, _path
 from fastewc.blocks.task import all_finite, float32_arrays, shape_of
-from fastewc.contract import few_rows, row_gram, unit_weights
+from fastewc.contract import KroneckerSums, few_rows, row_gram, unit_weights
 from fastewc.curvature import KroneckerFisher
 
 # Bytes a call holds per accumulated float of a plan with Kronecker blocks, at most: a call
@@ -179,6 +179,55 @@ def terms_from_file(section, tracking, path, *, label, shapes_of):
     return blocks
 
 
+def per_cotangent_sums(kron, deltas, weight, mask, *, unit):
+    """A rule's Kronecker sums (``kron``, :class:`fastewc.contract.KroneckerSums` per
+    block) of K cotangents whose deltas come apart, ``deltas`` a list of K (N, *probe)
+    tensors (the factored engine's unrolled backward passes), with g = Σ_k g_k:
+
+        g = Σ_k kron(δ_k, w_k, mask).g,     a, rows = kron(δ_1, w_1, mask).a, .rows
+
+    (a and the rows depend on the layer's inputs alone; ``deltas`` of the sums are None).
+    ``weight`` (K, N) the cotangents' weights, w_k its row k; ``unit``: they are
+    statically 1 and N static (then the rule sees a constant row of ones:
+    :func:`fastewc.contract.unit_weights` holds and it weighs no deltas).
+
+    The rule is traced ONCE, as a ``tf.function`` of one cotangent's (1, N, *probe) deltas,
+    the mask and (unless statically 1) the weight row, and that concrete function is called
+    K times: the Python trace of a rule (the reference CNN's convolutions: about 90 ops a
+    call, their patches mostly) is paid once per layer, not K times.  The calls are inlined
+    when TensorFlow instantiates the batch function (as every nested function's are), so
+    the graph that runs holds the ops the K rule calls traced in place gave (and an Identity
+    per argument and output): K matmuls for the g's, and the a (and rows) of the first
+    call; the others' a, which nothing reads, are pruned, as before.  The instantiation
+    does not get shorter (it inlines K bodies); the trace does (README, "One traced rule
+    call per layer").  No stack of the deltas (a copy of K·N·probe floats)."""
+    def ones():
+        return tf.ones([1, weight.shape[1]])
+
+    if len(deltas) == 1:
+        return kron(deltas[0][None], ones() if unit else weight, mask)
+    structure = []          # per block: (variables, input_rank, has rows), set by the trace
+
+    def one_cotangent(delta, mask, *weight_row):
+        row = weight_row[0] if weight_row else ones()
+        blocks = kron(delta[None], row, mask)
+        structure[:] = [(sums.variables, sums.input_rank, sums.rows is not None) for sums in blocks]
+        return [t for sums in blocks for t in (sums.a, sums.g) + ((sums.rows,) if sums.rows is not None else ())]
+
+    def row(k):
+        return [] if unit else [weight[k:k + 1]]
+
+    traced = tf.function(one_cotangent, autograph=False).get_concrete_function(deltas[0], mask, *row(0))
+    calls = [traced(d, mask, *row(k)) for k, d in enumerate(deltas)]
+    blocks, i = [], 0
+    for variables, input_rank, has_rows in structure:
+        a, rows = calls[0][i], calls[0][i + 2] if has_rows else None
+        g = tf.add_n([outputs[i + 1] for outputs in calls])
+        blocks.append(KroneckerSums(variables, a, g, input_rank, rows, None))
+        i += 3 if has_rows else 2
+    return blocks
+
+
 class Kronecker(Block):
     """A layer's Kronecker-factored Fisher block A ⊗ G over (kernel, bias) or (kernel,)."""
     kind = "kfac"
@@ -222,17 +271,14 @@ class Kronecker(Block):
         9217, against its 9217² a: the rule's own a is then unused and pruned from the
         graph), else a · scale (a is smaller than the rows it came from).
 
-        ``delta`` a list of the K cotangents' deltas (``per_cotangent``): g = Σ_k g_k, the
-        rule's sums of each cotangent alone (its a, the same for each, is taken from the
-        first: the others are unused, pruned from the graph), with no stack of the deltas."""
+        ``delta`` a list of the K cotangents' deltas (``per_cotangent``): g = Σ_k g_k from
+        the rule traced once for one cotangent and called K times
+        (:func:`per_cotangent_sums`), with no stack of the deltas."""
         unit = scale is None or unit_weights(weight)   # then g · scale: a pass over g, not the deltas
         weight = weight if unit else weight * scale
         if isinstance(delta, list):
-            ones = unit and weight.shape.is_fully_defined()      # each cotangent's weights, static
-            parts = [result.kron(d[None], tf.ones([1, weight.shape[1]]) if ones else weight[k:k + 1], mask)
-                     for k, d in enumerate(delta)]
-            blocks = [sums._replace(g=tf.add_n([part[i].g for part in parts]), deltas=None)
-                      for i, sums in enumerate(parts[0])]
+            blocks = per_cotangent_sums(result.kron, delta, weight, mask,       # each cotangent's weights, static:
+                                        unit=unit and weight.shape.is_fully_defined())
         else:
             blocks = result.kron(delta, weight, mask)
         if scale is None:
