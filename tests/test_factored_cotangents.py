@@ -1,14 +1,15 @@
 """The factored engine's K backward passes: vectorized (one tf.vectorized_map over the
-cotangents) by default, unrolled without XLA where a max pooling takes the mask route or
-where the vectorized graph would run a batched matmul oneDNN gets wrong.  Each choice
-against the float64 per-example oracle."""
+cotangents) by default, unrolled without XLA where a max pooling takes the mask route,
+where every block takes the K passes' deltas apart (Kronecker blocks alone) or where the
+vectorized graph would run a batched matmul oneDNN gets wrong.  Each choice against the
+float64 per-example oracle."""
 import keras
 import numpy as np
 import pytest
 
 import fastewc
 from fastewc.engines import per_example
-from fastewc.testing import reference_fisher_of
+from fastewc.testing import float64_twin, reference_fisher_of, reference_kronecker_factors
 
 from conftest import assert_close
 
@@ -60,3 +61,27 @@ def test_a_graph_with_a_matmul_onednn_gets_wrong_is_traced_again_unrolled(monkey
     assert engine.unroll_cotangents is True
     assert len(flagged) == 1                      # the unrolled graph is not checked again
     _assert_matches_reference(model, x, y, got)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_plan_of_kronecker_blocks_alone_unrolls_its_passes_without_xla(jit):
+    """An MLP's exact KFAC (every block Kronecker: each layer's G one matmul per cotangent)
+    runs the K = 5 backward passes unrolled without XLA (vectorized under XLA, and for the
+    diagonal of the same model), with its factors against the float64 oracle."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((7,)), L.Dense(6, activation="tanh"), L.Dense(5)])
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(6, 7)).astype(np.float32), rng.integers(0, 5, size=6)
+    estimator = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", curvature="kfac",
+                                        batch_size=8, jit_compile=jit)
+    engine = estimator.plan((x, y)).engine
+    assert engine.unroll_cotangents is not jit
+    got = estimator((x, y))
+    assert engine._vectorized is jit
+    reference = reference_kronecker_factors(float64_twin(model), x, y, loss=LOGITS, kind="exact")
+    for block in got.blocks:
+        a, g = reference[block.layer]
+        np.testing.assert_allclose(block.a.numpy(), a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.g.numpy(), g, rtol=1e-5, atol=1e-7)
+    diagonal = fastewc.FisherEstimator(model, loss=LOGITS, kind="exact", batch_size=8, jit_compile=False)
+    assert diagonal.plan((x, y)).engine.unroll_cotangents is False

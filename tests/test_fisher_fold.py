@@ -79,17 +79,29 @@ def _running_ops(concrete):
     """The ops the outputs of ``concrete`` depend on: what a call runs (the function's
     runtime prunes the rest, e.g. a rule's unscaled factor that nothing reads), followed
     into the functions it calls (the rules' sums traced once per layer signature,
-    fastewc.engines.shared_sums): their ops that the outputs read."""
-    seen, stack = {}, [(concrete.graph, t.op) for t in concrete.outputs]
+    fastewc.engines.shared_sums; a rule traced once per cotangent, blocks.kronecker): of a
+    call, the body's ops that the outputs read are followed, output by output."""
+    seen, stack = {}, []
+
+    def reach(graph, t):
+        stack.append((graph, t.op))
+        if t.op.type in CALLS:             # that output of the call: its body's output
+            body = graph._get_function(t.op.get_attr("f").name).graph
+            stack.append((body, body.outputs[t.value_index].op))
+
+    for t in concrete.outputs:
+        reach(concrete.graph, t)
     while stack:
         graph, op = stack.pop()
         if (id(graph), op.name) not in seen:
             seen[(id(graph), op.name)] = op
-            stack.extend((graph, t.op) for t in op.inputs)
-            stack.extend((graph, c) for c in op.control_inputs)
-            if op.type in CALLS:
-                body = graph._get_function(op.get_attr("f").name).graph
-                stack.extend((body, t.op) for t in body.outputs)
+            for t in op.inputs:
+                reach(graph, t)
+            for c in op.control_inputs:
+                stack.append((graph, c))
+                if c.type in CALLS:        # a call waited for: all it computes
+                    body = graph._get_function(c.get_attr("f").name).graph
+                    stack.extend((body, t.op) for t in body.outputs)
     return list(seen.values())
 
 

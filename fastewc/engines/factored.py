@@ -160,13 +160,25 @@ class FactoredEngine(Engine):
         faster; its vectorized form is a rank-7 broadcast TensorFlow's CPU kernels refuse),
         and where the vectorized graph would run a batched matmul oneDNN gets wrong
         (:func:`fastewc.engines.per_example.onednn_broadcast_matmuls`): then traced again.
-        Not for a plan of Kronecker blocks alone (the reference MLP, exact): unrolled, its
-        call measured 0.91× the vectorized one's but its first call 2–4× (README, "√w in
-        the cotangents")."""
+        Also unrolled without XLA for a plan whose every block takes the K passes' deltas
+        apart (``Block.per_cotangent``: Kronecker blocks alone, the reference MLP's exact
+        kind): each layer's G is then one matmul per cotangent on deltas never stacked, its
+        rule traced once (:func:`fastewc.blocks.kronecker.per_cotangent_sums`); the
+        reference MLP's exact call measured 0.96–0.98× the hand-written kernel's against
+        1.13–1.16× vectorized, its first call 0.6–0.9 s against 0.4–0.5 s (README, "The
+        MLP's exact passes unrolled")."""
         if self._unroll is None:
-            self._unroll = not self.jit_compile and any(
-                pooling.covers(layer) for layer in compat.nested_layers(self.model))
+            self._unroll = not self.jit_compile and (
+                any(pooling.covers(layer) for layer in compat.nested_layers(self.model))
+                or self.takes_cotangents_apart)
         return self._unroll
+
+    @property
+    def takes_cotangents_apart(self):
+        """Whether every block of the plan takes the K cotangents' deltas as a list
+        (``Block.per_cotangent``), so that unrolled passes feed no stack."""
+        blocks = self.blocks.blocks
+        return bool(blocks) and all(block.per_cotangent for block in blocks)
 
     def loops_cotangents(self, k, probe_floats):
         """Whether the K backward passes run one at a time in a ``tf.while_loop`` over the
