@@ -163,10 +163,10 @@ class FactoredEngine(Engine):
         Also unrolled without XLA for a plan whose every block takes the K passes' deltas
         apart (``Block.per_cotangent``: Kronecker blocks alone, the reference MLP's exact
         kind): each layer's G is then one matmul per cotangent on deltas never stacked, its
-        rule traced once (:func:`fastewc.blocks.kronecker.per_cotangent_sums`); the
-        reference MLP's exact call measured 0.96–0.98× the hand-written kernel's against
-        1.13–1.16× vectorized, its first call 0.6–0.9 s against 0.4–0.5 s (README, "The
-        MLP's exact passes unrolled")."""
+        rule traced once (:func:`fastewc.blocks.kronecker.per_cotangent_sums`): on the
+        reference MLP's exact kind a faster steady call than the vectorized passes, for a
+        longer first call that stays within the first-call bound (README, "The MLP's exact
+        passes unrolled")."""
         if self._unroll is None:
             self._unroll = not self.jit_compile and (
                 any(pooling.covers(layer) for layer in compat.nested_layers(self.model))
