@@ -148,7 +148,8 @@ class Source:
         ``cast``, labels passed through ``check_labels`` and a ``sample_weight`` through
         ``check_weights`` (NumPy in, NumPy out; None: as given); at most ``max_examples``
         examples in all; a short batch padded by ``padding`` (a :class:`Padding`, whose
-        index tensors its owner keeps between calls; None: made for this read).  A batch's tensors hold NumPy data without a defensive copy
+        index tensors its owner keeps between calls; None: made for this read).  A batch's
+        tensors hold NumPy data without a defensive copy
         (:func:`fastewc._keras_compat.call_tensor`): they are for the call that reads them,
         which ends before the caller can change its arrays."""
         padding = Padding() if padding is None else padding
